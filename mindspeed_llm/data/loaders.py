@@ -1,0 +1,208 @@
+"""Streaming readers for raw data files: records are yielded one at a time, never loaded whole.
+
+`--input` may be a file, a directory (its files, not recursive), a glob, or a comma-separated list of
+any of these. Formats by extension: .parquet .arrow .csv .json .jsonl .txt. A .json file may hold a JSON
+array or JSON lines. Errors name the file and line.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from mindspeed_llm.errors import UserError
+
+FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json",
+           ".txt": "text"}
+_CHUNK = 1 << 20
+
+
+def resolve_inputs(spec: str) -> list[Path]:
+    """Expand `--input` into the data files, in a stable order."""
+    files: list[Path] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        path = Path(os.path.expanduser(part))
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
+            if not found:
+                raise UserError(f"--input {part}: the directory holds no {'/'.join(FORMATS)} file")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        elif any(c in part for c in "*?["):
+            found = sorted(Path(p) for p in glob.glob(part) if Path(p).is_file())
+            if not found:
+                raise UserError(f"--input {part}: the pattern matches no file")
+            files += found
+        else:
+            raise UserError(f"--input {part}: no such file or directory")
+    if not files:
+        raise UserError("--input names no file")
+    for f in files:
+        if f.suffix.lower() not in FORMATS:
+            raise UserError(f"--input {f}: unsupported extension {f.suffix!r}; expected one of {', '.join(FORMATS)}")
+    return files
+
+
+@dataclass
+class Progress:
+    """How far through the input we are, for ETA: by bytes for text formats, by rows for columnar ones."""
+    done: float = 0.0
+    total: float = 0.0
+
+    @property
+    def fraction(self) -> float:
+        return min(self.done / self.total, 1.0) if self.total else 0.0
+
+
+def iter_records(files: list[Path], progress: Progress | None = None) -> Iterator[dict]:
+    """Yield dict records from every file in order."""
+    progress = progress if progress is not None else Progress()
+    progress.total = float(sum(f.stat().st_size for f in files))
+    for path in files:
+        fmt = FORMATS[path.suffix.lower()]
+        reader = {"json": _iter_json, "text": _iter_text, "csv": _iter_csv, "parquet": _iter_parquet,
+                  "arrow": _iter_arrow}[fmt]
+        start = progress.done
+        size = path.stat().st_size
+        for record, fraction in reader(path):
+            progress.done = start + fraction * size
+            yield record
+        progress.done = start + size
+
+
+def first_record(files: list[Path]) -> dict:
+    for record in iter_records(files[:1]):
+        return record
+    raise UserError(f"--input {files[0]}: the file holds no record")
+
+
+def _iter_text(path: Path) -> Iterator[tuple[dict, float]]:
+    size = max(path.stat().st_size, 1)
+    with path.open("rb") as f:
+        for raw in f:
+            line = raw.decode("utf-8").rstrip("\r\n")
+            if line:
+                yield {"text": line}, f.tell() / size
+
+
+def _iter_json(path: Path) -> Iterator[tuple[dict, float]]:
+    """JSON lines, or one JSON array decoded element by element without reading the whole file."""
+    size = max(path.stat().st_size, 1)
+    with path.open("r", encoding="utf-8") as f:
+        head = f.read(4096)
+        first = head.lstrip()[:1]
+        f.seek(0)
+        if first == "[":
+            yield from _iter_json_array(f, path, size)
+            return
+        offset = 0
+        for lineno, line in enumerate(f, 1):
+            offset += len(line.encode("utf-8")) if not line.isascii() else len(line)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}")
+            yield record, offset / size
+
+
+def _iter_json_array(f, path: Path, size: int) -> Iterator[tuple[dict, float]]:
+    decoder = json.JSONDecoder()
+    buf = f.read(_CHUNK)
+    pos = buf.index("[") + 1
+    consumed, line = 0, 1  # characters dropped from buf so far, newlines before buf[pos]
+
+    def fill() -> bool:
+        nonlocal buf, pos, consumed, line
+        more = f.read(_CHUNK)
+        line += buf.count("\n", 0, pos)
+        consumed += pos
+        buf, pos = buf[pos:] + more, 0
+        return bool(more)
+
+    while True:
+        while True:  # skip whitespace and one comma
+            while pos < len(buf) and buf[pos] in " \t\r\n,":
+                pos += 1
+            if pos < len(buf) or not fill():
+                break
+        if pos >= len(buf):
+            raise UserError(f"{path}: malformed JSON (the array is not closed)")
+        if buf[pos] == "]":
+            return
+        while True:
+            try:
+                record, end = decoder.raw_decode(buf, pos)
+                break
+            except json.JSONDecodeError as exc:
+                if not fill():
+                    at = line + buf.count("\n", 0, exc.pos)
+                    raise UserError(f"{path}:{at}: malformed JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            at = line + buf.count("\n", 0, pos)
+            raise UserError(f"{path}:{at}: expected an array of JSON objects, got {type(record).__name__}")
+        pos = end
+        yield record, min((consumed + pos) / size, 1.0)
+        if pos > _CHUNK:
+            fill()
+
+
+def _iter_csv(path: Path) -> Iterator[tuple[dict, float]]:
+    import pyarrow.csv as pcsv
+
+    size = max(path.stat().st_size, 1)
+    try:
+        reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=_CHUNK))
+    except Exception as exc:  # pyarrow raises ArrowInvalid with the reason
+        raise UserError(f"{path}: cannot read CSV ({exc})") from None
+    done = 0
+    for batch in reader:
+        rows = batch.to_pylist()
+        done += batch.nbytes
+        for i, row in enumerate(rows):
+            yield row, min(done / size, 1.0)
+
+
+def _iter_table_batches(batches, num_rows: int) -> Iterator[tuple[dict, float]]:
+    done = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            done += 1
+            yield row, done / max(num_rows, 1)
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[dict, float]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:
+        raise UserError(f"{path}: cannot read parquet ({exc})") from None
+    yield from _iter_table_batches(pf.iter_batches(batch_size=1024), pf.metadata.num_rows)
+
+
+def _iter_arrow(path: Path) -> Iterator[tuple[dict, float]]:
+    """Arrow IPC: the stream format (what `datasets` writes) or the file format."""
+    import pyarrow as pa
+
+    try:
+        source = pa.memory_map(str(path))
+        try:
+            reader = pa.ipc.open_stream(source)
+            batches = list(reader)  # record batches are memory-mapped views, not copies
+        except pa.ArrowInvalid:
+            source = pa.memory_map(str(path))
+            reader = pa.ipc.open_file(source)
+            batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+    except Exception as exc:
+        raise UserError(f"{path}: cannot read Arrow IPC data ({exc})") from None
+    yield from _iter_table_batches(batches, sum(b.num_rows for b in batches))

@@ -1,0 +1,300 @@
+"""Chat templates: a conversation (list of messages) -> per-turn (source ids, target ids).
+
+Templates are data, read from `configs/finetune/templates.json` (see docs/templates.md). Each entry gives
+slots per role; a slot element is a string with `{{content}}`/`{{idx}}`/`{{name}}`/`{{arguments}}`
+placeholders, `{"token": "<x>"}` for a token by name, or `["bos_token"]`/`["eos_token"]`.
+
+Four encoding classes, selected by `template_class`:
+- `Template`: the classic encoding (separator before every later user turn, proportional truncation that
+  fills the budget, efficient-eos label on later turns' first source token);
+- `LFDefaultTemplate`: LLaMA-Factory 0.9 encoding (no separator, `infer_seqlen` truncation);
+- `ReasoningTemplate`: as LFDefaultTemplate plus the `--enable-thinking` rules for `<think>` blocks;
+- `Llama2Template`: the system text is merged into the first user message.
+
+Every message's elements are tokenized on their own (`add_special_tokens=False`) and concatenated, so token
+merges never cross a message boundary.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mindspeed_llm.data.tools import format_function_calls, format_tools
+from mindspeed_llm.errors import UserError
+
+DEFAULT_TEMPLATES_PATH = Path(__file__).resolve().parents[2] / "configs" / "finetune" / "templates.json"
+TEMPLATE_CLASSES = ("Template", "LFDefaultTemplate", "ReasoningTemplate", "Llama2Template")
+ROLES = ("user", "assistant", "observation", "function")
+IGNORE_INDEX = -100
+
+Slots = list[Any]
+
+
+class TemplateError(UserError):
+    """A template definition or a conversation that the template cannot encode."""
+
+
+@dataclass
+class ChatTemplate:
+    name: str
+    template_class: str = "Template"
+    format_user: Slots = field(default_factory=lambda: ["{{content}}"])
+    format_assistant: Slots | None = None
+    format_system: Slots | None = None
+    format_function: Slots | None = None
+    function_tool_format: str = "default"
+    format_observation: Slots | None = None
+    tool_format: str = "default"
+    format_separator: Slots = field(default_factory=list)
+    format_prefix: Slots = field(default_factory=list)
+    default_system: str = ""
+    stop_words: list[str] = field(default_factory=list)
+    efficient_eos: bool = False
+    replace_eos: bool = False
+    thought_words: tuple[str, str] = ("<think>\n", "\n</think>\n\n")
+    enable_thinking: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.template_class not in TEMPLATE_CLASSES:
+            raise TemplateError(f"template {self.name!r}: template_class must be one of {TEMPLATE_CLASSES}, "
+                                f"got {self.template_class!r}")
+        eos = [] if self.efficient_eos else [["eos_token"]]
+        if self.format_assistant is None:
+            self.format_assistant = ["{{content}}"] + eos
+        if self.format_system is None:
+            self.format_system = ["{{content}}"]
+        if self.format_function is None:
+            self.format_function = ["{{content}}"] + eos
+        if self.format_observation is None:
+            self.format_observation = list(self.format_user)
+
+    @property
+    def uses_separator(self) -> bool:
+        return self.template_class != "LFDefaultTemplate"
+
+    @property
+    def lf_truncation(self) -> bool:
+        return self.template_class in ("LFDefaultTemplate", "ReasoningTemplate")
+
+    # ---- elements -> ids -------------------------------------------------------------------------------
+    def _apply(self, slots: Slots, **values: str) -> list:
+        out = []
+        for slot in slots:
+            if isinstance(slot, str):
+                for key, value in values.items():
+                    slot = slot.replace("{{" + key + "}}", value, 1)
+            out.append(slot)
+        return out
+
+    def _to_ids(self, tokenizer, elements: list) -> list[int]:
+        ids: list[int] = []
+        for elem in elements:
+            if isinstance(elem, str):
+                if elem:
+                    ids += tokenizer.encode(elem, add_special_tokens=False)
+            elif isinstance(elem, dict):
+                token_id = tokenizer.convert_tokens_to_ids(elem["token"])
+                if token_id is None or token_id == tokenizer.unk_token_id:
+                    raise TemplateError(f"template {self.name!r} needs token {elem['token']!r}, which the tokenizer "
+                                        f"lacks; pick the --prompt-type that matches the model")
+                ids.append(token_id)
+            elif isinstance(elem, list):  # ["bos_token"] / ["eos_token"]: the id if the tokenizer has one
+                token_id = {"bos_token": tokenizer.bos_token_id, "eos_token": tokenizer.eos_token_id}[elem[0]]
+                if token_id is not None:
+                    ids.append(token_id)
+            else:
+                raise TemplateError(f"template {self.name!r}: bad slot element {elem!r}")
+        return ids
+
+    # ---- encoding --------------------------------------------------------------------------------------
+    def _encode(self, tokenizer, messages: list[dict], system: str, tools: str) -> list[list[int]]:
+        system = system or self.default_system
+        tool_text = format_tools(tools, self.tool_format) if tools else ""
+        encoded = []
+        for i, message in enumerate(messages):
+            elements: list = []
+            role, content = message["role"], message["content"]
+            if i == 0:
+                elements += self.format_prefix
+                if (system or tool_text) and self.template_class != "Llama2Template":
+                    elements += self._apply(self.format_system, content=system + tool_text)
+                elif (system or tool_text) and role == "user":
+                    merged = self._apply(self.format_system, content=system + tool_text)[0]
+                    content = merged + content
+            if i > 0 and i % 2 == 0 and self.uses_separator:
+                elements += self.format_separator
+            if role == "user":
+                elements += self._apply(self.format_user, content=content, idx=str(i // 2))
+            elif role == "assistant":
+                elements += self._apply(self.format_assistant, content=content)
+            elif role == "observation":
+                elements += self._apply(self.format_observation, content=content)
+            elif role == "function":
+                calls = format_function_calls(content, self.function_tool_format)
+                elements += self._apply(self.format_function, content=calls)
+            else:
+                raise TemplateError(f"role {role!r} is not one of {ROLES}")
+            encoded.append(self._to_ids(tokenizer, elements))
+        return encoded
+
+    def _thought_ids(self, tokenizer) -> list[int]:
+        return tokenizer.encode(self.thought_words[0] + self.thought_words[1], add_special_tokens=False)
+
+    def _has_thought(self, content: str) -> bool:
+        return self.thought_words[0] in content or self.thought_words[1] in content
+
+    def remove_thought(self, content: str) -> str:
+        pattern = re.compile(f"{re.escape(self.thought_words[0])}(.*?){re.escape(self.thought_words[1])}", re.DOTALL)
+        return re.sub(pattern, "", content).lstrip("\n")
+
+    def encode_multiturn(self, tokenizer, messages: list[dict], system: str = "", tools: str = ""
+                         ) -> list[tuple[list[int], list[int]]]:
+        """One (source, target) pair per user -> assistant turn; no truncation here."""
+        if self.template_class == "ReasoningTemplate" and self.enable_thinking is False:
+            messages = [dict(m, content=self.remove_thought(m["content"])) if i % 2 else m
+                        for i, m in enumerate(messages)]
+        encoded = self._encode(tokenizer, messages, system, tools)
+        if self.template_class == "ReasoningTemplate":
+            for i in range(0, len(messages), 2):
+                if not self._has_thought(messages[i + 1]["content"]):
+                    if self.enable_thinking:  # trained: the empty block belongs to the answer
+                        encoded[i + 1] = self._thought_ids(tokenizer) + encoded[i + 1]
+                    else:  # masked: the empty block ends the prompt
+                        encoded[i] = encoded[i] + self._thought_ids(tokenizer)
+        return [(encoded[i], encoded[i + 1]) for i in range(0, len(encoded), 2)]
+
+    def encode_oneturn(self, tokenizer, messages: list[dict], system: str = "", tools: str = ""
+                       ) -> tuple[list[int], list[int]]:
+        """(everything before the last answer, the last answer): the pairwise encoding."""
+        if self.template_class == "ReasoningTemplate":
+            messages = [dict(m, content=self.remove_thought(m["content"])) if i % 2 and i < len(messages) - 1
+                        else m for i, m in enumerate(messages)]
+            if self.enable_thinking is False:
+                messages[-1] = dict(messages[-1], content=self.remove_thought(messages[-1]["content"]))
+        encoded = self._encode(tokenizer, messages, system, tools)
+        prompt = [t for ids in encoded[:-1] for t in ids]
+        response = encoded[-1]
+        if self.template_class == "ReasoningTemplate" and not self._has_thought(messages[-1]["content"]):
+            if self.enable_thinking:
+                response = self._thought_ids(tokenizer) + response
+            else:
+                prompt = prompt + self._thought_ids(tokenizer)
+        return prompt, response
+
+    def truncate(self, pairs: list[tuple[list[int], list[int]]], cutoff: int
+                 ) -> tuple[list[tuple[list[int], list[int]]], bool]:
+        """Cut turns to fit `cutoff` tokens, keeping prefixes; returns (pairs, truncated?)."""
+        out, total, truncated = [], 0, False
+        for source, target in pairs:
+            if total >= cutoff:
+                truncated = True
+                break
+            budget = cutoff - total
+            if self.lf_truncation:
+                s, t = infer_seqlen(len(source), len(target), budget)
+            else:
+                s, t = infer_max_len(len(source), len(target), budget)
+            truncated |= s < len(source) or t < len(target)
+            out.append((source[:s], target[:t]))
+            total += s + t
+        return out, truncated
+
+    def source_labels(self, turn: int, length: int, eos_id: int) -> list[int]:
+        """Labels of a prompt span: ignored, except the efficient-eos trick (the previous answer learns to stop)."""
+        if self.efficient_eos and length > 0 and (turn > 0 or self.lf_truncation):
+            return [eos_id] + [IGNORE_INDEX] * (length - 1)
+        return [IGNORE_INDEX] * length
+
+
+def infer_seqlen(source_len: int, target_len: int, cutoff: int) -> tuple[int, int]:
+    """LLaMA-Factory 0.9 rule: cut only the source when the target is short, else share the budget."""
+    if target_len * 2 < cutoff:
+        max_target = cutoff
+    elif source_len * 2 < cutoff:
+        max_target = cutoff - source_len
+    else:
+        max_target = int(cutoff * (target_len / (source_len + target_len)))
+    new_target = min(max_target, target_len)
+    new_source = min(max(cutoff - new_target, 0), source_len)
+    return new_source, new_target
+
+
+def infer_max_len(source_len: int, target_len: int, cutoff: int) -> tuple[int, int]:
+    """Classic rule: proportional split of the budget, at least one target token."""
+    if source_len + target_len <= cutoff:
+        return source_len, target_len
+    max_target = max(int(cutoff * (target_len / (source_len + target_len))), 1)
+    max_source = cutoff - min(max_target, target_len)
+    return min(max_source, source_len), min(max_target, target_len)
+
+
+def _slots(entry: dict, key: str) -> Slots | None:
+    value = entry.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TemplateError(f"template {entry.get('name')!r}: {key} must be an object with 'slots'")
+    return list(value.get("slots", []))
+
+
+def load_templates(path: str | Path = DEFAULT_TEMPLATES_PATH) -> dict[str, dict]:
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TemplateError(f"cannot read templates from {path}: {exc}") from None
+    return {entry["name"]: entry for entry in entries}
+
+
+def template_names(path: str | Path = DEFAULT_TEMPLATES_PATH) -> list[str]:
+    return sorted(load_templates(path))
+
+
+def get_template(name: str, path: str | Path = DEFAULT_TEMPLATES_PATH,
+                 enable_thinking: bool | None = None) -> ChatTemplate:
+    entries = load_templates(path)
+    if name not in entries:
+        raise TemplateError(f"--prompt-type {name!r} is not in {path}; valid: {', '.join(sorted(entries))}")
+    entry = entries[name]
+    system = entry.get("default_system", "")
+    function = entry.get("format_function") or {}
+    return ChatTemplate(
+        name=name,
+        template_class=entry.get("template_class", "Template"),
+        format_user=_slots(entry, "format_user") or ["{{content}}"],
+        format_assistant=_slots(entry, "format_assistant"),
+        format_system=_slots(entry, "format_system"),
+        format_function=_slots(entry, "format_function"),
+        function_tool_format=function.get("tool_format", "default"),
+        format_observation=_slots(entry, "format_observation"),
+        tool_format=(entry.get("format_tools") or {}).get("tool_format", "default"),
+        format_separator=_slots(entry, "format_separator") or [],
+        format_prefix=_slots(entry, "format_prefix") or [],
+        default_system="".join(system) if isinstance(system, list) else system,
+        stop_words=list(entry.get("stop_words", [])),
+        efficient_eos=bool(entry.get("efficient_eos", False)),
+        replace_eos=bool(entry.get("replace_eos", False)),
+        thought_words=tuple(entry.get("thought_words", ("<think>\n", "\n</think>\n\n"))),
+        enable_thinking=enable_thinking,
+    )
+
+
+def fix_tokenizer(tokenizer, template: ChatTemplate) -> None:
+    """Make the tokenizer agree with the template: eos = first stop word, pad falls back to eos.
+
+    Unlike the reference tool, existing additional special tokens are kept and an eos that is already right is
+    left alone, as LLaMA-Factory does.
+    """
+    if template.replace_eos and template.stop_words:
+        stop = template.stop_words[0]
+        if tokenizer.eos_token != stop:
+            tokenizer.add_special_tokens({"eos_token": stop})
+    if tokenizer.eos_token_id is None:
+        tokenizer.add_special_tokens({"eos_token": "<|endoftext|>"})
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    extra = [w for w in template.stop_words[1:] if w not in tokenizer.all_special_tokens]
+    if extra:
+        tokenizer.add_special_tokens({"additional_special_tokens": extra}, replace_additional_special_tokens=False)

@@ -1,0 +1,37 @@
+"""`--tokenizer-type PretrainedFromHF`: a local Hugging Face tokenizer, made to agree with the chat template."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mindspeed_llm.errors import UserError
+
+TOKENIZER_TYPES = ("PretrainedFromHF",)
+
+
+def build_tokenizer(name_or_path: str | None, use_fast: bool = True, template=None,
+                    tokenizer_type: str = "PretrainedFromHF", seq_length: int | None = None):
+    """Load the tokenizer from a local directory; with a chat template, eos becomes its stop word."""
+    if tokenizer_type not in TOKENIZER_TYPES:
+        raise UserError(f"--tokenizer-type {tokenizer_type!r} is not supported; use {', '.join(TOKENIZER_TYPES)}")
+    if not name_or_path:
+        raise UserError("--tokenizer-name-or-path is required (the Hugging Face model directory)")
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise UserError(f"--tokenizer-name-or-path {name_or_path}: no such directory")
+    from transformers import AutoTokenizer
+
+    kwargs = {"model_max_length": seq_length} if seq_length else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=True,
+                                                  use_fast=use_fast, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--tokenizer-name-or-path {name_or_path}: cannot load a tokenizer ({first})") from None
+    tokenizer.padding_side = "right"
+    if template is not None:
+        from mindspeed_llm.data.templates import fix_tokenizer
+
+        fix_tokenizer(tokenizer, template)
+    elif tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

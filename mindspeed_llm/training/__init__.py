@@ -1,0 +1,1 @@
+"""Fine-tuning on megatron-core: SFT dataset, batching, loss."""
