@@ -111,13 +111,13 @@ def check_columns(spec: HandlerSpec, columns: list[str], source: str) -> Handler
     """Fail early, naming the missing column, the columns found and the fix; auto-detect OpenAI messages."""
     found = ", ".join(columns)
     if spec.style == "alpaca":
-        required = ["chosen", "rejected"] if spec.pairwise else ["response"]
-        required.append("prompt")
-        for key in required:
-            col = spec.keys.get(key)
-            if col and col not in columns:
-                raise UserError(f"{source}: column {col!r} ({key}) not found; columns are [{found}]; "
-                                f"map it with --map-keys '{{\"{key}\": \"<column>\"}}'")
+        required = ["prompt"] + (["chosen", "rejected"] if spec.pairwise else ["response"])
+        missing = [k for k in required if spec.keys.get(k) and spec.keys[k] not in columns]
+        if missing:
+            names = ", ".join(f"{spec.keys[k]!r} ({k})" for k in missing)
+            mapping = ", ".join(f'"{k}": "<column>"' for k in missing)
+            raise UserError(f"{source}: column {names} not found; columns are [{found}]; "
+                            f"map with --map-keys '{{{mapping}}}'")
     elif spec.style == "sharegpt":
         col = spec.keys["messages"]
         if col not in columns:

@@ -144,8 +144,8 @@ def _iter_json_array(f, path: Path, size: int) -> Iterator[tuple[dict, float]]:
                 record, end = decoder.raw_decode(buf, pos)
                 break
             except json.JSONDecodeError as exc:
+                at = line + buf.count("\n", 0, exc.pos)
                 if not fill():
-                    at = line + buf.count("\n", 0, exc.pos)
                     raise UserError(f"{path}:{at}: malformed JSON ({exc.msg})") from None
         if not isinstance(record, dict):
             at = line + buf.count("\n", 0, pos)

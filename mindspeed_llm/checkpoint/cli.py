@@ -1,0 +1,126 @@
+"""`convert_ckpt.py`: HF <-> Megatron checkpoint conversion and verification (MindSpeed-LLM flag names)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from mindspeed_llm.checkpoint.errors import ConversionError
+
+PROG = "convert_ckpt.py"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Convert checkpoints between Hugging Face safetensors and the Megatron "
+                                       "(megatron-core) torch layout. Add --verify to compare logits afterwards.")
+    p.add_argument("--load-model-type", choices=["hf", "mg"], default="hf", help="source format (default hf)")
+    p.add_argument("--save-model-type", choices=["hf", "mg"], default="mg", help="target format (default mg)")
+    p.add_argument("--load-dir", required=True, type=Path, help="HF model dir (hf) or Megatron checkpoint root (mg)")
+    p.add_argument("--save-dir", required=True, type=Path, help="Megatron checkpoint root (mg) or HF output dir (hf)")
+    p.add_argument("--model-type-hf", default=None,
+                   help="model family: qwen3, qwen25/qwen2, llama3/llama2 (default: from config.json architectures)")
+    p.add_argument("--target-tensor-parallel-size", type=_positive, default=None, help="TP of the output (hf -> mg)")
+    p.add_argument("--target-pipeline-parallel-size", type=_positive, default=None, help="PP of the output (hf -> mg)")
+    p.add_argument("--num-layer-list", default=None, help="uneven PP: layers per stage, e.g. 7,21")
+    p.add_argument("--num-layers-per-virtual-pipeline-stage", type=_positive, default=None,
+                   help="VPP: layers per virtual chunk")
+    p.add_argument("--params-dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="cast weights (hf -> mg); default keeps the checkpoint's dtype")
+    p.add_argument("--hf-cfg-dir", type=Path, default=None,
+                   help="mg -> hf: copy config.json and tokenizer files from this HF directory")
+    p.add_argument("--verify", action="store_true", help="after converting, compare logits with transformers")
+    p.add_argument("--verify-threshold", type=float, default=1e-3, help="max-abs logits difference allowed")
+    # Accepted for compatibility with MindSpeed-LLM v1 recipes; they do not change the result.
+    compat = p.add_argument_group("compatibility (accepted, no effect)")
+    compat.add_argument("--tokenizer-model", default=None)
+    compat.add_argument("--use-mcore-models", action="store_true")
+    compat.add_argument("--model-type", choices=["GPT"], default="GPT")
+    compat.add_argument("--spec", nargs=2, metavar=("MODULE", "ATTR"), default=None)
+    compat.add_argument("--transformer-impl", choices=["local"], default="local")
+    compat.add_argument("--target-expert-parallel-size", type=int, choices=[1], default=1)
+    compat.add_argument("--save-layer-by-layer", action="store_true", help="always on: conversion streams")
+    compat.add_argument("--make-vocab-size-divisible-by", type=int, choices=[1], default=1)
+    return p
+
+
+def build_verify_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=f"{PROG} verify", description="Compare a Megatron checkpoint with its HF model (logits).")
+    p.add_argument("--hf-dir", "--load-dir", dest="hf_dir", required=True, type=Path)
+    p.add_argument("--mg-dir", "--save-dir", dest="mg_dir", required=True, type=Path)
+    p.add_argument("--model-type-hf", default=None)
+    p.add_argument("--threshold", type=float, default=1e-3)
+    return p
+
+
+def _run_verify(hf_dir: Path, mg_dir: Path, model_type_hf: Optional[str], threshold: float) -> int:
+    from mindspeed_llm.checkpoint.verify import verify
+
+    result = verify(hf_dir, mg_dir, model_type_hf=model_type_hf, threshold=threshold)
+    return 0 if result.ok else 3
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["verify"]:
+        a = build_verify_parser().parse_args(argv[1:])
+        return _run_verify(a.hf_dir, a.mg_dir, a.model_type_hf, a.threshold)
+    a = build_parser().parse_args(argv)
+    from mindspeed_llm.models.placement import parse_layer_list
+
+    layer_list = parse_layer_list(a.num_layer_list)
+    if (a.load_model_type, a.save_model_type) == ("hf", "mg"):
+        from mindspeed_llm.checkpoint.hf2mg import Hf2MgOptions, convert_hf_to_mg
+
+        if a.hf_cfg_dir is not None:
+            raise ConversionError("--hf-cfg-dir is only used by mg -> hf; drop it")
+        convert_hf_to_mg(Hf2MgOptions(load_dir=a.load_dir, save_dir=a.save_dir, model_type_hf=a.model_type_hf,
+                                      tp=a.target_tensor_parallel_size or 1, pp=a.target_pipeline_parallel_size or 1,
+                                      num_layer_list=layer_list,
+                                      layers_per_vpp_stage=a.num_layers_per_virtual_pipeline_stage,
+                                      params_dtype=a.params_dtype))
+        return _run_verify(a.load_dir, a.save_dir, a.model_type_hf, a.verify_threshold) if a.verify else 0
+    if (a.load_model_type, a.save_model_type) == ("mg", "hf"):
+        from mindspeed_llm.checkpoint.mg2hf import Mg2HfOptions, convert_mg_to_hf
+
+        if a.params_dtype is not None:
+            raise ConversionError("--params-dtype is only used by hf -> mg (mg -> hf keeps the saved dtype); drop it")
+        if a.verify and a.hf_cfg_dir is None:
+            raise ConversionError("--verify on mg -> hf needs --hf-cfg-dir (the exported directory needs config.json)")
+        convert_mg_to_hf(Mg2HfOptions(load_dir=a.load_dir, save_dir=a.save_dir, hf_cfg_dir=a.hf_cfg_dir,
+                                      model_type_hf=a.model_type_hf, tp=a.target_tensor_parallel_size,
+                                      pp=a.target_pipeline_parallel_size, num_layer_list=layer_list,
+                                      layers_per_vpp_stage=a.num_layers_per_virtual_pipeline_stage))
+        return _run_verify(a.save_dir, a.load_dir, a.model_type_hf, a.verify_threshold) if a.verify else 0
+    raise ConversionError(f"--load-model-type {a.load_model_type} --save-model-type {a.save_model_type}: this "
+                          f"conversion is not supported (use hf -> mg or mg -> hf)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from mindspeed_llm.models.config import ConfigError
+    from mindspeed_llm.models.placement import PlacementError
+
+    try:
+        return run(argv)
+    except (ConversionError, ConfigError, PlacementError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; no partial output was published", file=sys.stderr)
+        return 130

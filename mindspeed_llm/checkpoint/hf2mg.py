@@ -1,0 +1,139 @@
+"""Hugging Face safetensors -> Megatron checkpoint (TP/PP/VPP shards), streaming tensor by tensor."""
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from mindspeed_llm.checkpoint import layout
+from mindspeed_llm.checkpoint.errors import ConversionError
+from mindspeed_llm.checkpoint.hf_io import SafetensorsSource
+from mindspeed_llm.checkpoint.mapping import chunk_state_dict
+from mindspeed_llm.models.config import DTYPES, ModelConfig, read_hf_config
+from mindspeed_llm.models.family import Family
+from mindspeed_llm.models.placement import Placement, place_layers
+from mindspeed_llm.models.registry import family_for_config
+
+
+@dataclass
+class Hf2MgOptions:
+    load_dir: Path
+    save_dir: Path
+    model_type_hf: Optional[str] = None
+    tp: int = 1
+    pp: int = 1
+    num_layer_list: Optional[list[int]] = None
+    layers_per_vpp_stage: Optional[int] = None
+    params_dtype: Optional[str] = None
+
+
+def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
+    """TP must split attention heads, KV groups, the MLP and the vocabulary into equal whole pieces."""
+    if tp < 1:
+        raise ConversionError(f"--target-tensor-parallel-size must be >= 1, got {tp}")
+    checks = [("num_attention_heads", cfg.num_attention_heads), ("num_key_value_heads (KV groups)",
+                                                                  cfg.num_query_groups),
+              ("intermediate_size", cfg.ffn_hidden_size), ("vocab_size", cfg.vocab_size)]
+    for name, value in checks:
+        if value % tp:
+            divisors = [d for d in range(1, value + 1) if value % d == 0 and cfg.num_query_groups % d == 0
+                        and cfg.num_attention_heads % d == 0]
+            raise ConversionError(f"--target-tensor-parallel-size {tp} does not divide {name}={value}; choose one "
+                                  f"of {divisors[:8]}")
+
+
+def checkpoint_args(hf_cfg: dict, fam: Family, cfg: ModelConfig, opts: Hf2MgOptions, placement: Placement,
+                    iter_dir: Path) -> argparse.Namespace:
+    """The `args` namespace stored in every rank file (MindSpeed v2 composition, with correct GQA fields)."""
+    ns: dict = {k: v for k, v in hf_cfg.items() if isinstance(v, (int, float, str, bool, list))}
+    ns.update(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_query_groups,
+        num_query_groups=cfg.num_query_groups,
+        group_query_attention=cfg.num_query_groups != cfg.num_attention_heads,
+        kv_channels=cfg.kv_channels, vocab_size=cfg.vocab_size, padded_vocab_size=cfg.vocab_size,
+        max_position_embeddings=cfg.max_position_embeddings, norm_epsilon=cfg.norm_epsilon,
+        rotary_base=cfg.rotary_base, tie_word_embeddings=cfg.tie_word_embeddings,
+        untie_embeddings_and_output_weights=cfg.untie_embeddings_and_output_weights,
+        seq_length=4096, global_batch_size=64, add_position_embedding=True, use_rotary_position_embeddings=True,
+        position_embedding_type="rope", add_bias_linear=False, add_qkv_bias=cfg.add_qkv_bias,
+        gradient_accumulation_fusion=False, normalization="RMSNorm", swiglu=True, qk_layernorm=cfg.qk_layernorm,
+        tokenizer_type="PretrainedFromHF", qkv_type="unpack", fc_type="gate_up_down",
+        tensor_model_parallel_size=opts.tp, pipeline_model_parallel_size=opts.pp, expert_model_parallel_size=1,
+        expert_tensor_parallel_size=opts.tp, noop_layers="", moe_grouped_gemm=False, moe_tp_extend_ep=False,
+        mla_mm_split=False, mtp_num_layers=0, transformer_impl="local", model_type_hf=fam.name,
+        load_model_type="hf", load_dir=str(opts.load_dir), save_dir=str(iter_dir), hf_path=str(opts.load_dir),
+        save_layer_by_layer=False, params_dtype=opts.params_dtype or cfg.torch_dtype or "float32",
+        iteration=1,
+    )
+    if opts.num_layer_list:
+        ns["num_layer_list"] = ",".join(map(str, opts.num_layer_list))
+    if opts.layers_per_vpp_stage:
+        ns["num_layers_per_virtual_pipeline_stage"] = opts.layers_per_vpp_stage
+        ns["vpp_size"] = placement.vpp
+    return argparse.Namespace(**ns)
+
+
+def convert_hf_to_mg(opts: Hf2MgOptions, log: Callable[[str], None] = print) -> Path:
+    """Convert; returns the published iteration directory. Nothing looks complete until the end."""
+    hf_cfg = read_hf_config(opts.load_dir)
+    fam = family_for_config(hf_cfg, opts.model_type_hf, source=str(Path(opts.load_dir) / "config.json"))
+    cfg = fam.config(hf_cfg)
+    check_tensor_parallel(cfg, opts.tp)
+    placement = place_layers(cfg.num_layers, opts.pp, opts.num_layer_list, opts.layers_per_vpp_stage)
+    dtype = DTYPES[opts.params_dtype] if opts.params_dtype else None
+    if dtype is not None and cfg.torch_dtype and DTYPES.get(cfg.torch_dtype) not in (None, dtype):
+        log(f"[hf2mg] --params-dtype {opts.params_dtype}: casting weights from {cfg.torch_dtype}")
+    save_dir = Path(opts.save_dir)
+    if save_dir.resolve() == Path(opts.load_dir).resolve():
+        raise ConversionError("--save-dir must differ from --load-dir")
+    with SafetensorsSource(opts.load_dir) as src:
+        _check_complete(fam, cfg, src)
+        tmp = layout.new_iteration_dir(save_dir, 1)
+        try:
+            args = checkpoint_args(hf_cfg, fam, cfg, opts, placement, save_dir / layout.iter_dir_name(1))
+            start = time.time()
+            for p in range(opts.pp):
+                for t in range(opts.tp):
+                    models = {}
+                    for v, layers in enumerate(placement.layers[p]):
+                        def progress(layer: int, p=p, t=t) -> None:
+                            src.release()    # unmap the shards read so far: bounds RSS to about one layer
+                            log(f"[hf2mg] pp {p + 1}/{opts.pp} tp {t + 1}/{opts.tp}: layer {layer + 1}/"
+                                f"{cfg.num_layers} ({time.time() - start:.1f}s)")
+
+                        sd = chunk_state_dict(fam, cfg, src, t, opts.tp, layers, first=placement.is_first(p, v),
+                                              last=placement.is_last(p, v), on_layer=progress)
+                        if dtype is not None:
+                            sd = {k: x.to(dtype) if x.is_floating_point() else x for k, x in sd.items()}
+                        models[layout.model_keys(placement.vpp)[v]] = sd
+                    layout.save_rank_file(tmp, layout.rank_dir_name(t, p, opts.pp),
+                                          layout.checkpoint_state(args, models))
+                    del models
+                    layout.release_freed_memory()
+                src.release()
+            final = layout.publish_iteration(tmp, save_dir, 1)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    log(f"[hf2mg] wrote {final} (TP {opts.tp}, PP {opts.pp}"
+        f"{f', VPP {placement.vpp}' if placement.vpp > 1 else ''}) in {time.time() - start:.1f}s")
+    return final
+
+
+def _check_complete(fam: Family, cfg: ModelConfig, src: SafetensorsSource) -> None:
+    """Every tensor the conversion will read exists (fail before writing anything)."""
+    names = [fam.embedding.hf, fam.final_norm.hf] + [n for i in range(cfg.num_layers) for n in fam.hf_layer_names(i)]
+    if cfg.untie_embeddings_and_output_weights:
+        names.append(fam.output.hf)
+    missing = [n for n in names if n not in src]
+    if missing:
+        hint = (" (config.json says tie_word_embeddings=false; set it to true if the model ties its embeddings)"
+                if missing == [fam.output.hf] else "")
+        raise ConversionError(f"{src.dir}: tensor {missing[0]} is missing from the safetensors index"
+                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}{hint}")

@@ -1,0 +1,73 @@
+"""Load a Megatron checkpoint into this rank's GPTModel chunks (training / inference / verification)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from mindspeed_llm.checkpoint import layout
+from mindspeed_llm.checkpoint.errors import ConversionError
+
+# Saved-args fields that must agree with the model being loaded (flag named in the error).
+_CHECKED = {
+    "tensor_model_parallel_size": "--tensor-model-parallel-size",
+    "pipeline_model_parallel_size": "--pipeline-model-parallel-size",
+    "num_layers": "--num-layers",
+    "hidden_size": "--hidden-size",
+    "num_attention_heads": "--num-attention-heads",
+    "num_layers_per_virtual_pipeline_stage": "--num-layers-per-virtual-pipeline-stage",
+    "num_layer_list": "--num-layer-list",
+    "untie_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
+}
+
+
+def check_args(saved: argparse.Namespace, expected: dict[str, Any], source: str) -> None:
+    """Raise one line naming the first flag whose value differs from the checkpoint's saved args."""
+    for key, value in expected.items():
+        if value is None or key not in _CHECKED and not hasattr(saved, key):
+            continue
+        stored = getattr(saved, key, None)
+        if key == "num_layer_list":
+            stored = str(stored) if stored else None
+            value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        if stored != value and not (stored is None and value in (False, "", 0)):
+            flag = _CHECKED.get(key, "--" + key.replace("_", "-"))
+            raise ConversionError(f"{flag} {value} disagrees with {source}, which was saved with {stored}; "
+                                  f"use {flag} {stored} or convert the checkpoint to the new layout")
+
+
+def load_checkpoint(chunks: Sequence, load_dir: str | Path, *, expected: Optional[dict[str, Any]] = None,
+                    strict: bool = True) -> dict[str, Any]:
+    """Load this rank's `model_optim_rng.pt` into `chunks` (from `models.build_model`); returns the file's dict
+    (with `args`, `iteration`, and optimizer/RNG entries when a training save wrote them).
+
+    `expected` maps saved-args names (tensor_model_parallel_size, num_layers, ...) to the values of this run; TP and
+    PP sizes and the VPP chunk count are always checked.
+    """
+    from megatron.core import parallel_state as ps
+
+    iter_dir = layout.iteration_dir(Path(load_dir))
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    path = iter_dir / layout.rank_dir_name(tp_rank, pp_rank, pp) / layout.FILE_NAME
+    if not path.is_file():
+        saved = layout.read_args(iter_dir)
+        check_args(saved, {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}, str(iter_dir))
+    state = layout.load_rank_file(path, mmap=False)
+    saved = state.get("args")
+    if saved is not None:
+        check_args(saved, {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+                           **(expected or {})}, str(iter_dir))
+    keys = layout.model_keys(len(chunks))
+    missing = [k for k in keys if k not in state]
+    if missing:
+        have = sorted(k for k in state if k.startswith("model"))
+        raise ConversionError(f"{path} holds {have} but the model has {len(chunks)} virtual pipeline chunk(s); "
+                              f"match --num-layers-per-virtual-pipeline-stage to the checkpoint")
+    for chunk, key in zip(chunks, keys):
+        try:
+            chunk.load_state_dict(state[key], strict=strict)
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).split())[:300]
+            raise ConversionError(f"{path}[{key}] does not fit the model built from the flags: {detail}") from None
+    return state

@@ -1,0 +1,67 @@
+"""Apply a family table: HF tensors -> one (TP rank, PP stage, VPP chunk) state dict, and back."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from mindspeed_llm.models.config import ModelConfig
+from mindspeed_llm.models.family import HF_LAYER_PREFIX, MG_LAYER_PREFIX, Family, TensorSource
+
+Tensor = torch.Tensor
+
+
+def chunk_state_dict(fam: Family, cfg: ModelConfig, src: TensorSource, tp_rank: int, tp: int,
+                     layers: Sequence[int], *, first: bool, last: bool,
+                     on_layer: Optional[Callable[[int], None]] = None) -> dict[str, Tensor]:
+    """megatron-core state dict of one model chunk on one TP rank; `layers` are its global layer indices."""
+    sd: dict[str, Tensor] = {}
+    if first:
+        sd[fam.embedding.mg] = fam.embedding.shard(src, tp_rank, tp, cfg)
+    for local, layer in enumerate(layers):
+        mg_prefix, hf_prefix = MG_LAYER_PREFIX.format(local), HF_LAYER_PREFIX.format(layer)
+        for rule in fam.layer:
+            sd[mg_prefix + rule.mg] = rule.shard(src, tp_rank, tp, cfg, prefix=hf_prefix)
+        if on_layer is not None:
+            on_layer(layer)
+    if last:
+        sd[fam.final_norm.mg] = fam.final_norm.shard(src, tp_rank, tp, cfg)
+        if cfg.untie_embeddings_and_output_weights:
+            sd[fam.output.mg] = fam.output.shard(src, tp_rank, tp, cfg)
+        elif not first:
+            # Tied embeddings with the output layer on another stage: megatron allocates `output_layer.weight`
+            # there and keeps it equal to the embedding (first-stage / last-stage gradient all-reduce).
+            sd[fam.output.mg] = fam.embedding.shard(src, tp_rank, tp, cfg)
+    return sd
+
+
+def merge_layer(fam: Family, cfg: ModelConfig, shards: Sequence[dict[str, Tensor]], local: int,
+                layer: int) -> dict[str, Tensor]:
+    """HF tensors of global layer `layer`, from the TP-rank state dicts where it has local index `local`."""
+    mg_prefix, hf_prefix = MG_LAYER_PREFIX.format(local), HF_LAYER_PREFIX.format(layer)
+    out: dict[str, Tensor] = {}
+    for rule in fam.layer:
+        out.update(rule.merge([sd[_need(sd, mg_prefix + rule.mg)] for sd in shards], cfg, prefix=hf_prefix))
+    return out
+
+
+def merge_embedding(fam: Family, cfg: ModelConfig, shards: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    return fam.embedding.merge([sd[_need(sd, fam.embedding.mg)] for sd in shards], cfg)
+
+
+def merge_head(fam: Family, cfg: ModelConfig, shards: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Final norm and (untied only) lm_head from the last chunk's TP-rank state dicts."""
+    out = fam.final_norm.merge([sd[_need(sd, fam.final_norm.mg)] for sd in shards], cfg)
+    if cfg.untie_embeddings_and_output_weights:
+        out.update(fam.output.merge([sd[_need(sd, fam.output.mg)] for sd in shards], cfg))
+    return out
+
+
+class MissingKey(KeyError):
+    pass
+
+
+def _need(sd: dict, key: str) -> str:
+    if key not in sd:
+        raise MissingKey(key)
+    return key

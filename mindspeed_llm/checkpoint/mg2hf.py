@@ -1,0 +1,176 @@
+"""Megatron checkpoint (any TP/PP/VPP) -> Hugging Face safetensors, one output file per decoder layer."""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from mindspeed_llm.checkpoint import layout
+from mindspeed_llm.checkpoint.errors import ConversionError
+from mindspeed_llm.checkpoint.hf_io import INDEX_NAME, SafetensorsWriter, copy_hf_cfg, publish_dir
+from mindspeed_llm.checkpoint.mapping import MissingKey, merge_embedding, merge_head, merge_layer
+from mindspeed_llm.models.config import ModelConfig, read_hf_config
+from mindspeed_llm.models.family import Family
+from mindspeed_llm.models.placement import Placement, parse_layer_list, place_layers
+from mindspeed_llm.models.registry import family_for_config, get_family
+
+
+@dataclass
+class Mg2HfOptions:
+    load_dir: Path
+    save_dir: Path
+    hf_cfg_dir: Optional[Path] = None
+    model_type_hf: Optional[str] = None
+    # Parallel flags given on the command line; they must agree with the checkpoint's saved args when set.
+    tp: Optional[int] = None
+    pp: Optional[int] = None
+    num_layer_list: Optional[list[int]] = None
+    layers_per_vpp_stage: Optional[int] = None
+
+
+def _arg(args: argparse.Namespace, *names: str, default=None):
+    for n in names:
+        value = getattr(args, n, None)
+        if value is not None:
+            return value
+    return default
+
+
+def model_from_args(args: argparse.Namespace, model_type_hf: Optional[str] = None,
+                    hf_cfg_dir: Optional[Path] = None, source: str = "checkpoint args") -> tuple[Family, ModelConfig]:
+    """Family and ModelConfig of a Megatron checkpoint, from its saved args (checked against --hf-cfg-dir)."""
+    saved = vars(args)
+    if saved.get("architectures"):
+        fam = family_for_config(saved, model_type_hf, source=source)
+    elif model_type_hf or saved.get("model_type_hf"):
+        fam = get_family(model_type_hf or saved["model_type_hf"])
+    else:
+        raise ConversionError(f"{source} name no model family; pass --model-type-hf")
+    heads = _arg(args, "num_attention_heads")
+    groups = _arg(args, "num_key_value_heads", "num_query_groups") if (
+        getattr(args, "num_key_value_heads", None) or getattr(args, "group_query_attention", False)) else heads
+    hf_like = {
+        "architectures": list(fam.architectures[:1]),
+        "num_hidden_layers": _arg(args, "num_layers", "num_hidden_layers"),
+        "hidden_size": _arg(args, "hidden_size"),
+        "intermediate_size": _arg(args, "ffn_hidden_size", "intermediate_size"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": groups,
+        "head_dim": _arg(args, "kv_channels", "head_dim"),
+        "vocab_size": _arg(args, "padded_vocab_size", "vocab_size"),
+        "max_position_embeddings": _arg(args, "max_position_embeddings", default=4096),
+        "rms_norm_eps": _arg(args, "norm_epsilon", "rms_norm_eps", default=1e-6),
+        "rope_theta": _arg(args, "rotary_base", "rope_theta", default=10000.0),
+        "tie_word_embeddings": not _arg(args, "untie_embeddings_and_output_weights", default=False),
+    }
+    missing = [k for k, v in hf_like.items() if v is None]
+    if missing:
+        raise ConversionError(f"{source} lack {missing[0]}; the checkpoint was not written by a compatible saver")
+    cfg = fam.config(hf_like)
+    if hf_cfg_dir is not None:
+        hf_cfg = read_hf_config(hf_cfg_dir)
+        ref = family_for_config(hf_cfg, None, source=str(Path(hf_cfg_dir) / "config.json")).config(hf_cfg)
+        for field in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+                      "ffn_hidden_size", "vocab_size", "tie_word_embeddings"):
+            if getattr(ref, field) != getattr(cfg, field):
+                raise ConversionError(f"--hf-cfg-dir {hf_cfg_dir}: config.json has {field}={getattr(ref, field)} "
+                                      f"but the checkpoint was saved with {getattr(cfg, field)}; pass the config of "
+                                      f"the model this checkpoint came from")
+        cfg = ref
+    return fam, cfg
+
+
+def _check_flags(args: argparse.Namespace, opts: Mg2HfOptions) -> None:
+    saved = {
+        "--target-tensor-parallel-size": (opts.tp, args.tensor_model_parallel_size),
+        "--target-pipeline-parallel-size": (opts.pp, args.pipeline_model_parallel_size),
+        "--num-layer-list": (opts.num_layer_list, parse_layer_list(getattr(args, "num_layer_list", None))),
+        "--num-layers-per-virtual-pipeline-stage": (opts.layers_per_vpp_stage,
+                                                    getattr(args, "num_layers_per_virtual_pipeline_stage", None)),
+    }
+    for flag, (given, stored) in saved.items():
+        if given is not None and given != stored:
+            raise ConversionError(f"{flag} {given} disagrees with the checkpoint, which was saved with {stored}; "
+                                  f"drop the flag (mg -> hf reads the layout from the checkpoint) or fix --load-dir")
+
+
+def checkpoint_placement(args: argparse.Namespace, cfg: ModelConfig) -> Placement:
+    return place_layers(cfg.num_layers, int(args.pipeline_model_parallel_size),
+                        parse_layer_list(getattr(args, "num_layer_list", None)),
+                        getattr(args, "num_layers_per_virtual_pipeline_stage", None))
+
+
+def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_dir: Optional[Path] = None,
+                    opts: Optional[Mg2HfOptions] = None, log: Callable[[str], None] = lambda s: None
+                    ) -> tuple[Family, ModelConfig, Iterator[tuple[int, dict[str, torch.Tensor]]]]:
+    """(family, config, generator of (hf_layer, tensors)): each layer's HF tensors, embedding with layer 0 and
+    final norm / lm_head with the last layer; one pipeline stage's rank files are open at a time."""
+    iter_dir = layout.iteration_dir(load_dir)
+    args = layout.read_args(iter_dir)
+    if opts is not None:
+        _check_flags(args, opts)
+    fam, cfg = model_from_args(args, model_type_hf, hf_cfg_dir, source=f"{iter_dir} args")
+    tp, pp = int(args.tensor_model_parallel_size), int(args.pipeline_model_parallel_size)
+    placement = checkpoint_placement(args, cfg)
+    keys = layout.model_keys(placement.vpp)
+
+    def generate():
+        start = time.time()
+        for p in range(pp):
+            states = [layout.load_rank_file(iter_dir / layout.rank_dir_name(t, p, pp) / layout.FILE_NAME)
+                      for t in range(tp)]
+            for v, layers in enumerate(placement.layers[p]):
+                shards = []
+                for t, state in enumerate(states):
+                    if keys[v] not in state:
+                        raise ConversionError(f"{iter_dir / layout.rank_dir_name(t, p, pp)} has no {keys[v]!r} "
+                                              f"entry; its args say VPP size {placement.vpp}")
+                    shards.append(state[keys[v]])
+                try:
+                    for local, layer in enumerate(layers):
+                        tensors = merge_layer(fam, cfg, shards, local, layer)
+                        if layer == 0:
+                            tensors.update(merge_embedding(fam, cfg, shards))
+                        if layer == cfg.num_layers - 1:
+                            tensors.update(merge_head(fam, cfg, shards))
+                        log(f"[mg2hf] layer {layer + 1}/{cfg.num_layers} ({time.time() - start:.1f}s)")
+                        yield layer, tensors
+                except MissingKey as exc:
+                    raise ConversionError(f"{iter_dir / layout.rank_dir_name(0, p, pp)}: tensor {exc.args[0]} is "
+                                          f"missing ({keys[v]}); the checkpoint does not match its saved args") from None
+            del states, shards
+            layout.release_freed_memory()
+
+    return fam, cfg, generate()
+
+
+def convert_mg_to_hf(opts: Mg2HfOptions, log: Callable[[str], None] = print) -> Path:
+    save_dir = Path(opts.save_dir)
+    if save_dir.resolve() == Path(opts.load_dir).resolve():
+        raise ConversionError("--save-dir must differ from --load-dir")
+    if opts.hf_cfg_dir is not None and not Path(opts.hf_cfg_dir).is_dir():
+        raise ConversionError(f"--hf-cfg-dir {opts.hf_cfg_dir} is not a directory; point it at the original "
+                              f"Hugging Face model directory (config.json and tokenizer files)")
+    fam, cfg, tensors = iter_hf_tensors(Path(opts.load_dir), opts.model_type_hf, opts.hf_cfg_dir, opts, log)
+    save_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.tmp-", dir=save_dir.parent))
+    try:
+        writer = SafetensorsWriter(tmp, num_files=cfg.num_layers)
+        for layer, layer_tensors in tensors:
+            writer.write(layer + 1, layer_tensors)
+        if opts.hf_cfg_dir is not None:
+            copy_hf_cfg(Path(opts.hf_cfg_dir), tmp)
+        writer.finish()
+        publish_dir(tmp, save_dir, last=INDEX_NAME)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"[mg2hf] wrote {save_dir} ({cfg.num_layers} safetensors files"
+        f"{', config and tokenizer from ' + str(opts.hf_cfg_dir) if opts.hf_cfg_dir else ''})")
+    return save_dir

@@ -1,0 +1,91 @@
+"""Core attention on torch `scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA).
+
+Drop-in for megatron-core's local `DotProductAttention` that also accepts `packed_seq_params`: for THD packed
+batches (several samples concatenated in one row, `cu_seqlens` marking their starts) each token attends only to
+earlier tokens of its own sample. The CPU path builds that block-diagonal causal mask explicitly; a varlen kernel
+can replace `_packed_mask` on accelerators without touching the callers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import divide
+
+
+class SDPAttention(MegatronModule):
+    """Inputs q [sq, b, np, hn], k/v [sk, b, ng, hn] (or THD: [t, np, hn]); output [sq, b, np*hn] ([t, np*hn])."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str = "self",
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type: Optional[str] = None, pg_collection=None, **_unused):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise NotImplementedError("context parallelism needs Transformer Engine attention; use "
+                                      "--context-parallel-size 1 with the local spec")
+        from megatron.core import parallel_state
+
+        tp = parallel_state.get_tensor_model_parallel_world_size() if pg_collection is None else pg_collection.tp.size()
+        self.attn_mask_type = attn_mask_type
+        self.heads_per_partition = divide(config.num_attention_heads, tp)
+        self.groups_per_partition = divide(config.num_query_groups, tp)
+        self.head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,
+                attention_bias: Optional[torch.Tensor] = None, packed_seq_params=None) -> torch.Tensor:
+        if attention_bias is not None:
+            raise NotImplementedError("attention_bias is not supported by SDPAttention")
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        dropout = self.dropout_p if self.training else 0.0
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            # [t, n, hn] -> [1, n, t, hn]
+            q, k, v = (x.unsqueeze(0).transpose(1, 2) for x in (query, key, value))
+            mask = _packed_mask(packed_seq_params, q.shape[2], k.shape[2], q.device)
+            out = self._sdpa(q, k, v, mask, False, dropout)
+            return out.squeeze(0).transpose(0, 1).reshape(query.shape[0], -1)
+        # [s, b, n, hn] -> [b, n, s, hn]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        sq, sk = q.shape[2], k.shape[2]
+        mask, causal = None, False
+        if attention_mask is not None:
+            mask = ~attention_mask.bool()       # megatron: True = masked out; SDPA: True = may attend
+        elif mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            if sq == sk:
+                causal = True
+            else:                               # decoding with a KV cache: queries are the last sq positions
+                mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+        out = self._sdpa(q, k, v, mask, causal, dropout)
+        b = out.shape[0]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def _sdpa(self, q, k, v, mask, causal, dropout):
+        if self.heads_per_partition != self.groups_per_partition:
+            rep = self.heads_per_partition // self.groups_per_partition
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                              scale=self.softmax_scale)
+
+
+def _packed_mask(params, sq: int, sk: int, device) -> torch.Tensor:
+    """Block-diagonal causal mask [sq, sk] from `cu_seqlens` (True = may attend)."""
+    cu_q = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+    cu_k = params.cu_seqlens_kv_padded if params.cu_seqlens_kv_padded is not None else params.cu_seqlens_kv
+    doc_q = _doc_ids(cu_q.to(device), sq)
+    doc_k = _doc_ids(cu_k.to(device), sk)
+    same = doc_q[:, None] == doc_k[None, :]
+    causal = torch.arange(sq, device=device)[:, None] >= torch.arange(sk, device=device)[None, :]
+    return same & causal
+
+
+def _doc_ids(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """Sample index of every token position; positions past the last boundary get their own id."""
+    pos = torch.arange(length, device=cu_seqlens.device)
+    return torch.bucketize(pos, cu_seqlens[1:].to(pos.dtype), right=True)

@@ -1,0 +1,66 @@
+"""Build megatron-core `GPTModel` chunks for this pipeline rank from a `ModelConfig`."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from mindspeed_llm.models.config import ModelConfig, transformer_config
+from mindspeed_llm.models.placement import place_layers
+from mindspeed_llm.models.spec import get_layer_spec
+
+
+def build_model(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
+                num_layer_list: Optional[list[int]] = None,
+                num_layers_per_virtual_pipeline_stage: Optional[int] = None, sequence_parallel: bool = False,
+                seq_length: Optional[int] = None, parallel_output: bool = True, layer_spec=None,
+                **config_overrides: Any) -> list:
+    """GPTModel chunks of this rank (one per virtual pipeline stage), on the current device, in eval mode.
+
+    TP/PP sizes and ranks come from megatron's `parallel_state` (see `platform.init_distributed`); with
+    `num_layers_per_virtual_pipeline_stage` the parallel state must have been initialised with the matching
+    virtual pipeline size. Weights are initialised randomly; load a checkpoint afterwards.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    from mindspeed_llm.platform import current_device, detect_platform
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    placement = place_layers(cfg.num_layers, pp, num_layer_list, num_layers_per_virtual_pipeline_stage)
+    vpp = placement.vpp if placement.vpp > 1 else None
+    if vpp != ps.get_virtual_pipeline_model_parallel_world_size():
+        raise ValueError(f"virtual pipeline size {vpp} (from --num-layers-per-virtual-pipeline-stage) does not match "
+                         f"the parallel state's {ps.get_virtual_pipeline_model_parallel_world_size()}; pass it to "
+                         f"init_distributed(virtual_pipeline_model_parallel_size=...)")
+    config_overrides.setdefault("use_cpu_initialization", detect_platform().is_cpu)
+    config = transformer_config(cfg, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                virtual_pipeline_model_parallel_size=vpp, num_layer_list=num_layer_list,
+                                params_dtype=params_dtype, sequence_parallel=sequence_parallel, **config_overrides)
+    spec = layer_spec if layer_spec is not None else get_layer_spec(cfg.qk_layernorm)
+    p = ps.get_pipeline_model_parallel_rank()
+    chunks = []
+    for v in range(placement.vpp):
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=cfg.vocab_size,
+            max_sequence_length=seq_length or cfg.max_position_embeddings,
+            pre_process=placement.is_first(p, v),
+            post_process=placement.is_last(p, v),
+            parallel_output=parallel_output,
+            share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(cfg.rotary_base),
+            rotary_percent=1.0,
+            rope_scaling=cfg.rope_scaling_factor is not None,
+            rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
+            vp_stage=v if vpp else None,
+        )
+        n_built = len(model.decoder.layers)
+        if n_built != len(placement.layers[p][v]):
+            raise AssertionError(f"megatron built {n_built} layers on stage {p} chunk {v}, expected "
+                                 f"{len(placement.layers[p][v])}")
+        chunks.append(model.to(device=current_device()).eval())
+    return chunks

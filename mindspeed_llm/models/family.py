@@ -1,0 +1,193 @@
+"""The declarative model-family table: HF tensor name <-> megatron-core name, and how each splits over TP.
+
+A `Family` lists one rule per tensor. Each rule knows how to cut the HF tensor(s) into the shard of one tensor-
+parallel rank (`shard`) and how to put the shards of all ranks back together (`merge`). Conversion, model loading
+and export all read these tables, so a QKV or gate/up layout is written once, here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, Union
+
+import torch
+
+from mindspeed_llm.models.config import ModelConfig, model_config_from_hf
+
+Tensor = torch.Tensor
+
+
+class TensorSource(Protocol):
+    """Where rules read HF tensors from (a safetensors directory, or an in-memory dict)."""
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def get(self, name: str) -> Tensor: ...
+
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> Tensor: ...
+
+
+class DictSource:
+    """A `TensorSource` over a plain {name: tensor} dict."""
+
+    def __init__(self, tensors: dict[str, Tensor]):
+        self.tensors = tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def get(self, name: str) -> Tensor:
+        return self.tensors[name]
+
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> Tensor:
+        return self.tensors[name].narrow(dim, start, stop - start)
+
+
+def _chunk_bounds(size: int, rank: int, tp: int, what: str) -> tuple[int, int]:
+    if size % tp:
+        raise ValueError(f"{what}: size {size} is not divisible by tensor parallel size {tp}")
+    step = size // tp
+    return rank * step, (rank + 1) * step
+
+
+@dataclass(frozen=True)
+class Replicated:
+    """Same tensor on every TP rank (norms, q/k norms)."""
+
+    mg: str
+    hf: str
+
+    def hf_names(self) -> tuple[str, ...]:
+        return (self.hf,)
+
+    def shard(self, src: TensorSource, rank: int, tp: int, cfg: ModelConfig, prefix: str = "") -> Tensor:
+        return src.get(prefix + self.hf)
+
+    def merge(self, shards: Sequence[Tensor], cfg: ModelConfig, prefix: str = "") -> dict[str, Tensor]:
+        return {prefix + self.hf: shards[0]}
+
+
+@dataclass(frozen=True)
+class ColumnSplit:
+    """Contiguous equal chunks of dim 0 (column-parallel linear, vocab-parallel embedding / output layer)."""
+
+    mg: str
+    hf: str
+    dim: int = 0
+
+    def hf_names(self) -> tuple[str, ...]:
+        return (self.hf,)
+
+    def shard(self, src: TensorSource, rank: int, tp: int, cfg: ModelConfig, prefix: str = "") -> Tensor:
+        name = prefix + self.hf
+        start, stop = _chunk_bounds(src.shape(name)[self.dim], rank, tp, name)
+        return src.get_slice(name, self.dim, start, stop)
+
+    def merge(self, shards: Sequence[Tensor], cfg: ModelConfig, prefix: str = "") -> dict[str, Tensor]:
+        return {prefix + self.hf: torch.cat(list(shards), dim=self.dim)}
+
+
+def RowSplit(mg: str, hf: str) -> ColumnSplit:
+    """Contiguous equal chunks of dim 1 (row-parallel linear: attention output and MLP down projections)."""
+    return ColumnSplit(mg, hf, dim=1)
+
+
+@dataclass(frozen=True)
+class FusedQKV:
+    """q/k/v projections (weights or biases) fused per KV group: for each group g, [q heads of g; k_g; v_g].
+
+    The fused tensor is split over TP as contiguous equal row chunks, which is exactly megatron-core's
+    column-parallel partition of `linear_qkv`.
+    """
+
+    mg: str
+    q: str
+    k: str
+    v: str
+
+    def hf_names(self) -> tuple[str, ...]:
+        return (self.q, self.k, self.v)
+
+    @staticmethod
+    def _group_shape(cfg: ModelConfig) -> tuple[int, int, int]:
+        return cfg.num_query_groups, cfg.num_attention_heads // cfg.num_query_groups, cfg.kv_channels
+
+    def fuse(self, q: Tensor, k: Tensor, v: Tensor, cfg: ModelConfig) -> Tensor:
+        ng, r, d = self._group_shape(cfg)
+        rest = q.shape[1:]
+        fused = torch.cat([q.reshape(ng, r * d, *rest), k.reshape(ng, d, *rest), v.reshape(ng, d, *rest)], dim=1)
+        return fused.reshape(ng * (r + 2) * d, *rest)
+
+    def shard(self, src: TensorSource, rank: int, tp: int, cfg: ModelConfig, prefix: str = "") -> Tensor:
+        ng, r, d = self._group_shape(cfg)
+        if tp <= ng and ng % tp == 0:
+            # Rank `rank` holds whole KV groups g0..g1: read only those rows of q, k and v.
+            g0, g1 = rank * ng // tp, (rank + 1) * ng // tp
+            part = ModelConfig(**{**cfg.to_dict(), "num_query_groups": g1 - g0,
+                                  "num_attention_heads": (g1 - g0) * r})
+            return self.fuse(src.get_slice(prefix + self.q, 0, g0 * r * d, g1 * r * d),
+                             src.get_slice(prefix + self.k, 0, g0 * d, g1 * d),
+                             src.get_slice(prefix + self.v, 0, g0 * d, g1 * d), part)
+        fused = self.fuse(src.get(prefix + self.q), src.get(prefix + self.k), src.get(prefix + self.v), cfg)
+        start, stop = _chunk_bounds(fused.shape[0], rank, tp, prefix + self.mg)
+        return fused[start:stop]
+
+    def merge(self, shards: Sequence[Tensor], cfg: ModelConfig, prefix: str = "") -> dict[str, Tensor]:
+        ng, r, d = self._group_shape(cfg)
+        fused = torch.cat(list(shards), dim=0)
+        rest = fused.shape[1:]
+        grouped = fused.reshape(ng, (r + 2) * d, *rest)
+        q, k, v = grouped.split([r * d, d, d], dim=1)
+        return {prefix + self.q: q.reshape(ng * r * d, *rest), prefix + self.k: k.reshape(ng * d, *rest),
+                prefix + self.v: v.reshape(ng * d, *rest)}
+
+
+@dataclass(frozen=True)
+class GatedMLP:
+    """SwiGLU gate/up projections: TP rank t holds [gate rows of chunk t ; up rows of chunk t]."""
+
+    mg: str
+    gate: str
+    up: str
+
+    def hf_names(self) -> tuple[str, ...]:
+        return (self.gate, self.up)
+
+    def shard(self, src: TensorSource, rank: int, tp: int, cfg: ModelConfig, prefix: str = "") -> Tensor:
+        start, stop = _chunk_bounds(src.shape(prefix + self.gate)[0], rank, tp, prefix + self.gate)
+        return torch.cat([src.get_slice(prefix + self.gate, 0, start, stop),
+                          src.get_slice(prefix + self.up, 0, start, stop)], dim=0)
+
+    def merge(self, shards: Sequence[Tensor], cfg: ModelConfig, prefix: str = "") -> dict[str, Tensor]:
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return {prefix + self.gate: torch.cat([h[0] for h in halves], dim=0),
+                prefix + self.up: torch.cat([h[1] for h in halves], dim=0)}
+
+
+Rule = Union[Replicated, ColumnSplit, FusedQKV, GatedMLP]
+
+MG_LAYER_PREFIX = "decoder.layers.{}."
+HF_LAYER_PREFIX = "model.layers.{}."
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: which HF architectures it reads, its per-layer tensor table and its global tensors."""
+
+    name: str
+    architectures: tuple[str, ...]
+    aliases: tuple[str, ...]
+    layer: tuple[Rule, ...]
+    qk_layernorm: bool = False
+    add_qkv_bias: bool = False
+    embedding: Rule = ColumnSplit("embedding.word_embeddings.weight", "model.embed_tokens.weight")
+    final_norm: Rule = Replicated("decoder.final_layernorm.weight", "model.norm.weight")
+    output: Rule = ColumnSplit("output_layer.weight", "lm_head.weight")
+
+    def config(self, hf_config: dict) -> ModelConfig:
+        """HF config.json (as a dict) -> ModelConfig."""
+        return model_config_from_hf(hf_config, self.name, qk_layernorm=self.qk_layernorm,
+                                    add_qkv_bias=self.add_qkv_bias)
+
+    def hf_layer_names(self, layer: int) -> list[str]:
+        prefix = HF_LAYER_PREFIX.format(layer)
+        return [prefix + n for rule in self.layer for n in rule.hf_names()]

@@ -1,0 +1,331 @@
+"""Device layer: picks the accelerator and collective backend, and adapts megatron-core to CPU.
+
+CUDA + NCCL when a GPU is visible, Ascend NPU + HCCL when `torch_npu` imports, otherwise CPU + gloo.
+megatron-core 0.16.1 assumes CUDA in many places; `adapt_megatron_for_cpu()` is the one place where those
+assumptions are redirected to the CPU, and it is applied only when no accelerator is present. The rest of the
+package is device-agnostic: it asks `current_device()` for a device and never names one.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import logging
+import os
+import sys
+import types
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["Platform", "detect_platform", "current_device", "resolve_backend", "adapt_megatron_for_cpu",
+           "cpu_adapted", "init_distributed", "destroy_distributed", "notice"]
+
+_BACKEND_FOR = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
+_CPU_ADAPTED = False
+
+
+@dataclass(frozen=True)
+class Platform:
+    device_type: str   # "cuda" | "npu" | "cpu"
+    backend: str       # "nccl" | "hccl" | "gloo"
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.device_type == "cpu"
+
+
+def notice(msg: str) -> None:
+    """One-line notice on stderr (rank 0 only when torch.distributed is up)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    print(f"[mindspeed_llm] {msg}", file=sys.stderr, flush=True)
+
+
+def _npu_available() -> bool:
+    try:
+        import torch_npu  # noqa: F401
+    except Exception:
+        return False
+    return bool(getattr(torch, "npu", None)) and torch.npu.is_available()
+
+
+@functools.lru_cache(maxsize=1)
+def detect_platform() -> Platform:
+    """The accelerator of this process. `MINDSPEED_DEVICE=cpu` forces the CPU path (for tests on a GPU box)."""
+    forced = os.environ.get("MINDSPEED_DEVICE", "").lower()
+    if forced == "cpu":
+        return Platform("cpu", "gloo")
+    if forced not in ("", "cuda", "npu"):
+        raise ValueError(f"MINDSPEED_DEVICE={forced!r} is not one of cpu, cuda, npu")
+    if forced in ("", "cuda") and torch.cuda.is_available() and not cpu_adapted():
+        return Platform("cuda", "nccl")
+    if forced in ("", "npu") and _npu_available():
+        return Platform("npu", "hccl")
+    return Platform("cpu", "gloo")
+
+
+def current_device() -> torch.device:
+    """The device this rank computes on (cuda:LOCAL_RANK, npu:LOCAL_RANK or cpu)."""
+    plat = detect_platform()
+    if plat.is_cpu:
+        return torch.device("cpu")
+    return torch.device(plat.device_type, int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_backend(requested: Optional[str]) -> str:
+    """The collective backend to use for `--distributed-backend requested` on this platform.
+
+    nccl/hccl on a machine without that accelerator falls back to gloo with a one-line notice, so GPU recipes
+    run unchanged on CPU; nccl on an NPU becomes hccl (MindSpeed recipes say nccl).
+    """
+    plat = detect_platform()
+    if requested in (None, "", plat.backend):
+        return plat.backend
+    if requested not in ("nccl", "hccl", "gloo", "mpi"):
+        raise ValueError(f"--distributed-backend {requested!r} is not one of nccl, hccl, gloo, mpi")
+    if requested in ("gloo", "mpi"):
+        return requested
+    notice(f"--distributed-backend {requested} is not available on {plat.device_type}; using {plat.backend}")
+    return plat.backend
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CPU adaptation of megatron-core's CUDA assumptions
+# --------------------------------------------------------------------------------------------------------------
+
+def cpu_adapted() -> bool:
+    return _CPU_ADAPTED
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+def _redirect_device(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        return fn(*args, **kwargs)
+
+    wrapper.__mindspeed_cpu__ = True
+    return wrapper
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream / Event on CPU: every operation is synchronous already."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NullStream()
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+_CUDA_TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.float16: "torch.cuda.HalfTensor",
+                    torch.bfloat16: "torch.cuda.BFloat16Tensor"}
+
+_FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint", "randperm",
+              "empty_strided", "linspace", "as_tensor", "zeros_like", "ones_like", "empty_like", "full_like")
+
+
+class _CpuTorch(types.ModuleType):
+    """`torch` as megatron-core modules see it on CPU: tensor factories map `device="cuda"` to the CPU.
+
+    Installed as the `torch` global of megatron-core's modules only, so other libraries (transformers builds
+    models under a meta-device context) keep the real factories.
+    """
+
+    def __init__(self):
+        super().__init__("torch")
+        self.__dict__.update({name: _redirect_device(getattr(torch, name)) for name in _FACTORIES
+                              if hasattr(torch, name)})
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+
+# megatron-core modules that allocate with device="cuda" literals (imported so their globals can be rerouted).
+_MEGATRON_MODULES = (
+    "megatron.core.utils", "megatron.core.rerun_state_machine", "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.utils", "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.tensor_parallel.data", "megatron.core.tensor_parallel.layers", "megatron.core.transformer.utils",
+    "megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads", "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.distrib_optimizer", "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.finalize_model_grads", "megatron.core.models.gpt.gpt_model",
+    "megatron.core.transformer.moe.moe_utils",
+)
+
+
+def _route_megatron_factories_to_cpu() -> None:
+    import importlib
+
+    for name in _MEGATRON_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception:       # optional pieces (e.g. MoE utils needing extra packages) may not import
+            pass
+    proxy = _CpuTorch()
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("megatron.core") and getattr(mod, "torch", None) is torch:
+            mod.torch = proxy
+
+
+class _QuietForkWarning(logging.Filter):
+    """On CPU the tracked "CUDA" RNG *is* the CPU generator, so megatron's check that the CPU RNG was left alone
+    inside `fork()` always fires; drop that one message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def adapt_megatron_for_cpu() -> None:
+    """Redirect megatron-core's CUDA calls to the CPU. Idempotent; never call it when an accelerator is used.
+
+    What megatron-core 0.16.1 needs for GPTModel forward/backward at TP/PP, the pipeline schedules, DDP and
+    its optimizers on CPU with gloo:
+      * `torch.cuda.current_device()` -> "cpu"; `torch.cuda.synchronize`, streams and events -> no-ops;
+      * tensor factories called by megatron-core with `device="cuda"` (the schedules allocate on "cuda") ->
+        CPU (only megatron-core's own modules see the rerouted factories), and `Tensor.cuda()` -> the tensor;
+      * the model-parallel RNG tracker's CUDA generator state -> the CPU generator state;
+      * `Tensor.type()` with no argument reports the `torch.cuda.*Tensor` name megatron's optimizers and grad
+        clipping compare against as strings.
+    """
+    global _CPU_ADAPTED
+    if _CPU_ADAPTED:
+        return
+    cuda = torch.cuda
+    cuda.current_device = lambda: "cpu"
+    cuda.synchronize = lambda *a, **k: None
+    cuda.Stream = _NullStream
+    cuda.Event = _NullStream
+    cuda.current_stream = lambda *a, **k: _NullStream()
+    cuda.default_stream = lambda *a, **k: _NullStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.set_device = lambda *a, **k: None
+    cuda.device_count = lambda: 0
+    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = lambda seed: None   # torch.manual_seed seeds the CPU generator and then calls this
+    cuda.random.get_rng_state = cuda.get_rng_state
+    cuda.random.set_rng_state = cuda.set_rng_state
+    cuda.empty_cache = lambda: None
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.memory_reserved = lambda *a, **k: 0
+    cuda.max_memory_reserved = lambda *a, **k: 0
+    cuda.reset_peak_memory_stats = lambda *a, **k: None
+
+    _route_megatron_factories_to_cpu()
+
+    orig_type = torch.Tensor.type
+
+    def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            return _CUDA_TYPE_NAMES.get(self.dtype) or orig_type(self)
+        return orig_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = tensor_type
+    torch.Tensor.cuda = lambda self, *a, **k: self
+
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    logging.getLogger(mp_random.__name__).addFilter(_QuietForkWarning())
+    _CPU_ADAPTED = True
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch.distributed + megatron parallel state
+# --------------------------------------------------------------------------------------------------------------
+
+def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                     virtual_pipeline_model_parallel_size: Optional[int] = None, *,
+                     backend: Optional[str] = None, seed: int = 1234, timeout_minutes: int = 30,
+                     context_parallel_size: int = 1, expert_model_parallel_size: int = 1) -> Platform:
+    """Initialise torch.distributed from the torchrun environment and megatron-core's parallel state.
+
+    Works without torchrun too (a world of one). Applies the CPU adaptation when no accelerator is present,
+    binds the rank to its local accelerator otherwise, and seeds megatron's model-parallel RNG tracker.
+    Calling it again with different sizes re-creates the parallel groups (the process group is kept).
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    plat = detect_platform()
+    if plat.is_cpu:
+        adapt_megatron_for_cpu()
+    else:
+        getattr(torch, plat.device_type).set_device(current_device())
+    be = resolve_backend(backend)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        torch.distributed.init_process_group(backend=be, world_size=world, rank=int(os.environ.get("RANK", "0")),
+                                             timeout=datetime.timedelta(minutes=timeout_minutes))
+    world = torch.distributed.get_world_size()
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
+    if world % model_parallel:
+        raise ValueError(f"world size {world} is not divisible by --tensor-model-parallel-size "
+                         f"{tensor_model_parallel_size} x --pipeline-model-parallel-size "
+                         f"{pipeline_model_parallel_size} x --context-parallel-size {context_parallel_size}; "
+                         f"launch a multiple of {model_parallel} processes")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+    return plat
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron's parallel groups and the process group (safe to call when neither exists)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

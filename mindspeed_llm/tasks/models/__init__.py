@@ -1,0 +1,1 @@
+"""MindSpeed-LLM compatible module paths for model specs."""
