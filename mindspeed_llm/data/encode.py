@@ -53,7 +53,7 @@ def encode_instruction(conv: Conversation, template: ChatTemplate, tokenizer, op
     if opts.append_eod:
         input_ids.append(eos)
         labels.append(eos)
-    supervised = sum(1 for x in labels if x != IGNORE_INDEX)
+    supervised = len(labels) - labels.count(IGNORE_INDEX)
     if supervised == 0:
         raise Skip("no_supervised_tokens")
     return Encoded({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels},
