@@ -6,6 +6,7 @@ import argparse
 import json
 
 from mindspeed_llm.data.templates import DEFAULT_TEMPLATES_PATH
+from mindspeed_llm.errors import OneLineArgumentParser
 
 THINKING = {"true": True, "false": False, "none": None}
 
@@ -46,7 +47,7 @@ def add_template_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_preprocess_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="preprocess_data.py",
+    p = OneLineArgumentParser(prog="preprocess_data.py",
                                 description="Raw instruction/pretraining data -> Megatron indexed datasets")
     g = p.add_argument_group("input data")
     g.add_argument("--input", required=True,
