@@ -188,3 +188,16 @@ def test_fix_tokenizer_llama3_style(tiny_model_factory):
                    "<|start_header_id|>assistant<|end_header_id|>\n\nA<|eot_id|>")
     fix_tokenizer(tok, template)  # idempotent
     assert tok.eos_token == "<|eot_id|>"
+
+
+def test_qwen3_cot_without_newlines_is_recognised(tok_dir):
+    """Thoughts are found by the bare <think>/</think> tags, as LLaMA-Factory 0.9.3 does."""
+    _, _, trained, _, _ = encode(tok_dir, "qwen3", msgs(("Q", "<think>cot</think>A")), thinking=True)
+    assert trained == "<think>cot</think>A<|im_end|>\n"
+    _, text, trained, _, _ = encode(tok_dir, "qwen3", msgs(("Q", "<think>cot</think>A")), thinking=False)
+    assert trained == "A<|im_end|>\n" and "cot" not in text
+
+
+def test_empty_tool_list_still_opens_the_system_turn(tok_dir):
+    _, text, _, _, _ = encode(tok_dir, "qwen3", msgs(("Q", "A")), tools="[]", thinking=False)
+    assert text.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nQ")

@@ -62,11 +62,10 @@ def encode_instruction(conv: Conversation, template: ChatTemplate, tokenizer, op
 
 def encode_pairwise(conv: Conversation, template: ChatTemplate, tokenizer, opts: EncodeOptions) -> Encoded:
     fields: dict[str, list[int]] = {}
-    prompt_ids: list[int] = []
-    answers = {}
-    for name, answer in (("chosen", conv.chosen), ("rejected", conv.rejected)):
-        prompt_ids, answers[name] = template.encode_oneturn(tokenizer, conv.messages + [answer], conv.system,
-                                                            conv.tools)
+    # The shared prompt is the one encoded with the chosen answer (it decides where an empty think block goes).
+    prompt_ids, chosen = template.encode_oneturn(tokenizer, conv.messages + [conv.chosen], conv.system, conv.tools)
+    _, rejected = template.encode_oneturn(tokenizer, conv.messages + [conv.rejected], conv.system, conv.tools)
+    answers = {"chosen": chosen, "rejected": rejected}
     if template.efficient_eos:
         answers = {k: v + [tokenizer.eos_token_id] for k, v in answers.items()}
     truncated = False

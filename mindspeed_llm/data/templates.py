@@ -54,7 +54,7 @@ class ChatTemplate:
     stop_words: list[str] = field(default_factory=list)
     efficient_eos: bool = False
     replace_eos: bool = False
-    thought_words: tuple[str, str] = ("<think>\n", "\n</think>\n\n")
+    thought_words: tuple[str, str] = ("<think>", "</think>")
     enable_thinking: bool | None = None
 
     def __post_init__(self) -> None:
@@ -113,15 +113,16 @@ class ChatTemplate:
     def _encode(self, tokenizer, messages: list[dict], system: str, tools: str) -> list[list[int]]:
         system = system or self.default_system
         tool_text = format_tools(tools, self.tool_format) if tools else ""
+        # A tools string that lists no tool ("[]") still opens the system turn, as LLaMA-Factory does.
         encoded = []
         for i, message in enumerate(messages):
             elements: list = []
             role, content = message["role"], message["content"]
             if i == 0:
                 elements += self.format_prefix
-                if (system or tool_text) and self.template_class != "Llama2Template":
+                if (system or tools) and self.template_class != "Llama2Template":
                     elements += self._apply(self.format_system, content=system + tool_text)
-                elif (system or tool_text) and role == "user":
+                elif (system or tools) and role == "user":
                     merged = self._apply(self.format_system, content=system + tool_text)[0]
                     content = merged + content
             if i > 0 and i % 2 == 0 and self.uses_separator:
@@ -141,7 +142,7 @@ class ChatTemplate:
         return encoded
 
     def _thought_ids(self, tokenizer) -> list[int]:
-        return encode_text(tokenizer, self.thought_words[0] + self.thought_words[1])
+        return encode_text(tokenizer, f"{self.thought_words[0]}\n\n{self.thought_words[1]}\n\n")
 
     def _has_thought(self, content: str) -> bool:
         return self.thought_words[0] in content or self.thought_words[1] in content
@@ -285,7 +286,7 @@ def get_template(name: str, path: str | Path = DEFAULT_TEMPLATES_PATH,
         stop_words=list(entry.get("stop_words", [])),
         efficient_eos=bool(entry.get("efficient_eos", False)),
         replace_eos=bool(entry.get("replace_eos", False)),
-        thought_words=tuple(entry.get("thought_words", ("<think>\n", "\n</think>\n\n"))),
+        thought_words=tuple(entry.get("thought_words", ("<think>", "</think>"))),
         enable_thinking=enable_thinking,
     )
 
