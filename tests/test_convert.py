@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -317,4 +318,68 @@ def test_recipes_run(variants, tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "mg" / "iter_0000001" / "mp_rank_00_001").is_dir()
     restored, original = hf_tensors(tmp_path / "hf"), hf_tensors(src)
+    assert sorted(restored) == sorted(original) and all(torch.equal(restored[k], original[k]) for k in original)
+
+
+# A child that converts a tiny model first (so lazy imports and allocator warm-up are done), prints its RssAnon and
+# RssFile in KiB, then runs the measured conversion. The parent samples the child's peak from /proc.
+_MEASURED_CHILD = """
+import json, os, sys
+from mindspeed_llm.checkpoint import cli
+from benchmarks.bench_convert import read_status
+warm, measured = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+assert cli.main(warm) == 0
+status = read_status(os.getpid())
+print("BASELINE", status["RssAnon"], status["RssFile"], flush=True)
+assert cli.main(measured) == 0
+"""
+
+
+def _measured_conversion(warm: list, measured: list) -> tuple[float, float]:
+    """(peak RssAnon, peak RssFile) in MiB above the child's level just before the measured conversion."""
+    from benchmarks.bench_convert import run_sampled
+
+    proc, peak = run_sampled([sys.executable, "-c", _MEASURED_CHILD, json.dumps(list(map(str, warm))),
+                              json.dumps(list(map(str, measured)))], cwd=REPO,
+                             env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    anon, file = (int(x) for x in next(l for l in proc.stdout.splitlines() if l.startswith("BASELINE")).split()[1:])
+    return (peak["RssAnon"] - anon) / 1024, (peak["RssFile"] - file) / 1024
+
+
+def _largest_file(files) -> float:
+    return max(f.stat().st_size for f in files) / 2**20
+
+
+def test_conversion_memory_is_bounded_by_one_rank_file(variants, tmp_path):
+    """A 24-layer model of ~180 MiB converts to TP2 PP4 and back holding about one output file in anonymous memory.
+
+    hf -> mg may hold one rank file (~26 MiB: 6 layers' halves + half the embedding) plus the tensor being split;
+    mg -> hf one output shard (layer 0 with the embedding, ~15 MiB). Holding two ranks or two layers at once, or
+    views that keep every shard mapped, exceeds the bounds. Peaks are sampled, so a miss can only under-report:
+    the bounds never fail spuriously from sampling.
+    """
+    from benchmarks.bench_convert import write_random_checkpoint
+
+    shape = dict(layers=24, hidden=512, heads=8, kv_heads=4, head_dim=64, ffn=2048, vocab=8192, tied=True)
+    hf, mg, out = tmp_path / "wide", tmp_path / "mg", tmp_path / "hf"
+    model_mib = write_random_checkpoint(hf, shape, random=False) / 2**20
+    tiny = variants["tied-bf16"]
+    warm = ["--load-dir", tiny, "--save-dir", tmp_path / "warm_mg", "--target-tensor-parallel-size", "2",
+            "--target-pipeline-parallel-size", "2"]
+    anon, file = _measured_conversion(warm, ["--load-dir", hf, "--save-dir", mg, "--target-tensor-parallel-size",
+                                             "2", "--target-pipeline-parallel-size", "4"])
+    rank_mib, shard_mib = _largest_file(mg.glob("iter_*/mp_rank_*/*.pt")), _largest_file(hf.glob("*.safetensors"))
+    bound = rank_mib + 8
+    assert model_mib > 5 * bound
+    assert anon < bound, f"hf -> mg held {anon:.0f} MiB of anonymous memory; one rank file is {rank_mib:.0f} MiB"
+    # Shards are unmapped after each layer, so touched file pages stay near one HF shard.
+    assert file < 2 * shard_mib + 8, f"hf -> mg kept {file:.0f} MiB of shard pages mapped; a shard is {shard_mib:.0f}"
+    back = ["--load-model-type", "mg", "--save-model-type", "hf"]
+    anon, _ = _measured_conversion([*back, "--load-dir", tmp_path / "warm_mg", "--save-dir", tmp_path / "warm_hf",
+                                    "--hf-cfg-dir", tiny],
+                                   [*back, "--load-dir", mg, "--save-dir", out, "--hf-cfg-dir", hf])
+    out_mib = _largest_file(out.glob("*.safetensors"))
+    assert anon < out_mib + 6, f"mg -> hf held {anon:.0f} MiB of anonymous memory; one output file is {out_mib:.0f}"
+    restored, original = hf_tensors(out), hf_tensors(hf)
     assert sorted(restored) == sorted(original) and all(torch.equal(restored[k], original[k]) for k in original)

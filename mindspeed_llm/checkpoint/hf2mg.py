@@ -100,23 +100,10 @@ def convert_hf_to_mg(opts: Hf2MgOptions, log: Callable[[str], None] = print) -> 
             start = time.time()
             for p in range(opts.pp):
                 for t in range(opts.tp):
-                    models = {}
-                    for v, layers in enumerate(placement.layers[p]):
-                        def progress(layer: int, p=p, t=t) -> None:
-                            src.release()    # unmap the shards read so far: bounds RSS to about one layer
-                            log(f"[hf2mg] pp {p + 1}/{opts.pp} tp {t + 1}/{opts.tp}: layer {layer + 1}/"
-                                f"{cfg.num_layers} ({time.time() - start:.1f}s)")
-
-                        sd = chunk_state_dict(fam, cfg, src, t, opts.tp, layers, first=placement.is_first(p, v),
-                                              last=placement.is_last(p, v), on_layer=progress)
-                        if dtype is not None:
-                            sd = {k: x.to(dtype) if x.is_floating_point() else x for k, x in sd.items()}
-                        models[layout.model_keys(placement.vpp)[v]] = sd
-                    layout.save_rank_file(tmp, layout.rank_dir_name(t, p, opts.pp),
-                                          layout.checkpoint_state(args, models))
-                    del models
-                    layout.release_freed_memory()
-                src.release()
+                    _write_rank(fam, cfg, src, placement, opts, p, t, dtype, args, tmp,
+                                lambda layer, p=p, t=t: log(f"[hf2mg] pp {p + 1}/{opts.pp} tp {t + 1}/{opts.tp}: "
+                                                            f"layer {layer + 1}/{cfg.num_layers} "
+                                                            f"({time.time() - start:.1f}s)"))
             final = layout.publish_iteration(tmp, save_dir, 1)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -124,6 +111,30 @@ def convert_hf_to_mg(opts: Hf2MgOptions, log: Callable[[str], None] = print) -> 
     log(f"[hf2mg] wrote {final} (TP {opts.tp}, PP {opts.pp}"
         f"{f', VPP {placement.vpp}' if placement.vpp > 1 else ''}) in {time.time() - start:.1f}s")
     return final
+
+
+def _write_rank(fam: Family, cfg: ModelConfig, src: SafetensorsSource, placement: Placement, opts: Hf2MgOptions,
+                p: int, t: int, dtype: Optional[torch.dtype], args: argparse.Namespace, tmp: Path,
+                progress: Callable[[int], None]) -> None:
+    """Build, save and drop one (PP stage, TP rank) file. Every kept tensor is a compact copy in anonymous memory
+    and shards are unmapped after each layer, so memory is this rank's tensors plus the layer being split; the
+    tensors die when this function returns, before the next rank is built."""
+    def finish(x: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and x.is_floating_point() and x.dtype != dtype:
+            x = x.to(dtype)
+        return src.own(x)
+
+    def on_layer(layer: int) -> None:
+        src.release()
+        progress(layer)
+
+    models = {key: chunk_state_dict(fam, cfg, src, t, opts.tp, layers, first=placement.is_first(p, v),
+                                    last=placement.is_last(p, v), on_layer=on_layer, finish=finish)
+              for v, (key, layers) in enumerate(zip(layout.model_keys(placement.vpp), placement.layers[p]))}
+    src.release()
+    layout.save_rank_file(tmp, layout.rank_dir_name(t, p, opts.pp), layout.checkpoint_state(args, models))
+    del models
+    layout.release_freed_memory()
 
 
 def _check_complete(fam: Family, cfg: ModelConfig, src: SafetensorsSource) -> None:

@@ -22,8 +22,9 @@ CFG_PATTERNS = ("*.json", "*.model", "*.model.*", "*.jinja", "merges.txt", "*.ti
 class SafetensorsSource:
     """Lazy reader over an HF directory's safetensors shards (`TensorSource` for the family rules).
 
-    Files are opened on first use and memory-mapped by safetensors; `get_slice` reads only the requested rows or
-    columns, so a vocab-parallel shard of a large embedding never materialises the whole matrix.
+    Files are opened on first use and memory-mapped by safetensors. `get` and `get_slice` return zero-copy views
+    of the mapping (safetensors >= 0.6), so a vocab-parallel shard of a large embedding is never read whole; a
+    view keeps its shard file mapped until it dies, so results that outlive a layer must go through `own`.
     """
 
     def __init__(self, model_dir: str | Path):
@@ -60,6 +61,7 @@ class SafetensorsSource:
                 self.weight_map = {k: files[0] for k in f.keys()}
         self._stack = ExitStack()
         self._open: dict[str, object] = {}
+        self._lent: set[int] = set()   # storage addresses of the mapped tensors handed out since `release`
 
     def __enter__(self):
         return self
@@ -70,6 +72,7 @@ class SafetensorsSource:
     def close(self) -> None:
         self._stack.close()
         self._open.clear()
+        self._lent.clear()
 
     def release(self, keep: Iterable[str] = ()) -> None:
         """Close shard files not named in `keep` (bounds open mappings while streaming layer by layer)."""
@@ -101,12 +104,25 @@ class SafetensorsSource:
         return tuple(self._file(name).get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        return self._file(name).get_tensor(name)
+        return self._lend(self._file(name).get_tensor(name))
 
     def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         sl = self._file(name).get_slice(name)
         index = tuple([slice(None)] * dim + [slice(start, stop)])
-        return sl[index].contiguous()
+        return self._lend(sl[index]).contiguous()
+
+    def _lend(self, t: torch.Tensor) -> torch.Tensor:
+        self._lent.add(t.untyped_storage().data_ptr())
+        return t
+
+    def own(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` as a compact tensor in its own (anonymous) memory: copies views of a mapped shard, and of any larger
+        storage, so that keeping `t` neither pins a shard's mapping nor makes torch.save write the parent."""
+        storage = t.untyped_storage()
+        if (storage.data_ptr() in self._lent or storage.nbytes() != t.numel() * t.element_size()
+                or not t.is_contiguous()):
+            return t.clone(memory_format=torch.contiguous_format)
+        return t
 
 
 class SafetensorsWriter:

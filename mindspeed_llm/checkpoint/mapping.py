@@ -13,25 +13,31 @@ Tensor = torch.Tensor
 
 def chunk_state_dict(fam: Family, cfg: ModelConfig, src: TensorSource, tp_rank: int, tp: int,
                      layers: Sequence[int], *, first: bool, last: bool,
-                     on_layer: Optional[Callable[[int], None]] = None) -> dict[str, Tensor]:
-    """megatron-core state dict of one model chunk on one TP rank; `layers` are its global layer indices."""
+                     on_layer: Optional[Callable[[int], None]] = None,
+                     finish: Optional[Callable[[Tensor], Tensor]] = None) -> dict[str, Tensor]:
+    """megatron-core state dict of one model chunk on one TP rank; `layers` are its global layer indices.
+
+    `finish` is applied to each tensor as soon as it is cut (cast, copy out of a mapped shard), so a chunk never
+    holds more than its own tensors plus the one being split.
+    """
     sd: dict[str, Tensor] = {}
+    done = finish or (lambda t: t)
     if first:
-        sd[fam.embedding.mg] = fam.embedding.shard(src, tp_rank, tp, cfg)
+        sd[fam.embedding.mg] = done(fam.embedding.shard(src, tp_rank, tp, cfg))
     for local, layer in enumerate(layers):
         mg_prefix, hf_prefix = MG_LAYER_PREFIX.format(local), HF_LAYER_PREFIX.format(layer)
         for rule in fam.layer:
-            sd[mg_prefix + rule.mg] = rule.shard(src, tp_rank, tp, cfg, prefix=hf_prefix)
+            sd[mg_prefix + rule.mg] = done(rule.shard(src, tp_rank, tp, cfg, prefix=hf_prefix))
         if on_layer is not None:
             on_layer(layer)
     if last:
-        sd[fam.final_norm.mg] = fam.final_norm.shard(src, tp_rank, tp, cfg)
+        sd[fam.final_norm.mg] = done(fam.final_norm.shard(src, tp_rank, tp, cfg))
         if cfg.untie_embeddings_and_output_weights:
-            sd[fam.output.mg] = fam.output.shard(src, tp_rank, tp, cfg)
+            sd[fam.output.mg] = done(fam.output.shard(src, tp_rank, tp, cfg))
         elif not first:
             # Tied embeddings with the output layer on another stage: megatron allocates `output_layer.weight`
             # there and keeps it equal to the embedding (first-stage / last-stage gradient all-reduce).
-            sd[fam.output.mg] = fam.embedding.shard(src, tp_rank, tp, cfg)
+            sd[fam.output.mg] = done(fam.embedding.shard(src, tp_rank, tp, cfg))
     return sd
 
 

@@ -141,6 +141,7 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
                             tensors.update(merge_head(fam, cfg, shards))
                         log(f"[mg2hf] layer {layer + 1}/{cfg.num_layers} ({time.time() - start:.1f}s)")
                         yield layer, tensors
+                        del tensors   # else this layer's tensors stay alive while the next one is merged
                 except MissingKey as exc:
                     raise ConversionError(f"{iter_dir / layout.rank_dir_name(0, p, pp)}: tensor {exc.args[0]} is "
                                           f"missing ({keys[v]}); the checkpoint does not match its saved args") from None
@@ -164,6 +165,7 @@ def convert_mg_to_hf(opts: Mg2HfOptions, log: Callable[[str], None] = print) -> 
         writer = SafetensorsWriter(tmp, num_files=cfg.num_layers)
         for layer, layer_tensors in tensors:
             writer.write(layer + 1, layer_tensors)
+            del layer_tensors
         if opts.hf_cfg_dir is not None:
             copy_hf_cfg(Path(opts.hf_cfg_dir), tmp)
         writer.finish()
