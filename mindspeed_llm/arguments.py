@@ -81,3 +81,255 @@ def parse_preprocess_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.log_interval < 1:
         build_preprocess_parser().error(f"--log-interval {args.log_interval} must be at least 1")
     return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Megatron flag groups shared by posttrain_gpt.py and inference.py
+# ---------------------------------------------------------------------------------------------------------------
+
+class FlagParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are a `UserError` (one `error: ...` line via `logs.run_main`), so an
+    unknown or malformed flag is reported by name instead of a usage dump."""
+
+    def error(self, message: str):  # type: ignore[override]
+        from mindspeed_llm.errors import UserError
+
+        if message.startswith("unrecognized arguments:"):
+            flags = message.split(":", 1)[1].split()
+            message = (f"unrecognized argument(s): {' '.join(flags)}; this flag is not implemented (run "
+                       f"{self.prog} --help for the supported flags)")
+        raise UserError(message)
+
+
+def _on_off(g, name: str, default: bool, help: str) -> None:
+    """`--name` / `--no-name` pair writing one destination."""
+    dest = name.replace("-", "_")
+    g.add_argument(f"--{name}", dest=dest, action="store_true", default=default, help=help)
+    g.add_argument(f"--no-{name}", dest=dest, action="store_false", help=argparse.SUPPRESS)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Model shape (Megatron-LM names). Unset values come from the checkpoint's config when one is loaded."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--use-mcore-models", action="store_true", help="accepted; models are always megatron-core")
+    g.add_argument("--use-legacy-models", action="store_true", help="not supported (error)")
+    g.add_argument("--spec", nargs=2, default=None, metavar=("MODULE", "ATTR"),
+                   help="layer spec, e.g. mindspeed_llm.tasks.models.spec.qwen3_spec layer_spec")
+    g.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"],
+                   help="local megatron-core layers (transformer_engine is mapped to local)")
+    g.add_argument("--num-layers", type=int, default=None)
+    g.add_argument("--hidden-size", type=int, default=None)
+    g.add_argument("--ffn-hidden-size", type=int, default=None)
+    g.add_argument("--num-attention-heads", type=int, default=None)
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=None)
+    g.add_argument("--kv-channels", type=int, default=None, help="head dim (default hidden / heads)")
+    g.add_argument("--qk-layernorm", action="store_true")
+    g.add_argument("--normalization", default="RMSNorm", choices=["RMSNorm"])
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--add-qkv-bias", action="store_true")
+    g.add_argument("--position-embedding-type", default="rope", choices=["rope"])
+    g.add_argument("--use-rotary-position-embeddings", action="store_true")
+    g.add_argument("--rotary-base", type=float, default=10000.0)
+    g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--rope-scaling-type", default=None, choices=["llama3"])
+    g.add_argument("--rope-scaling-factor", type=float, default=None)
+    g.add_argument("--max-position-embeddings", type=int, default=None)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--padded-vocab-size", type=int, default=None, help="embedding rows; wins over padding")
+    g.add_argument("--vocab-size", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--attention-softmax-in-fp32", action="store_true")
+    g.add_argument("--no-masked-softmax-fusion", dest="masked_softmax_fusion", action="store_false")
+    g.add_argument("--bf16", action="store_true", help="bf16 params/activations, fp32 main params and grads")
+    g.add_argument("--fp16", action="store_true", help="fp16 params/activations with dynamic loss scaling")
+
+
+def add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--num-layer-list", default=None, help="uneven pipeline split, e.g. 7,21")
+    g.add_argument("--sequence-parallel", action="store_true", help="switched off automatically at TP=1")
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-algo", default="megatron_cp_algo")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--use-distributed-optimizer", action="store_true", help="shard optimizer state over DP")
+    g.add_argument("--distributed-backend", default="nccl", choices=["nccl", "gloo", "hccl", "mpi"],
+                   help="falls back to the device's backend (gloo on CPU) with a notice")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--local-rank", "--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("checkpoint")
+    g.add_argument("--load", default=None, help="Megatron checkpoint root (or an HF dir with --enable-hf2mg-convert)")
+    g.add_argument("--save", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--no-save-optim", action="store_true")
+    g.add_argument("--no-save-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true", help="load weights only: iteration and samples restart at 0")
+    g.add_argument("--ckpt-format", default="torch", choices=["torch", "torch_dist"])
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true")
+    g.add_argument("--load-checkpoint-loosely", action="store_true", help="load_state_dict(strict=False)")
+    g.add_argument("--enable-hf2mg-convert", action="store_true", help="--load is an HF model dir; convert at start")
+    g.add_argument("--model-type-hf", default=None, help="model family of the HF checkpoint (default: config.json)")
+    g.add_argument("--mg-save-dir", default=None, help="where --enable-hf2mg-convert writes (default under --load)")
+    g.add_argument("--hf-cfg-dir", default=None, help=argparse.SUPPRESS)
+    g.add_argument("--params-dtype", default=None, help=argparse.SUPPRESS)
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default micro-batch x DP")
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--stage", default="sft", choices=["sft", "dpo"])
+    g.add_argument("--exit-interval", type=int, default=None, help="save and exit after every N-th iteration")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None)
+    g.add_argument("--exit-signal-handler", action="store_true", help="on SIGTERM: save and exit")
+    g.add_argument("--skip-nan", action="store_true", help="skip the update on a NaN loss/grad instead of stopping")
+    g.add_argument("--calculate-per-token-loss", action="store_true",
+                   help="token mean over the whole global batch instead of the mean of micro-batch means")
+    g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
+    g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--skip-train", action="store_true")
+
+
+def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("optimizer and learning rate")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="linear", choices=["constant", "linear", "cosine", "inverse-square-root"])
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--start-weight-decay", type=float, default=None)
+    g.add_argument("--end-weight-decay", type=float, default=None)
+    g.add_argument("--weight-decay-incr-style", default="constant", choices=["constant", "linear", "cosine"])
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--sgd-momentum", type=float, default=0.9)
+    g.add_argument("--loss-scale", type=float, default=None, help="fp16 static loss scale (default dynamic)")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=float, default=1000)
+    g.add_argument("--hysteresis", type=int, default=2)
+    g.add_argument("--override-opt-param-scheduler", action="store_true")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true")
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("SFT data")
+    g.add_argument("--data-path", nargs="+", default=None, help="preprocessed prefix (only the first is used)")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--is-instruction-dataset", action="store_true")
+    g.add_argument("--is-pairwise-dataset", action="store_true")
+    g.add_argument("--no-pad-to-seq-lengths", action="store_true", help="pad each micro-batch to its longest sample")
+    g.add_argument("--pad-to-multiple-of", type=int, default=8)
+    g.add_argument("--reset-attention-mask", action="store_true", help="packed rows: attention within samples")
+    g.add_argument("--reset-position-ids", action="store_true", help="accepted: positions always restart per sample")
+    g.add_argument("--neat-pack", action="store_true")
+    g.add_argument("--no-shuffle", action="store_true")
+    g.add_argument("--padded-samples", action="store_true")
+    g.add_argument("--full-shuffle-instruction-dataset", action="store_true")
+    g.add_argument("--cut-max-seqlen", action="store_true")
+    g.add_argument("--no-cut-token", action="store_true")
+    g.add_argument("--tokenizer-padding-side", default="right", choices=["right", "left"])
+    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    g.add_argument("--dataloader-type", default="single", choices=["single"])
+    # Preprocessing flags that MindSpeed recipes also pass to training (used only by online preprocessing).
+    g.add_argument("--handler-name", default="", help=argparse.SUPPRESS)
+    g.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
+    g.add_argument("--no-shared-storage", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--map-keys", type=_json_object, default=None, help=argparse.SUPPRESS)
+
+
+def add_logging_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--log-throughput", action="store_true")
+    g.add_argument("--log-params-norm", action="store_true")
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--timing-log-level", type=int, default=0, help=argparse.SUPPRESS)
+    g.add_argument("--log-timers-to-tensorboard", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                   action="store_false")
+
+
+# Ascend/CUDA kernel and overlap switches: same math, so they are accepted and mapped (see `map_speed_flags`).
+SPEED_FLAGS = ("use-flash-attn", "use-fused-rmsnorm", "use-fused-swiglu", "use-fused-rotary-pos-emb",
+               "no-gradient-accumulation-fusion", "use-ascend-mc2", "use-ascend-coc", "use-fused-ring-attention-update",
+               "overlap-grad-reduce", "overlap-param-gather", "use-cpu-initialization", "no-bias-swiglu-fusion",
+               "no-bias-dropout-fusion", "no-rope-fusion", "use-deter-comp", "reuse-fp32-param", "use-mc2",
+               "no-async-tensor-model-parallel-allreduce", "use-fused-moe-token-permute-and-unpermute",
+               "no-create-attention-mask-in-dataloader")
+SPEED_VALUE_FLAGS = ("coc-fused-kernel", "attention-mask-type", "coc-mode", "coc-parallel-num", "shape-order")
+
+# Flags of MindSpeed/Megatron that we recognise but do not implement: a clear error instead of silence.
+NOT_IMPLEMENTED = {
+    "lora_target_modules": "LoRA fine-tuning is not implemented in posttrain_gpt.py",
+    "lora_r": "LoRA fine-tuning is not implemented in posttrain_gpt.py",
+    "lora_alpha": "LoRA fine-tuning is not implemented in posttrain_gpt.py",
+    "lora_load": "LoRA fine-tuning is not implemented in posttrain_gpt.py",
+    "enable_mg2hf_convert": "convert after training with convert_ckpt.py --load-model-type mg --save-model-type hf",
+    "num_experts": "mixture-of-experts models are not implemented",
+}
+
+
+def add_speed_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("device kernels (accepted; the best kernel for the device is used)")
+    for name in SPEED_FLAGS:
+        g.add_argument(f"--{name}", action="store_true", help=argparse.SUPPRESS)
+    for name in SPEED_VALUE_FLAGS:
+        g.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
+    g = parser.add_argument_group("recognised, not implemented (an error when given)")
+    g.add_argument("--lora-target-modules", nargs="*", default=None, help=argparse.SUPPRESS)
+    g.add_argument("--lora-r", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--lora-alpha", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--lora-load", default=None, help=argparse.SUPPRESS)
+    g.add_argument("--enable-mg2hf-convert", action="store_true", default=None, help=argparse.SUPPRESS)
+    g.add_argument("--num-experts", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def build_train_parser() -> FlagParser:
+    p = FlagParser(prog="posttrain_gpt.py", description="Supervised fine-tuning on megatron-core (torchrun)",
+                   allow_abbrev=False)
+    add_model_args(p)
+    add_parallel_args(p)
+    add_checkpoint_args(p)
+    add_training_args(p)
+    add_optimizer_args(p)
+    add_data_args(p)
+    add_logging_args(p)
+    add_speed_args(p)
+    add_tokenizer_args(p)
+    add_template_args(p)
+    return p
+
+
+def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and validate the fine-tuning flags (sizes that need the world size are checked at start-up)."""
+    from mindspeed_llm.training.validate import validate_train_args
+
+    args = build_train_parser().parse_args(argv)
+    validate_train_args(args)
+    return args

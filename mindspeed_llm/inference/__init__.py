@@ -1,0 +1,1 @@
+"""Generation on megatron-core: KV-cache decoding (greedy, sampling, beam search) at TP/PP, chat and batch files."""

@@ -1,0 +1,107 @@
+"""A loaded model ready to generate: tokenizer, prompt builder, stop criteria, this rank's stage, RNG."""
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from mindspeed_llm.errors import UserError
+from mindspeed_llm.inference import comm
+from mindspeed_llm.inference.beam import beam_search
+from mindspeed_llm.inference.forward import StageForward
+from mindspeed_llm.inference.generation import Generated, StepCallback, StopCriteria, generate
+from mindspeed_llm.inference.prompts import PromptBuilder, stop_criteria
+from mindspeed_llm.inference.sampling import SamplingParams
+
+log = logging.getLogger("mindspeed_llm.inference")
+
+
+@dataclass
+class Engine:
+    tokenizer: object
+    builder: PromptBuilder
+    stop: StopCriteria
+    step: StageForward
+    broadcast: comm.ReplicaBroadcast
+    generator: torch.Generator
+    max_positions: int
+    pad_id: int
+    use_cache: bool
+    max_new_tokens: int
+    truncate: bool = False
+
+    def fit(self, ids: list[int], where: str) -> list[int]:
+        """Make room for --max-new-tokens within the model's positions: cut from the left (--truncate-prompt,
+        with a warning) or refuse with an error naming the request."""
+        room = self.max_positions - self.max_new_tokens
+        if len(ids) <= room:
+            return ids
+        if room < 1:
+            raise UserError(f"--max-new-tokens {self.max_new_tokens} leaves no room for a prompt within "
+                            f"--max-position-embeddings {self.max_positions}")
+        if not self.truncate:
+            raise UserError(f"{where}: the prompt has {len(ids)} tokens; with --max-new-tokens "
+                            f"{self.max_new_tokens} that exceeds --max-position-embeddings {self.max_positions}. "
+                            f"Shorten it, lower --max-new-tokens, or pass --truncate-prompt to keep its last "
+                            f"{room} tokens")
+        if comm.world_rank() == 0:
+            log.warning(f"{where}: prompt of {len(ids)} tokens cut to its last {room} (--truncate-prompt)")
+        return ids[-room:]
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 on_step: Optional[StepCallback] = None) -> Generated:
+        return generate(self.step, prompts, max_new_tokens=self.max_new_tokens, params=params, stop=self.stop,
+                        pad_id=self.pad_id, broadcast=self.broadcast, generator=self.generator,
+                        use_cache=self.use_cache, on_step=on_step)
+
+    def beam_search(self, prompt: list[int], params: SamplingParams, num_beams: int,
+                    length_penalty: float = 1.0) -> list[int]:
+        return beam_search(self.step, prompt, num_beams=num_beams, max_new_tokens=self.max_new_tokens,
+                           params=params, stop=self.stop, pad_id=self.pad_id, broadcast=self.broadcast,
+                           generator=self.generator, use_cache=self.use_cache, length_penalty=length_penalty)
+
+    def decode(self, ids: list[int]) -> str:
+        """Response text: special tokens dropped, a trailing multi-token stop word cut off."""
+        for seq in self.stop.sequences:
+            if len(ids) >= len(seq) and tuple(ids[-len(seq):]) == seq:
+                ids = ids[:-len(seq)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def setup(args: argparse.Namespace) -> Engine:
+    """Initialise the parallel state, load tokenizer and checkpoint on every rank (all ranks fail together)."""
+    from mindspeed_llm.data.templates import get_template
+    from mindspeed_llm.inference.model import build_and_load, read_checkpoint_args, resolve_model_config
+    from mindspeed_llm.platform import init_distributed
+    from mindspeed_llm.tokenizer import build_tokenizer
+
+    try:
+        init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, None,
+                         backend=args.distributed_backend, seed=args.seed,
+                         timeout_minutes=args.distributed_timeout_minutes)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+    def load():
+        template = (get_template(args.prompt_type, args.prompt_type_path, enable_thinking=args.enable_thinking)
+                    if args.prompt_type else None)
+        tokenizer = build_tokenizer(args.tokenizer_name_or_path, use_fast=not args.tokenizer_not_use_fast,
+                                    template=template)
+        saved, source = read_checkpoint_args(args.load)
+        cfg = resolve_model_config(args, saved, len(tokenizer), source)
+        if len(tokenizer) > cfg.vocab_size:
+            raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model only {cfg.vocab_size} "
+                            f"embedding rows; --tokenizer-name-or-path does not belong to this checkpoint")
+        return template, tokenizer, cfg, build_and_load(args, cfg)
+
+    template, tokenizer, cfg, model = comm.agree(load)
+    builder = PromptBuilder(tokenizer, template, args.hf_chat_template, args.enable_thinking)
+    stop = stop_criteria(tokenizer, template)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop.ids)
+    return Engine(tokenizer=tokenizer, builder=builder, stop=stop, step=StageForward(model),
+                  broadcast=comm.ReplicaBroadcast(), generator=torch.Generator().manual_seed(args.seed),
+                  max_positions=cfg.max_position_embeddings, pad_id=int(pad_id), use_cache=args.use_kv_cache,
+                  max_new_tokens=args.max_new_tokens, truncate=args.truncate_prompt)
