@@ -70,7 +70,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_demo_data(out_dir: str | Path, n_train: int = 2000, n_test: int = 200, seed: int = 1234) -> dict[str, Path]:
-    """Write alpaca_{train,test}.jsonl and sharegpt_{train,test}.jsonl (2-3 turns each) under `out_dir`."""
+    """Write alpaca_{train,test}.jsonl, sharegpt_{train,test}.jsonl (2-3 turns each) and prompts_test.jsonl
+    (held-out requests for inference.py, with the expected answers) under `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     examples = list(generate_examples(n_train + n_test, seed))
@@ -89,7 +90,27 @@ def write_demo_data(out_dir: str | Path, n_train: int = 2000, n_test: int = 200,
         _write_jsonl(sharegpt, conversations)
         paths[f"alpaca_{split}"] = alpaca
         paths[f"sharegpt_{split}"] = sharegpt
+    prompts = out / "prompts_test.jsonl"
+    _write_jsonl(prompts, [to_prompt(ex) for ex in splits["test"]])
+    paths["prompts_test"] = prompts
     return paths
+
+
+def to_prompt(example: dict) -> dict:
+    """A held-out request for `inference.py --input-file`, carrying the expected answer and task name."""
+    return {"messages": [{"role": "system", "content": SYSTEM_PROMPT},
+                         {"role": "user", "content": f"{example['instruction']}\n{example['input']}"}],
+            "expected": example["output"], "task": example["task"]}
+
+
+def score(answers: list[dict]) -> dict[str, float]:
+    """Exact-match accuracy per task and overall, from `inference.py` output lines (response vs expected)."""
+    hits: dict[str, list[int]] = {}
+    for row in answers:
+        ok = int(row["response"].strip() == row["expected"])
+        for key in (row["task"], "all"):
+            hits.setdefault(key, []).append(ok)
+    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 
 
 def corpus(n: int = 3000, seed: int = 99) -> list[str]:
