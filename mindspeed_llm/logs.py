@@ -9,10 +9,26 @@ from typing import Callable, NoReturn
 from mindspeed_llm.errors import UserError
 
 
+# Notices megatron-core and torch print on every start without an accelerator's fused kernels; they are
+# expected on CPU and drown our own lines.
+_EXPECTED_WARNINGS = (
+    ".*Transformer Engine and Apex are not installed.*",
+    ".*Transformer Engine.*not installed.*",
+    ".*Apex is not installed.*",
+    ".*full scope is deprecated.*",
+    ".*all_gather_into_tensor.* is deprecated.*",
+    ".*reduce_scatter_tensor.* is deprecated.*",
+)
+
+
+def quiet_expected_warnings() -> None:
+    for pattern in _EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Our own lines at INFO on stdout; megatron-core's start-up chatter and CPU-fallback warnings hidden."""
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    warnings.filterwarnings("ignore", message=".*Transformer Engine.*not installed.*")
+    quiet_expected_warnings()
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
     ours = logging.getLogger("mindspeed_llm")

@@ -113,9 +113,11 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from mindspeed_llm.logs import quiet_expected_warnings
     from mindspeed_llm.models.config import ConfigError
     from mindspeed_llm.models.placement import PlacementError
 
+    quiet_expected_warnings()
     try:
         return run(argv)
     except (ConversionError, ConfigError, PlacementError) as exc:
