@@ -77,9 +77,11 @@ def sft_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, per_toke
     """
     if per_token:
         total, count = masked_sum_and_count(output_tensor, loss_mask)
-        return total, count.int(), {"lm loss": torch.stack([total.detach(), count.to(total.dtype)])}
+        return total, count.int(), {"lm loss": torch.stack([total.detach().clone(), count.to(total.dtype)])}
     loss = masked_mean(output_tensor, loss_mask)
-    return loss, {"lm loss": loss.detach()}
+    # clone: the schedule divides the returned loss in place by the number of micro-batches, and a plain
+    # detach() shares that storage, which would halve the reported value at 2 micro-batches.
+    return loss, {"lm loss": loss.detach().clone()}
 
 
 def reported_loss(reports: Sequence[torch.Tensor], per_token: bool,

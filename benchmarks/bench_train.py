@@ -1,0 +1,167 @@
+"""Training-step throughput: our megatron-core step (`training.sft.train_step`: schedule, DDP, megatron
+optimizer, clipping) against a plain `transformers` + `torch.optim.AdamW` loop, same model shape, same token
+batches, same device, one process, in one run. Prints tokens/s of both and the ratio (and MFU on a GPU).
+
+    python benchmarks/bench_train.py                       # CPU: small Qwen3-shaped model, fp32
+    python benchmarks/bench_train.py --preset qwen3-1.7b   # GPU: Qwen3-1.7B shape, seq 4096, bf16
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PRESETS = {
+    # layers, hidden, ffn, heads, kv groups, head dim, vocab, tied, seq, micro-batch, micro-batches
+    "small": dict(layers=4, hidden=256, ffn=768, heads=4, groups=2, head_dim=64, vocab=2048, tied=False, seq=512,
+                  mbs=4, nmb=2),
+    "qwen3-1.7b": dict(layers=28, hidden=2048, ffn=6144, heads=16, groups=8, head_dim=128, vocab=151936, tied=True,
+                       seq=4096, mbs=1, nmb=4),
+}
+H100_BF16_PEAK = 989e12
+
+
+def hf_config(p: dict):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=p["ffn"],
+                       num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["groups"],
+                       head_dim=p["head_dim"], max_position_embeddings=p["seq"], rope_theta=1e6, rms_norm_eps=1e-6,
+                       tie_word_embeddings=p["tied"], attention_dropout=0.0)
+
+
+def batches(p: dict, steps: int, seed: int = 0) -> list[list[dict]]:
+    """`steps` iterations of `nmb` micro-batches: random tokens, the first quarter of each row unsupervised."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        it = []
+        for _ in range(p["nmb"]):
+            ids = torch.randint(0, p["vocab"], (p["mbs"], p["seq"]), generator=g)
+            labels = ids.clone()
+            labels[:, : p["seq"] // 4] = -100
+            it.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)})
+        out.append(it)
+    return out
+
+
+def our_argv(p: dict, bf16: bool) -> list[str]:
+    argv = (f"--num-layers {p['layers']} --hidden-size {p['hidden']} --ffn-hidden-size {p['ffn']} "
+            f"--num-attention-heads {p['heads']} --group-query-attention --num-query-groups {p['groups']} "
+            f"--kv-channels {p['head_dim']} --qk-layernorm --norm-epsilon 1e-6 --swiglu --disable-bias-linear "
+            f"--rotary-base 1000000 --max-position-embeddings {p['seq']} --padded-vocab-size {p['vocab']} "
+            f"--hidden-dropout 0 --attention-dropout 0 --micro-batch-size {p['mbs']} "
+            f"--global-batch-size {p['mbs'] * p['nmb']} --train-iters 1000 --lr 1e-5 --min-lr 1e-5 "
+            f"--weight-decay 0.1 --clip-grad 1.0 --adam-beta1 0.9 --adam-beta2 0.95 --seq-length {p['seq']} "
+            f"--data-path unused --is-instruction-dataset --use-distributed-optimizer").split()
+    if not p["tied"]:
+        argv.append("--untie-embeddings-and-output-weights")
+    if bf16:
+        argv.append("--bf16")
+    return argv
+
+
+def run_ours(p: dict, data: list, warmup: int, bf16: bool) -> tuple[float, float]:
+    """(seconds for the timed iterations, FLOPs per iteration)."""
+    from mindspeed_llm.arguments import parse_train_args
+    from mindspeed_llm.platform import current_device, init_distributed
+    from mindspeed_llm.training import model_setup
+    from mindspeed_llm.training.batching import get_batch
+    from mindspeed_llm.training.data import MicroBatches
+    from mindspeed_llm.training.log import flops_per_iteration
+    from mindspeed_llm.training.sft import train_step
+    from mindspeed_llm.training.validate import validate_world
+
+    args = parse_train_args(our_argv(p, bf16))
+    validate_world(args, 1)
+    init_distributed(1, 1, seed=1234)
+    cfg = model_setup.model_config(args, p["vocab"])
+    model = model_setup.wrap_ddp(args, model_setup.build_chunks(args, cfg))
+    optimizer, _ = model_setup.build_optimizer(args, model)
+    device = current_device()
+    terms = [(p["mbs"], p["seq"], 0.5)] * p["nmb"]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = 0.0
+    for i, it in enumerate(data):
+        if i == warmup:
+            sync()
+            start = time.perf_counter()
+        mb = MicroBatches([get_batch(b, device) for b in it], p["seq"], p["mbs"], 0, terms)
+        train_step(args, model, optimizer, mb)
+    sync()
+    seconds = time.perf_counter() - start
+    del model, optimizer
+    return seconds, flops_per_iteration(cfg, terms, True)
+
+
+def run_hf(p: dict, data: list, warmup: int, bf16: bool) -> float:
+    from transformers import AutoModelForCausalLM
+
+    from mindspeed_llm.platform import current_device
+
+    device = current_device()
+    model = AutoModelForCausalLM.from_config(hf_config(p), dtype=torch.float32, attn_implementation="sdpa").to(device)
+    model.train()
+    decay = [q for n, q in model.named_parameters() if q.ndim > 1]
+    no_decay = [q for n, q in model.named_parameters() if q.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-5, betas=(0.9, 0.95), eps=1e-8)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    start = 0.0
+    for i, it in enumerate(data):
+        if i == warmup:
+            sync()
+            start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        for b in it:
+            with autocast:
+                loss = model(input_ids=b["input_ids"].to(device), labels=b["labels"].to(device)).loss
+            (loss / len(it)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    sync()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="default: qwen3-1.7b on a GPU, small on CPU")
+    ap.add_argument("--steps", type=int, default=None, help="timed iterations (default 5 CPU, 10 GPU)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=None, help="override the preset's sequence length")
+    a = ap.parse_args()
+    os.environ.setdefault("MINDSPEED_DEVICE", "" if torch.cuda.is_available() else "cpu")
+    gpu = torch.cuda.is_available()
+    p = dict(PRESETS[a.preset or ("qwen3-1.7b" if gpu else "small")])
+    if a.seq:
+        p["seq"] = a.seq
+    bf16 = gpu
+    steps = a.steps or (10 if gpu else 5)
+    data = batches(p, a.warmup + steps)
+    tokens = steps * p["nmb"] * p["mbs"] * p["seq"]
+    hf_s = run_hf(p, data, a.warmup, bf16)
+    if gpu:
+        torch.cuda.empty_cache()
+    ours_s, flops = run_ours(p, data, a.warmup, bf16)
+    device = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {device}; model: {a.preset or ('qwen3-1.7b' if gpu else 'small')} {p}; "
+          f"{'bf16' if bf16 else 'fp32'}; {steps} timed iterations")
+    print(f"transformers + AdamW : {tokens / hf_s:12.1f} tokens/s")
+    print(f"ours (megatron-core) : {tokens / ours_s:12.1f} tokens/s")
+    if gpu:
+        mfu = flops * steps / ours_s / H100_BF16_PEAK
+        mfu_hf = flops * steps / hf_s / H100_BF16_PEAK
+        print(f"MFU (H100 bf16 peak 989 TFLOP/s): ours {100 * mfu:.1f}%  transformers {100 * mfu_hf:.1f}%")
+    print(f"ratio ours / transformers: {hf_s / ours_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Datasets and loaders of a fine-tuning run: sidecar check, train/valid splits, DP-aware resumable loaders,
+and one iteration's micro-batches as model inputs."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+
+from mindspeed_llm.errors import UserError
+
+
+@dataclass
+class RunData:
+    train: Any
+    valid: Any
+    collator: Any
+    train_iter: Optional[Iterator] = None
+    valid_iter: Optional[Iterator] = None
+
+
+def build_run_data(args: argparse.Namespace, tokenizer, consumed_samples: int) -> RunData:
+    from mindspeed_llm.training.batching import check_sidecar, make_collator
+    from mindspeed_llm.training.sft_dataset import build_sft_datasets, options_from_args, train_valid_test_num_samples
+
+    try:
+        sidecar = check_sidecar(args.data_path, args, tokenizer)
+        options = options_from_args(args, sidecar)
+        if options.eos_token_id is None:
+            options.eos_token_id = tokenizer.eos_token_id
+        if options.pad_token_id is None:
+            options.pad_token_id = tokenizer.pad_token_id
+        train, valid, _ = build_sft_datasets(args.data_path, args.split, train_valid_test_num_samples(args), options)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    if train is None:
+        raise UserError(f"--split {args.split} leaves no training samples in --data-path {args.data_path}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data = RunData(train, valid, make_collator(args, pad))
+    data.train_iter = _loader(args, train, consumed_samples, data.collator)
+    if valid is not None and args.eval_iters > 0:
+        data.valid_iter = _loader(args, valid, 0, data.collator)
+    return data
+
+
+def _loader(args: argparse.Namespace, dataset, consumed: int, collator) -> Iterator:
+    from megatron.core import parallel_state as ps
+
+    from mindspeed_llm.training.batching import build_data_loader
+
+    return iter(build_data_loader(dataset, consumed, args.micro_batch_size, ps.get_data_parallel_rank(),
+                                  ps.get_data_parallel_world_size(), collator, num_workers=args.num_workers,
+                                  seed=args.seed))
+
+
+@dataclass
+class MicroBatches:
+    """One iteration's model inputs and what the log needs about them."""
+    inputs: list[dict]
+    seq_length: int               # what the pipeline schedule allocates per micro-batch (packed: b * L)
+    micro_batch_size: int         # 1 for packed (THD rows are flattened into one)
+    tokens: int                   # real (non-padding) tokens, this DP rank
+    flop_terms: list[tuple[int, int, float]]   # (rows, length, attention density) per micro-batch
+
+
+def next_micro_batches(args: argparse.Namespace, it: Iterator, count: int, device) -> MicroBatches:
+    from mindspeed_llm.training.batching import get_batch
+
+    inputs, tokens, terms = [], 0, []
+    for _ in range(count):
+        try:
+            raw = next(it)
+        except StopIteration:
+            raise UserError("the dataset ran out of samples before --train-iters; the index map is shorter than "
+                            "--train-iters x --global-batch-size (delete stale *_indexmap_*.npy files)") from None
+        rows, length = raw["input_ids"].shape
+        tokens += int((raw["attention_mask"] != 0).sum())
+        if "cu_seqlens" in raw:
+            seg = (raw["cu_seqlens"][1:] - raw["cu_seqlens"][:-1]).double()
+            density = 0.5 * float((seg ** 2).sum()) / (rows * length * length)
+        else:
+            density = 0.5
+        terms.append((rows, length, density))
+        inputs.append(get_batch(raw, device))
+    packed = args.reset_attention_mask
+    longest = max(t[1] for t in terms)
+    if packed:
+        return MicroBatches(inputs, longest * args.micro_batch_size, 1, tokens, terms)
+    return MicroBatches(inputs, longest, args.micro_batch_size, tokens, terms)

@@ -1,0 +1,244 @@
+"""The model of a fine-tuning run: its shape (flags, HF config or checkpoint), the GPTModel chunks of this rank,
+DDP wrapping with megatron-core's gradient hooks, the optimizer and the LR schedule."""
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from mindspeed_llm.errors import UserError
+from mindspeed_llm.platform import notice
+
+# ModelConfig field <- flag (dest name); only flags a user may give are checked against an HF config.
+_SHAPE_FLAGS = {
+    "num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads", "num_query_groups": "num_query_groups",
+    "kv_channels": "kv_channels", "max_position_embeddings": "max_position_embeddings",
+    "vocab_size": "padded_vocab_size",
+}
+
+
+def params_dtype(args: argparse.Namespace) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def _pad_vocab(n: int, multiple: int, tp: int) -> int:
+    step = max(multiple, 1) * tp
+    return -(-n // step) * step
+
+
+def checkpoint_args(load: Optional[str]) -> Optional[argparse.Namespace]:
+    """Saved `args` of the checkpoint --load names, or None (no tracker there)."""
+    if not load:
+        return None
+    from mindspeed_llm.checkpoint import layout
+
+    if not (Path(load) / layout.TRACKER).is_file():
+        return None
+    try:
+        return layout.read_args(layout.iteration_dir(Path(load)))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def model_config(args: argparse.Namespace, tokenizer_len: int, hf_dir: Optional[str] = None):
+    """`ModelConfig` from the HF config.json in `hf_dir` (checked against any shape flags given), else from
+    the flags, with unset shape flags taken from the --load checkpoint's saved args."""
+    from mindspeed_llm.models.config import ConfigError, ModelConfig
+
+    if hf_dir is not None:
+        from mindspeed_llm.models.registry import load_model_config
+
+        try:
+            fam, cfg = load_model_config(hf_dir, args.model_type_hf)
+        except ConfigError as exc:
+            raise UserError(str(exc)) from None
+        for field, dest in _SHAPE_FLAGS.items():
+            given = getattr(args, dest, None)
+            if given is not None and given != getattr(cfg, field):
+                raise UserError(f"--{dest.replace('_', '-')} {given} disagrees with {hf_dir}/config.json "
+                                f"({field} = {getattr(cfg, field)}); drop the flag or fix it")
+        if args.untie_embeddings_and_output_weights and cfg.tie_word_embeddings:
+            raise UserError(f"--untie-embeddings-and-output-weights: {hf_dir}/config.json ties the embeddings "
+                            "(tie_word_embeddings = true); drop the flag")
+        return cfg
+
+    saved = checkpoint_args(args.load)
+
+    def get(dest: str, required: bool = True, default: Any = None) -> Any:
+        value = getattr(args, dest, None)
+        if value is None and saved is not None:
+            value = getattr(saved, dest, None)
+        if value is None and required:
+            raise UserError(f"--{dest.replace('_', '-')} is required (no checkpoint args to take it from)")
+        return default if value is None else value
+
+    heads = int(get("num_attention_heads"))
+    hidden = int(get("hidden_size"))
+    vocab = args.padded_vocab_size or (saved and getattr(saved, "padded_vocab_size", None)) or \
+        _pad_vocab(tokenizer_len, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+    groups = get("num_query_groups", False) if args.group_query_attention or args.num_query_groups else None
+    scaling = args.rope_scaling_factor if args.rope_scaling_type == "llama3" else None
+    qk_norm, qkv_bias = bool(args.qk_layernorm), bool(args.add_qkv_bias)
+    # The family names the HF layout for conversion back; without a flag or saved value, the shape decides.
+    family = args.model_type_hf or (saved and getattr(saved, "model_type_hf", None)) or \
+        ("qwen3" if qk_norm else "qwen2" if qkv_bias else "llama3")
+    return ModelConfig(
+        family=family,
+        num_layers=int(get("num_layers")),
+        hidden_size=hidden,
+        ffn_hidden_size=int(get("ffn_hidden_size", False, 4 * hidden)),
+        num_attention_heads=heads,
+        num_query_groups=int(groups or heads),
+        kv_channels=int(get("kv_channels", False, hidden // heads)),
+        vocab_size=int(vocab),
+        max_position_embeddings=int(get("max_position_embeddings", False, args.seq_length)),
+        norm_epsilon=float(args.norm_epsilon),
+        rotary_base=float(args.rotary_base),
+        tie_word_embeddings=not args.untie_embeddings_and_output_weights,
+        qk_layernorm=qk_norm,
+        add_qkv_bias=qkv_bias,
+        rope_scaling_factor=scaling,
+    )
+
+
+def check_model_flags(args: argparse.Namespace) -> None:
+    """Architecture flags the layer spec implements; anything else is refused rather than silently changed."""
+    if not args.enable_hf2mg_convert:
+        if not args.swiglu:
+            raise UserError("--swiglu is required: only gated SiLU MLPs (Qwen/Llama) are implemented")
+        if not args.disable_bias_linear:
+            raise UserError("--disable-bias-linear is required: linear biases (other than --add-qkv-bias) are "
+                            "not implemented")
+    if args.transformer_impl == "transformer_engine":
+        notice("--transformer-impl transformer_engine: using the local megatron-core layers with SDPA attention")
+
+
+def layer_spec(args: argparse.Namespace, cfg):
+    """`--spec MODULE ATTR` when given (must import), else our spec for the config; wrapped in a block spec
+    whose final norm is our RMSNorm (megatron's default final norm refuses --sequence-parallel and would
+    normalise in bf16 rather than fp32)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    from mindspeed_llm.models.placement import parse_layer_list, place_layers
+    from mindspeed_llm.models.spec import RMSNorm, get_layer_spec
+
+    spec = get_layer_spec(cfg.qk_layernorm)
+    if args.spec:
+        module, attr = args.spec
+        try:
+            given = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise UserError(f"--spec {module} {attr}: cannot import it ({exc})") from None
+        if callable(given) and not hasattr(given, "module"):
+            given = given()
+        if cfg.qk_layernorm:       # the Qwen3 spec; other families keep the spec matching their config
+            spec = given
+    placement = place_layers(cfg.num_layers, ps.get_pipeline_model_parallel_world_size(),
+                             parse_layer_list(args.num_layer_list), args.num_layers_per_virtual_pipeline_stage)
+    count = len(placement.layers[ps.get_pipeline_model_parallel_rank()][0])
+    return TransformerBlockSubmodules(layer_specs=[spec] * count, layer_norm=RMSNorm)
+
+
+def transformer_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """TransformerConfig fields that come from training flags."""
+    out: dict[str, Any] = dict(
+        variable_seq_lengths=bool(args.variable_seq_lengths),
+        calculate_per_token_loss=bool(args.calculate_per_token_loss),
+        init_method_std=float(args.init_method_std),
+        hidden_dropout=float(args.hidden_dropout),
+        attention_dropout=float(args.attention_dropout),
+        # Megatron's p2p batching would pair mismatched sends on gloo with variable lengths; plain p2p is safe.
+        batch_p2p_comm=not bool(args.num_layers_per_virtual_pipeline_stage),
+    )
+    if args.variable_seq_lengths:
+        out["moe_token_dispatcher_type"] = "alltoall"   # megatron refuses variable lengths with the default (MoE-only)
+    if args.recompute_granularity:
+        out.update(recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+                   recompute_num_layers=args.recompute_num_layers or 1)
+    return out
+
+
+def build_chunks(args: argparse.Namespace, cfg) -> list:
+    """This rank's GPTModel chunks in training mode."""
+    from mindspeed_llm.models.build import build_model
+    from mindspeed_llm.models.placement import PlacementError, parse_layer_list
+
+    try:
+        chunks = build_model(cfg, params_dtype=params_dtype(args), num_layer_list=parse_layer_list(args.num_layer_list),
+                             num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
+                             sequence_parallel=args.sequence_parallel, seq_length=None,
+                             layer_spec=layer_spec(args, cfg), **transformer_overrides(args))
+    except PlacementError as exc:
+        raise UserError(str(exc)) from None
+    for c in chunks:
+        c.train()
+    return chunks
+
+
+def wrap_ddp(args: argparse.Namespace, chunks: list) -> list:
+    """Float16Module (bf16/fp16) + megatron-core DDP per chunk, and the schedule hooks that make DP correct:
+    `finalize_model_grads_func` all-reduces (or reduce-scatters) grads once per step and `no_sync_func`
+    defers that to the last micro-batch; without them DP ranks step on unsynchronised gradients."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.transformer.module import Float16Module
+
+    config = chunks[0].config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=bool(args.bf16 or args.fp16), overlap_grad_reduce=False, overlap_param_gather=False,
+        use_distributed_optimizer=bool(args.use_distributed_optimizer), check_for_nan_in_grad=False,
+        bucket_size=None, average_in_collective=False)
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        module = Float16Module(config, chunk) if (args.bf16 or args.fp16) else chunk
+        wrapped.append(DistributedDataParallel(config=config, ddp_config=ddp_config, module=module,
+                                               disable_bucketing=i > 0))
+    no_sync = [m.no_sync for m in wrapped]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    config.grad_sync_func = None
+    config.param_sync_func = None
+    config.finalize_model_grads_func = finalize_model_grads
+    if args.fp16:
+        config.grad_scale_func = None       # set once the optimizer exists (its loss scaler)
+    return wrapped
+
+
+def build_optimizer(args: argparse.Namespace, model: list):
+    """megatron-core optimizer (Adam/SGD; torch AdamW without Apex/TE) and the LR schedule in samples."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    opt_config = OptimizerConfig(
+        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        fp16=args.fp16, bf16=args.bf16, params_dtype=params_dtype(args), loss_scale=args.loss_scale,
+        initial_loss_scale=args.initial_loss_scale, min_loss_scale=args.min_loss_scale,
+        loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis, adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, sgd_momentum=args.sgd_momentum,
+        use_distributed_optimizer=args.use_distributed_optimizer, clip_grad=args.clip_grad)
+    optimizer = get_megatron_optimizer(opt_config, model)
+    if args.fp16:
+        model[0].config.grad_scale_func = optimizer.scale_loss
+    gbs = args.global_batch_size
+    decay_iters = args.lr_decay_iters or args.train_iters
+    decay_steps = decay_iters * gbs
+    warmup_steps = (int(args.lr_warmup_fraction * decay_steps) if args.lr_warmup_fraction is not None
+                    else args.lr_warmup_iters * gbs)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup_steps,
+        lr_decay_steps=decay_steps, lr_decay_style=args.lr_decay_style, start_wd=args.start_weight_decay,
+        end_wd=args.end_weight_decay, wd_incr_steps=args.train_iters * gbs,
+        wd_incr_style=args.weight_decay_incr_style,
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler)
+    return optimizer, scheduler
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module

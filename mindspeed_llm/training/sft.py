@@ -1,0 +1,312 @@
+"""The SFT training loop on megatron-core: set-up, `train_step`, evaluation, checkpoints and exit conditions."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import signal
+import time
+from functools import partial
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from mindspeed_llm.errors import UserError
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Set-up
+# ---------------------------------------------------------------------------------------------------------------
+
+def set_seed(seed: int) -> None:
+    """Megatron's seeding: seed + 100 x pp_rank for python/numpy/torch, + 2718 + tp_rank for the TP tracker."""
+    from megatron.core import parallel_state as ps, tensor_parallel
+
+    seed = seed + 100 * ps.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def init_run(args: argparse.Namespace) -> None:
+    from mindspeed_llm.models.placement import PlacementError, place_layers
+    from mindspeed_llm.platform import init_distributed
+    from mindspeed_llm.training.validate import validate_world
+
+    validate_world(args, int(os.environ.get("WORLD_SIZE", "1")))
+    vpp = None
+    if args.num_layers_per_virtual_pipeline_stage:
+        if args.num_layers is None:
+            raise UserError("--num-layers-per-virtual-pipeline-stage needs --num-layers")
+        try:
+            vpp = place_layers(args.num_layers, args.pipeline_model_parallel_size, None,
+                               args.num_layers_per_virtual_pipeline_stage).vpp
+        except PlacementError as exc:
+            raise UserError(str(exc)) from None
+        vpp = vpp if vpp > 1 else None
+    try:
+        init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, vpp,
+                         backend=args.distributed_backend, seed=args.seed,
+                         timeout_minutes=args.distributed_timeout_minutes)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    set_seed(args.seed)
+
+
+def build_tokenizer(args: argparse.Namespace):
+    from mindspeed_llm.tokenizer import build_tokenizer as build
+
+    template = None
+    if args.prompt_type:
+        from mindspeed_llm.data.templates import get_template
+
+        template = get_template(args.prompt_type, args.prompt_type_path)
+    tok_path = args.tokenizer_name_or_path or (args.load if args.enable_hf2mg_convert else None)
+    return build(tok_path, use_fast=not args.tokenizer_not_use_fast, template=template,
+                 tokenizer_type=args.tokenizer_type, seq_length=args.seq_length)
+
+
+def hf2mg(args: argparse.Namespace) -> str:
+    """`--enable-hf2mg-convert`: rank 0 converts the HF model in --load to this run's TP/PP layout; every rank
+    then loads from the cache directory. Returns the HF directory (its config.json describes the model)."""
+    from mindspeed_llm.checkpoint.hf2mg import Hf2MgOptions, convert_hf_to_mg
+    from mindspeed_llm.models.placement import parse_layer_list
+
+    hf_dir = args.load
+    if not any(Path(hf_dir).glob("*.safetensors")) and not any(Path(hf_dir).glob("*.bin")):
+        raise UserError(f"--enable-hf2mg-convert: --load {hf_dir} has no *.safetensors; it must be a Hugging Face "
+                        f"model directory (to resume from a Megatron save, drop --enable-hf2mg-convert)")
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    cache = args.mg_save_dir or str(Path(hf_dir) / f"megatron_cache_tp{tp}pp{pp}ep1")
+    error = [""]
+    if torch.distributed.get_rank() == 0:
+        try:
+            convert_hf_to_mg(Hf2MgOptions(
+                load_dir=Path(hf_dir), save_dir=Path(cache), model_type_hf=args.model_type_hf, tp=tp, pp=pp,
+                num_layer_list=parse_layer_list(args.num_layer_list),
+                layers_per_vpp_stage=args.num_layers_per_virtual_pipeline_stage,
+                params_dtype="bf16" if args.bf16 else "fp16" if args.fp16 else None),
+                log=lambda msg: None)
+        except (ValueError, OSError) as exc:
+            error[0] = f"--enable-hf2mg-convert: {exc}"
+    torch.distributed.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise UserError(error[0])
+    args.load = cache
+    return hf_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One step
+# ---------------------------------------------------------------------------------------------------------------
+
+def forward_step(per_token: bool, data_iterator, model):
+    from mindspeed_llm.training.loss import sft_loss_func
+
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
+                   packed_seq_params=batch["packed_seq_params"])
+    return output, partial(sft_loss_func, batch["loss_mask"], per_token=per_token)
+
+
+def run_schedule(args: argparse.Namespace, model: list, mb, forward_only: bool) -> Optional[float]:
+    """Forward (and backward) over one iteration's micro-batches; the reported loss on every rank."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from mindspeed_llm.training.loss import reported_loss
+
+    iterators = [iter(mb.inputs) for _ in model]
+    reports = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, args.calculate_per_token_loss),
+        data_iterator=iterators if len(model) > 1 else iterators[0], model=model if len(model) > 1 else model[0],
+        num_microbatches=len(mb.inputs), seq_length=mb.seq_length, micro_batch_size=mb.micro_batch_size,
+        decoder_seq_length=mb.seq_length, forward_only=forward_only)
+    value = torch.zeros(1, dtype=torch.float64)
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        value[0] = reported_loss([r["lm loss"] for r in reports], args.calculate_per_token_loss,
+                                 ps.get_data_parallel_group())
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(value, group=ps.get_pipeline_model_parallel_group())
+    return float(value[0])
+
+
+def train_step(args: argparse.Namespace, model: list, optimizer, mb) -> tuple[float, bool, bool, Optional[float]]:
+    """(loss, skipped, nan, grad norm). A NaN loss stops the run unless --skip-nan skips the update."""
+    for m in model:
+        m.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss = run_schedule(args, model, mb, forward_only=False)
+    if math.isnan(loss) or math.isinf(loss):
+        return loss, False, True, None
+    ok, grad_norm, _ = optimizer.step()
+    grad_norm = float(grad_norm) if grad_norm is not None else None
+    return loss, not ok, False, grad_norm
+
+
+def evaluate(args: argparse.Namespace, model: list, data, iteration: int, device) -> None:
+    from mindspeed_llm.training.data import next_micro_batches
+    from mindspeed_llm.training.log import validation_line
+
+    for m in model:
+        m.eval()
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(args.eval_iters):
+            mb = next_micro_batches(args, data.valid_iter, args.num_microbatches, device)
+            total += run_schedule(args, model, mb, forward_only=True)
+    for m in model:
+        m.train()
+    if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+        print(validation_line(iteration, total / args.eval_iters), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exit conditions
+# ---------------------------------------------------------------------------------------------------------------
+
+class SignalFlag:
+    """SIGTERM (torchrun forwards it) with --exit-signal-handler: finish the step, save, exit."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.received = False
+        self.enabled = enabled
+        if enabled:
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def any_rank(self) -> bool:
+        if not self.enabled:
+            return False
+        flag = torch.tensor([int(self.received)], dtype=torch.int64)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _minutes_exceeded(args: argparse.Namespace, start: float) -> bool:
+    if not args.exit_duration_in_mins:
+        return False
+    flag = torch.tensor([int((time.time() - start) / 60 > args.exit_duration_in_mins)], dtype=torch.int64)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    iteration: int
+    losses: list[float] = field(default_factory=list)        # reported lm loss per iteration run here
+    grad_norms: list[Optional[float]] = field(default_factory=list)
+    seconds: float = 0.0                                       # wall time of the iterations
+    tokens: float = 0.0                                        # real tokens trained, all DP ranks
+
+
+def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainResult:
+    """Run the fine-tuning described by `args` (from `parse_train_args`). `keep_process_group` leaves
+    torch.distributed up so one launch can run several configurations (tests, benchmarks)."""
+    from megatron.core import parallel_state as ps
+
+    from mindspeed_llm.platform import current_device, destroy_distributed
+    from mindspeed_llm.training import checkpointing as ckpt
+    from mindspeed_llm.training import model_setup
+    from mindspeed_llm.training.data import build_run_data, next_micro_batches
+    from mindspeed_llm.training.log import TrainLog, flops_per_iteration, print_args
+
+    start = time.time()
+    init_run(args)
+    tokenizer = build_tokenizer(args)
+    hf_dir = hf2mg(args) if args.enable_hf2mg_convert else None
+    model_setup.check_model_flags(args)
+    cfg = model_setup.model_config(args, len(tokenizer), hf_dir)
+    args.padded_vocab_size = cfg.vocab_size
+    args.model_type_hf = args.model_type_hf or cfg.family     # saved with checkpoints: mg -> hf needs it
+    print_args(args)
+    chunks = model_setup.build_chunks(args, cfg)
+    loaded = ckpt.load_model(args, chunks)
+    model = model_setup.wrap_ddp(args, chunks)
+    optimizer, scheduler = model_setup.build_optimizer(args, model)
+    ckpt.load_training_state(args, loaded, optimizer, scheduler)
+    iteration, consumed = loaded.iteration, loaded.consumed_samples
+    data = build_run_data(args, tokenizer, consumed)
+    device = current_device()
+    log = TrainLog(args, cfg)
+    if torch.distributed.get_rank() == 0:
+        print(f"time to initialize (seconds): {time.time() - start:.3f}", flush=True)
+    signals = SignalFlag(args.exit_signal_handler)
+    saved_at = -1
+
+    def save() -> None:
+        nonlocal saved_at
+        if args.save and saved_at != iteration:
+            ckpt.save_checkpoint(args, iteration, model, optimizer, scheduler, consumed)
+            saved_at = iteration
+
+    dp_group = ps.get_data_parallel_group()
+    grad_norm = None
+    result = TrainResult(iteration)
+    loop_start = time.time()
+
+    def finish() -> TrainResult:
+        log.close()
+        result.iteration = iteration
+        result.seconds = time.time() - loop_start
+        torch.distributed.barrier()
+        if not keep_process_group:
+            destroy_distributed()
+        return result
+
+    while iteration < args.train_iters and not args.skip_train:
+        mb = next_micro_batches(args, data.train_iter, args.num_microbatches, device)
+        loss, skipped, nan, norm = train_step(args, model, optimizer, mb)
+        iteration += 1
+        consumed += args.global_batch_size
+        if nan and not args.skip_nan:
+            raise UserError(f"NaN/inf loss at iteration {iteration}; lower --lr, check the data, or pass "
+                            f"--skip-nan to skip such iterations")
+        if not (skipped or nan):
+            scheduler.step(increment=args.global_batch_size)
+            grad_norm = norm
+        stats = torch.tensor([flops_per_iteration(cfg, mb.flop_terms, True), float(mb.tokens)],
+                             dtype=torch.float64)
+        torch.distributed.all_reduce(stats, group=dp_group)
+        log.add(loss, skipped, nan, float(stats[0]), float(stats[1]), [t[2] for t in mb.flop_terms])
+        result.losses.append(loss)
+        result.grad_norms.append(norm)
+        result.tokens += float(stats[1])
+        if iteration % args.log_interval == 0:
+            scale = optimizer.get_loss_scale()
+            log.emit(iteration, consumed, optimizer.param_groups[0]["lr"],
+                     float(scale) if scale is not None else 1.0, grad_norm)
+        if data.valid_iter is not None and args.eval_interval and iteration % args.eval_interval == 0:
+            evaluate(args, model, data, iteration, device)
+        if args.save_interval and iteration % args.save_interval == 0:
+            save()
+        if signals.any_rank() or _minutes_exceeded(args, start):
+            save()
+            _exit_message(iteration)
+            return finish()
+        if args.exit_interval and iteration % args.exit_interval == 0:
+            save()
+            _exit_message(iteration)
+            return finish()
+    save()
+    if data.valid_iter is not None and iteration > 0 and not args.skip_train and \
+            not (args.eval_interval and iteration % args.eval_interval == 0):
+        evaluate(args, model, data, iteration, device)
+    return finish()
+
+
+def _exit_message(iteration: int) -> None:
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        print(f"exiting program at iteration {iteration}", flush=True)

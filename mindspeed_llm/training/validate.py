@@ -1,0 +1,108 @@
+"""Flag validation for posttrain_gpt.py: one `UserError` line naming the flag, before any process group exists."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from mindspeed_llm.errors import UserError
+
+
+def _need(args: argparse.Namespace, name: str, why: str = "") -> None:
+    if getattr(args, name) is None:
+        raise UserError(f"--{name.replace('_', '-')} is required{why}")
+
+
+def validate_train_args(args: argparse.Namespace) -> None:
+    """Checks that need no world size; derived values (`params_dtype`, `data_path` as one prefix) are set here."""
+    from mindspeed_llm.arguments import NOT_IMPLEMENTED
+
+    for dest, why in NOT_IMPLEMENTED.items():
+        if getattr(args, dest, None) not in (None, False, []):
+            raise UserError(f"--{dest.replace('_', '-')}: not implemented ({why})")
+    if args.use_legacy_models:
+        raise UserError("--use-legacy-models: only megatron-core models are implemented; drop the flag")
+    if args.stage != "sft" or args.is_pairwise_dataset:
+        raise UserError(f"--stage {args.stage}{' / --is-pairwise-dataset' if args.is_pairwise_dataset else ''}: "
+                        "only --stage sft is implemented")
+    if args.ckpt_format != "torch":
+        raise UserError(f"--ckpt-format {args.ckpt_format}: only the 'torch' format is implemented; "
+                        "use --ckpt-format torch")
+    if args.context_parallel_size != 1:
+        raise UserError(f"--context-parallel-size {args.context_parallel_size}: context parallelism is not "
+                        "implemented; use 1 (sequence parallelism with --sequence-parallel is)")
+    if args.expert_model_parallel_size != 1:
+        raise UserError("--expert-model-parallel-size: dense models only; use 1")
+    if args.bf16 and args.fp16:
+        raise UserError("--bf16 and --fp16 are mutually exclusive")
+    _need(args, "train_iters")
+    _need(args, "lr")
+    if not args.data_path:
+        raise UserError("--data-path is required (the --output-prefix given to preprocess_data.py)")
+    args.data_path = args.data_path[0]      # MindSpeed uses only the first prefix for instruction data
+    if not args.is_instruction_dataset:
+        raise UserError("--is-instruction-dataset is required: posttrain_gpt.py trains on preprocessed "
+                        "instruction data (pretraining datasets are not implemented)")
+    if os.path.isfile(args.data_path) or os.path.isdir(args.data_path):
+        raise UserError(f"--data-path {args.data_path} is a raw file or directory; online preprocessing is not "
+                        f"implemented: run preprocess_data.py first and pass its --output-prefix")
+    _need(args, "seq_length")
+    if args.train_iters < 0 or args.micro_batch_size < 1 or args.seq_length < 1:
+        raise UserError("--train-iters, --micro-batch-size and --seq-length must be positive")
+    if args.neat_pack and not args.reset_attention_mask:
+        raise UserError("--neat-pack requires --reset-attention-mask")
+    if args.reset_attention_mask and args.no_pad_to_seq_lengths:
+        raise UserError("--reset-attention-mask (packed rows) and --no-pad-to-seq-lengths cannot be combined; "
+                        "packed rows already fill --seq-length")
+    if args.pad_to_multiple_of < 1:
+        raise UserError(f"--pad-to-multiple-of {args.pad_to_multiple_of} must be at least 1")
+    if args.log_interval < 1:
+        raise UserError(f"--log-interval {args.log_interval} must be at least 1")
+    if args.save_interval is not None and args.save_interval < 1:
+        raise UserError(f"--save-interval {args.save_interval} must be at least 1")
+    if args.exit_interval is not None and args.exit_interval < 1:
+        raise UserError(f"--exit-interval {args.exit_interval} must be at least 1")
+    if args.enable_hf2mg_convert and not args.load:
+        raise UserError("--enable-hf2mg-convert needs --load pointing at a Hugging Face model directory")
+    if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
+        raise UserError("--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive")
+    if args.recompute_granularity == "full" and args.recompute_method is None:
+        raise UserError("--recompute-granularity full needs --recompute-method uniform or block")
+    if args.tensor_model_parallel_size < 1 or args.pipeline_model_parallel_size < 1:
+        raise UserError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be at least 1")
+    if args.tensor_model_parallel_size == 1:
+        args.sequence_parallel = False       # Megatron switches SP off at TP=1
+    if args.start_weight_decay is None:
+        args.start_weight_decay = args.weight_decay
+    if args.end_weight_decay is None:
+        args.end_weight_decay = args.weight_decay
+    args.variable_seq_lengths = bool(args.no_pad_to_seq_lengths)
+    if args.no_pad_to_seq_lengths and args.log_throughput:
+        args.log_throughput = False          # MindSpeed: throughput from --seq-length would be wrong here
+
+
+def validate_world(args: argparse.Namespace, world_size: int) -> None:
+    """DP size, micro-batch count and sequence-parallel divisibility, once the world size is known."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise UserError(f"{world_size} processes (torchrun --nproc_per_node x --nnodes) is not a multiple of "
+                        f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp}; launch "
+                        f"a multiple of {tp * pp}")
+    dp = world_size // (tp * pp)
+    args.data_parallel_size = dp
+    args.world_size = world_size
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+                        f"{args.micro_batch_size} x data-parallel size {dp} (= {world_size} processes / "
+                        f"(TP {tp} x PP {pp}))")
+    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    if args.sequence_parallel:
+        if args.seq_length % tp:
+            raise UserError(f"--sequence-parallel: --seq-length {args.seq_length} must be divisible by TP {tp}")
+        if args.no_pad_to_seq_lengths and args.pad_to_multiple_of % tp:
+            raise UserError(f"--sequence-parallel: --pad-to-multiple-of {args.pad_to_multiple_of} must be "
+                            f"divisible by TP {tp}")
+    if args.num_layers_per_virtual_pipeline_stage and pp > 1 and args.num_microbatches % pp:
+        raise UserError(f"interleaved pipeline: the number of micro-batches {args.num_microbatches} "
+                        f"(--global-batch-size / (--micro-batch-size x DP)) must be a multiple of PP {pp}")

@@ -1,0 +1,13 @@
+"""Supervised fine-tuning on megatron-core: `torchrun --nproc_per_node N posttrain_gpt.py <Megatron flags>`."""
+from mindspeed_llm.logs import run_main
+
+
+def main() -> None:
+    from mindspeed_llm.arguments import parse_train_args
+    from mindspeed_llm.training.sft import train
+
+    train(parse_train_args())
+
+
+if __name__ == "__main__":
+    run_main(main)

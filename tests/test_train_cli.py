@@ -1,0 +1,99 @@
+"""posttrain_gpt.py flags and bad input: recipes parse, unknown flags are named, runtime errors are one line."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mindspeed_llm.arguments import parse_train_args
+from mindspeed_llm.errors import UserError
+from tests.conftest import REPO, run_cli
+from tests.train_fixtures import env, model_flags, train_flags  # noqa: F401  (env is a fixture)
+
+RECIPES = sorted((REPO / "examples" / "mcore" / "qwen3").glob("tune_qwen3_*_ptd.sh"))
+SIZES = {"0point6b": (28, 1024, True), "1point7b": (28, 2048, True), "4b": (36, 2560, True),
+         "8b": (36, 4096, False), "14b": (40, 5120, False), "32b": (64, 5120, False)}
+
+
+def recipe_argv(script: Path, tmp_path: Path) -> list[str]:
+    """The arguments the recipe passes to posttrain_gpt.py, captured by a stand-in `torchrun`."""
+    fake = tmp_path / "bin" / "torchrun"
+    fake.parent.mkdir(exist_ok=True)
+    out = tmp_path / f"{script.stem}.args"
+    fake.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {out}\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, check=True, capture_output=True)
+    argv = out.read_text().splitlines()
+    return argv[argv.index("posttrain_gpt.py") + 1:]
+
+
+@pytest.mark.parametrize("script", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_flags_parse(script, tmp_path):
+    args = parse_train_args(recipe_argv(script, tmp_path))
+    size = script.stem.split("_")[2]
+    layers, hidden, tied = SIZES[size]
+    assert (args.num_layers, args.hidden_size) == (layers, hidden)
+    assert args.untie_embeddings_and_output_weights == (not tied)
+    assert args.bf16 and args.use_distributed_optimizer and args.padded_vocab_size == 151936
+    assert args.reset_attention_mask == ("pack" in script.stem)
+
+
+def test_all_sizes_have_recipes():
+    assert {p.stem.split("_")[2] for p in RECIPES} == set(SIZES)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--bogus-flag", "1"], "unrecognized argument(s): --bogus-flag"),
+    (["--lora-target-modules", "linear_qkv"], "--lora-target-modules: not implemented"),
+    (["--context-parallel-size", "2"], "--context-parallel-size 2"),
+    (["--ckpt-format", "torch_dist"], "--ckpt-format torch_dist"),
+    (["--neat-pack"], "--neat-pack requires --reset-attention-mask"),
+    (["--bf16", "--fp16"], "mutually exclusive"),
+])
+def test_bad_flags_are_named(extra, message):
+    base = ["--data-path", "/nonexistent/prefix", "--is-instruction-dataset", "--train-iters", "2", "--lr", "1e-4",
+            "--seq-length", "64"]
+    with pytest.raises(UserError, match=None) as err:
+        parse_train_args(base + extra)
+    assert message in str(err.value)
+
+
+def _run(env: dict, *extra: str, check: bool = False):
+    argv = model_flags(env["hf"]) + train_flags(2) + ["--finetune", "--data-path", env["plain"],
+                                                      "--load", str(env["ckpt"][(1, 1)]), *extra]
+    return run_cli("posttrain_gpt.py", *argv, check=check)
+
+
+def _error_line(proc) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.distributed
+def test_runtime_errors_are_one_line(env, tmp_path):
+    line = _error_line(_run(env, "--data-path", str(tmp_path / "missing")))
+    assert "missing" in line and "_packed_" in line and "preprocess_data.py" in line
+    line = _error_line(_run(env, "--load", str(env["ckpt"][(2, 1)])))
+    assert "--tensor-model-parallel-size 1" in line and "convert" in line
+    line = _error_line(_run(env, "--tensor-model-parallel-size", "2"))
+    assert "not a multiple of --tensor-model-parallel-size 2" in line
+    # lr 1e30 blows the weights up: the loss is inf/NaN by the third iteration.
+    line = _error_line(_run(env, "--lr", "1e30", "--clip-grad", "0", "--lr-warmup-iters", "0", "--train-iters", "3"))
+    assert "NaN/inf loss at iteration 3" in line and "--skip-nan" in line
+
+
+@pytest.mark.distributed
+def test_skip_nan_and_hf2mg_convert(env, tmp_path):
+    proc = _run(env, "--lr", "1e30", "--clip-grad", "0", "--lr-warmup-iters", "0", "--train-iters", "3", "--skip-nan",
+                check=True)
+    assert "number of nan iterations:   1" in proc.stdout
+    hf_args = ["--load", str(env["hf"]), "--enable-hf2mg-convert", "--model-type-hf", "qwen3",
+               "--mg-save-dir", str(tmp_path / "cache"), "--save", str(tmp_path / "out")]
+    proc = _run(env, *hf_args, check=True)
+    assert "lm loss:" in proc.stdout and (tmp_path / "out" / "iter_0000002").is_dir()
+    assert (tmp_path / "cache" / "latest_checkpointed_iteration.txt").read_text() == "1"
