@@ -123,3 +123,23 @@ def test_json_array_reader_across_chunk_boundaries(tmp_path, monkeypatch):
     path.write_text(json.dumps(rows, indent=1))
     monkeypatch.setattr(loaders, "_CHUNK", 64)
     assert list(iter_records([path])) == rows
+
+
+def test_parallel_encoding_reads_input_only_a_window_ahead():
+    """With --workers > 1 the reader stays a few chunks ahead of the writer, so memory does not grow with input."""
+    import multiprocessing as mp
+
+    import mindspeed_llm.data.preprocess as pre
+
+    consumed = []
+
+    def chunks():
+        for i in range(50):
+            consumed.append(i)
+            yield []
+
+    with mp.get_context("fork").Pool(2) as pool:
+        results = pre._bounded_imap(pool, chunks(), window=4)
+        next(results)
+        assert len(consumed) <= 5
+        assert sum(1 for _ in results) == 49

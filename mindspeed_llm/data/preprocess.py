@@ -11,7 +11,7 @@ import logging
 import multiprocessing as mp
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import timedelta
 from itertools import islice
@@ -179,6 +179,17 @@ def run(args) -> Summary:
     return summary
 
 
+def _bounded_imap(pool, chunks: Iterator[list[dict]], window: int) -> Iterator[list]:
+    """Ordered results with at most `window` chunks in flight (`Pool.imap` would read the whole input ahead)."""
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 def _encode_all(args, files, writer: IndexedWriter, summary: Summary) -> None:
     progress = Progress()
     records = iter_records(files, progress)
@@ -188,7 +199,7 @@ def _encode_all(args, files, writer: IndexedWriter, summary: Summary) -> None:
     pool = None
     if args.workers > 1:
         pool = mp.get_context("fork").Pool(args.workers, initializer=_init_worker, initargs=(args,))
-        results = pool.imap(_encode_chunk, _chunks(records, CHUNK))
+        results = _bounded_imap(pool, _chunks(records, CHUNK), window=2 * args.workers)
     else:
         results = map(_encode_chunk, _chunks(records, CHUNK))
     try:
@@ -236,8 +247,3 @@ def _write_sidecar(prefix: str, args, tokenizer, summary: Summary, spec: Handler
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
-
-
-def read_sidecar(prefix: str) -> dict | None:
-    path = Path(prefix + SIDECAR_SUFFIX)
-    return json.loads(path.read_text()) if path.is_file() else None

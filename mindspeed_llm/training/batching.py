@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mindspeed_llm.training.loss import IGNORE_INDEX, loss_mask_from_labels, shift_labels
+from mindspeed_llm.data.preprocess import SIDECAR_SUFFIX
 from mindspeed_llm.training.sft_dataset import read_sidecar
 
 MODES = ("fixed", "dynamic", "packed")
@@ -273,7 +274,7 @@ def check_sidecar(prefix: str, args: Any, tokenizer: Any = None) -> dict | None:
     sidecar = read_sidecar(prefix)
     if sidecar is None:
         return None
-    where = f"{prefix}_preprocess.json"
+    where = prefix + SIDECAR_SUFFIX
 
     def refuse(flag: str, ours: Any, theirs: Any, fix: str) -> None:
         raise ValueError(f"{where}: {flag} is {ours!r} for training but the data was preprocessed with "

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from mindspeed_llm.data.templates import IGNORE_INDEX
 
 
 def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:

@@ -26,10 +26,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from mindspeed_llm.data.preprocess import SIDECAR_SUFFIX
+from mindspeed_llm.data.templates import IGNORE_INDEX, infer_seqlen
+
 SFT_FIELDS = ("input_ids", "attention_mask", "labels")
 PAIRWISE_FIELDS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
-SIDECAR_SUFFIX = "_preprocess.json"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -99,23 +100,6 @@ def split_ranges(split: str, n: int) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------------------------------------------------------
 # Truncation
 # ---------------------------------------------------------------------------------------------------------------
-
-def infer_seqlen(source_len: int, target_len: int, cutoff: int) -> tuple[int, int]:
-    """LLaMA-Factory's rule: kept (source, target) lengths for a turn given `cutoff` tokens of budget.
-
-    A short target is kept whole and the source cut; a short source is kept whole and the target cut;
-    otherwise the budget is split in proportion. Both parts keep their prefix.
-    """
-    if target_len * 2 < cutoff:
-        max_target = cutoff
-    elif source_len * 2 < cutoff:
-        max_target = cutoff - source_len
-    else:
-        max_target = int(cutoff * target_len / (source_len + target_len))
-    new_target = min(max_target, target_len)
-    new_source = min(max(cutoff - new_target, 0), source_len)
-    return new_source, new_target
-
 
 def turn_spans(labels: np.ndarray) -> list[tuple[int, int, int]]:
     """(source_start, target_start, target_end) per turn: a run of ignored labels, then a run of trained ones.
