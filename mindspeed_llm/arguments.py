@@ -333,3 +333,10 @@ def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_train_parser().parse_args(argv)
     validate_train_args(args)
     return args
+
+
+def params_dtype(args: argparse.Namespace):
+    """The torch dtype that --bf16 / --fp16 select (fp32 without either)."""
+    import torch
+
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import torch
 
+from mindspeed_llm.arguments import params_dtype
 from mindspeed_llm.errors import UserError
 from mindspeed_llm.models.config import ModelConfig
 
@@ -98,10 +99,6 @@ def _same(a: Any, b: Any) -> bool:
         except (TypeError, ValueError):
             return False
     return a == b
-
-
-def params_dtype(args: argparse.Namespace) -> torch.dtype:
-    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
 def read_checkpoint_args(load: str) -> tuple[Optional[argparse.Namespace], str]:

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import torch
 
+from mindspeed_llm.arguments import params_dtype
 from mindspeed_llm.errors import UserError
 from mindspeed_llm.platform import notice
 
@@ -19,10 +20,6 @@ _SHAPE_FLAGS = {
     "kv_channels": "kv_channels", "max_position_embeddings": "max_position_embeddings",
     "vocab_size": "padded_vocab_size",
 }
-
-
-def params_dtype(args: argparse.Namespace) -> torch.dtype:
-    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
 def _pad_vocab(n: int, multiple: int, tp: int) -> int:
