@@ -18,6 +18,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from mindspeed_llm.data.encode import EncodeOptions, encode_record
 from mindspeed_llm.data.handlers import HandlerSpec, Skip, build_handler, check_columns
 from mindspeed_llm.data.loaders import Progress, first_record, iter_records, resolve_inputs
@@ -71,9 +73,13 @@ def _encode_chunk(records: list[dict]) -> list:
     w = _WORKER
     for record in records:
         try:
-            out.append(encode_record(record, w["spec"], w["template"], w["tokenizer"], w["opts"], w["json_keys"]))
+            enc = encode_record(record, w["spec"], w["template"], w["tokenizer"], w["opts"], w["json_keys"])
         except Skip as skip:
             out.append(skip.reason)
+            continue
+        # int32 arrays: the format's dtype, and far cheaper to send back to the main process than int lists
+        enc.fields = {k: np.asarray(v, dtype=np.int32) for k, v in enc.fields.items()}
+        out.append(enc)
     return out
 
 

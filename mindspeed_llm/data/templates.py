@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,13 +211,31 @@ class ChatTemplate:
         return [IGNORE_INDEX] * length
 
 
+_ENCODE_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> {(vocab len, text): ids}
+_CACHE_MAX_CHARS, _CACHE_MAX_ENTRIES = 512, 50_000
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     """`tokenizer.encode(text, add_special_tokens=False)`; for fast tokenizers straight through the Rust
-    backend, which gives the same ids at half the per-call cost."""
+    backend, which gives the same ids at half the per-call cost. Short texts (system prompts, fixed slot text,
+    empty think blocks) repeat across samples and are remembered."""
+    cache = _ENCODE_CACHES.get(tokenizer)
+    if cache is None:
+        cache = _ENCODE_CACHES[tokenizer] = {}
+    key = (len(tokenizer), text)  # the length changes when tokens are added
+    ids = cache.get(key)
+    if ids is not None:
+        return list(ids)
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch"):
-        return backend.encode(text, add_special_tokens=False).ids
-    return tokenizer.encode(text, add_special_tokens=False)
+        ids = backend.encode(text, add_special_tokens=False).ids
+    else:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(text) <= _CACHE_MAX_CHARS:
+        if len(cache) >= _CACHE_MAX_ENTRIES:
+            cache.clear()
+        cache[key] = ids
+    return list(ids)
 
 
 def infer_seqlen(source_len: int, target_len: int, cutoff: int) -> tuple[int, int]:
