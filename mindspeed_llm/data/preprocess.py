@@ -131,9 +131,9 @@ def run(args) -> Summary:
     spec = validate(args)
     files = resolve_inputs(args.input)
     for path in files:
-        check_columns(spec, list(first_record([path])), str(path))
+        columns = list(first_record([path]))
+        check_columns(spec, columns, str(path))
         if spec.style == "pretrain":
-            columns = list(first_record([path]))
             for key in args.json_keys:
                 if key not in columns:
                     raise UserError(f"{path}: column {key!r} (--json-keys) not found; columns are "
