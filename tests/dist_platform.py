@@ -10,7 +10,6 @@ Checks, printing one `CHECK name: OK` line each (any failure raises, so the exit
 from __future__ import annotations
 
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -70,7 +69,7 @@ def main(hf_dir: str, mg_tp2: str, mg_pp2: str) -> None:
 
     from mindspeed_llm.checkpoint import load_checkpoint
     from mindspeed_llm.models import build_model, load_model_config
-    from mindspeed_llm.platform import adapt_megatron_for_cpu, detect_platform, init_distributed
+    from mindspeed_llm.platform import adapt_megatron_for_cpu, init_distributed
 
     fam, cfg = load_model_config(hf_dir)
     g = torch.Generator().manual_seed(3)

@@ -6,7 +6,6 @@ import argparse
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
-import torch
 
 from mindspeed_llm.errors import UserError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 

@@ -10,7 +10,7 @@ import time
 from functools import partial
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
