@@ -20,7 +20,10 @@ from typing import Any, Optional
 import torch
 
 __all__ = ["Platform", "detect_platform", "current_device", "resolve_backend", "adapt_megatron_for_cpu",
-           "cpu_adapted", "init_distributed", "destroy_distributed", "notice"]
+           "cpu_adapted", "init_distributed", "destroy_distributed", "notice", "COLLECTIVE_HELPERS",
+           "comm_device", "device_tensor", "device_empty", "to_comm_device", "device_rng_state",
+           "set_device_rng_state", "memory_stats", "pin_memory_available", "device_count",
+           "check_ranks_per_node"]
 
 _BACKEND_FOR = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 _CPU_ADAPTED = False
@@ -72,6 +75,113 @@ def current_device() -> torch.device:
     if plat.is_cpu:
         return torch.device("cpu")
     return torch.device(plat.device_type, int(os.environ.get("LOCAL_RANK", 0)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tensors for collectives. NCCL/HCCL only take tensors on the accelerator, so a `torch.tensor(...)` on the CPU
+# handed to `all_reduce` works under gloo and fails on a GPU. Every tensor the package hands to a
+# torch.distributed collective is made (or moved) by one of these helpers; tests/test_collective_devices.py
+# checks that statically over the whole package.
+# --------------------------------------------------------------------------------------------------------------
+
+COLLECTIVE_HELPERS = ("device_tensor", "device_empty", "to_comm_device")
+
+
+def comm_device(group: Any = None) -> torch.device:
+    """The device collectives on `group` (default: the world) take tensors on: the accelerator for NCCL/HCCL,
+    the CPU for gloo (which is also what `--distributed-backend gloo` on a GPU machine needs for send/recv)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) in ("gloo", "mpi"):
+        return torch.device("cpu")
+    return current_device()
+
+
+def device_tensor(values: Any, dtype: Optional[torch.dtype] = None, group: Any = None) -> torch.Tensor:
+    """A new tensor holding `values` on the device collectives on `group` use."""
+    return torch.tensor(values, dtype=dtype, device=comm_device(group))
+
+
+def device_empty(shape: Any, dtype: torch.dtype, group: Any = None) -> torch.Tensor:
+    """An uninitialised receive buffer on the device collectives on `group` use."""
+    return torch.empty(shape, dtype=dtype, device=comm_device(group))
+
+
+def to_comm_device(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """`tensor` itself when it already lives on the collective device of `group`, else a copy there (an
+    in-place collective on the copy must then be copied back by the caller)."""
+    device = comm_device(group)
+    if tensor.device.type == device.type and (device.index is None or tensor.device.index == device.index):
+        return tensor
+    return tensor.to(device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Accelerator state: RNG, memory, pinned host memory, device count
+# --------------------------------------------------------------------------------------------------------------
+
+def _accelerator(plat: Optional[Platform] = None) -> Optional[types.ModuleType]:
+    """`torch.cuda` / `torch.npu` for an accelerator platform, None on the CPU."""
+    plat = plat or detect_platform()
+    return None if plat.is_cpu else getattr(torch, plat.device_type)
+
+
+def device_rng_state() -> Optional[torch.Tensor]:
+    """The accelerator's default generator state of this rank's device (None on the CPU, whose generator is
+    `torch.get_rng_state()`)."""
+    acc = _accelerator()
+    return None if acc is None else acc.get_rng_state()
+
+
+def set_device_rng_state(state: torch.Tensor) -> None:
+    """Restore what `device_rng_state()` returned (on the same kind of accelerator)."""
+    acc = _accelerator()
+    if acc is None:
+        raise ValueError("set_device_rng_state: no accelerator on this machine (the CPU generator is "
+                         "restored with torch.set_rng_state)")
+    acc.set_rng_state(state)
+
+
+def memory_stats() -> dict[str, float]:
+    """This process's memory in bytes: allocated / max_allocated / reserved / max_reserved on the accelerator
+    (the caching allocator's counters), or the resident set size of the process on the CPU (current for
+    allocated and reserved, the peak for the max values)."""
+    acc = _accelerator()
+    if acc is not None:
+        return {"allocated": float(acc.memory_allocated()), "max_allocated": float(acc.max_memory_allocated()),
+                "reserved": float(acc.memory_reserved()), "max_reserved": float(acc.max_memory_reserved())}
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0   # KiB on Linux
+    try:
+        with open("/proc/self/statm") as f:
+            current = float(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        current = peak
+    peak = max(peak, current)      # the kernel updates its high-water mark lazily
+    return {"allocated": current, "max_allocated": peak, "reserved": current, "max_reserved": peak}
+
+
+def pin_memory_available() -> bool:
+    """Whether data loaders should pin host memory (only useful, and only possible, with an accelerator)."""
+    return not detect_platform().is_cpu
+
+
+def device_count() -> int:
+    """Accelerators visible to this process (0 on the CPU)."""
+    acc = _accelerator()
+    return 0 if acc is None else int(acc.device_count())
+
+
+def check_ranks_per_node(local_world_size: int, devices: int, device_type: str) -> None:
+    """More ranks on a node than accelerators would make two ranks share one device, where NCCL/HCCL
+    collectives between them hang: refuse it up front. CPU ranks (gloo) may share the host freely."""
+    from mindspeed_llm.errors import UserError
+
+    if device_type == "cpu" or local_world_size <= devices:
+        return
+    raise UserError(f"torchrun --nproc_per_node {local_world_size} starts more processes on this node than its "
+                    f"{devices} {device_type} device(s); launch at most --nproc_per_node {devices} (one process "
+                    f"per device)")
 
 
 def resolve_backend(requested: Optional[str]) -> str:
@@ -287,6 +397,10 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
     if plat.is_cpu:
         adapt_megatron_for_cpu()
     else:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        check_ranks_per_node(local_world, device_count(), plat.device_type)
+        # Object collectives (broadcast_object_list, all_gather_object) stage through the current device:
+        # binding it here is what lets them run on NCCL/HCCL.
         getattr(torch, plat.device_type).set_device(current_device())
     be = resolve_backend(backend)
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -61,6 +61,70 @@ print("ADAPT OK")
     assert "ADAPT OK" in run_cli("-c", code).stdout
 
 
+def test_collective_tensors_on_the_platform_device():
+    import torch
+
+    t = platform.device_tensor([1, 2, 3], torch.int64)
+    assert t.device == platform.current_device() and t.dtype == torch.int64 and t.tolist() == [1, 2, 3]
+    assert platform.device_tensor([0.5]).dtype == torch.get_default_dtype()
+    buf = platform.device_empty((2, 3), torch.bfloat16)
+    assert buf.shape == (2, 3) and buf.dtype == torch.bfloat16 and buf.device == platform.current_device()
+    assert platform.to_comm_device(t) is t          # already there: no copy, in-place collectives stay in place
+
+
+def test_device_state_on_cpu(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("MINDSPEED_DEVICE", "cpu")
+    platform.detect_platform.cache_clear()
+    try:
+        assert platform.device_rng_state() is None
+        with pytest.raises(ValueError, match="no accelerator"):
+            platform.set_device_rng_state(torch.get_rng_state())
+        assert platform.pin_memory_available() is False and platform.device_count() == 0
+        before = platform.memory_stats()
+        assert set(before) == {"allocated", "max_allocated", "reserved", "max_reserved"}
+        assert 0 < before["allocated"] <= before["max_allocated"]
+        block = torch.ones(64 * 1024 * 1024, dtype=torch.uint8)      # 64 MiB, touched
+        after = platform.memory_stats()
+        assert after["allocated"] - before["allocated"] > 48 * 1024 * 1024
+        assert after["max_allocated"] >= after["allocated"]
+        del block
+        # an accelerator platform asks its own torch module (torch.cuda / torch.npu), never a fixed one
+        assert platform._accelerator(platform.Platform("cuda", "nccl")) is torch.cuda
+        assert platform._accelerator(platform.Platform("cpu", "gloo")) is None
+    finally:
+        monkeypatch.delenv("MINDSPEED_DEVICE")
+        platform.detect_platform.cache_clear()
+
+
+def test_more_ranks_than_devices_is_an_error():
+    from mindspeed_llm.errors import UserError
+
+    platform.check_ranks_per_node(1, 1, "cuda")
+    platform.check_ranks_per_node(8, 8, "npu")
+    platform.check_ranks_per_node(4, 0, "cpu")         # gloo ranks share the host
+    with pytest.raises(UserError) as err:
+        platform.check_ranks_per_node(2, 1, "cuda")
+    assert "--nproc_per_node 2" in str(err.value) and "1 cuda device" in str(err.value)
+    with pytest.raises(UserError, match="--nproc_per_node 16 .* 8 npu"):
+        platform.check_ranks_per_node(16, 8, "npu")
+
+
+def test_checkpoint_rng_of_another_device_kind_is_not_applied(capsys):
+    import torch
+
+    from mindspeed_llm.training.checkpointing import _set_device_rng
+
+    here = platform.detect_platform().device_type
+    other = "npu" if here != "npu" else "cuda"
+    _set_device_rng({"cuda_rng_state": torch.zeros(16, dtype=torch.uint8), "device_rng_type": other})
+    err = capsys.readouterr().err
+    assert f"checkpoint's {other} RNG state is not restored on {here}" in err
+    _set_device_rng({})                                  # saved without an accelerator: nothing to restore
+    assert capsys.readouterr().err == ""
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tiny_qwen3, tmp_path_factory):
     from mindspeed_llm.checkpoint import cli

@@ -30,15 +30,19 @@ def is_last_stage() -> bool:
 def recv_from_prev(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     from megatron.core import parallel_state as ps
 
-    buf = torch.empty(shape, dtype=dtype, device=device)
+    from mindspeed_llm.platform import device_empty
+
+    buf = device_empty(shape, dtype)
     dist.recv(buf, src=ps.get_pipeline_model_parallel_prev_rank())
-    return buf
+    return buf.to(device)
 
 
 def send_to_next(tensor: torch.Tensor) -> None:
     from megatron.core import parallel_state as ps
 
-    dist.send(tensor.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+    from mindspeed_llm.platform import to_comm_device
+
+    dist.send(to_comm_device(tensor.contiguous()), dst=ps.get_pipeline_model_parallel_next_rank())
 
 
 class ReplicaBroadcast:
@@ -51,10 +55,12 @@ class ReplicaBroadcast:
     def __init__(self) -> None:
         from megatron.core import parallel_state as ps
 
+        from mindspeed_llm.platform import device_tensor
+
         self.group = ps.get_model_parallel_group()
         self.size = dist.get_world_size(self.group)
         self.is_src = is_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-        mark = torch.tensor([world_rank() if self.is_src else -1], dtype=torch.long)
+        mark = device_tensor([world_rank() if self.is_src else -1], torch.long, self.group)
         if self.size > 1:
             dist.all_reduce(mark, op=dist.ReduceOp.MAX, group=self.group)
         self.src = int(mark.item())
@@ -62,8 +68,9 @@ class ReplicaBroadcast:
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         """In place: `tensor` (the same shape on every rank) takes the sampling rank's value."""
         if self.size > 1:
-            cpu = tensor.device.type == "cpu" or dist.get_backend(self.group) != "gloo"
-            buf = tensor if cpu else tensor.cpu()
+            from mindspeed_llm.platform import to_comm_device
+
+            buf = to_comm_device(tensor, self.group)
             dist.broadcast(buf, src=self.src, group=self.group)
             if buf is not tensor:
                 tensor.copy_(buf)

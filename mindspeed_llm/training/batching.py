@@ -171,11 +171,13 @@ def build_data_loader(dataset: torch.utils.data.Dataset, consumed_samples: int, 
                       data_parallel_rank: int, data_parallel_size: int, collator: SFTCollator,
                       num_workers: int = 0, seed: int = 1234) -> torch.utils.data.DataLoader:
     """DataLoader over `PretrainingSampler`; every TP/PP rank of a DP replica builds the same one."""
+    from mindspeed_llm.platform import pin_memory_available
+
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, data_parallel_rank,
                                  data_parallel_size)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collator,
-        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed),
+        pin_memory=pin_memory_available(), generator=torch.Generator().manual_seed(seed),
         persistent_workers=num_workers > 0)
 
 

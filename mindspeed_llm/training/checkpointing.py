@@ -34,11 +34,16 @@ def _print0(msg: str) -> None:
 def rng_state() -> dict[str, Any]:
     from megatron.core import tensor_parallel
 
+    from mindspeed_llm.platform import detect_platform, device_rng_state
+
     state = {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
              "torch_rng_state": torch.get_rng_state(),
              "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        state["cuda_rng_state"] = torch.cuda.get_rng_state()
+    device_state = device_rng_state()
+    if device_state is not None:
+        # Megatron's key holds the accelerator's generator (CUDA or NPU); the device type says which.
+        state["cuda_rng_state"] = device_state
+        state["device_rng_type"] = detect_platform().device_type
     return state
 
 
@@ -48,9 +53,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["random_rng_state"])
     np.random.set_state(state["np_rng_state"])
     torch.set_rng_state(state["torch_rng_state"])
-    if torch.cuda.is_available() and "cuda_rng_state" in state:
-        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    _set_device_rng(state)
     tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+def _set_device_rng(state: dict[str, Any]) -> None:
+    """Restore the accelerator generator saved by `rng_state` when it came from the same kind of device (a save
+    made on CUDA resumed on an NPU, or on the CPU, keeps this device's generator, with a notice)."""
+    from mindspeed_llm.platform import detect_platform, notice, set_device_rng_state
+
+    here = detect_platform().device_type
+    saved = state.get("device_rng_type", "cuda") if "cuda_rng_state" in state else None
+    if saved is None:
+        return
+    if saved != here:
+        notice(f"the checkpoint's {saved} RNG state is not restored on {here}; random draws on the device differ "
+               f"from the uninterrupted run")
+        return
+    set_device_rng_state(state["cuda_rng_state"])
 
 
 def _rank_dir() -> str:
@@ -92,7 +112,9 @@ def load_distributed_state(optimizer, path: str, steps: list[Optional[float]]) -
 
 
 def _all_ok(ok: bool) -> bool:
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    from mindspeed_llm.platform import device_tensor
+
+    flag = device_tensor([0 if ok else 1], torch.int64)
     torch.distributed.all_reduce(flag)
     return int(flag.item()) == 0
 

@@ -111,23 +111,18 @@ class TrainLog:
 
 
 def report_memory(iteration: int) -> None:
-    """Megatron's memory line, on every rank with DP rank 0 (device memory on accelerators, RSS on CPU)."""
+    """Megatron's memory line, on every rank with DP rank 0 (accelerator memory from the device layer; the
+    process's resident set on the CPU)."""
     from megatron.core import parallel_state as ps
 
     if ps.get_data_parallel_rank() != 0:
         return
+    from mindspeed_llm.platform import memory_stats
+
     rank = torch.distributed.get_rank()
-    from mindspeed_llm.platform import detect_platform
-
     mb = 1024 * 1024
-    if detect_platform().device_type == "cuda":
-        stats = (torch.cuda.memory_allocated() / mb, torch.cuda.max_memory_allocated() / mb,
-                 torch.cuda.memory_reserved() / mb, torch.cuda.max_memory_reserved() / mb)
-    else:
-        import resource
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        stats = (rss, rss, rss, rss)
+    mem = memory_stats()
+    stats = (mem["allocated"] / mb, mem["max_allocated"] / mb, mem["reserved"] / mb, mem["max_reserved"] / mb)
     print(f"[Rank {rank}] (after {iteration} iterations) memory (MB) | allocated: {stats[0]:.1f} | "
           f"max allocated: {stats[1]:.1f} | reserved: {stats[2]:.1f} | max reserved: {stats[3]:.1f}", flush=True)
 

@@ -119,6 +119,7 @@ def run_schedule(args: argparse.Namespace, model: list, mb, forward_only: bool) 
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from mindspeed_llm.platform import device_tensor
     from mindspeed_llm.training.loss import reported_loss
 
     iterators = [iter(mb.inputs) for _ in model]
@@ -127,7 +128,7 @@ def run_schedule(args: argparse.Namespace, model: list, mb, forward_only: bool) 
         data_iterator=iterators if len(model) > 1 else iterators[0], model=model if len(model) > 1 else model[0],
         num_microbatches=len(mb.inputs), seq_length=mb.seq_length, micro_batch_size=mb.micro_batch_size,
         decoder_seq_length=mb.seq_length, forward_only=forward_only)
-    value = torch.zeros(1, dtype=torch.float64)
+    value = device_tensor([0.0], torch.float64, ps.get_pipeline_model_parallel_group())
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         value[0] = reported_loss([r["lm loss"] for r in reports], args.calculate_per_token_loss,
                                  ps.get_data_parallel_group())
@@ -185,7 +186,9 @@ class SignalFlag:
     def any_rank(self) -> bool:
         if not self.enabled:
             return False
-        flag = torch.tensor([int(self.received)], dtype=torch.int64)
+        from mindspeed_llm.platform import device_tensor
+
+        flag = device_tensor([int(self.received)], torch.int64)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -193,7 +196,9 @@ class SignalFlag:
 def _minutes_exceeded(args: argparse.Namespace, start: float) -> bool:
     if not args.exit_duration_in_mins:
         return False
-    flag = torch.tensor([int((time.time() - start) / 60 > args.exit_duration_in_mins)], dtype=torch.int64)
+    from mindspeed_llm.platform import device_tensor
+
+    flag = device_tensor([int((time.time() - start) / 60 > args.exit_duration_in_mins)], torch.int64)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item())
 
@@ -216,7 +221,7 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
     torch.distributed up so one launch can run several configurations (tests, benchmarks)."""
     from megatron.core import parallel_state as ps
 
-    from mindspeed_llm.platform import current_device, destroy_distributed
+    from mindspeed_llm.platform import current_device, destroy_distributed, device_tensor
     from mindspeed_llm.training import checkpointing as ckpt
     from mindspeed_llm.training import model_setup
     from mindspeed_llm.training.data import build_run_data, next_micro_batches
@@ -276,8 +281,8 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
         if not (skipped or nan):
             scheduler.step(increment=args.global_batch_size)
             grad_norm = norm
-        stats = torch.tensor([flops_per_iteration(cfg, mb.flop_terms, True), float(mb.tokens)],
-                             dtype=torch.float64)
+        stats = device_tensor([flops_per_iteration(cfg, mb.flop_terms, True), float(mb.tokens)],
+                              torch.float64, dp_group)
         torch.distributed.all_reduce(stats, group=dp_group)
         log.add(loss, skipped, nan, float(stats[0]), float(stats[1]), [t[2] for t in mb.flop_terms])
         result.losses.append(loss)
