@@ -1,19 +1,25 @@
 #!/bin/bash
 # The whole pipeline on an embedded default: a tiny Qwen3-shaped model and the synthetic demo tasks, all made
-# here. About 6-8 minutes on 2 CPU cores (gloo); on a GPU machine the same commands run on CUDA (NCCL).
-#   tiny HF model + demo data -> preprocess -> convert HF->Megatron TP=2 -> held-out accuracy before
-#   -> fine-tune on 2 processes (TP=2) -> held-out accuracy after -> convert back to HF
+# here. About 6-8 minutes on 2 CPU cores (gloo); on a GPU (NPU) machine the same commands run on CUDA/NCCL
+# (Ascend/HCCL), one process per device: TP=1 on one device, TP=2 on two or more (the model has 2 KV heads).
+#   tiny HF model + demo data -> preprocess -> convert HF->Megatron at that TP -> held-out accuracy before
+#   -> fine-tune -> held-out accuracy after -> convert back to HF
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WORK=${WORK:-./work_dirs/quickstart}
 HF_DIR=${WORK}/tiny_qwen3_hf
 DATA=${WORK}/data
-MG_DIR=${WORK}/tiny_qwen3_mcore_tp2
 SFT_DIR=${WORK}/ckpt_sft
 SEQ_LENGTH=128
 TRAIN_ITERS=${TRAIN_ITERS:-600}
-NPROC=2
+# Two CPU processes share the host (gloo); on accelerators each process needs a device of its own.
+read -r DEVICE_TYPE DEVICES < <(python -c "from mindspeed_llm.platform import detect_platform, device_count
+print(detect_platform().device_type, device_count())")
+if [ "${DEVICE_TYPE}" = cpu ]; then NPROC=2; elif [ "${DEVICES}" -ge 2 ]; then NPROC=2; else NPROC=1; fi
+TP=${NPROC}
+MG_DIR=${WORK}/tiny_qwen3_mcore_tp${TP}
+echo "devices: ${DEVICES} ${DEVICE_TYPE} -> ${NPROC} process(es), TP=${TP}"
 export MASTER_PORT=${MASTER_PORT:-29517}
 export CUDA_DEVICE_MAX_CONNECTIONS=1  # as the Megatron recipes set it
 
@@ -34,24 +40,24 @@ python preprocess_data.py \
     --workers 2 \
     --log-interval 1000
 
-echo "== 3. convert HF -> Megatron (TP=2) and compare logits with transformers"
+echo "== 3. convert HF -> Megatron (TP=${TP}) and compare logits with transformers"
 python convert_ckpt.py \
     --load-model-type hf --save-model-type mg --model-type-hf qwen3 \
     --load-dir "${HF_DIR}" --save-dir "${MG_DIR}" \
-    --target-tensor-parallel-size 2 --target-pipeline-parallel-size 1 \
+    --target-tensor-parallel-size ${TP} --target-pipeline-parallel-size 1 \
     --verify
 
 GENERATE_ARGS=(
-    --tokenizer-name-or-path "${HF_DIR}" --tensor-model-parallel-size 2
+    --tokenizer-name-or-path "${HF_DIR}" --tensor-model-parallel-size ${TP}
     --prompt-type qwen3 --seq-length ${SEQ_LENGTH} --max-new-tokens 16
-    --input-file "${DATA}/raw/prompts_test.jsonl" --distributed-backend gloo
+    --input-file "${DATA}/raw/prompts_test.jsonl" --distributed-backend nccl
 )
 echo "== 4. held-out answers before fine-tuning"
 torchrun --nproc_per_node ${NPROC} --master_port ${MASTER_PORT} inference.py --load "${MG_DIR}" \
     "${GENERATE_ARGS[@]}" --output-file "${WORK}/answers_before.jsonl"
 python tools/score_demo.py "${WORK}/answers_before.jsonl" --label "held-out accuracy before"
 
-echo "== 5. fine-tune (full parameters, TP=2 with sequence parallelism, dynamic padding)"
+echo "== 5. fine-tune (full parameters, TP=${TP} with sequence parallelism when TP>1, dynamic padding)"
 torchrun --nproc_per_node ${NPROC} --master_port ${MASTER_PORT} posttrain_gpt.py \
     --use-mcore-models --spec mindspeed_llm.tasks.models.spec.qwen3_spec layer_spec \
     --num-layers 4 --hidden-size 128 --ffn-hidden-size 384 --num-attention-heads 4 \
@@ -63,7 +69,7 @@ torchrun --nproc_per_node ${NPROC} --master_port ${MASTER_PORT} posttrain_gpt.py
     --hidden-dropout 0 --attention-dropout 0 --attention-softmax-in-fp32 --no-masked-softmax-fusion \
     --transformer-impl local \
     --tokenizer-type PretrainedFromHF --tokenizer-name-or-path "${HF_DIR}" \
-    --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --sequence-parallel \
+    --tensor-model-parallel-size ${TP} --pipeline-model-parallel-size 1 --sequence-parallel \
     --distributed-backend nccl \
     --micro-batch-size 32 --global-batch-size 32 --train-iters ${TRAIN_ITERS} \
     --lr 2e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-fraction 0.05 \
