@@ -3,7 +3,9 @@
 CUDA + NCCL when a GPU is visible, Ascend NPU + HCCL when `torch_npu` imports, otherwise CPU + gloo.
 megatron-core 0.16.1 assumes CUDA in many places; `adapt_megatron_for_cpu()` is the one place where those
 assumptions are redirected to the CPU, and it is applied only when no accelerator is present. The rest of the
-package is device-agnostic: it asks `current_device()` for a device and never names one.
+package is device-agnostic: it asks `current_device()` for a device and never names one, makes tensors for
+collectives with `device_tensor` / `device_empty` / `to_comm_device`, and reads the accelerator's RNG state, memory
+counters and pinned-memory support through `device_rng_state`, `memory_stats` and `pin_memory_available`.
 """
 from __future__ import annotations
 
