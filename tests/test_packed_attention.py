@@ -51,15 +51,14 @@ def test_varlen_kernel_equals_dense_mask(layout, heads, groups):
     assert (results["segments"][0][:n0] - alone).abs().max() <= 1e-5
 
 
-def test_kernel_choice_follows_device_and_env(monkeypatch):
+def test_kernel_choice(monkeypatch):
     monkeypatch.delenv(KERNEL_ENV, raising=False)
-    assert packed_kernel(torch.device("cpu")) == "dense"
-    assert packed_kernel(torch.device("cuda", 0)) == "segments"
-    monkeypatch.setenv(KERNEL_ENV, "segments")
-    assert packed_kernel(torch.device("cpu")) == "segments"
+    assert packed_kernel() == "segments"
+    monkeypatch.setenv(KERNEL_ENV, "dense")
+    assert packed_kernel() == "dense"
     monkeypatch.setenv(KERNEL_ENV, "flash")
     with pytest.raises(ValueError, match=KERNEL_ENV):
-        packed_kernel(torch.device("cpu"))
+        packed_kernel()
 
 
 def test_packed_seq_params_positions_restart_per_segment():

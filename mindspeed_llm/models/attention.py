@@ -3,7 +3,7 @@
 Drop-in for megatron-core's local `DotProductAttention` that also accepts `packed_seq_params`: for THD packed
 batches (several samples concatenated in one row, `cu_seqlens` marking their starts) each token attends only to
 earlier tokens of its own sample. Batches from `get_batch` carry `packed.PackedSegments` (host segment bounds,
-per-token positions): they run the kernel `packed.packed_kernel` picks for the device, and with
+per-token positions): they run the kernel `packed.packed_kernel` picks (per-sample SDPA by default), and with
 `PackedRopeSelfAttention` RoPE is applied here from precomputed cos/sin instead of by megatron-core. Plain
 `PackedSeqParams` fall back to a block-diagonal mask built from `cu_seqlens` on the device.
 """
