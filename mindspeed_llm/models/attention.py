@@ -2,19 +2,39 @@
 
 Drop-in for megatron-core's local `DotProductAttention` that also accepts `packed_seq_params`: for THD packed
 batches (several samples concatenated in one row, `cu_seqlens` marking their starts) each token attends only to
-earlier tokens of its own sample. The CPU path builds that block-diagonal causal mask explicitly; a varlen kernel
-can replace `_packed_mask` on accelerators without touching the callers.
+earlier tokens of its own sample. Batches from `get_batch` carry `packed.PackedSegments` (host segment bounds,
+per-token positions): they run the kernel `packed.packed_kernel` picks (per-sample SDPA by default), and with
+`PackedRopeSelfAttention` RoPE is applied here from precomputed cos/sin instead of by megatron-core. Plain
+`PackedSeqParams` fall back to a block-diagonal mask built from `cu_seqlens` on the device.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
+
+from mindspeed_llm.models.packed import PackedSegments, apply_packed_rope, packed_attention, packed_rope_cos_sin
+
+
+class PackedRopeSelfAttention(SelfAttention):
+    """megatron-core `SelfAttention` that, for packed batches with precomputed positions, leaves RoPE to core
+    attention: megatron-core's THD RoPE splits by `cu_seqlens.tolist()` in every layer (a host sync each);
+    here cos/sin are gathered once per batch at the host-built positions. Everything else is unchanged."""
+
+    def forward(self, hidden_states, *args, rotary_pos_emb=None, packed_seq_params=None, **kwargs):
+        if (isinstance(packed_seq_params, PackedSegments) and isinstance(rotary_pos_emb, torch.Tensor)
+                and packed_seq_params.positions is not None and isinstance(self.core_attention, SDPAttention)):
+            packed_seq_params = dataclasses.replace(packed_seq_params, rope_freqs=rotary_pos_emb)
+            rotary_pos_emb = None
+        return super().forward(hidden_states, *args, rotary_pos_emb=rotary_pos_emb,
+                               packed_seq_params=packed_seq_params, **kwargs)
 
 
 class SDPAttention(MegatronModule):
@@ -44,6 +64,14 @@ class SDPAttention(MegatronModule):
             raise NotImplementedError("attention_bias is not supported by SDPAttention")
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         dropout = self.dropout_p if self.training else 0.0
+        if isinstance(packed_seq_params, PackedSegments) and packed_seq_params.qkv_format == "thd":
+            q, k = query, key
+            if packed_seq_params.rope_freqs is not None:
+                cos, sin = packed_rope_cos_sin(packed_seq_params, packed_seq_params.rope_freqs, q.dtype)
+                q = apply_packed_rope(q, cos, sin, self.config.rotary_interleaved)
+                k = apply_packed_rope(k, cos, sin, self.config.rotary_interleaved)
+            out = packed_attention(q, k, value, packed_seq_params, self.softmax_scale, dropout)
+            return out.reshape(query.shape[0], -1)
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             # [t, n, hn] -> [1, n, t, hn]
             q, k, v = (x.unsqueeze(0).transpose(1, 2) for x in (query, key, value))

@@ -4,14 +4,14 @@ from __future__ import annotations
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from mindspeed_llm.models.attention import SDPAttention
+from mindspeed_llm.models.attention import PackedRopeSelfAttention, SDPAttention
 
 
 class RMSNorm(torch.nn.Module):
@@ -31,7 +31,8 @@ class RMSNorm(torch.nn.Module):
 
 
 def get_layer_spec(qk_layernorm: bool = True) -> ModuleSpec:
-    """RMSNorm -> self-attention (fused QKV, optional per-head q/k RMSNorm, SDPA, out proj) -> residual ->
+    """RMSNorm -> self-attention (fused QKV, optional per-head q/k RMSNorm, RoPE, SDPA or the packed varlen kernel,
+    out proj) -> residual ->
     RMSNorm -> SwiGLU MLP (fused gate+up, down) -> residual."""
     qk_norm = RMSNorm if qk_layernorm else IdentityOp
     return ModuleSpec(
@@ -39,7 +40,7 @@ def get_layer_spec(qk_layernorm: bool = True) -> ModuleSpec:
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=PackedRopeSelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,

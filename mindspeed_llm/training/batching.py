@@ -186,9 +186,11 @@ def build_data_loader(dataset: torch.utils.data.Dataset, consumed_samples: int, 
 # ---------------------------------------------------------------------------------------------------------------
 
 def build_packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int,
-                            cp_group: torch.distributed.ProcessGroup | None = None):
-    """megatron-core `PackedSeqParams` in THD layout (same boundaries for queries and keys)."""
-    from megatron.core.packed_seq_params import PackedSeqParams
+                            cp_group: torch.distributed.ProcessGroup | None = None,
+                            device: torch.device | str | None = None):
+    """megatron-core `PackedSeqParams` in THD layout (same boundaries for queries and keys), with the segment
+    bounds and per-token positions computed here on the host (`models.packed.PackedSegments`)."""
+    from mindspeed_llm.models.packed import packed_seq_params
 
     if cp_group is None:
         try:
@@ -198,9 +200,7 @@ def build_packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int,
                 cp_group = parallel_state.get_context_parallel_group()
         except (ImportError, AssertionError, RuntimeError):
             cp_group = None
-    cu = cu_seqlens.to(torch.int32)
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=int(max_seqlen), max_seqlen_kv=int(max_seqlen), cp_group=cp_group)
+    return packed_seq_params(cu_seqlens, int(max_seqlen), cp_group, device)
 
 
 def padding_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -239,7 +239,7 @@ def get_batch(batch: dict[str, torch.Tensor], device: torch.device | str | None 
         labels = shift_labels(batch["labels"].reshape(1, -1), cu)
         return {"tokens": to(tokens), "labels": to(labels), "loss_mask": to(loss_mask_from_labels(labels)),
                 "position_ids": to(batch["position_ids"].reshape(1, -1)), "attention_mask": None,
-                "packed_seq_params": build_packed_seq_params(to(cu), int(batch["max_seqlen"]), cp_group)}
+                "packed_seq_params": build_packed_seq_params(cu, int(batch["max_seqlen"]), cp_group, device)}
     labels = shift_labels(batch["labels"])
     mask = batch["attention_mask"]
     right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all()) if mask.shape[1] > 1 else True
