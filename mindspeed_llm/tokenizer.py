@@ -10,13 +10,14 @@ TOKENIZER_TYPES = ("PretrainedFromHF",)
 
 
 def _auto_map_file(path: Path) -> str | None:
-    """The config file in `path` that asks for custom tokenizer code (an `auto_map`), if any."""
+    """The config file in `path` whose `auto_map` names custom tokenizer code, if any."""
     for name in ("tokenizer_config.json", "config.json"):
         try:
-            if "auto_map" in json.loads((path / name).read_text()):
-                return name
-        except (OSError, ValueError):
+            auto_map = json.loads((path / name).read_text()).get("auto_map")
+        except (OSError, ValueError, AttributeError):
             continue
+        if isinstance(auto_map, dict) and "AutoTokenizer" in auto_map:
+            return name
     return None
 
 
@@ -35,15 +36,16 @@ def build_tokenizer(name_or_path: str | None, use_fast: bool = True, template=No
     from transformers import AutoTokenizer
 
     kwargs = {"model_max_length": seq_length} if seq_length else {}
+    custom = _auto_map_file(path)
+    if custom and not trust_remote_code:
+        # transformers would quietly fall back to a built-in class, which may tokenize differently
+        raise UserError(f"--tokenizer-name-or-path {name_or_path}: its tokenizer is custom Python code (auto_map "
+                        f"in {custom}), which is not run unless you pass --trust-remote-code (only for a "
+                        f"directory you trust)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True,
                                                   trust_remote_code=trust_remote_code, use_fast=use_fast, **kwargs)
     except (OSError, ValueError) as exc:
-        custom = _auto_map_file(path)
-        if custom and not trust_remote_code:
-            raise UserError(f"--tokenizer-name-or-path {name_or_path}: its tokenizer is custom Python code "
-                            f"(auto_map in {custom}), which is not run unless you pass --trust-remote-code "
-                            f"(only for a directory you trust)") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--tokenizer-name-or-path {name_or_path}: cannot load a tokenizer ({first})") from None
     tokenizer.padding_side = "right"

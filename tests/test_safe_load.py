@@ -60,9 +60,9 @@ def run_cases(cases: list[dict], tmp: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def trained(env, tmp_path_factory) -> Path:
-    """A one-iteration training checkpoint with the distributed optimizer (model_optim_rng.pt + distrib_optim.pt)."""
+    """A training checkpoint of a 2-iteration run stopped after 1, with the distributed optimizer (model_optim_rng.pt + distrib_optim.pt)."""
     root = tmp_path_factory.mktemp("safe_train")
-    argv = model_flags(env["hf"]) + train_flags(1) + [
+    argv = model_flags(env["hf"]) + train_flags(2) + ["--lr-warmup-iters", "0", "--exit-interval", "1",
         "--finetune", "--data-path", env["plain"], "--load", str(env["ckpt"][(1, 1)]), "--save", str(root / "ckpt"),
         "--use-distributed-optimizer"]
     run_cli("posttrain_gpt.py", *argv)
@@ -82,7 +82,8 @@ def test_damaged_and_crafted_checkpoints_through_the_clis(env, trained, tmp_path
 
     # posttrain_gpt.py resuming the training checkpoint (no --finetune: optimizer + distrib_optim.pt are read)
     def train_argv(load: Path, *extra: str) -> list[str]:
-        return model_flags(env["hf"]) + train_flags(2) + ["--data-path", env["plain"], "--load", str(load),
+        return model_flags(env["hf"]) + train_flags(2) + ["--lr-warmup-iters", "0", "--data-path", env["plain"],
+                                                           "--load", str(load),
                                                            "--use-distributed-optimizer", *extra]
 
     ck = copy_ckpt(trained, tmp_path / "t_payload")
@@ -105,6 +106,14 @@ def test_damaged_and_crafted_checkpoints_through_the_clis(env, trained, tmp_path
     ck = copy_ckpt(trained, tmp_path / "t_tracker")
     (ck / layout.TRACKER).write_bytes(b"\x00\xffgarbage")
     case("train_tracker", "posttrain_gpt.py", train_argv(ck), str(ck / layout.TRACKER), "not an iteration number")
+
+    # an interrupted re-save of iteration 1 (old copy set aside, new one never renamed in): resuming loads the
+    # copy set aside with a notice, and the next save publishes iteration 2 and tidies up
+    ck = copy_ckpt(trained, tmp_path / "t_resave")
+    (ck / ".iter_0000001.old-x").mkdir()
+    os.replace(ck / "iter_0000001", ck / ".iter_0000001.old-x" / "iter_0000001")
+    (ck / ".iter_0000001.tmp-y" / "mp_rank_00").mkdir(parents=True)
+    case("train_resave", "posttrain_gpt.py", train_argv(ck, "--save", str(ck)))
 
     # inference.py on the converted checkpoint
     prompts = tmp_path / "in.jsonl"
@@ -154,6 +163,10 @@ def test_damaged_and_crafted_checkpoints_through_the_clis(env, trained, tmp_path
         assert all(n in line for n in needles), (name, line)
         assert not any(a in line for a in absent), (name, line)
     assert (tmp_path / "c_trained" / "model.safetensors.index.json").is_file()
+    assert "loading .iter_0000001.old-x/iter_0000001 instead" in results["train_resave"]["stderr"]
+    assert "at iteration 1" in results["train_resave"]["stdout"]
+    assert sorted(p.name for p in (tmp_path / "t_resave").iterdir()) == ["iter_0000001", "iter_0000002",
+                                                                        layout.TRACKER]
     assert not any((tmp_path / f"c_out{i}").exists() for i in range(1, 5))
     # the payload is live: the full unpickler would have run it
     torch.load(tmp_path / "c_payload" / RANK0, weights_only=False)
@@ -235,7 +248,9 @@ def test_resave_killed_between_renames_keeps_a_loadable_checkpoint(tmp_path, mon
     assert float(state["model"]["w"][0]) == 1.0 and state["args"].v == 1.0
     assert "loading .iter_0000001.old-" in capsys.readouterr().err
     save_iteration(2, 3.0)
-    assert sorted(p.name for p in save.iterdir()) == ["iter_0000002", layout.TRACKER]
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000001", "iter_0000002", layout.TRACKER]
+    state = layout.load_rank_file(save / "iter_0000001" / "mp_rank_00" / layout.FILE_NAME)
+    assert float(state["model"]["w"][0]) == 1.0
 
 
 def tokenizer_with_code(src: Path, dst: Path, marker: Path) -> Path:

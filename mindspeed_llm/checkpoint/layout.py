@@ -136,7 +136,8 @@ def load_pt(path: Path, what: str = "a torch.save checkpoint file", mmap: bool =
                                       f"(only tensors, plain values, argparse.Namespace and numpy arrays are); it "
                                       f"was not loaded, since unpickling it could run code") from None
             reason = ("not a torch.save archive" if isinstance(exc, pickle.UnpicklingError) else
-                      str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__)
+                      str(exc).strip().splitlines()[0].split(". ")[0][:120] if str(exc).strip() else
+                      type(exc).__name__)
             raise ConversionError(f"{path} is damaged or truncated ({reason}); expected {what}: re-save or "
                                   f"re-convert the checkpoint") from None
 
@@ -223,7 +224,12 @@ def publish_iteration(tmp_iter_dir: Path, save_dir: Path, iteration: int) -> Pat
 
 
 def remove_stale_temporaries(save_dir: Path) -> None:
-    """`.iter_*.tmp-*` / `.iter_*.old-*` left by interrupted saves (call only with a valid tracker in place)."""
+    """`.iter_*.tmp-*` / `.iter_*.old-*` left by interrupted saves (call only with a valid tracker in place); an
+    iteration set aside whose replacement never arrived is moved back to its name instead of being deleted."""
+    for old in save_dir.glob(".iter_*.old-*"):
+        for inner in old.glob("iter_*"):
+            if inner.is_dir() and not (save_dir / inner.name).exists():
+                os.replace(inner, save_dir / inner.name)
     for stale in list(save_dir.glob(".iter_*.tmp-*")) + list(save_dir.glob(".iter_*.old-*")):
         shutil.rmtree(stale, ignore_errors=True)
 
