@@ -33,6 +33,8 @@ def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer-type", default="PretrainedFromHF", help="only PretrainedFromHF is supported")
     g.add_argument("--tokenizer-name-or-path", default=None, help="local Hugging Face model/tokenizer directory")
     g.add_argument("--tokenizer-not-use-fast", action="store_true", help="use the slow (Python) tokenizer")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped in the tokenizer directory (auto_map); only for trusted files")
     g.add_argument("--seq-length", type=int, default=None,
                    help="token budget per sample (truncation keeps the sample) and packed row length")
 

@@ -1,6 +1,7 @@
 """`--tokenizer-type PretrainedFromHF`: a local Hugging Face tokenizer, made to agree with the chat template."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from mindspeed_llm.errors import UserError
@@ -8,9 +9,23 @@ from mindspeed_llm.errors import UserError
 TOKENIZER_TYPES = ("PretrainedFromHF",)
 
 
+def _auto_map_file(path: Path) -> str | None:
+    """The config file in `path` whose `auto_map` names custom tokenizer code, if any."""
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            auto_map = json.loads((path / name).read_text()).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(auto_map, dict) and "AutoTokenizer" in auto_map:
+            return name
+    return None
+
+
 def build_tokenizer(name_or_path: str | None, use_fast: bool = True, template=None,
-                    tokenizer_type: str = "PretrainedFromHF", seq_length: int | None = None):
-    """Load the tokenizer from a local directory; with a chat template, eos becomes its stop word."""
+                    tokenizer_type: str = "PretrainedFromHF", seq_length: int | None = None,
+                    trust_remote_code: bool = False):
+    """Load the tokenizer from a local directory; with a chat template, eos becomes its stop word.
+    Python files shipped in the directory run only with `trust_remote_code` (--trust-remote-code)."""
     if tokenizer_type not in TOKENIZER_TYPES:
         raise UserError(f"--tokenizer-type {tokenizer_type!r} is not supported; use {', '.join(TOKENIZER_TYPES)}")
     if not name_or_path:
@@ -21,9 +36,15 @@ def build_tokenizer(name_or_path: str | None, use_fast: bool = True, template=No
     from transformers import AutoTokenizer
 
     kwargs = {"model_max_length": seq_length} if seq_length else {}
+    custom = _auto_map_file(path)
+    if custom and not trust_remote_code:
+        # transformers would quietly fall back to a built-in class, which may tokenize differently
+        raise UserError(f"--tokenizer-name-or-path {name_or_path}: its tokenizer is custom Python code (auto_map "
+                        f"in {custom}), which is not run unless you pass --trust-remote-code (only for a "
+                        f"directory you trust)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=True,
-                                                  use_fast=use_fast, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                                  trust_remote_code=trust_remote_code, use_fast=use_fast, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--tokenizer-name-or-path {name_or_path}: cannot load a tokenizer ({first})") from None

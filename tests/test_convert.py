@@ -89,7 +89,9 @@ def test_exported_model_loads_in_transformers(variants, tmp_path):
 
 
 def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    from mindspeed_llm.checkpoint.layout import load_rank_file
+
+    return load_rank_file(path, mmap=False)
 
 
 def test_megatron_layout(variants, tmp_path):

@@ -84,7 +84,7 @@ def final_weights(save: Path, iteration: int) -> dict[str, torch.Tensor]:
     assert files, f"no checkpoint files under {save}"
     out = {}
     for f in files:
-        state = torch.load(f, map_location="cpu", weights_only=False)
+        state = torch.load(f, map_location="cpu", weights_only=True)   # our saves hold plain types only
         out.update({f"{f.parent.name}/{k}": v for k, v in state["model"].items() if torch.is_tensor(v)})
     return out
 

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mg -> hf: copy config.json and tokenizer files from this HF directory")
     p.add_argument("--verify", action="store_true", help="after converting, compare logits with transformers")
     p.add_argument("--verify-threshold", type=float, default=1e-3, help="max-abs logits difference allowed")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="--verify: let transformers run Python code shipped in the HF directory (auto_map)")
     # Accepted for compatibility with MindSpeed-LLM v1 recipes; they do not change the result.
     compat = p.add_argument_group("compatibility (accepted, no effect)")
     compat.add_argument("--tokenizer-model", default=None)
@@ -66,13 +68,17 @@ def build_verify_parser() -> argparse.ArgumentParser:
     p.add_argument("--mg-dir", "--save-dir", dest="mg_dir", required=True, type=Path)
     p.add_argument("--model-type-hf", default=None)
     p.add_argument("--threshold", type=float, default=1e-3)
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run Python code shipped in the HF directory (auto_map)")
     return p
 
 
-def _run_verify(hf_dir: Path, mg_dir: Path, model_type_hf: Optional[str], threshold: float) -> int:
+def _run_verify(hf_dir: Path, mg_dir: Path, model_type_hf: Optional[str], threshold: float,
+                trust_remote_code: bool = False) -> int:
     from mindspeed_llm.checkpoint.verify import verify
 
-    result = verify(hf_dir, mg_dir, model_type_hf=model_type_hf, threshold=threshold)
+    result = verify(hf_dir, mg_dir, model_type_hf=model_type_hf, threshold=threshold,
+                    trust_remote_code=trust_remote_code)
     return 0 if result.ok else 3
 
 
@@ -80,8 +86,11 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["verify"]:
         a = build_verify_parser().parse_args(argv[1:])
-        return _run_verify(a.hf_dir, a.mg_dir, a.model_type_hf, a.threshold)
+        return _run_verify(a.hf_dir, a.mg_dir, a.model_type_hf, a.threshold, a.trust_remote_code)
     a = build_parser().parse_args(argv)
+    if a.trust_remote_code and not a.verify:
+        print(f"{PROG}: notice: --trust-remote-code has no effect without --verify (conversion itself reads only "
+              f"config.json and safetensors)", file=sys.stderr)
     from mindspeed_llm.models.placement import parse_layer_list
 
     layer_list = parse_layer_list(a.num_layer_list)
@@ -95,7 +104,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
                                       num_layer_list=layer_list,
                                       layers_per_vpp_stage=a.num_layers_per_virtual_pipeline_stage,
                                       params_dtype=a.params_dtype))
-        return _run_verify(a.load_dir, a.save_dir, a.model_type_hf, a.verify_threshold) if a.verify else 0
+        return _run_verify(a.load_dir, a.save_dir, a.model_type_hf, a.verify_threshold,
+                           a.trust_remote_code) if a.verify else 0
     if (a.load_model_type, a.save_model_type) == ("mg", "hf"):
         from mindspeed_llm.checkpoint.mg2hf import Mg2HfOptions, convert_mg_to_hf
 
@@ -107,7 +117,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
                                       model_type_hf=a.model_type_hf, tp=a.target_tensor_parallel_size,
                                       pp=a.target_pipeline_parallel_size, num_layer_list=layer_list,
                                       layers_per_vpp_stage=a.num_layers_per_virtual_pipeline_stage))
-        return _run_verify(a.save_dir, a.load_dir, a.model_type_hf, a.verify_threshold) if a.verify else 0
+        return _run_verify(a.save_dir, a.load_dir, a.model_type_hf, a.verify_threshold,
+                           a.trust_remote_code) if a.verify else 0
     raise ConversionError(f"--load-model-type {a.load_model_type} --save-model-type {a.save_model_type}: this "
                           f"conversion is not supported (use hf -> mg or mg -> hf)")
 

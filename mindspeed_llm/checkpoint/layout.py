@@ -2,15 +2,21 @@
 
     SAVE/latest_checkpointed_iteration.txt            "1" (no newline), written last
     SAVE/iter_0000001/mp_rank_TT[_PPP]/model_optim_rng.pt
-        {"args": Namespace, "checkpoint_version": 3.0, "iteration": 1, "model": {...}}   ("model0".. under VPP)
+        {"args": {...}, "checkpoint_version": 3.0, "iteration": 1, "model": {...}}   ("model0".. under VPP)
 
 Writes are atomic: a whole iteration directory is built under a temporary name and renamed into place, and the
 tracker is replaced (temp file + rename) only after that, so an interrupted write never looks complete.
+
+Reads never run code from the file: `torch.load(weights_only=True)` with a short allow-list for what
+Megatron-LM / MindSpeed-LLM checkpoints hold besides tensors (an `argparse.Namespace` of args, numpy RNG arrays).
+We save `args` as a plain dict; `load_rank_file` hands it back as a Namespace either way.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -52,30 +58,101 @@ def read_tracker(load_dir: Path) -> int | str:
     if not tracker.is_file():
         raise ConversionError(f"{tracker} does not exist: --load-dir must be a Megatron checkpoint root (a complete "
                               f"conversion or save writes this file last)")
-    text = tracker.read_text().strip()
+    text = tracker.read_bytes()[:64].decode("utf-8", errors="replace").strip()
     if text == "release":
         return text
-    try:
+    if re.fullmatch(r"[0-9]{1,9}", text):
         return int(text)
-    except ValueError:
-        raise ConversionError(f"{tracker} holds {text!r}, not an iteration number") from None
+    raise ConversionError(f"{tracker} holds {text[:32]!r}, not an iteration number (expected digits such as "
+                          f"'1000' or 'release'); rewrite it with the iteration of a complete iter_* directory")
+
+
+_FELL_BACK: set = set()
 
 
 def iteration_dir(load_dir: Path) -> Path:
-    path = Path(load_dir) / iter_dir_name(read_tracker(load_dir))
-    if not path.is_dir():
-        raise ConversionError(f"{Path(load_dir) / TRACKER} names {path.name}, which does not exist")
-    return path
+    """The iteration directory the tracker names. If a re-save of that iteration was interrupted between its
+    renames, the previous copy set aside under `.iter_N.old-*` is used, else the newest complete iteration
+    (with a one-line notice)."""
+    load_dir = Path(load_dir)
+    path = load_dir / iter_dir_name(read_tracker(load_dir))
+    if path.is_dir():
+        return path
+    aside = sorted(load_dir.glob(f".{path.name}.old-*/{path.name}"))
+    others = sorted(load_dir.glob("iter_[0-9]*"), key=lambda p: p.name)
+    fallback = aside[-1] if aside else (others[-1] if others else None)
+    if fallback is None or not fallback.is_dir():
+        raise ConversionError(f"{load_dir / TRACKER} names {path.name}, which does not exist, and {load_dir} holds "
+                              f"no other complete iteration directory")
+    if str(load_dir) not in _FELL_BACK:
+        from mindspeed_llm.platform import notice
+
+        _FELL_BACK.add(str(load_dir))
+        notice(f"{load_dir / TRACKER} names {path.name}, which does not exist (a save was interrupted); "
+               f"loading {fallback.relative_to(load_dir)} instead")
+    return fallback
+
+
+def _allowed_globals() -> list:
+    """What a Megatron-style checkpoint may hold besides tensors and plain types: the args Namespace, numpy RNG
+    arrays (under their numpy 1 and numpy 2 module names) and megatron-core's ModelType enum."""
+    import numpy as np
+
+    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+    allowed: list = [argparse.Namespace, np.ndarray, np.dtype,
+                     (reconstruct, "numpy.core.multiarray._reconstruct"),
+                     (reconstruct, "numpy._core.multiarray._reconstruct")]
+    allowed += sorted({type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64)} - {np.dtype}, key=str)
+    try:
+        from megatron.core.enums import ModelType
+
+        allowed.append(ModelType)
+    except ImportError:
+        pass
+    return allowed
+
+
+def load_pt(path: Path, what: str = "a torch.save checkpoint file", mmap: bool = False) -> Any:
+    """torch.load with weights_only=True and the allow-list; a damaged or unsafe file is one ConversionError
+    naming it. Nothing in the file is executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path} is missing; expected {what}")
+    if path.stat().st_size == 0:
+        raise ConversionError(f"{path} is empty; expected {what} (the save was interrupted or the file was "
+                              f"truncated): re-save or re-convert the checkpoint")
+    with torch.serialization.safe_globals(_allowed_globals()):
+        try:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError:
+                if not mmap:
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)   # legacy (non-zip) format
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
+            if found:
+                raise ConversionError(f"{path} refers to {found.group(1)}, which is not allowed in a checkpoint "
+                                      f"(only tensors, plain values, argparse.Namespace and numpy arrays are); it "
+                                      f"was not loaded, since unpickling it could run code") from None
+            reason = ("not a torch.save archive" if isinstance(exc, pickle.UnpicklingError) else
+                      str(exc).strip().splitlines()[0].split(". ")[0][:120] if str(exc).strip() else
+                      type(exc).__name__)
+            raise ConversionError(f"{path} is damaged or truncated ({reason}); expected {what}: re-save or "
+                                  f"re-convert the checkpoint") from None
 
 
 def load_rank_file(path: Path, mmap: bool = True) -> dict:
+    """One rank's `model_optim_rng.pt`, its `args` as an argparse.Namespace (saved as a dict or a Namespace)."""
     if not path.is_file():
         raise ConversionError(f"checkpoint file {path} is missing; the checkpoint is incomplete or was saved with "
                               f"a different tensor/pipeline parallel layout")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except RuntimeError:
-        return torch.load(path, map_location="cpu", weights_only=False)
+    state = load_pt(path, f"a Megatron {FILE_NAME} (a dict with 'args' and 'model')", mmap=mmap)
+    if not isinstance(state, dict):
+        raise ConversionError(f"{path} holds a {type(state).__name__}, not the dict a Megatron {FILE_NAME} holds")
+    if isinstance(state.get("args"), dict):
+        state["args"] = argparse.Namespace(**state["args"])
+    return state
 
 
 def read_args(iter_dir: Path) -> argparse.Namespace:
@@ -129,17 +206,32 @@ def _own_storage(obj):
 
 
 def publish_iteration(tmp_iter_dir: Path, save_dir: Path, iteration: int) -> Path:
-    """Rename the finished temporary iteration dir into place, then atomically write the tracker."""
+    """Rename the finished temporary iteration dir into place, then atomically write the tracker.
+
+    Re-saving an existing iteration moves the old copy aside first; a kill between the two renames leaves the
+    tracker naming a missing directory, and `iteration_dir` then loads the copy set aside. Temporaries left by
+    interrupted saves are removed once the new tracker is in place."""
     final = save_dir / iter_dir_name(iteration)
     if final.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=save_dir))
         os.replace(final, old / final.name)
         os.replace(tmp_iter_dir, final)
-        shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp_iter_dir, final)
     write_tracker(save_dir, iteration)
+    remove_stale_temporaries(save_dir)
     return final
+
+
+def remove_stale_temporaries(save_dir: Path) -> None:
+    """`.iter_*.tmp-*` / `.iter_*.old-*` left by interrupted saves (call only with a valid tracker in place); an
+    iteration set aside whose replacement never arrived is moved back to its name instead of being deleted."""
+    for old in save_dir.glob(".iter_*.old-*"):
+        for inner in old.glob("iter_*"):
+            if inner.is_dir() and not (save_dir / inner.name).exists():
+                os.replace(inner, save_dir / inner.name)
+    for stale in list(save_dir.glob(".iter_*.tmp-*")) + list(save_dir.glob(".iter_*.old-*")):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def write_tracker(save_dir: Path, iteration: int | str) -> None:
@@ -148,9 +240,28 @@ def write_tracker(save_dir: Path, iteration: int | str) -> None:
     os.replace(tmp, save_dir / TRACKER)
 
 
-def checkpoint_state(args: argparse.Namespace, models: dict[str, dict], iteration: int = 1) -> dict[str, Any]:
-    return {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, **models}
+def checkpoint_state(args: argparse.Namespace | dict, models: dict[str, dict], iteration: int = 1) -> dict[str, Any]:
+    return {"args": plain_args(args), "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, **models}
 
 
-def get(args: argparse.Namespace, name: str, default: Optional[Any] = None) -> Any:
+def plain_args(args: argparse.Namespace | dict) -> dict[str, Any]:
+    """The args as a dict of plain values (loadable with weights_only=True): str/int/float/bool/None, lists,
+    dicts and torch dtypes kept; anything else (paths, callables, enums) stored as its string."""
+    return {str(k): _plain(v) for k, v in (vars(args) if isinstance(args, argparse.Namespace) else args).items()}
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, (str, bool, int, float, torch.dtype)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
+
+
+def get(args: argparse.Namespace | dict | None, name: str, default: Optional[Any] = None) -> Any:
+    """One saved-args field, whether the args are a Namespace (Megatron-LM) or a dict (ours)."""
+    if isinstance(args, dict):
+        return args.get(name, default)
     return getattr(args, name, default)

@@ -151,6 +151,12 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
     return fam, cfg, generate()
 
 
+def _inside(path: Path, directory: Path) -> bool:
+    """Whether `path` is `directory` or lies inside it (after resolving symlinks and `..`)."""
+    path, directory = path.resolve(), directory.resolve()
+    return path == directory or directory in path.parents
+
+
 def convert_mg_to_hf(opts: Mg2HfOptions, log: Callable[[str], None] = print) -> Path:
     save_dir = Path(opts.save_dir)
     if save_dir.resolve() == Path(opts.load_dir).resolve():
@@ -158,6 +164,11 @@ def convert_mg_to_hf(opts: Mg2HfOptions, log: Callable[[str], None] = print) -> 
     if opts.hf_cfg_dir is not None and not Path(opts.hf_cfg_dir).is_dir():
         raise ConversionError(f"--hf-cfg-dir {opts.hf_cfg_dir} is not a directory; point it at the original "
                               f"Hugging Face model directory (config.json and tokenizer files)")
+    if opts.hf_cfg_dir is not None and _inside(save_dir, Path(opts.hf_cfg_dir)):
+        # publishing replaces the index there, orphaning the original shards
+        raise ConversionError(f"--save-dir {save_dir} is (or lies inside) --hf-cfg-dir "
+                              f"{opts.hf_cfg_dir}; writing there would overwrite the original model: choose a new "
+                              f"--save-dir")
     fam, cfg, tensors = iter_hf_tensors(Path(opts.load_dir), opts.model_type_hf, opts.hf_cfg_dir, opts, log)
     save_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.tmp-", dir=save_dir.parent))

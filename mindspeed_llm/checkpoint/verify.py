@@ -31,11 +31,12 @@ class VerifyResult:
                 f"(threshold {self.threshold:g}): {'OK' if self.ok else 'MISMATCH'}")
 
 
-def _token_batches(hf_dir: Path, vocab_size: int, seq_len: int = 16) -> list[torch.Tensor]:
+def _token_batches(hf_dir: Path, vocab_size: int, seq_len: int = 16,
+                   trust_remote_code: bool = False) -> list[torch.Tensor]:
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(hf_dir)
+        tok = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=trust_remote_code)
         batches = [torch.tensor([tok(p)["input_ids"][:seq_len]]) for p in PROMPTS]
         if all(b.numel() > 1 and int(b.max()) < vocab_size for b in batches):
             return batches
@@ -46,7 +47,8 @@ def _token_batches(hf_dir: Path, vocab_size: int, seq_len: int = 16) -> list[tor
 
 
 def verify(hf_dir: str | Path, mg_dir: str | Path, *, model_type_hf: Optional[str] = None,
-           threshold: float = 1e-3, log: Callable[[str], None] = print) -> VerifyResult:
+           threshold: float = 1e-3, log: Callable[[str], None] = print,
+           trust_remote_code: bool = False) -> VerifyResult:
     """Load `hf_dir` with transformers and `mg_dir` into our GPTModel (TP=1, PP=1, merged in memory), run both in
     fp32 and compare logits. Single process; initialises a one-rank gloo/nccl group if none exists."""
     from transformers import AutoModelForCausalLM
@@ -66,10 +68,11 @@ def verify(hf_dir: str | Path, mg_dir: str | Path, *, model_type_hf: Optional[st
     sd = chunk_state_dict(fam, cfg, DictSource(merged), 0, 1, range(cfg.num_layers), first=True, last=True)
     model.load_state_dict(sd, strict=True)
     del merged, sd
-    ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval().to(current_device())
+    ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, use_safetensors=True,
+                                               trust_remote_code=trust_remote_code).eval().to(current_device())
     max_abs, cos_min = 0.0, 1.0
     with torch.no_grad():
-        for ids in _token_batches(hf_dir, cfg.vocab_size):
+        for ids in _token_batches(hf_dir, cfg.vocab_size, trust_remote_code=trust_remote_code):
             ids = ids.to(current_device())
             pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
             ours = model(ids, pos, None).float()

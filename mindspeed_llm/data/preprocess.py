@@ -62,7 +62,7 @@ def _init_worker(args) -> None:
     template = (get_template(args.prompt_type, args.prompt_type_path, args.enable_thinking)
                 if args.prompt_type else None)
     tokenizer = build_tokenizer(args.tokenizer_name_or_path, not args.tokenizer_not_use_fast, template,
-                                args.tokenizer_type, args.seq_length)
+                                args.tokenizer_type, args.seq_length, args.trust_remote_code)
     _WORKER.update(spec=args._handler_spec, template=template, tokenizer=tokenizer,
                    opts=EncodeOptions(args.seq_length, args.append_eod, args.pack),
                    json_keys=args.json_keys)

@@ -89,7 +89,7 @@ def setup(args: argparse.Namespace) -> Engine:
         template = (get_template(args.prompt_type, args.prompt_type_path, enable_thinking=args.enable_thinking)
                     if args.prompt_type else None)
         tokenizer = build_tokenizer(args.tokenizer_name_or_path, use_fast=not args.tokenizer_not_use_fast,
-                                    template=template)
+                                    template=template, trust_remote_code=args.trust_remote_code)
         saved, source = read_checkpoint_args(args.load)
         cfg = resolve_model_config(args, saved, len(tokenizer), source)
         if len(tokenizer) > cfg.vocab_size:

@@ -36,7 +36,9 @@ def rng_state() -> dict[str, Any]:
 
     from mindspeed_llm.platform import detect_platform, device_rng_state
 
-    state = {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+    np_state = np.random.get_state(legacy=False)   # numpy arrays made plain so weights_only=True loads them
+    np_state["state"] = {"key": np_state["state"]["key"].tolist(), "pos": int(np_state["state"]["pos"])}
+    state = {"random_rng_state": random.getstate(), "np_rng_state": np_state,
              "torch_rng_state": torch.get_rng_state(),
              "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states()}
     device_state = device_rng_state()
@@ -51,7 +53,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     from megatron.core import tensor_parallel
 
     random.setstate(state["random_rng_state"])
-    np.random.set_state(state["np_rng_state"])
+    np_state = state["np_rng_state"]
+    if isinstance(np_state, dict):      # ours (plain lists); Megatron-LM's is the legacy tuple with an array
+        np_state = {**np_state, "state": {**np_state["state"],
+                                          "key": np.asarray(np_state["state"]["key"], dtype=np.uint32)}}
+    np.random.set_state(np_state)
     torch.set_rng_state(state["torch_rng_state"])
     _set_device_rng(state)
     tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
@@ -98,13 +104,36 @@ def adam_steps(optimizer) -> list[Optional[float]]:
 
 
 def load_distributed_state(optimizer, path: str, steps: list[Optional[float]]) -> None:
-    """`load_parameter_state` copies every per-parameter state key from the file, which has no "step" for
-    torch Adam: set the step aside during the copy and restore the saved count afterwards."""
+    """Collective. `distrib_optim.pt` is read on DP rank 0 with `layout.load_pt` (weights_only, one-line errors
+    agreed on by every rank) instead of megatron's `load_parameter_state`, whose torch.load does neither.
+    Loading copies every per-parameter state key from the file, which has no "step" for torch Adam: set the step
+    aside during the copy and restore the saved count afterwards."""
+    from megatron.core import parallel_state as ps
+
+    from mindspeed_llm.checkpoint import layout
+    from mindspeed_llm.checkpoint.errors import ConversionError
+
+    states, error = None, ""
+    if ps.get_data_parallel_rank() == 0:
+        try:
+            states = layout.load_pt(Path(path), "the distributed optimizer state written with "
+                                                "--use-distributed-optimizer (a dict of parameter state)")
+        except ConversionError as exc:
+            error = str(exc)
+    errors: list[str] = [""] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, error)
+    error = next((e for e in errors if e), "")
+    if error:
+        raise UserError(error)
     inners = _inner_optimizers(optimizer)
     for inner in inners:
         for st in inner.state.values():
             st.pop("step", None)
-    optimizer.load_parameter_state(path)
+    chained = [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
+               if hasattr(o, "load_parameter_state_from_dp_zero") and not getattr(o, "is_stub_optimizer", False)]
+    for idx, opt in enumerate(chained):
+        # megatron's ChainedOptimizer saves one optimizer's state bare and several as a list
+        opt.load_parameter_state_from_dp_zero(None if states is None else states if len(chained) == 1 else states[idx])
     for inner, step in zip(inners, steps):
         if step is not None:
             for st in inner.state.values():
@@ -263,6 +292,10 @@ def load_training_state(args: argparse.Namespace, loaded: Loaded, optimizer, sch
         optimizer.load_state_dict(state["optimizer"])
         if args.use_distributed_optimizer:
             path = layout.iteration_dir(Path(loaded.load_dir)) / _rank_dir() / DISTRIB_OPTIM
+            saved_with = "optimizer_steps" in state or layout.get(state.get("args"), "use_distributed_optimizer")
+            if not path.is_file() and saved_with:
+                raise UserError(f"{path} is missing: the checkpoint is incomplete (it was saved with "
+                                f"--use-distributed-optimizer, and this file holds that optimizer state)")
             if not path.is_file():
                 raise UserError(f"{path} is missing: the checkpoint was saved without --use-distributed-optimizer; "
                                 "pass --no-load-optim or drop --use-distributed-optimizer")

@@ -68,7 +68,8 @@ def build_tokenizer(args: argparse.Namespace):
         template = get_template(args.prompt_type, args.prompt_type_path)
     tok_path = args.tokenizer_name_or_path or (args.load if args.enable_hf2mg_convert else None)
     return build(tok_path, use_fast=not args.tokenizer_not_use_fast, template=template,
-                 tokenizer_type=args.tokenizer_type, seq_length=args.seq_length)
+                 tokenizer_type=args.tokenizer_type, seq_length=args.seq_length,
+                 trust_remote_code=args.trust_remote_code)
 
 
 def hf2mg(args: argparse.Namespace) -> str:
