@@ -233,8 +233,8 @@ def build_optimizer(args: argparse.Namespace, model: list):
     warmup_steps = (int(args.lr_warmup_fraction * decay_steps) if args.lr_warmup_fraction is not None
                     else args.lr_warmup_iters * gbs)
     if warmup_steps >= decay_steps > 0:
-        raise UserError(f"the LR warm-up ({warmup_steps // gbs} iterations from --lr-warmup-iters/--lr-warmup-fraction) "
-                        f"must be shorter than the decay ({decay_iters} iterations from --lr-decay-iters or "
+        raise UserError(f"the LR warm-up ({warmup_steps // gbs} iterations from --lr-warmup-iters or "
+                        f"--lr-warmup-fraction) must be shorter than the decay ({decay_iters} iterations from --lr-decay-iters or "
                         f"--train-iters)")
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup_steps,
