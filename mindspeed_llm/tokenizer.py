@@ -56,3 +56,23 @@ def build_tokenizer(name_or_path: str | None, use_fast: bool = True, template=No
     elif tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what decides token ids: vocabulary, BPE merges, added tokens and special tokens. The same for
+    the fast and slow class of one tokenizer, different when any id or merge differs (a name alone does not)."""
+    import hashlib
+    import json
+
+    merges: list[str] = []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        model = json.loads(backend.to_str()).get("model", {})
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    elif getattr(tokenizer, "bpe_ranks", None):
+        merges = [" ".join(pair) for pair, _ in sorted(tokenizer.bpe_ranks.items(), key=lambda kv: kv[1])]
+    added = sorted((int(i), str(t.content), bool(t.special)) for i, t in tokenizer.added_tokens_decoder.items())
+    blob = json.dumps({"vocab": sorted(tokenizer.get_vocab().items()), "merges": merges, "added": added,
+                       "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}},
+                      ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()

@@ -82,11 +82,24 @@ def first_record(files: list[Path]) -> dict:
     raise UserError(f"--input {files[0]}: the file holds no record")
 
 
+def _decode(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _utf8_error(path, lineno, exc.start + 1, raw[exc.start]) from None
+
+
+def _utf8_error(path: Path, lineno: int, column: int | None, byte: int) -> UserError:
+    where = f" at byte column {column}" if column else ""
+    return UserError(f"{path}:{lineno}: invalid UTF-8 (byte 0x{byte:02x}{where}); the input must be UTF-8 text: "
+                     f"re-encode the file (e.g. iconv -f <encoding> -t UTF-8)")
+
+
 def _iter_text(path: Path) -> Iterator[tuple[dict, float]]:
     size = max(path.stat().st_size, 1)
     with path.open("rb") as f:
-        for raw in f:
-            line = raw.decode("utf-8").rstrip("\r\n")
+        for lineno, raw in enumerate(f, 1):
+            line = _decode(raw, path, lineno).rstrip("\r\n")
             if line:
                 yield {"text": line}, f.tell() / size
 
@@ -94,16 +107,16 @@ def _iter_text(path: Path) -> Iterator[tuple[dict, float]]:
 def _iter_json(path: Path) -> Iterator[tuple[dict, float]]:
     """JSON lines, or one JSON array decoded element by element without reading the whole file."""
     size = max(path.stat().st_size, 1)
-    with path.open("r", encoding="utf-8") as f:
-        head = f.read(4096)
-        first = head.lstrip()[:1]
+    with path.open("rb") as f:
+        first = f.read(4096).lstrip()[:1]
         f.seek(0)
-        if first == "[":
-            yield from _iter_json_array(f, path, size)
+        if first == b"[":
+            yield from _iter_json_array(_Utf8Reader(f, path), path, size)
             return
         offset = 0
-        for lineno, line in enumerate(f, 1):
-            offset += len(line.encode("utf-8")) if not line.isascii() else len(line)
+        for lineno, raw in enumerate(f, 1):
+            offset += len(raw)
+            line = _decode(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -113,6 +126,28 @@ def _iter_json(path: Path) -> Iterator[tuple[dict, float]]:
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}")
             yield record, offset / size
+
+
+class _Utf8Reader:
+    """`read(n)` of decoded text from a binary file; invalid UTF-8 is an error naming the line."""
+
+    def __init__(self, f, path: Path) -> None:
+        import codecs
+
+        self.f, self.path = f, path
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.lines = 1          # newlines in the bytes decoded so far, plus one
+
+    def read(self, n: int) -> str:
+        raw = self.f.read(n)
+        try:
+            text = self.decoder.decode(raw, final=not raw)
+        except UnicodeDecodeError as exc:
+            data = exc.object        # this read's bytes (after any held back from the last): no newline skipped
+            line = self.lines + data.count(b"\n", 0, exc.start)
+            raise _utf8_error(self.path, line, None, data[exc.start]) from None
+        self.lines += text.count("\n")
+        return text
 
 
 def _iter_json_array(f, path: Path, size: int) -> Iterator[tuple[dict, float]]:

@@ -6,6 +6,7 @@ output goes to temporary names, renamed at the end, and the sidecar `PREFIX_prep
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import multiprocessing as mp
@@ -171,14 +172,21 @@ def run(args) -> Summary:
                                                   args.seq_length, tokenizer.pad_token_id, args.neat_pack)
             packed.finalize()
             unpacked.abort()  # the unpacked copy was only an intermediate
-            packed.commit()
+            final = packed
         else:
-            unpacked.commit()
-        _write_sidecar(prefix, args, tokenizer, summary, spec)
-    except BaseException:
+            final = unpacked
+        # The sidecar records the files' digests: data renamed in without its sidecar (a re-run stopped
+        # between the renames) no longer matches, and training refuses it.
+        digests = final.digests()
+        final.commit()
+        _write_sidecar(prefix, args, tokenizer, summary, digests)
+    except BaseException as exc:
         unpacked.abort()
         if packed is not None:
             packed.abort()
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise UserError(f"--output-prefix {prefix}: no space left on device in {out_dir} while writing "
+                            f"{exc.filename or prefix + '_*'}; free space and re-run") from None
         raise
     for line in summary.lines():
         log.info(line)
@@ -231,7 +239,9 @@ def _encode_all(args, files, writer: IndexedWriter, summary: Summary) -> None:
         _log_progress(summary, progress, start)
 
 
-def _write_sidecar(prefix: str, args, tokenizer, summary: Summary, spec: HandlerSpec) -> None:
+def _write_sidecar(prefix: str, args, tokenizer, summary: Summary, digests: dict[str, dict]) -> None:
+    from mindspeed_llm.tokenizer import tokenizer_fingerprint
+
     meta = {
         "format_version": 1,
         "handler_name": args.handler_name,
@@ -242,7 +252,9 @@ def _write_sidecar(prefix: str, args, tokenizer, summary: Summary, spec: Handler
         "neat_pack": bool(args.neat_pack),
         "append_eod": bool(args.append_eod),
         "tokenizer": {"name_or_path": str(args.tokenizer_name_or_path), "vocab_size": len(tokenizer),
-                      "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+                      "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                      "fingerprint": tokenizer_fingerprint(tokenizer)},
+        "data_files": digests,
         "num_samples": summary.packed_rows or summary.written,
         "fields": list(args.json_keys),
         "summary": {"read": summary.read, "written": summary.written, "truncated": summary.truncated,
@@ -251,5 +263,8 @@ def _write_sidecar(prefix: str, args, tokenizer, summary: Summary, spec: Handler
     }
     path = Path(prefix + SIDECAR_SUFFIX)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

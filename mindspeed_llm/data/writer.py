@@ -21,6 +21,17 @@ def output_name(prefix: str, field: str, instruction: bool) -> str:
     return f"{prefix}_packed_{field}_document" if instruction else f"{prefix}_{field}_document"
 
 
+def file_digest(path: str) -> dict:
+    """Size and BLAKE2b of a file: the .idx holds every sample's length and offset, so any other data differs."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return {"size": os.path.getsize(path), "blake2b": h.hexdigest()}
+
+
 class IndexedWriter:
     """One .bin/.idx pair per field, written to `<name>.tmp<pid>.{bin,idx}` until `commit()`."""
 
@@ -47,6 +58,14 @@ class IndexedWriter:
     def finalize(self) -> None:
         for field, builder in self.builders.items():
             builder.finalize(self.tmp[field] + ".idx")
+
+    def digests(self) -> dict[str, dict]:
+        """`file_digest` of each finished .idx (and the .bin size) under its final file name, for the sidecar."""
+        out = {}
+        for field, name in self.names.items():
+            out[os.path.basename(name) + ".idx"] = file_digest(self.tmp[field] + ".idx")
+            out[os.path.basename(name) + ".bin"] = {"size": os.path.getsize(self.tmp[field] + ".bin")}
+        return out
 
     def commit(self) -> None:
         for field, name in self.names.items():

@@ -32,6 +32,7 @@ class Engine:
     use_cache: bool
     max_new_tokens: int
     truncate: bool = False
+    limit_flag: str = "--max-position-embeddings"     # what max_positions came from, for the messages
 
     def fit(self, ids: list[int], where: str) -> list[int]:
         """Make room for --max-new-tokens within the model's positions: cut from the left (--truncate-prompt,
@@ -41,10 +42,10 @@ class Engine:
             return ids
         if room < 1:
             raise UserError(f"--max-new-tokens {self.max_new_tokens} leaves no room for a prompt within "
-                            f"--max-position-embeddings {self.max_positions}")
+                            f"{self.limit_flag} {self.max_positions}")
         if not self.truncate:
             raise UserError(f"{where}: the prompt has {len(ids)} tokens; with --max-new-tokens "
-                            f"{self.max_new_tokens} that exceeds --max-position-embeddings {self.max_positions}. "
+                            f"{self.max_new_tokens} that exceeds {self.limit_flag} {self.max_positions}. "
                             f"Shorten it, lower --max-new-tokens, or pass --truncate-prompt to keep its last "
                             f"{room} tokens")
         if comm.world_rank() == 0:
@@ -92,6 +93,9 @@ def setup(args: argparse.Namespace) -> Engine:
                                     template=template, trust_remote_code=args.trust_remote_code)
         saved, source = read_checkpoint_args(args.load)
         cfg = resolve_model_config(args, saved, len(tokenizer), source)
+        if args.seq_length and args.seq_length > cfg.max_position_embeddings:
+            raise UserError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
+                            f"{cfg.max_position_embeddings} of the model; lower --seq-length")
         if len(tokenizer) > cfg.vocab_size:
             raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model only {cfg.vocab_size} "
                             f"embedding rows; --tokenizer-name-or-path does not belong to this checkpoint")
@@ -103,5 +107,6 @@ def setup(args: argparse.Namespace) -> Engine:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop.ids)
     return Engine(tokenizer=tokenizer, builder=builder, stop=stop, step=StageForward(model),
                   broadcast=comm.ReplicaBroadcast(), generator=torch.Generator().manual_seed(args.seed),
-                  max_positions=cfg.max_position_embeddings, pad_id=int(pad_id), use_cache=args.use_kv_cache,
-                  max_new_tokens=args.max_new_tokens, truncate=args.truncate_prompt)
+                  max_positions=args.seq_length or cfg.max_position_embeddings, pad_id=int(pad_id),
+                  use_cache=args.use_kv_cache, max_new_tokens=args.max_new_tokens, truncate=args.truncate_prompt,
+                  limit_flag="--seq-length" if args.seq_length else "--max-position-embeddings")

@@ -265,6 +265,22 @@ def _tok_name(path: Any) -> str | None:
     return os.path.basename(str(path).rstrip("/\\"))
 
 
+def _check_data_files(prefix: str, recorded: dict[str, dict], where: str) -> None:
+    """The data files are the ones the sidecar was written with (sizes, and the digest of each .idx)."""
+    from mindspeed_llm.data.writer import file_digest
+
+    directory = os.path.dirname(prefix)
+    for name, want in sorted(recorded.items(), key=lambda kv: (not kv[0].endswith(".idx"), kv[0])):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            continue            # a missing file is reported by the dataset reader with the file it wanted
+        got = file_digest(path) if "blake2b" in want else {"size": os.path.getsize(path)}
+        if got != want:
+            raise ValueError(f"{path} does not match {where} (written by another preprocess_data.py run, or "
+                             f"one stopped before it rewrote the sidecar); re-run preprocess_data.py into this "
+                             f"--output-prefix")
+
+
 def check_sidecar(prefix: str, args: Any, tokenizer: Any = None) -> dict | None:
     """Refuse data preprocessed differently from the training flags; returns the sidecar (None if absent).
 
@@ -286,6 +302,7 @@ def check_sidecar(prefix: str, args: Any, tokenizer: Any = None) -> dict | None:
         raise ValueError(f"{where}: format_version {sidecar.get('format_version')!r} is not 1; "
                          "re-run preprocess_data.py with this version")
     rerun = "re-run preprocess_data.py with the training flags"
+    _check_data_files(prefix, sidecar.get("data_files") or {}, where)
     prompt = getattr(args, "prompt_type", None)
     if prompt != sidecar.get("prompt_type"):
         refuse("--prompt-type", prompt, sidecar.get("prompt_type"), f"pass the same --prompt-type or {rerun}")
@@ -298,6 +315,14 @@ def check_sidecar(prefix: str, args: Any, tokenizer: Any = None) -> dict | None:
     theirs_name = _tok_name(tok.get("name_or_path"))
     if ours_name and theirs_name and ours_name != theirs_name:
         refuse("--tokenizer-name-or-path", ours_name, theirs_name, f"use the same tokenizer or {rerun}")
+    if tokenizer is not None and tok.get("fingerprint"):
+        from mindspeed_llm.tokenizer import tokenizer_fingerprint
+
+        if tokenizer_fingerprint(tokenizer) != tok["fingerprint"]:
+            raise ValueError(f"{where}: the tokenizer in --tokenizer-name-or-path "
+                             f"{getattr(args, 'tokenizer_name_or_path', None)} differs in content (vocabulary, merges "
+                             f"or special tokens) from the one the data was preprocessed with; use that tokenizer "
+                             f"or {rerun}")
     if tokenizer is not None:
         for key, ours in (("vocab_size", len(tokenizer)), ("eos_token_id", getattr(tokenizer, "eos_token_id", None)),
                           ("pad_token_id", getattr(tokenizer, "pad_token_id", None))):

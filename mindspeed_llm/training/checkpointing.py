@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import random
 import shutil
 from dataclasses import dataclass
@@ -148,6 +149,12 @@ def _all_ok(ok: bool) -> bool:
     return int(flag.item()) == 0
 
 
+@torch.no_grad()
+def _weights_finite(model: list) -> bool:
+    """This rank's parameters are all finite (checked before anything is written or published)."""
+    return all(bool(torch.isfinite(p).all()) for m in model for p in m.parameters() if p.is_floating_point())
+
+
 def save_checkpoint(args: argparse.Namespace, iteration: int, model: list, optimizer, scheduler,
                     consumed_samples: int) -> None:
     """Collective: every rank calls it. Raises UserError (on every rank) if any rank failed to write."""
@@ -157,6 +164,9 @@ def save_checkpoint(args: argparse.Namespace, iteration: int, model: list, optim
     from mindspeed_llm.training.model_setup import unwrap
 
     save_dir = Path(args.save)
+    if not _all_ok(_weights_finite(model)):
+        raise UserError(f"the weights hold NaN/inf at iteration {iteration}; the checkpoint is not saved to "
+                        f"--save {save_dir} (the last one there stays the latest). Lower --lr or pass --skip-nan")
     _print0(f"saving checkpoint at iteration {iteration:7d} to {save_dir} in torch format")
     box: list[Optional[str]] = [None]
     error = ""
@@ -190,13 +200,13 @@ def save_checkpoint(args: argparse.Namespace, iteration: int, model: list, optim
             layout.save_rank_file(tmp, rank_dir.name, state)
             del state, models
     except (OSError, RuntimeError) as exc:
-        ok, error = False, f"rank {torch.distributed.get_rank()}: {exc}"
+        ok, error = False, _write_error(exc, rank_dir / layout.FILE_NAME)
     if args.use_distributed_optimizer and not args.no_save_optim and _all_ok(ok):
         try:
             rank_dir.mkdir(parents=True, exist_ok=True)
             optimizer.save_parameter_state(str(rank_dir / DISTRIB_OPTIM))   # gathers over DP; DP rank 0 writes
         except (OSError, RuntimeError) as exc:
-            ok, error = False, f"rank {torch.distributed.get_rank()}: {exc}"
+            ok, error = False, _write_error(exc, rank_dir / DISTRIB_OPTIM)
     errors: list[str] = [""] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(errors, "" if ok else error)
     error = next((e for e in errors if e), "")
@@ -211,6 +221,19 @@ def save_checkpoint(args: argparse.Namespace, iteration: int, model: list, optim
         layout.publish_iteration(tmp, save_dir, iteration)
     torch.distributed.barrier()
     _print0(f"  successfully saved checkpoint from iteration {iteration:7d} to {save_dir}")
+
+
+def _write_error(exc: Exception, path: Path) -> str:
+    """What went wrong writing `path`. torch.save reports a full disk as a bare stream-writer failure (no errno),
+    so a failed write with (almost) no space left on that file system is named as such."""
+    where = f"rank {torch.distributed.get_rank()} writing {path}"
+    full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+    if not full:
+        try:
+            full = shutil.disk_usage(path.parent if path.parent.exists() else path.parent.parent).free < (1 << 20)
+        except OSError:
+            pass
+    return f"{where}: no space left on device" if full else f"{where}: {exc}"
 
 
 def _tracker_text(save_dir: Path) -> str:
@@ -301,7 +324,42 @@ def load_training_state(args: argparse.Namespace, loaded: Loaded, optimizer, sch
                                 "pass --no-load-optim or drop --use-distributed-optimizer")
             load_distributed_state(optimizer, str(path), state.get("optimizer_steps", []))
         if "opt_param_scheduler" in state:
+            check_scheduler(args, state["opt_param_scheduler"], scheduler, loaded.load_dir)
             scheduler.load_state_dict(state["opt_param_scheduler"])
     if not args.no_load_rng and state.get("rng_state"):
         set_rng_state(state["rng_state"][0])
     loaded.state = None
+
+
+# OptimizerParamScheduler state keys (with the older names megatron-core still reads) -> attribute, flags.
+_SCHEDULE = (
+    (("max_lr", "start_lr"), "max_lr", "--lr"),
+    (("min_lr",), "min_lr", "--min-lr"),
+    (("lr_warmup_steps", "warmup_steps", "warmup_iter"), "lr_warmup_steps", "--lr-warmup-iters/--lr-warmup-fraction"),
+    (("lr_decay_steps", "decay_steps", "end_iter"), "lr_decay_steps", "--lr-decay-iters/--train-iters"),
+    (("lr_decay_style", "decay_style"), "lr_decay_style", "--lr-decay-style"),
+    (("start_wd",), "start_wd", "--start-weight-decay"),
+    (("end_wd",), "end_wd", "--end-weight-decay"),
+    (("wd_incr_steps",), "wd_incr_steps", "--train-iters"),
+    (("wd_incr_style",), "wd_incr_style", "--weight-decay-incr-style"),
+)
+
+
+def check_scheduler(args: argparse.Namespace, saved: dict, scheduler, load_dir: Optional[str]) -> None:
+    """A resumed run whose LR/WD schedule differs from the checkpoint's must say which one wins
+    (megatron-core would stop on a bare assertion)."""
+    if args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler:
+        return
+    diffs = []
+    for keys, attr, flags in _SCHEDULE:
+        stored = next((saved[k] for k in keys if k in saved), None)
+        ours = getattr(scheduler, attr)
+        if stored is not None and stored != ours:
+            if attr.endswith("_steps"):      # kept in samples; iterations are what the flags say
+                gbs = args.global_batch_size
+                stored, ours = f"{stored / gbs:g} iterations", f"{ours / gbs:g} iterations"
+            diffs.append(f"{attr} {stored} in the checkpoint, {ours} from {flags}")
+    if diffs:
+        raise UserError(f"--load {load_dir}: the learning-rate schedule differs from the checkpoint's "
+                        f"({'; '.join(diffs)}); pass --override-opt-param-scheduler to use the new flags' schedule "
+                        f"or --use-checkpoint-opt-param-scheduler to keep the checkpoint's")

@@ -86,7 +86,7 @@ class TrainLog:
             if loss > 0:
                 line += f" lm loss: {loss:.6E} |"
             line += f" loss scale: {loss_scale:.1f} |"
-            if grad_norm is not None and not math.isnan(grad_norm):
+            if grad_norm is not None:      # nan/inf shown as such: the iteration was skipped or stopped
                 line += f" grad norm: {grad_norm:.3f} |"
             line += (f" number of skipped iterations: {self.skipped:3d} |"
                      f" number of nan iterations: {self.nans:3d} |")

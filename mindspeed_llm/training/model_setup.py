@@ -61,7 +61,7 @@ def model_config(args: argparse.Namespace, tokenizer_len: int, hf_dir: Optional[
         if args.untie_embeddings_and_output_weights and cfg.tie_word_embeddings:
             raise UserError(f"--untie-embeddings-and-output-weights: {hf_dir}/config.json ties the embeddings "
                             "(tie_word_embeddings = true); drop the flag")
-        return cfg
+        return _check_seq_length(args, cfg, f"{hf_dir}/config.json")
 
     saved = checkpoint_args(args.load)
 
@@ -83,7 +83,7 @@ def model_config(args: argparse.Namespace, tokenizer_len: int, hf_dir: Optional[
     # The family names the HF layout for conversion back; without a flag or saved value, the shape decides.
     family = args.model_type_hf or (saved and getattr(saved, "model_type_hf", None)) or \
         ("qwen3" if qk_norm else "qwen2" if qkv_bias else "llama3")
-    return ModelConfig(
+    return _check_seq_length(args, ModelConfig(
         family=family,
         num_layers=int(get("num_layers")),
         hidden_size=hidden,
@@ -99,7 +99,15 @@ def model_config(args: argparse.Namespace, tokenizer_len: int, hf_dir: Optional[
         qk_layernorm=qk_norm,
         add_qkv_bias=qkv_bias,
         rope_scaling_factor=scaling,
-    )
+    ), "the flags or the checkpoint")
+
+
+def _check_seq_length(args: argparse.Namespace, cfg, source: str):
+    """Rotary positions past max_position_embeddings were never trained (and break scaled RoPE)."""
+    if args.seq_length > cfg.max_position_embeddings:
+        raise UserError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
+                        f"{cfg.max_position_embeddings} (from {source}); lower --seq-length")
+    return cfg
 
 
 def check_model_flags(args: argparse.Namespace) -> None:
@@ -224,6 +232,10 @@ def build_optimizer(args: argparse.Namespace, model: list):
     decay_steps = decay_iters * gbs
     warmup_steps = (int(args.lr_warmup_fraction * decay_steps) if args.lr_warmup_fraction is not None
                     else args.lr_warmup_iters * gbs)
+    if warmup_steps >= decay_steps > 0:
+        raise UserError(f"the LR warm-up ({warmup_steps // gbs} iterations from --lr-warmup-iters or "
+                        f"--lr-warmup-fraction) must be shorter than the decay ({decay_iters} iterations from --lr-decay-iters or "
+                        f"--train-iters)")
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup_steps,
         lr_decay_steps=decay_steps, lr_decay_style=args.lr_decay_style, start_wd=args.start_weight_decay,

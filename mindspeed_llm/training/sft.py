@@ -139,16 +139,37 @@ def run_schedule(args: argparse.Namespace, model: list, mb, forward_only: bool) 
 
 
 def train_step(args: argparse.Namespace, model: list, optimizer, mb) -> tuple[float, bool, bool, Optional[float]]:
-    """(loss, skipped, nan, grad norm). A NaN loss stops the run unless --skip-nan skips the update."""
+    """(loss, skipped, nan, grad norm). A non-finite loss or gradient norm never reaches the weights: the update
+    is not applied and `nan` is set (the caller stops, or skips with --skip-nan)."""
     for m in model:
         m.zero_grad_buffer()
     optimizer.zero_grad()
     loss = run_schedule(args, model, mb, forward_only=False)
-    if math.isnan(loss) or math.isinf(loss):
-        return loss, False, True, None
-    ok, grad_norm, _ = optimizer.step()
-    grad_norm = float(grad_norm) if grad_norm is not None else None
-    return loss, not ok, False, grad_norm
+    check = args.check_for_nan_in_loss_and_grad
+    if check and not math.isfinite(loss):
+        return loss, True, True, None
+    return (loss, *_guarded_step(optimizer, args.clip_grad, check))
+
+
+def _guarded_step(optimizer, clip_grad: float, check: bool) -> tuple[bool, bool, Optional[float]]:
+    """megatron-core's `optimizer.step()` with a finite check of the gradient norm between clipping and the
+    update (its own step applies NaN gradients unless fp16 loss scaling catches them). (skipped, nan, norm)."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    if optimizer.prepare_grads():              # fp16 loss-scale overflow: the scaler backs off, step skipped
+        return True, False, None
+    grad_norm = float(optimizer.get_grad_norm())   # collective over the grad-stats group: same on every rank
+    if check and not math.isfinite(grad_norm):
+        return True, True, grad_norm
+    if clip_grad > 0.0:
+        for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+            params = inner.get_parameters()
+            if params and not getattr(inner, "is_stub_optimizer", False):
+                decoupled = inner.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+                clip_grad_by_total_norm_fp32(params, max_norm=clip_grad, total_norm=grad_norm,
+                                             use_decoupled_grad=decoupled)
+    ok = optimizer.step_with_ready_grads()
+    return not ok, False, grad_norm
 
 
 def evaluate(args: argparse.Namespace, model: list, data, iteration: int, device) -> None:
@@ -277,11 +298,13 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
         iteration += 1
         consumed += args.global_batch_size
         if nan and not args.skip_nan:
-            raise UserError(f"NaN/inf loss at iteration {iteration}; lower --lr, check the data, or pass "
-                            f"--skip-nan to skip such iterations")
+            what = "loss" if not math.isfinite(loss) else f"gradient (grad norm {norm})"
+            raise UserError(f"NaN/inf {what} at iteration {iteration}; the update was not applied and this "
+                            f"state is not saved. Lower --lr, check the data, or pass --skip-nan to skip such "
+                            f"iterations")
         if not (skipped or nan):
-            scheduler.step(increment=args.global_batch_size)
-            grad_norm = norm
+            scheduler.step(increment=args.global_batch_size)      # a skipped update does not advance the LR
+        grad_norm = norm
         stats = device_tensor([flops_per_iteration(cfg, mb.flop_terms, True), float(mb.tokens)],
                               torch.float64, dp_group)
         torch.distributed.all_reduce(stats, group=dp_group)

@@ -61,6 +61,12 @@ def validate_train_args(args: argparse.Namespace) -> None:
         raise UserError(f"--save-interval {args.save_interval} must be at least 1")
     if args.exit_interval is not None and args.exit_interval < 1:
         raise UserError(f"--exit-interval {args.exit_interval} must be at least 1")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise UserError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler are mutually "
+                        "exclusive: the first takes the schedule from the flags, the second from the checkpoint")
+    if args.load and not os.path.isdir(args.load):
+        raise UserError(f"--load {args.load}: no such directory. To start from randomly initialised weights, "
+                        f"drop --load; to fine-tune, point it at a checkpoint (convert_ckpt.py output)")
     if args.enable_hf2mg_convert and not args.load:
         raise UserError("--enable-hf2mg-convert needs --load pointing at a Hugging Face model directory")
     if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
