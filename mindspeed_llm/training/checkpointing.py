@@ -201,10 +201,7 @@ def load_model(args: argparse.Namespace, chunks: list) -> Loaded:
         return Loaded(None)
     expected = {"num_layers": chunks[0].config.num_layers, "hidden_size": chunks[0].config.hidden_size,
                 "num_attention_heads": chunks[0].config.num_attention_heads}
-    try:
-        state = load_checkpoint(chunks, load_dir, expected=expected, strict=not args.load_checkpoint_loosely)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    state = load_checkpoint(chunks, load_dir, expected=expected, strict=not args.load_checkpoint_loosely)
     release = str(layout.read_tracker(load_dir)) == "release"
     converted = "optimizer" not in state and "rng_state" not in state and not args.no_load_optim
     tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
