@@ -223,6 +223,7 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
 
     from mindspeed_llm.platform import current_device, destroy_distributed
     from mindspeed_llm.training import checkpointing as ckpt
+    from mindspeed_llm.models.resolve import record_model
     from mindspeed_llm.training import model_setup
     from mindspeed_llm.training.data import build_run_data, next_micro_batches
     from mindspeed_llm.training.log import TrainLog, flops_per_iteration, print_args
@@ -233,8 +234,7 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
     hf_dir = hf2mg(args) if args.enable_hf2mg_convert else None
     model_setup.check_model_flags(args)
     cfg = model_setup.model_config(args, len(tokenizer), hf_dir)
-    args.padded_vocab_size = cfg.vocab_size
-    args.model_type_hf = args.model_type_hf or cfg.family     # saved with checkpoints: mg -> hf needs it
+    record_model(args, cfg)          # saves record the model that ran (mg -> hf and later loads read it)
     print_args(args)
     chunks = model_setup.build_chunks(args, cfg)
     loaded = ckpt.load_model(args, chunks)
