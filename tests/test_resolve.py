@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 from mindspeed_llm.errors import UserError
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
 from tests.train_fixtures import train_flags
 
 

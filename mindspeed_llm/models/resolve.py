@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import asdict
-from typing import Any, Collection, Mapping, Optional
+from typing import Any, Collection, Optional
 
 from mindspeed_llm.errors import UserError
 from mindspeed_llm.models.config import ModelConfig
