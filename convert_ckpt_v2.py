@@ -1,7 +1,6 @@
 """Alias of convert_ckpt.py (MindSpeed-LLM v2 entry name)."""
-import sys
-
-from mindspeed_llm.checkpoint.cli import main
+from mindspeed_llm.checkpoint.cli import run
+from mindspeed_llm.logs import run_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(run)

@@ -332,7 +332,11 @@ def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate the fine-tuning flags (sizes that need the world size are checked at start-up)."""
     from mindspeed_llm.training.validate import validate_train_args
 
-    args = build_train_parser().parse_args(argv)
+    from mindspeed_llm.explicit import explicit_dests
+
+    parser = build_train_parser()
+    args = parser.parse_args(argv)
+    args.explicit = explicit_dests(parser, argv)     # model flags typed by the user must match the checkpoint
     validate_train_args(args)
     return args
 

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from typing import Callable, NoReturn
 
-from mindspeed_llm.errors import UserError
+from mindspeed_llm.errors import USER_ERROR_EXIT, UserError
 
 
 # Notices megatron-core and torch print on every start without an accelerator's fused kernels; they are
@@ -38,15 +39,24 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.getLogger().setLevel(logging.WARNING)
 
 
-def run_main(main: Callable[[], object]) -> NoReturn:
-    """Run an entry point: a UserError becomes `error: <message>` on stderr and exit status 2."""
-    setup_logging()
+def exit_status(main: Callable[[], object]) -> int:
+    """Run `main` and return its exit status: its own int result (0 when it returns None), 2 after printing
+    `error: <message>` for a UserError, 130 on Ctrl-C. Any other exception is a bug and propagates with its
+    traceback."""
     try:
-        main()
+        result = main()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        # An error all ranks raised together is printed once, by rank 0.
+        if not exc.shared or os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT
     except KeyboardInterrupt:
-        print("error: interrupted; no output was left under the final names", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(0)
+        print("error: interrupted; no output was left under the final names", file=sys.stderr, flush=True)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+def run_main(main: Callable[[], object]) -> NoReturn:
+    """The runner of every entry script: logging set up, then `sys.exit(exit_status(main))`."""
+    setup_logging()
+    sys.exit(exit_status(main))

@@ -21,6 +21,8 @@ from typing import Any, Optional
 
 import torch
 
+from mindspeed_llm.errors import UserError
+
 __all__ = ["Platform", "detect_platform", "current_device", "resolve_backend", "adapt_megatron_for_cpu",
            "cpu_adapted", "init_distributed", "destroy_distributed", "notice", "COLLECTIVE_HELPERS",
            "comm_device", "device_tensor", "device_empty", "to_comm_device", "device_rng_state",
@@ -63,7 +65,7 @@ def detect_platform() -> Platform:
     if forced == "cpu":
         return Platform("cpu", "gloo")
     if forced not in ("", "cuda", "npu"):
-        raise ValueError(f"MINDSPEED_DEVICE={forced!r} is not one of cpu, cuda, npu")
+        raise UserError(f"MINDSPEED_DEVICE={forced!r} is not one of cpu, cuda, npu")
     if forced in ("", "cuda") and torch.cuda.is_available() and not cpu_adapted():
         return Platform("cuda", "nccl")
     if forced in ("", "npu") and _npu_available():
@@ -196,7 +198,7 @@ def resolve_backend(requested: Optional[str]) -> str:
     if requested in (None, "", plat.backend):
         return plat.backend
     if requested not in ("nccl", "hccl", "gloo", "mpi"):
-        raise ValueError(f"--distributed-backend {requested!r} is not one of nccl, hccl, gloo, mpi")
+        raise UserError(f"--distributed-backend {requested!r} is not one of nccl, hccl, gloo, mpi")
     if requested in ("gloo", "mpi"):
         return requested
     notice(f"--distributed-backend {requested} is not available on {plat.device_type}; using {plat.backend}")
@@ -419,7 +421,7 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
     world = torch.distributed.get_world_size()
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
     if world % model_parallel:
-        raise ValueError(f"world size {world} is not divisible by --tensor-model-parallel-size "
+        raise UserError(f"world size {world} is not divisible by --tensor-model-parallel-size "
                          f"{tensor_model_parallel_size} x --pipeline-model-parallel-size "
                          f"{pipeline_model_parallel_size} x --context-parallel-size {context_parallel_size}; "
                          f"launch a multiple of {model_parallel} processes")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from mindspeed_llm.errors import UserError
 from mindspeed_llm.training.batching import (PretrainingSampler, SFTCollator, batch_cu_seqlens, batch_mode,
                                              build_data_loader, check_sidecar, get_batch, padding_attention_mask)
 from mindspeed_llm.training.loss import (masked_mean, masked_sum_and_count, per_token_cross_entropy,
@@ -189,7 +190,7 @@ def test_sampler_shards_windows_over_dp():
     assert list(PretrainingSampler(10, 4, 2, 0, 2)) == [[4, 5]]
     assert list(PretrainingSampler(10, 8, 2, 0, 2, drop_last=False)) == [[8]]
     assert len(PretrainingSampler(10, 0, 2, 0, 2)) == 2
-    with pytest.raises(ValueError, match="consumed samples 10"):
+    with pytest.raises(UserError, match="consumed samples 10"):
         PretrainingSampler(10, 10, 1, 0, 1)
 
 
@@ -241,7 +242,7 @@ def test_check_sidecar_refuses_mismatch(tmp_path, change, flag):
     with open(prefix + "_preprocess.json", "w") as f:
         json.dump(SIDECAR, f)
     assert check_sidecar(prefix, Namespace(**ARGS)) == SIDECAR
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(UserError) as err:
         check_sidecar(prefix, Namespace(**{**ARGS, **change}))
     msg = str(err.value)
     assert flag in msg and "\n" not in msg
@@ -263,9 +264,9 @@ def test_check_sidecar_tokenizer_ids_and_unpacked(tmp_path):
         def __len__(self) -> int:
             return 151669
 
-    with pytest.raises(ValueError, match=r"eos_token_id.*151643.*151645"):
+    with pytest.raises(UserError, match=r"eos_token_id.*151643.*151645"):
         check_sidecar(prefix, args, Tok())
-    with pytest.raises(ValueError, match="--reset-attention-mask"):
+    with pytest.raises(UserError, match="--reset-attention-mask"):
         check_sidecar(prefix, Namespace(**ARGS))
     assert check_sidecar(str(tmp_path / "none"), args) is None
 

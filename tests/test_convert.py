@@ -214,7 +214,7 @@ def test_logits_match_transformers_under_torchrun(families, tmp_path):
 def _error(capsys, *args) -> str:
     rc = cli.main([str(a) for a in args])
     err = capsys.readouterr().err.strip()
-    assert rc != 0 and err and "\n" not in err, err
+    assert rc == 2 and err.startswith("error: ") and "\n" not in err, err
     return err
 
 
@@ -274,7 +274,7 @@ def test_bad_input_errors(broken_models, capsys, tmp_path):
     # the real script: one line on stderr, non-zero exit
     proc = run_cli("convert_ckpt.py", "--load-dir", str(src), "--save-dir", str(out), "--target-pipeline-parallel-size",
                    "3", check=False)
-    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_interrupted_conversion_publishes_nothing(variants, tmp_path, monkeypatch, capsys):

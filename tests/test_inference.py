@@ -217,7 +217,7 @@ def test_default_tasks_then_chat(cli_results):
     ("bad_json", r"bad.jsonl:2: not valid JSON"),
     ("missing", r"none.jsonl: cannot read it"),
     ("too_long", r"long.jsonl:1: the prompt has \d+ tokens.*--max-position-embeddings 512.*--truncate-prompt"),
-    ("mismatch", r"--num-layers 6 disagrees with the checkpoint .*saved with 4"),
+    ("mismatch", r"--num-layers 6 disagrees with .*model_optim_rng.pt, which records num_layers = 4"),
     ("hf_dir", r"--load .* is a Hugging Face model directory; convert it first"),
 ])
 def test_bad_input_is_one_line_and_no_output(cli_results, name, message):

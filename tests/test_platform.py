@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from mindspeed_llm import platform
+from mindspeed_llm.errors import UserError
 from tests.conftest import run_cli, run_torchrun
 
 
@@ -20,7 +21,7 @@ def test_cpu_platform_and_backend_fallback(capsys, monkeypatch):
     assert platform.resolve_backend("nccl") == "gloo"
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--distributed-backend nccl" in err[0] and "gloo" in err[0]
-    with pytest.raises(ValueError, match="--distributed-backend 'nclc'"):
+    with pytest.raises(UserError, match="--distributed-backend 'nclc'"):
         platform.resolve_backend("nclc")
 
 
@@ -31,7 +32,7 @@ def test_forced_device_env(monkeypatch):
         assert platform.detect_platform() == platform.Platform("cpu", "gloo")
         monkeypatch.setenv("MINDSPEED_DEVICE", "tpu")
         platform.detect_platform.cache_clear()
-        with pytest.raises(ValueError, match="MINDSPEED_DEVICE='tpu'"):
+        with pytest.raises(UserError, match="MINDSPEED_DEVICE='tpu'"):
             platform.detect_platform()
     finally:
         monkeypatch.delenv("MINDSPEED_DEVICE")

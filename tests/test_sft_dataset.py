@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from mindspeed_llm.errors import UserError
 from mindspeed_llm.training import sft_dataset as sd
 from mindspeed_llm.training.sft_dataset import (SFTDataOptions, SFTDataset, build_index_map, build_sft_datasets,
                                                 cut_instruction, cut_pairwise, eos_segments, find_fields,
@@ -77,14 +78,14 @@ def test_find_fields_and_missing_files(tmp_path):
     prefix = unpacked(tmp_path)
     assert set(find_fields(prefix)) == {"input_ids", "attention_mask", "labels"}
     assert find_fields(prefix)["labels"] == f"{prefix}_packed_labels_document"
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(UserError) as err:
         find_fields(str(tmp_path / "nothing"))
     msg = str(err.value)
     assert "\n" not in msg and "nothing_packed_{input_ids,attention_mask,labels}_document.{bin,idx}" in msg
     os.remove(f"{prefix}_packed_labels_document.idx")
-    with pytest.raises(FileNotFoundError, match=r"missing plain_packed_labels_document\.idx;"):
+    with pytest.raises(UserError, match=r"missing plain_packed_labels_document\.idx;"):
         find_fields(prefix)
-    with pytest.raises(FileNotFoundError, match=r"chosen,rejected|chosen_input_ids"):
+    with pytest.raises(UserError, match=r"chosen,rejected|chosen_input_ids"):
         find_fields(prefix, sd.PAIRWISE_FIELDS)
 
 
@@ -95,7 +96,7 @@ def test_split_ranges():
     # round(5/3) = 2 each -> bounds 0,2,4,6; the overshoot of 1 comes off every boundary -> 0,1,3,5.
     assert split_ranges("33,33,33", 5) == [(0, 1), (1, 3), (3, 5)]
     assert split_ranges("0.9/0.1", 10) == [(0, 9), (9, 10), (10, 10)]
-    with pytest.raises(ValueError, match="--split"):
+    with pytest.raises(UserError, match="--split"):
         split_ranges("0,0,0", 10)
 
 
@@ -193,7 +194,7 @@ def test_build_index_map():
     assert got.tolist() == expected and got.dtype == np.int64
     assert build_index_map(np.arange(3), 4, seed=0, shuffle=False, pad_multiple=4).tolist() == [0, 1, 2, 0]
     assert build_index_map(docs, 0, seed=0).tolist() == []
-    with pytest.raises(ValueError, match="--split"):
+    with pytest.raises(UserError, match="--split"):
         build_index_map(np.arange(0), 3, seed=0)
 
 
@@ -210,7 +211,7 @@ def test_index_map_cache_is_reused_and_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     maps[0].write_bytes(b"half-written")  # an unreadable map is rebuilt, not trusted
     assert SFTDataset(prefix, "train", (0, 3), 5, opts).index.tolist() == ds.index.tolist()
-    with pytest.raises(ValueError, match="outside its 3 samples"):
+    with pytest.raises(UserError, match="outside its 3 samples"):
         SFTDataset(prefix, "train", (0, 4), 5, opts)
 
 
@@ -264,12 +265,12 @@ def test_plain_pack_needs_eos_and_neat_needs_segment_ids(tmp_path):
     rows = [pack_neat(SAMPLES[:2], 20)]
     prefix = write_dataset(tmp_path / "plainpack", {"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows],
                                                     "attention_mask": [[1] * 20]})
-    with pytest.raises(ValueError, match="--neat-pack"):
+    with pytest.raises(UserError, match="--neat-pack"):
         SFTDataset(prefix, "train", (0, 1), 1, SFTDataOptions(seq_length=20, packed=True))
     ds = SFTDataset(prefix, "train", (0, 1), 1, SFTDataOptions(seq_length=20, packed=True, eos_token_id=EOS,
                                                                 pad_token_id=PAD))
     assert ds[0]["cu_seqlens"].tolist() == [0, 8, 16, 20]
-    with pytest.raises(ValueError, match="without --neat-pack"):
+    with pytest.raises(UserError, match="without --neat-pack"):
         SFTDataset(prefix, "train", (0, 1), 1, SFTDataOptions(seq_length=20, packed=True, neat_pack=True))
 
 
@@ -286,7 +287,7 @@ def test_pairwise_dataset(tmp_path):
 
 def test_mismatched_fields_refused(tmp_path):
     prefix = write_dataset(tmp_path / "bad", {"input_ids": [[1, 2, 3]], "labels": [[X, 2]]})
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(UserError, match="does not match"):
         SFTDataset(prefix, "train", (0, 1), 1, SFTDataOptions(seq_length=8))
 
 

@@ -7,14 +7,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from mindspeed_llm.checkpoint.errors import ConversionError
+from mindspeed_llm.errors import OneLineArgumentParser as _Parser
 
 PROG = "convert_ckpt.py"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def _positive(text: str) -> int:
@@ -124,16 +119,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from mindspeed_llm.logs import quiet_expected_warnings
-    from mindspeed_llm.models.config import ConfigError
-    from mindspeed_llm.models.placement import PlacementError
+    """Exit status of one conversion: 0, 2 after one `error:` line for bad input (also usage errors), 3 when
+    --verify finds a mismatch, 130 when interrupted."""
+    from mindspeed_llm.logs import exit_status, quiet_expected_warnings
 
     quiet_expected_warnings()
-    try:
-        return run(argv)
-    except (ConversionError, ConfigError, PlacementError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no partial output was published", file=sys.stderr)
-        return 130
+    return exit_status(lambda: run(argv))

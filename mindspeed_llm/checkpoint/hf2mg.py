@@ -17,7 +17,8 @@ from mindspeed_llm.checkpoint.mapping import chunk_state_dict
 from mindspeed_llm.models.config import DTYPES, ModelConfig, read_hf_config
 from mindspeed_llm.models.family import Family
 from mindspeed_llm.models.placement import Placement, place_layers
-from mindspeed_llm.models.registry import family_for_config
+from mindspeed_llm.models.registry import get_family
+from mindspeed_llm.models.resolve import resolve_model
 
 
 @dataclass
@@ -59,6 +60,8 @@ def checkpoint_args(hf_cfg: dict, fam: Family, cfg: ModelConfig, opts: Hf2MgOpti
         kv_channels=cfg.kv_channels, vocab_size=cfg.vocab_size, padded_vocab_size=cfg.vocab_size,
         max_position_embeddings=cfg.max_position_embeddings, norm_epsilon=cfg.norm_epsilon,
         rotary_base=cfg.rotary_base, tie_word_embeddings=cfg.tie_word_embeddings,
+        rope_scaling_type="llama3" if cfg.rope_scaling_factor is not None else None,
+        rope_scaling_factor=cfg.rope_scaling_factor, torch_dtype=cfg.torch_dtype,
         untie_embeddings_and_output_weights=cfg.untie_embeddings_and_output_weights,
         seq_length=4096, global_batch_size=64, add_position_embedding=True, use_rotary_position_embeddings=True,
         position_embedding_type="rope", add_bias_linear=False, add_qkv_bias=cfg.add_qkv_bias,
@@ -82,8 +85,9 @@ def checkpoint_args(hf_cfg: dict, fam: Family, cfg: ModelConfig, opts: Hf2MgOpti
 def convert_hf_to_mg(opts: Hf2MgOptions, log: Callable[[str], None] = print) -> Path:
     """Convert; returns the published iteration directory. Nothing looks complete until the end."""
     hf_cfg = read_hf_config(opts.load_dir)
-    fam = family_for_config(hf_cfg, opts.model_type_hf, source=str(Path(opts.load_dir) / "config.json"))
-    cfg = fam.config(hf_cfg)
+    cfg = resolve_model(hf=hf_cfg, hf_source=str(Path(opts.load_dir) / "config.json"),
+                        model_type_hf=opts.model_type_hf)
+    fam = get_family(cfg.family)
     check_tensor_parallel(cfg, opts.tp)
     placement = place_layers(cfg.num_layers, opts.pp, opts.num_layer_list, opts.layers_per_vpp_stage)
     dtype = DTYPES[opts.params_dtype] if opts.params_dtype else None

@@ -21,12 +21,27 @@ _CHECKED = {
 }
 
 
+def saved_args(load_dir: str | Path) -> tuple[argparse.Namespace, str]:
+    """(saved args, the rank file they were read from) of the checkpoint root `load_dir`."""
+    iter_dir = layout.iteration_dir(Path(load_dir))
+    args = layout.read_args(iter_dir)
+    return args, str(sorted(iter_dir.glob(f"mp_rank_*/{layout.FILE_NAME}"))[0])
+
+
 def check_args(saved: argparse.Namespace, expected: dict[str, Any], source: str) -> None:
-    """Raise one line naming the first flag whose value differs from the checkpoint's saved args."""
+    """Raise one line naming the first flag whose value differs from the checkpoint's saved args. Model-shape
+    keys (`models.resolve.MODEL_ARG_KEYS`) are compared where the checkpoint records them."""
+    from mindspeed_llm.models.resolve import MODEL_ARG_KEYS, flag_name, same
+
     for key, value in expected.items():
         if value is None or key not in _CHECKED and not hasattr(saved, key):
             continue
         stored = getattr(saved, key, None)
+        if key in MODEL_ARG_KEYS and key not in _CHECKED:
+            if stored is not None and not same(value, stored):
+                raise ConversionError(f"{flag_name(key)} {value} disagrees with {source}, which was saved with "
+                                      f"{stored}; the model built does not match the checkpoint")
+            continue
         if key == "num_layer_list":
             stored = str(stored) if stored else None
             value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value

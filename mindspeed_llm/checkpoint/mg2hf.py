@@ -18,7 +18,8 @@ from mindspeed_llm.checkpoint.mapping import MissingKey, merge_embedding, merge_
 from mindspeed_llm.models.config import ModelConfig, read_hf_config
 from mindspeed_llm.models.family import Family
 from mindspeed_llm.models.placement import Placement, parse_layer_list, place_layers
-from mindspeed_llm.models.registry import family_for_config, get_family
+from mindspeed_llm.models.registry import get_family
+from mindspeed_llm.models.resolve import resolve_model
 
 
 @dataclass
@@ -34,56 +35,18 @@ class Mg2HfOptions:
     layers_per_vpp_stage: Optional[int] = None
 
 
-def _arg(args: argparse.Namespace, *names: str, default=None):
-    for n in names:
-        value = getattr(args, n, None)
-        if value is not None:
-            return value
-    return default
-
-
 def model_from_args(args: argparse.Namespace, model_type_hf: Optional[str] = None,
                     hf_cfg_dir: Optional[Path] = None, source: str = "checkpoint args") -> tuple[Family, ModelConfig]:
-    """Family and ModelConfig of a Megatron checkpoint, from its saved args (checked against --hf-cfg-dir)."""
-    saved = vars(args)
-    if saved.get("architectures"):
-        fam = family_for_config(saved, model_type_hf, source=source)
-    elif model_type_hf or saved.get("model_type_hf"):
-        fam = get_family(model_type_hf or saved["model_type_hf"])
-    else:
+    """Family and ModelConfig of a Megatron checkpoint, from its saved args (`source`), which must agree with
+    --hf-cfg-dir's config.json when given (`models.resolve.resolve_model`)."""
+    hf = read_hf_config(hf_cfg_dir) if hf_cfg_dir is not None else None
+    if hf is None and not model_type_hf and not getattr(args, "model_type_hf", None) \
+            and not getattr(args, "architectures", None):
         raise ConversionError(f"{source} name no model family; pass --model-type-hf")
-    heads = _arg(args, "num_attention_heads")
-    groups = _arg(args, "num_key_value_heads", "num_query_groups") if (
-        getattr(args, "num_key_value_heads", None) or getattr(args, "group_query_attention", False)) else heads
-    hf_like = {
-        "architectures": list(fam.architectures[:1]),
-        "num_hidden_layers": _arg(args, "num_layers", "num_hidden_layers"),
-        "hidden_size": _arg(args, "hidden_size"),
-        "intermediate_size": _arg(args, "ffn_hidden_size", "intermediate_size"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": groups,
-        "head_dim": _arg(args, "kv_channels", "head_dim"),
-        "vocab_size": _arg(args, "padded_vocab_size", "vocab_size"),
-        "max_position_embeddings": _arg(args, "max_position_embeddings", default=4096),
-        "rms_norm_eps": _arg(args, "norm_epsilon", "rms_norm_eps", default=1e-6),
-        "rope_theta": _arg(args, "rotary_base", "rope_theta", default=10000.0),
-        "tie_word_embeddings": not _arg(args, "untie_embeddings_and_output_weights", default=False),
-    }
-    missing = [k for k, v in hf_like.items() if v is None]
-    if missing:
-        raise ConversionError(f"{source} lack {missing[0]}; the checkpoint was not written by a compatible saver")
-    cfg = fam.config(hf_like)
-    if hf_cfg_dir is not None:
-        hf_cfg = read_hf_config(hf_cfg_dir)
-        ref = family_for_config(hf_cfg, None, source=str(Path(hf_cfg_dir) / "config.json")).config(hf_cfg)
-        for field in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-                      "ffn_hidden_size", "vocab_size", "tie_word_embeddings"):
-            if getattr(ref, field) != getattr(cfg, field):
-                raise ConversionError(f"--hf-cfg-dir {hf_cfg_dir}: config.json has {field}={getattr(ref, field)} "
-                                      f"but the checkpoint was saved with {getattr(cfg, field)}; pass the config of "
-                                      f"the model this checkpoint came from")
-        cfg = ref
-    return fam, cfg
+    cfg = resolve_model(saved=args, saved_source=source, hf=hf,
+                        hf_source=str(Path(hf_cfg_dir) / "config.json") if hf_cfg_dir else "",
+                        model_type_hf=model_type_hf)
+    return get_family(cfg.family), cfg
 
 
 def _check_flags(args: argparse.Namespace, opts: Mg2HfOptions) -> None:
@@ -115,7 +78,8 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
     args = layout.read_args(iter_dir)
     if opts is not None:
         _check_flags(args, opts)
-    fam, cfg = model_from_args(args, model_type_hf, hf_cfg_dir, source=f"{iter_dir} args")
+    source = str(sorted(iter_dir.glob(f"mp_rank_*/{layout.FILE_NAME}"))[0])
+    fam, cfg = model_from_args(args, model_type_hf, hf_cfg_dir, source=source)
     tp, pp = int(args.tensor_model_parallel_size), int(args.pipeline_model_parallel_size)
     placement = checkpoint_placement(args, cfg)
     keys = layout.model_keys(placement.vpp)

@@ -68,18 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def explicit_dests(argv: Optional[list[str]]) -> set[str]:
-    """Destinations the command line set explicitly (so checkpoint values can fill the rest)."""
-    p = build_parser()
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-        action.required = False
-    return set(vars(p.parse_args(argv)))
-
-
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    args.explicit = explicit_dests(argv)
+    from mindspeed_llm.explicit import explicit_dests
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.explicit = explicit_dests(parser, argv)     # checkpoint values fill the flags not typed
     validate(args)
     return args
 

@@ -79,12 +79,9 @@ def setup(args: argparse.Namespace) -> Engine:
     from mindspeed_llm.platform import init_distributed
     from mindspeed_llm.tokenizer import build_tokenizer
 
-    try:
-        init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, None,
-                         backend=args.distributed_backend, seed=args.seed,
-                         timeout_minutes=args.distributed_timeout_minutes)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, None,
+                     backend=args.distributed_backend, seed=args.seed,
+                     timeout_minutes=args.distributed_timeout_minutes)
 
     def load():
         template = (get_template(args.prompt_type, args.prompt_type_path, enable_thinking=args.enable_thinking)

@@ -1,10 +1,7 @@
 """`inference.py`: load a Megatron checkpoint on every rank and run the generation tasks or a batch file."""
 from __future__ import annotations
 
-import sys
 from typing import NoReturn, Optional
-
-from mindspeed_llm.errors import UserError
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -26,19 +23,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 def run(argv: Optional[list[str]] = None) -> NoReturn:
-    """Entry point: a UserError becomes one `error: <message>` line (from rank 0 when all ranks share it) and
-    exit status 2."""
-    from mindspeed_llm.inference.comm import world_rank
-    from mindspeed_llm.logs import setup_logging
+    """Entry point (`logs.run_main`): a UserError is one `error: <message>` line (from rank 0 when all ranks
+    share it) and exit status 2."""
+    from mindspeed_llm.logs import run_main
 
-    setup_logging()
-    try:
-        main(argv)
-    except UserError as exc:
-        if world_rank() == 0 or not getattr(exc, "shared", False):
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted; no output file was written", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(0)
+    run_main(lambda: main(argv))

@@ -6,7 +6,7 @@ from typing import Any, Optional
 import torch
 
 from mindspeed_llm.models.config import ModelConfig, transformer_config
-from mindspeed_llm.models.placement import place_layers
+from mindspeed_llm.models.placement import PlacementError, place_layers
 from mindspeed_llm.models.spec import get_layer_spec
 
 
@@ -31,7 +31,7 @@ def build_model(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
     placement = place_layers(cfg.num_layers, pp, num_layer_list, num_layers_per_virtual_pipeline_stage)
     vpp = placement.vpp if placement.vpp > 1 else None
     if vpp != ps.get_virtual_pipeline_model_parallel_world_size():
-        raise ValueError(f"virtual pipeline size {vpp} (from --num-layers-per-virtual-pipeline-stage) does not match "
+        raise PlacementError(f"virtual pipeline size {vpp} (from --num-layers-per-virtual-pipeline-stage) does not match "
                          f"the parallel state's {ps.get_virtual_pipeline_model_parallel_world_size()}; pass it to "
                          f"init_distributed(virtual_pipeline_model_parallel_size=...)")
     config_overrides.setdefault("use_cpu_initialization", detect_platform().is_cpu)

@@ -8,6 +8,8 @@ from typing import Any, Optional
 
 import torch
 
+from mindspeed_llm.errors import UserError
+
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -42,7 +44,7 @@ class ModelConfig:
         return asdict(self)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config.json that cannot describe a supported model; the message names the key and the fix."""
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from mindspeed_llm.errors import UserError
 
-class PlacementError(ValueError):
+
+class PlacementError(UserError):
     """A pipeline split that cannot hold the model; the message names the flag and the fix."""
 
 

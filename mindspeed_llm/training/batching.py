@@ -18,6 +18,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from mindspeed_llm.errors import UserError
+
 from mindspeed_llm.training.loss import IGNORE_INDEX, loss_mask_from_labels, shift_labels
 from mindspeed_llm.data.preprocess import SIDECAR_SUFFIX
 from mindspeed_llm.training.sft_dataset import read_sidecar
@@ -81,9 +83,9 @@ class SFTCollator:
         if self.mode not in MODES:
             raise ValueError(f"batch mode {self.mode!r}: expected one of {MODES}")
         if self.padding_side not in ("right", "left"):
-            raise ValueError(f"--tokenizer-padding-side {self.padding_side!r}: expected right or left")
+            raise UserError(f"--tokenizer-padding-side {self.padding_side!r}: expected right or left")
         if self.mode == "packed" and self.padding_side != "right":
-            raise ValueError("--tokenizer-padding-side left cannot be used with --reset-attention-mask")
+            raise UserError("--tokenizer-padding-side left cannot be used with --reset-attention-mask")
 
     def padded_length(self, max_len: int) -> int:
         if self.mode == "dynamic":
@@ -104,7 +106,7 @@ class SFTCollator:
         }
         if self.mode == "packed":
             if "cu_seqlens" not in items[0]:
-                raise ValueError("--reset-attention-mask: the dataset yields unpacked samples; build it with "
+                raise UserError("--reset-attention-mask: the dataset yields unpacked samples; build it with "
                                  "SFTDataOptions(packed=True) over --pack data")
             batch["position_ids"] = _pad_rows([it["position_ids"] for it in items], length, 0, False)
             cu = batch_cu_seqlens([it["cu_seqlens"] for it in items], length)
@@ -135,12 +137,12 @@ class PretrainingSampler:
     def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
                  data_parallel_rank: int, data_parallel_size: int, drop_last: bool = True) -> None:
         if total_samples <= 0:
-            raise ValueError(f"no samples to draw from (dataset length {total_samples})")
+            raise UserError(f"no samples to draw from (dataset length {total_samples})")
         if consumed_samples >= total_samples:
-            raise ValueError(f"consumed samples {consumed_samples} >= dataset length {total_samples}: the data "
+            raise UserError(f"consumed samples {consumed_samples} >= dataset length {total_samples}: the data "
                              "is exhausted; raise --train-iters only together with a new index map")
         if micro_batch_size <= 0 or not 0 <= data_parallel_rank < data_parallel_size:
-            raise ValueError(f"bad sampler setup: micro batch {micro_batch_size}, "
+            raise UserError(f"bad sampler setup: micro batch {micro_batch_size}, "
                              f"DP rank {data_parallel_rank} of {data_parallel_size}")
         self.total_samples = total_samples
         self.consumed_samples = consumed_samples
@@ -295,11 +297,11 @@ def check_sidecar(prefix: str, args: Any, tokenizer: Any = None) -> dict | None:
     where = prefix + SIDECAR_SUFFIX
 
     def refuse(flag: str, ours: Any, theirs: Any, fix: str) -> None:
-        raise ValueError(f"{where}: {flag} is {ours!r} for training but the data was preprocessed with "
+        raise UserError(f"{where}: {flag} is {ours!r} for training but the data was preprocessed with "
                          f"{theirs!r}; {fix}")
 
     if sidecar.get("format_version") != 1:
-        raise ValueError(f"{where}: format_version {sidecar.get('format_version')!r} is not 1; "
+        raise UserError(f"{where}: format_version {sidecar.get('format_version')!r} is not 1; "
                          "re-run preprocess_data.py with this version")
     rerun = "re-run preprocess_data.py with the training flags"
     _check_data_files(prefix, sidecar.get("data_files") or {}, where)

@@ -273,12 +273,11 @@ def load_model(args: argparse.Namespace, chunks: list) -> Loaded:
                             f"or convert it first with convert_ckpt.py")
         _print0(f"WARNING: --load {load_dir} holds no {layout.TRACKER}; training starts from random weights")
         return Loaded(None)
-    expected = {"num_layers": chunks[0].config.num_layers, "hidden_size": chunks[0].config.hidden_size,
-                "num_attention_heads": chunks[0].config.num_attention_heads}
-    try:
-        state = load_checkpoint(chunks, load_dir, expected=expected, strict=not args.load_checkpoint_loosely)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    from mindspeed_llm.models.resolve import MODEL_ARG_KEYS
+
+    # The resolved model (`resolve.record_model` wrote it into args) must be the one each rank file was saved with.
+    expected = {key: getattr(args, key, None) for key in MODEL_ARG_KEYS}
+    state = load_checkpoint(chunks, load_dir, expected=expected, strict=not args.load_checkpoint_loosely)
     release = str(layout.read_tracker(load_dir)) == "release"
     converted = "optimizer" not in state and "rng_state" not in state and not args.no_load_optim
     tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()

@@ -23,16 +23,13 @@ def build_run_data(args: argparse.Namespace, tokenizer, consumed_samples: int) -
     from mindspeed_llm.training.batching import check_sidecar, make_collator
     from mindspeed_llm.training.sft_dataset import build_sft_datasets, options_from_args, train_valid_test_num_samples
 
-    try:
-        sidecar = check_sidecar(args.data_path, args, tokenizer)
-        options = options_from_args(args, sidecar)
-        if options.eos_token_id is None:
-            options.eos_token_id = tokenizer.eos_token_id
-        if options.pad_token_id is None:
-            options.pad_token_id = tokenizer.pad_token_id
-        train, valid, _ = build_sft_datasets(args.data_path, args.split, train_valid_test_num_samples(args), options)
-    except (FileNotFoundError, ValueError) as exc:
-        raise UserError(str(exc)) from None
+    sidecar = check_sidecar(args.data_path, args, tokenizer)
+    options = options_from_args(args, sidecar)
+    if options.eos_token_id is None:
+        options.eos_token_id = tokenizer.eos_token_id
+    if options.pad_token_id is None:
+        options.pad_token_id = tokenizer.pad_token_id
+    train, valid, _ = build_sft_datasets(args.data_path, args.split, train_valid_test_num_samples(args), options)
     if train is None:
         raise UserError(f"--split {args.split} leaves no training samples in --data-path {args.data_path}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -13,93 +13,34 @@ from mindspeed_llm.arguments import params_dtype
 from mindspeed_llm.errors import UserError
 from mindspeed_llm.platform import notice
 
-# ModelConfig field <- flag (dest name); only flags a user may give are checked against an HF config.
-_SHAPE_FLAGS = {
-    "num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "ffn_hidden_size",
-    "num_attention_heads": "num_attention_heads", "num_query_groups": "num_query_groups",
-    "kv_channels": "kv_channels", "max_position_embeddings": "max_position_embeddings",
-    "vocab_size": "padded_vocab_size",
-}
 
-
-def _pad_vocab(n: int, multiple: int, tp: int) -> int:
-    step = max(multiple, 1) * tp
-    return -(-n // step) * step
-
-
-def checkpoint_args(load: Optional[str]) -> Optional[argparse.Namespace]:
-    """Saved `args` of the checkpoint --load names, or None (no tracker there)."""
+def checkpoint_args(load: Optional[str]) -> tuple[Optional[argparse.Namespace], str]:
+    """(saved args, the file they were read from) of the checkpoint --load names; (None, "") without a tracker."""
     if not load:
-        return None
+        return None, ""
     from mindspeed_llm.checkpoint import layout
+    from mindspeed_llm.checkpoint.load import saved_args
 
     if not (Path(load) / layout.TRACKER).is_file():
-        return None
-    try:
-        return layout.read_args(layout.iteration_dir(Path(load)))
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+        return None, ""
+    return saved_args(load)
 
 
 def model_config(args: argparse.Namespace, tokenizer_len: int, hf_dir: Optional[str] = None):
-    """`ModelConfig` from the HF config.json in `hf_dir` (checked against any shape flags given), else from
-    the flags, with unset shape flags taken from the --load checkpoint's saved args."""
-    from mindspeed_llm.models.config import ConfigError, ModelConfig
+    """The run's `ModelConfig` (`models.resolve.resolve_model`): typed flags checked against the --load
+    checkpoint's saved args and, with --enable-hf2mg-convert, the HF config.json in `hf_dir`; they fill the rest."""
+    from mindspeed_llm.arguments import build_train_parser
+    from mindspeed_llm.explicit import explicit_of
+    from mindspeed_llm.models.config import read_hf_config
+    from mindspeed_llm.models.resolve import resolve_model
 
-    if hf_dir is not None:
-        from mindspeed_llm.models.registry import load_model_config
-
-        try:
-            fam, cfg = load_model_config(hf_dir, args.model_type_hf)
-        except ConfigError as exc:
-            raise UserError(str(exc)) from None
-        for field, dest in _SHAPE_FLAGS.items():
-            given = getattr(args, dest, None)
-            if given is not None and given != getattr(cfg, field):
-                raise UserError(f"--{dest.replace('_', '-')} {given} disagrees with {hf_dir}/config.json "
-                                f"({field} = {getattr(cfg, field)}); drop the flag or fix it")
-        if args.untie_embeddings_and_output_weights and cfg.tie_word_embeddings:
-            raise UserError(f"--untie-embeddings-and-output-weights: {hf_dir}/config.json ties the embeddings "
-                            "(tie_word_embeddings = true); drop the flag")
-        return _check_seq_length(args, cfg, f"{hf_dir}/config.json")
-
-    saved = checkpoint_args(args.load)
-
-    def get(dest: str, required: bool = True, default: Any = None) -> Any:
-        value = getattr(args, dest, None)
-        if value is None and saved is not None:
-            value = getattr(saved, dest, None)
-        if value is None and required:
-            raise UserError(f"--{dest.replace('_', '-')} is required (no checkpoint args to take it from)")
-        return default if value is None else value
-
-    heads = int(get("num_attention_heads"))
-    hidden = int(get("hidden_size"))
-    vocab = args.padded_vocab_size or (saved and getattr(saved, "padded_vocab_size", None)) or \
-        _pad_vocab(tokenizer_len, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
-    groups = get("num_query_groups", False) if args.group_query_attention or args.num_query_groups else None
-    scaling = args.rope_scaling_factor if args.rope_scaling_type == "llama3" else None
-    qk_norm, qkv_bias = bool(args.qk_layernorm), bool(args.add_qkv_bias)
-    # The family names the HF layout for conversion back; without a flag or saved value, the shape decides.
-    family = args.model_type_hf or (saved and getattr(saved, "model_type_hf", None)) or \
-        ("qwen3" if qk_norm else "qwen2" if qkv_bias else "llama3")
-    return _check_seq_length(args, ModelConfig(
-        family=family,
-        num_layers=int(get("num_layers")),
-        hidden_size=hidden,
-        ffn_hidden_size=int(get("ffn_hidden_size", False, 4 * hidden)),
-        num_attention_heads=heads,
-        num_query_groups=int(groups or heads),
-        kv_channels=int(get("kv_channels", False, hidden // heads)),
-        vocab_size=int(vocab),
-        max_position_embeddings=int(get("max_position_embeddings", False, args.seq_length)),
-        norm_epsilon=float(args.norm_epsilon),
-        rotary_base=float(args.rotary_base),
-        tie_word_embeddings=not args.untie_embeddings_and_output_weights,
-        qk_layernorm=qk_norm,
-        add_qkv_bias=qkv_bias,
-        rope_scaling_factor=scaling,
-    ), "the flags or the checkpoint")
+    saved, source = checkpoint_args(args.load)
+    hf = read_hf_config(hf_dir) if hf_dir is not None else None
+    cfg = resolve_model(args, explicit_of(args, build_train_parser()), saved=saved, saved_source=source,
+                        hf=hf, hf_source=str(Path(hf_dir) / "config.json") if hf_dir else "",
+                        tokenizer_len=tokenizer_len)
+    return _check_seq_length(args, cfg, str(Path(hf_dir) / "config.json") if hf_dir else
+                             (source or "the flags"))
 
 
 def _check_seq_length(args: argparse.Namespace, cfg, source: str):
@@ -171,15 +112,12 @@ def transformer_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def build_chunks(args: argparse.Namespace, cfg) -> list:
     """This rank's GPTModel chunks in training mode."""
     from mindspeed_llm.models.build import build_model
-    from mindspeed_llm.models.placement import PlacementError, parse_layer_list
+    from mindspeed_llm.models.placement import parse_layer_list
 
-    try:
-        chunks = build_model(cfg, params_dtype=params_dtype(args), num_layer_list=parse_layer_list(args.num_layer_list),
-                             num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
-                             sequence_parallel=args.sequence_parallel, seq_length=None,
-                             layer_spec=layer_spec(args, cfg), **transformer_overrides(args))
-    except PlacementError as exc:
-        raise UserError(str(exc)) from None
+    chunks = build_model(cfg, params_dtype=params_dtype(args), num_layer_list=parse_layer_list(args.num_layer_list),
+                         num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
+                         sequence_parallel=args.sequence_parallel, seq_length=None,
+                         layer_spec=layer_spec(args, cfg), **transformer_overrides(args))
     for c in chunks:
         c.train()
     return chunks

@@ -34,7 +34,7 @@ def set_seed(seed: int) -> None:
 
 
 def init_run(args: argparse.Namespace) -> None:
-    from mindspeed_llm.models.placement import PlacementError, place_layers
+    from mindspeed_llm.models.placement import place_layers
     from mindspeed_llm.platform import init_distributed
     from mindspeed_llm.training.validate import validate_world
 
@@ -43,18 +43,12 @@ def init_run(args: argparse.Namespace) -> None:
     if args.num_layers_per_virtual_pipeline_stage:
         if args.num_layers is None:
             raise UserError("--num-layers-per-virtual-pipeline-stage needs --num-layers")
-        try:
-            vpp = place_layers(args.num_layers, args.pipeline_model_parallel_size, None,
-                               args.num_layers_per_virtual_pipeline_stage).vpp
-        except PlacementError as exc:
-            raise UserError(str(exc)) from None
+        vpp = place_layers(args.num_layers, args.pipeline_model_parallel_size, None,
+                           args.num_layers_per_virtual_pipeline_stage).vpp
         vpp = vpp if vpp > 1 else None
-    try:
-        init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, vpp,
-                         backend=args.distributed_backend, seed=args.seed,
-                         timeout_minutes=args.distributed_timeout_minutes)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, vpp,
+                     backend=args.distributed_backend, seed=args.seed,
+                     timeout_minutes=args.distributed_timeout_minutes)
     set_seed(args.seed)
 
 
@@ -84,7 +78,9 @@ def hf2mg(args: argparse.Namespace) -> str:
                         f"model directory (to resume from a Megatron save, drop --enable-hf2mg-convert)")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     cache = args.mg_save_dir or str(Path(hf_dir) / f"megatron_cache_tp{tp}pp{pp}ep1")
-    error = [""]
+    # Rank 0 converts while the others wait in the broadcast: they learn whether it failed, and why.
+    outcome: list = [None]
+    failure: Optional[BaseException] = None
     if torch.distributed.get_rank() == 0:
         try:
             convert_hf_to_mg(Hf2MgOptions(
@@ -93,11 +89,20 @@ def hf2mg(args: argparse.Namespace) -> str:
                 layers_per_vpp_stage=args.num_layers_per_virtual_pipeline_stage,
                 params_dtype="bf16" if args.bf16 else "fp16" if args.fp16 else None),
                 log=lambda msg: None)
-        except (ValueError, OSError) as exc:
-            error[0] = f"--enable-hf2mg-convert: {exc}"
-    torch.distributed.broadcast_object_list(error, src=0)
-    if error[0]:
-        raise UserError(error[0])
+        except UserError as exc:
+            outcome[0] = ("user", f"--enable-hf2mg-convert: {exc}")
+        except BaseException as exc:      # a bug or a failed write: rank 0 re-raises it with its traceback
+            outcome[0], failure = ("bug", f"rank 0 failed converting --load {hf_dir}: {exc!r}"), exc
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
+    if outcome[0] is not None:
+        kind, message = outcome[0]
+        if kind == "user":
+            error = UserError(message)
+            error.shared = True
+            raise error
+        raise RuntimeError(message)
     args.load = cache
     return hf_dir
 
@@ -245,6 +250,7 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
 
     from mindspeed_llm.platform import current_device, destroy_distributed, device_tensor
     from mindspeed_llm.training import checkpointing as ckpt
+    from mindspeed_llm.models.resolve import record_model
     from mindspeed_llm.training import model_setup
     from mindspeed_llm.training.data import build_run_data, next_micro_batches
     from mindspeed_llm.training.log import TrainLog, flops_per_iteration, print_args
@@ -255,8 +261,7 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
     hf_dir = hf2mg(args) if args.enable_hf2mg_convert else None
     model_setup.check_model_flags(args)
     cfg = model_setup.model_config(args, len(tokenizer), hf_dir)
-    args.padded_vocab_size = cfg.vocab_size
-    args.model_type_hf = args.model_type_hf or cfg.family     # saved with checkpoints: mg -> hf needs it
+    record_model(args, cfg)          # saves record the model that ran (mg -> hf and later loads read it)
     print_args(args)
     chunks = model_setup.build_chunks(args, cfg)
     loaded = ckpt.load_model(args, chunks)

@@ -26,6 +26,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from mindspeed_llm.errors import UserError
+
 from mindspeed_llm.data.preprocess import SIDECAR_SUFFIX
 from mindspeed_llm.data.templates import IGNORE_INDEX, infer_seqlen
 
@@ -45,7 +47,7 @@ def _expected_files(prefix: str, fields: Sequence[str]) -> str:
 def find_fields(prefix: str, required: Sequence[str] = ("input_ids", "labels")) -> dict[str, str]:
     """Map field name -> indexed-dataset path prefix for every `PREFIX_packed_<field>_document.{bin,idx}` pair.
 
-    Raises FileNotFoundError (one line, naming the expected files) when a required field or half a pair is missing.
+    Raises UserError (one line, naming the expected files) when a required field or half a pair is missing.
     """
     head = f"{prefix}_packed_"
     found: dict[str, set[str]] = {}
@@ -61,7 +63,7 @@ def find_fields(prefix: str, required: Sequence[str] = ("input_ids", "labels")) 
         missing += [f"{head}{f}_document{ext}" for ext in (".bin", ".idx") if ext not in found.get(f, ())]
     if missing:
         have = ", ".join(f for f, exts in sorted(found.items()) if len(exts) == 2) or "none"
-        raise FileNotFoundError(
+        raise UserError(
             f"--data-path {prefix}: "
             + (f"missing {', '.join(os.path.basename(m) for m in missing)}" if found else "no dataset files")
             + "; expected "
@@ -76,7 +78,10 @@ def read_sidecar(prefix: str) -> dict[str, Any] | None:
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} is not valid JSON ({exc}); preprocess the data again") from None
 
 
 def split_ranges(split: str, n: int) -> list[tuple[int, int]]:
@@ -86,7 +91,7 @@ def split_ranges(split: str, n: int) -> list[tuple[int, int]]:
     """
     parts = [float(s) for s in split.replace("/", ",").split(",") if s.strip()]
     if not parts or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise ValueError(f"--split {split!r}: expected up to three non-negative weights such as 100,0,0")
+        raise UserError(f"--split {split!r}: expected up to three non-negative weights such as 100,0,0")
     parts = (parts + [0.0, 0.0])[:3]
     total = sum(parts)
     bounds = [0]
@@ -234,7 +239,7 @@ def build_index_map(doc_ids: np.ndarray, num_samples: int, seed: int, shuffle: b
     if num_samples <= 0:
         return np.zeros(0, dtype=np.int64)
     if n == 0:
-        raise ValueError(f"{num_samples} samples requested from an empty split; check --split")
+        raise UserError(f"{num_samples} samples requested from an empty split; check --split")
     rng = np.random.RandomState(seed)
     epochs = []
     total = 0
@@ -357,19 +362,19 @@ class SFTDataset(torch.utils.data.Dataset):
             # Fields of one sequence (chosen_*, rejected_*, or the plain ones) share every length.
             ref = next(g for g in lengths if g.split("_")[0] == f.split("_")[0]) if options.pairwise else first
             if len(lens) != len(lengths[first]) or not np.array_equal(lens, lengths[ref]):
-                raise ValueError(f"--data-path {prefix}: field {f} does not match {ref} sample for sample; "
+                raise UserError(f"--data-path {prefix}: field {f} does not match {ref} sample for sample; "
                                  "the files come from different preprocessing runs")
         start, end = doc_range
         if not 0 <= start <= end <= len(lengths[first]):
-            raise ValueError(f"--data-path {prefix}: sample range {start}:{end} is outside its "
+            raise UserError(f"--data-path {prefix}: sample range {start}:{end} is outside its "
                              f"{len(lengths[first])} samples")
         if options.packed and options.neat_pack and end > start:
             first_mask = np.asarray(self.fields["attention_mask"].get(start))
             if len(first_mask) and not (first_mask != 1).any():
-                raise ValueError(f"--neat-pack: {prefix} has no segment ids (attention_mask all 1s); the data "
+                raise UserError(f"--neat-pack: {prefix} has no segment ids (attention_mask all 1s); the data "
                                  "was preprocessed with --pack but without --neat-pack")
         if options.packed and not options.neat_pack and options.eos_token_id is None:
-            raise ValueError("plain --pack data with --reset-attention-mask needs the eos id to find sample "
+            raise UserError("plain --pack data with --reset-attention-mask needs the eos id to find sample "
                              "boundaries: the sidecar has none; preprocess with --neat-pack")
         self.num_docs = len(lengths[first])
         doc_ids = np.arange(start, end, dtype=np.int64)

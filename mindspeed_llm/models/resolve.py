@@ -1,0 +1,252 @@
+"""One model shape for a run, from what describes it: explicit flags, a Megatron checkpoint's saved args and a
+Hugging Face config.json. Training, generation and both conversion directions resolve through `resolve_model`.
+
+Precedence, as Megatron users expect it: a flag the user typed wins only when it agrees with the checkpoint (a
+disagreement is a one-line UserError naming the flag, the file and both values); the checkpoint's saved args and
+config.json fill what the user did not type (they must agree with each other); parser defaults fill the rest.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict
+from typing import Any, Collection, Optional
+
+from mindspeed_llm.errors import UserError
+from mindspeed_llm.models.config import ModelConfig
+from mindspeed_llm.models.registry import family_for_config, get_family
+
+_MISSING = object()
+
+# ModelConfig field -> (flag destination, config.json key) for the fields a source can record.
+FIELDS: dict[str, tuple[str, str]] = {
+    "num_layers": ("num_layers", "num_hidden_layers"),
+    "hidden_size": ("hidden_size", "hidden_size"),
+    "ffn_hidden_size": ("ffn_hidden_size", "intermediate_size"),
+    "num_attention_heads": ("num_attention_heads", "num_attention_heads"),
+    "num_query_groups": ("num_query_groups", "num_key_value_heads"),
+    "kv_channels": ("kv_channels", "head_dim"),
+    "vocab_size": ("padded_vocab_size", "vocab_size"),
+    "max_position_embeddings": ("max_position_embeddings", "max_position_embeddings"),
+    "norm_epsilon": ("norm_epsilon", "rms_norm_eps"),
+    "rotary_base": ("rotary_base", "rope_theta"),
+    "tie_word_embeddings": ("untie_embeddings_and_output_weights", "tie_word_embeddings"),
+    "qk_layernorm": ("qk_layernorm", "(family) q/k norm"),
+    "add_qkv_bias": ("add_qkv_bias", "(family) q/k/v bias"),
+    "rope_scaling_factor": ("rope_scaling_factor", "rope_scaling.factor"),
+}
+
+# Saved-args names of the resolved model: what a save records and what a load compares (see `model_args`).
+MODEL_ARG_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                  "kv_channels", "padded_vocab_size", "max_position_embeddings", "norm_epsilon", "rotary_base",
+                  "untie_embeddings_and_output_weights", "qk_layernorm", "add_qkv_bias")
+
+
+def flag_name(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal, with floats compared to a relative 1e-9 (1e-6 written as 1e-06 or 0.000001 is the same eps)."""
+    if isinstance(a, float) or isinstance(b, float):
+        if a is None or b is None or isinstance(a, bool) or isinstance(b, bool):
+            return a == b
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def _saved_values(saved: argparse.Namespace) -> dict[str, Any]:
+    """The fields a checkpoint's saved args record (a value of None means "not recorded")."""
+    def get(*names: str) -> Any:
+        for n in names:
+            value = getattr(saved, n, None)
+            if value is not None:
+                return value
+        return None
+
+    out: dict[str, Any] = {
+        "num_layers": get("num_layers", "num_hidden_layers"), "hidden_size": get("hidden_size"),
+        "ffn_hidden_size": get("ffn_hidden_size", "intermediate_size"),
+        "num_attention_heads": get("num_attention_heads"),
+        "kv_channels": get("kv_channels", "head_dim"), "vocab_size": get("padded_vocab_size", "vocab_size"),
+        "max_position_embeddings": get("max_position_embeddings"),
+        "norm_epsilon": get("norm_epsilon", "rms_norm_eps"), "rotary_base": get("rotary_base", "rope_theta"),
+        "qk_layernorm": get("qk_layernorm"), "add_qkv_bias": get("add_qkv_bias"),
+    }
+    groups = get("num_query_groups", "num_key_value_heads")
+    if groups is None and out["num_attention_heads"] is not None and not getattr(saved, "group_query_attention", 0):
+        groups = out["num_attention_heads"]       # saved without GQA: one KV group per head
+    out["num_query_groups"] = groups
+    untie = get("untie_embeddings_and_output_weights")
+    tie = get("tie_word_embeddings")
+    out["tie_word_embeddings"] = (not untie) if untie is not None else tie
+    if hasattr(saved, "rope_scaling_type"):
+        out["rope_scaling_factor"] = (float(saved.rope_scaling_factor) if saved.rope_scaling_type == "llama3"
+                                      else None)
+    else:
+        out["rope_scaling_factor"] = _MISSING
+    return {k: v for k, v in out.items() if v is not None or k == "rope_scaling_factor"}
+
+
+def _flag_values(args: argparse.Namespace, explicit: Collection[str]) -> dict[str, Any]:
+    """ModelConfig field -> value, for the model flags the user typed."""
+    out: dict[str, Any] = {}
+    for field, (dest, _) in FIELDS.items():
+        if dest not in explicit or getattr(args, dest, None) is None:
+            continue
+        value = getattr(args, dest)
+        if field == "tie_word_embeddings":
+            if not value:
+                continue            # --no-... does not exist: only the untie switch can be typed
+            value = False
+        elif field in ("qk_layernorm", "add_qkv_bias") and not value:
+            continue
+        elif field == "rope_scaling_factor":
+            value = float(value) if getattr(args, "rope_scaling_type", None) == "llama3" else None
+        out[field] = value
+    if "rope_scaling_type" in explicit and "rope_scaling_factor" not in out and args.rope_scaling_type:
+        raise UserError(f"--rope-scaling-type {args.rope_scaling_type} needs --rope-scaling-factor")
+    return out
+
+
+def _show(field: str, value: Any) -> str:
+    return f"{FIELDS[field][1] if field == 'tie_word_embeddings' else field} = {value}"
+
+
+def _flag_text(field: str, value: Any) -> str:
+    dest = FIELDS[field][0]
+    if field == "tie_word_embeddings":
+        return flag_name(dest)
+    if isinstance(value, bool):
+        return flag_name(dest)
+    return f"{flag_name(dest)} {value}"
+
+
+def _fix(field: str, stored: Any) -> str:
+    dest = FIELDS[field][0]
+    if field == "tie_word_embeddings" or isinstance(stored, bool):
+        return "drop the flag"
+    return f"drop the flag or pass {flag_name(dest)} {stored}"
+
+
+def _family(args: Optional[argparse.Namespace], explicit: Collection[str], model_type_hf: Optional[str],
+            saved: Optional[argparse.Namespace], saved_source: str, hf: Optional[dict], hf_source: str):
+    """The model family: config.json architectures, else the checkpoint's, else --model-type-hf (all agreeing)."""
+    requested = model_type_hf or (args.model_type_hf if args is not None and getattr(args, "model_type_hf", None)
+                                  else None)
+    fam = family_for_config(hf, requested, source=hf_source) if hf is not None else None
+    recorded = None
+    if saved is not None:
+        if getattr(saved, "architectures", None):
+            recorded = family_for_config(vars(saved), None, source=saved_source)
+        elif getattr(saved, "model_type_hf", None):
+            recorded = get_family(saved.model_type_hf)
+    if fam is not None and recorded is not None and fam is not recorded:
+        raise UserError(f"{saved_source} was saved from a {recorded.name} model but {hf_source} describes a "
+                        f"{fam.name} model; pass the config of the model this checkpoint came from")
+    fam = fam or recorded
+    if requested is not None:
+        wanted = get_family(requested)
+        if fam is not None and wanted is not fam:
+            raise UserError(f"--model-type-hf {requested} disagrees with {hf_source if hf else saved_source}, "
+                            f"which holds a {fam.name} model; drop the flag or pass --model-type-hf {fam.name}")
+        fam = wanted
+    return fam
+
+
+def resolve_model(args: Optional[argparse.Namespace] = None, explicit: Collection[str] = (), *,
+                  saved: Optional[argparse.Namespace] = None, saved_source: str = "the checkpoint args",
+                  hf: Optional[dict] = None, hf_source: str = "config.json", model_type_hf: Optional[str] = None,
+                  tokenizer_len: Optional[int] = None) -> ModelConfig:
+    """The one model shape of a run.
+
+    `args`: the parsed flags (None for conversion, which has no model flags); `explicit`: the flag destinations
+    the user typed (`mindspeed_llm.explicit.explicit_dests`); `saved`: a Megatron checkpoint's saved args, read
+    from `saved_source`; `hf`: config.json as a dict, read from `hf_source`; `tokenizer_len` pads the vocabulary
+    when nothing records it. Raises UserError naming the flag or file on any disagreement or gap.
+    """
+    fam = _family(args, explicit, model_type_hf, saved, saved_source, hf, hf_source)
+    recorded: dict[str, tuple[Any, str]] = {}
+    if saved is not None:
+        recorded = {k: (v, saved_source) for k, v in _saved_values(saved).items() if v is not _MISSING}
+    if hf is not None:
+        hf_cfg = fam.config(hf)
+        for field, value in asdict(hf_cfg).items():
+            if field not in FIELDS:
+                continue
+            if field in recorded and not same(recorded[field][0], value):
+                raise UserError(f"{saved_source} records {_show(field, recorded[field][0])} but {hf_source} has "
+                                f"{FIELDS[field][1]} = {value}; pass the config of the model this checkpoint came "
+                                f"from")
+            recorded[field] = (value, hf_source)
+    flags = _flag_values(args, explicit) if args is not None else {}
+    for field, given in flags.items():
+        if field in recorded and not same(given, recorded[field][0]):
+            stored, source = recorded[field]
+            raise UserError(f"{_flag_text(field, given)} disagrees with {source}, which records "
+                            f"{_show(field, stored)}; {_fix(field, stored)}")
+    values = {k: v for k, (v, _) in recorded.items()}
+    values.update(flags)
+    where = " or ".join(s for s in (saved_source if saved is not None else "",
+                                    hf_source if hf is not None else "") if s) or "a checkpoint"
+
+    def need(field: str) -> Any:
+        if values.get(field) is None:
+            raise UserError(f"{flag_name(FIELDS[field][0])} is required ({where} does not record it)")
+        return values[field]
+
+    heads, hidden = int(need("num_attention_heads")), int(need("hidden_size"))
+    default = (lambda dest, fallback=None: getattr(args, dest, fallback) if args is not None else fallback)
+    if values.get("vocab_size") is None:
+        if tokenizer_len is None:
+            need("vocab_size")
+        step = max(int(default("make_vocab_size_divisible_by", 1)), 1) * int(default("tensor_model_parallel_size", 1))
+        values["vocab_size"] = -(-int(tokenizer_len) // step) * step
+    rope_type = default("rope_scaling_type")
+    qk_norm = bool(values.get("qk_layernorm", default("qk_layernorm", False)))
+    qkv_bias = bool(values.get("add_qkv_bias", default("add_qkv_bias", False)))
+    family = fam.name if fam is not None else ("qwen3" if qk_norm else "qwen2" if qkv_bias else "llama3")
+    torch_dtype = (hf.get("torch_dtype") or hf.get("dtype")) if hf is not None else None
+    if torch_dtype is None and saved is not None:
+        torch_dtype = getattr(saved, "torch_dtype", None) or getattr(saved, "dtype", None)
+    return ModelConfig(
+        family=family,
+        num_layers=int(need("num_layers")),
+        hidden_size=hidden,
+        ffn_hidden_size=int(values.get("ffn_hidden_size") or 4 * hidden),
+        num_attention_heads=heads,
+        num_query_groups=int(values.get("num_query_groups") or heads),
+        kv_channels=int(values.get("kv_channels") or hidden // heads),
+        vocab_size=int(values["vocab_size"]),
+        max_position_embeddings=int(values.get("max_position_embeddings") or default("seq_length") or 4096),
+        norm_epsilon=float(values.get("norm_epsilon", default("norm_epsilon", 1e-6))),
+        rotary_base=float(values.get("rotary_base", default("rotary_base", 10000.0))),
+        tie_word_embeddings=bool(values.get("tie_word_embeddings",
+                                            not default("untie_embeddings_and_output_weights", False))),
+        qk_layernorm=qk_norm,
+        add_qkv_bias=qkv_bias,
+        rope_scaling_factor=values.get("rope_scaling_factor",
+                                       default("rope_scaling_factor") if rope_type == "llama3" else None),
+        torch_dtype=torch_dtype if isinstance(torch_dtype, str) else None,
+    )
+
+
+def model_args(cfg: ModelConfig) -> dict[str, Any]:
+    """Saved-args names -> values of `cfg`: what a save records and a load compares."""
+    return {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "ffn_hidden_size": cfg.ffn_hidden_size,
+            "num_attention_heads": cfg.num_attention_heads, "num_query_groups": cfg.num_query_groups,
+            "kv_channels": cfg.kv_channels, "padded_vocab_size": cfg.vocab_size,
+            "max_position_embeddings": cfg.max_position_embeddings, "norm_epsilon": cfg.norm_epsilon,
+            "rotary_base": cfg.rotary_base, "untie_embeddings_and_output_weights": not cfg.tie_word_embeddings,
+            "qk_layernorm": cfg.qk_layernorm, "add_qkv_bias": cfg.add_qkv_bias}
+
+
+def record_model(args: argparse.Namespace, cfg: ModelConfig) -> None:
+    """Write the resolved model into the run's args, so what a training save records is the model that ran."""
+    for key, value in model_args(cfg).items():
+        setattr(args, key, value)
+    args.group_query_attention = cfg.num_query_groups != cfg.num_attention_heads
+    args.rope_scaling_type = "llama3" if cfg.rope_scaling_factor is not None else None
+    args.rope_scaling_factor = cfg.rope_scaling_factor
+    args.model_type_hf = getattr(args, "model_type_hf", None) or cfg.family
+    args.torch_dtype = cfg.torch_dtype
