@@ -76,12 +76,27 @@ def _run_verify(hf_dir: Path, mg_dir: Path, model_type_hf: Optional[str], thresh
     return 0 if result.ok else 3
 
 
+def _apply_flag_policy(parser: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Compatibility flags: one notice line each; values we cannot honour: a ConversionError naming them."""
+    from mindspeed_llm import flag_policy
+    from mindspeed_llm.errors import UserError
+
+    explicit = {x.dest for x in parser._actions if getattr(a, x.dest, None) != x.default}
+    try:
+        flag_policy.apply("convert", parser, a, explicit, "this device (conversion runs on the CPU)",
+                          lambda msg: print(f"{PROG}: {msg}", file=sys.stderr))
+    except UserError as exc:
+        raise ConversionError(str(exc)) from None
+
+
 def run(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["verify"]:
         a = build_verify_parser().parse_args(argv[1:])
         return _run_verify(a.hf_dir, a.mg_dir, a.model_type_hf, a.threshold)
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    _apply_flag_policy(parser, a)
     from mindspeed_llm.models.placement import parse_layer_list
 
     layer_list = parse_layer_list(a.num_layer_list)
