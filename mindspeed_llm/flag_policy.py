@@ -193,7 +193,8 @@ def apply(tool: str, parser: argparse.ArgumentParser, args: argparse.Namespace, 
     for dest, why in ERROR[tool].items():
         value = getattr(args, dest, None)
         if dest in defaults and value != defaults[dest]:
-            shown = flag_name(dest, parser) if isinstance(value, bool) else f"{flag_name(dest, parser)} {value}"
+            text = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            shown = flag_name(dest, parser) if isinstance(value, bool) else f"{flag_name(dest, parser)} {text}".strip()
             raise UserError(f"{shown}: not supported by {parser.prog} ({why})")
     for dest, why in NOTICE[tool].items():
         if dest in explicit and getattr(args, dest, None) != defaults.get(dest):
