@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from mindspeed_llm import flag_policy
 from mindspeed_llm.data.templates import DEFAULT_TEMPLATES_PATH
 from mindspeed_llm.errors import OneLineArgumentParser
 
@@ -78,7 +79,9 @@ def build_preprocess_parser() -> argparse.ArgumentParser:
 
 
 def parse_preprocess_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = build_preprocess_parser().parse_args(argv)
+    parser = build_preprocess_parser()
+    args = parser.parse_args(argv)
+    apply_flag_policy("preprocess", parser, args)
     args.workers = max(args.workers, args.n_subs)
     if args.log_interval < 1:
         build_preprocess_parser().error(f"--log-interval {args.log_interval} must be at least 1")
@@ -277,24 +280,14 @@ def add_logging_args(parser: argparse.ArgumentParser) -> None:
                    action="store_false")
 
 
-# Ascend/CUDA kernel and overlap switches: same math, so they are accepted and mapped (see `map_speed_flags`).
+# Ascend/CUDA kernel and overlap switches: accepted; `flag_policy.NOTICE` says which kernel runs instead.
 SPEED_FLAGS = ("use-flash-attn", "use-fused-rmsnorm", "use-fused-swiglu", "use-fused-rotary-pos-emb",
-               "no-gradient-accumulation-fusion", "use-ascend-mc2", "use-ascend-coc", "use-fused-ring-attention-update",
-               "overlap-grad-reduce", "overlap-param-gather", "use-cpu-initialization", "no-bias-swiglu-fusion",
-               "no-bias-dropout-fusion", "no-rope-fusion", "use-deter-comp", "reuse-fp32-param", "use-mc2",
-               "no-async-tensor-model-parallel-allreduce", "use-fused-moe-token-permute-and-unpermute",
-               "no-create-attention-mask-in-dataloader")
-SPEED_VALUE_FLAGS = ("coc-fused-kernel", "attention-mask-type", "coc-mode", "coc-parallel-num", "shape-order")
-
-# Flags of MindSpeed/Megatron that we recognise but do not implement: a clear error instead of silence.
-NOT_IMPLEMENTED = {
-    "lora_target_modules": "LoRA fine-tuning is not implemented in posttrain_gpt.py",
-    "lora_r": "LoRA fine-tuning is not implemented in posttrain_gpt.py",
-    "lora_alpha": "LoRA fine-tuning is not implemented in posttrain_gpt.py",
-    "lora_load": "LoRA fine-tuning is not implemented in posttrain_gpt.py",
-    "enable_mg2hf_convert": "convert after training with convert_ckpt.py --load-model-type mg --save-model-type hf",
-    "num_experts": "mixture-of-experts models are not implemented",
-}
+               "no-gradient-accumulation-fusion", "use-ascend-mc2", "use-ascend-coc", "coc-fused-kernel",
+               "use-fused-ring-attention-update", "overlap-grad-reduce", "overlap-param-gather",
+               "use-cpu-initialization", "no-bias-swiglu-fusion", "no-bias-dropout-fusion", "no-rope-fusion",
+               "use-deter-comp", "reuse-fp32-param", "use-mc2", "no-async-tensor-model-parallel-allreduce",
+               "use-fused-moe-token-permute-and-unpermute", "no-create-attention-mask-in-dataloader")
+SPEED_VALUE_FLAGS = ("attention-mask-type", "coc-mode", "coc-parallel-num", "shape-order")
 
 
 def add_speed_args(parser: argparse.ArgumentParser) -> None:
@@ -312,6 +305,15 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-experts", type=int, default=None, help=argparse.SUPPRESS)
 
 
+def add_mindspeed_spellings(parser: argparse.ArgumentParser) -> None:
+    """Flags of MindSpeed-LLM's published recipes, older releases included, that training also accepts."""
+    g = parser.add_argument_group("MindSpeed-LLM recipe spellings")
+    g.add_argument("--variable-seq-lengths", dest="no_pad_to_seq_lengths", action="store_true",
+                   help="older spelling of --no-pad-to-seq-lengths (v2.1.0, v2.2.0 recipes)")
+    g.add_argument("--pack", action="store_true",
+                   help="the data at --data-path must be packed (preprocess_data.py --pack); checked against it")
+
+
 def build_train_parser() -> FlagParser:
     p = FlagParser(prog="posttrain_gpt.py", description="Supervised fine-tuning on megatron-core (torchrun)",
                    allow_abbrev=False)
@@ -325,6 +327,7 @@ def build_train_parser() -> FlagParser:
     add_speed_args(p)
     add_tokenizer_args(p)
     add_template_args(p)
+    add_mindspeed_spellings(p)
     return p
 
 
@@ -336,9 +339,19 @@ def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     parser = build_train_parser()
     args = parser.parse_args(argv)
-    args.explicit = explicit_dests(parser, argv)     # model flags typed by the user must match the checkpoint
+    args.explicit = explicit_dests(parser, argv)     # typed flags: checked against checkpoint and data; rest filled
+    apply_flag_policy("train", parser, args)
     validate_train_args(args)
     return args
+
+
+def apply_flag_policy(tool: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Errors for unsupported values and one notice line per no-effect flag (see `flag_policy`)."""
+    from mindspeed_llm.platform import detect_platform, notice
+
+    from mindspeed_llm.explicit import explicit_of
+
+    flag_policy.apply(tool, parser, args, explicit_of(args, parser), detect_platform().device_type, notice)
 
 
 def params_dtype(args: argparse.Namespace):

@@ -49,7 +49,7 @@ def test_all_sizes_have_recipes():
 
 @pytest.mark.parametrize("extra,message", [
     (["--bogus-flag", "1"], "unrecognized argument(s): --bogus-flag"),
-    (["--lora-target-modules", "linear_qkv"], "--lora-target-modules: not implemented"),
+    (["--lora-target-modules", "linear_qkv"], "--lora-target-modules linear_qkv: not supported by posttrain_gpt.py"),
     (["--context-parallel-size", "2"], "--context-parallel-size 2"),
     (["--ckpt-format", "torch_dist"], "--ckpt-format torch_dist"),
     (["--neat-pack"], "--neat-pack requires --reset-attention-mask"),

@@ -77,12 +77,23 @@ def _run_verify(hf_dir: Path, mg_dir: Path, model_type_hf: Optional[str], thresh
     return 0 if result.ok else 3
 
 
+def _apply_flag_policy(parser: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Compatibility flags: one notice line each; values we cannot honour: a user error naming them."""
+    from mindspeed_llm import flag_policy
+    from mindspeed_llm.explicit import explicit_of
+
+    flag_policy.apply("convert", parser, a, explicit_of(a, parser), "this device (conversion runs on the CPU)",
+                      lambda msg: print(f"{PROG}: {msg}", file=sys.stderr))
+
+
 def run(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["verify"]:
         a = build_verify_parser().parse_args(argv[1:])
         return _run_verify(a.hf_dir, a.mg_dir, a.model_type_hf, a.threshold, a.trust_remote_code)
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    _apply_flag_policy(parser, a)
     if a.trust_remote_code and not a.verify:
         print(f"{PROG}: notice: --trust-remote-code has no effect without --verify (conversion itself reads only "
               f"config.json and safetensors)", file=sys.stderr)

@@ -5,6 +5,7 @@ import argparse
 from typing import Optional
 
 from mindspeed_llm import arguments as shared
+from mindspeed_llm import flag_policy
 from mindspeed_llm.errors import UserError
 
 TASKS = ("greedy", "do_sample", "beam_search", "beam_search_with_sampling", "chat")
@@ -74,6 +75,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.explicit = explicit_dests(parser, argv)     # checkpoint values fill the flags not typed
+    shared.apply_flag_policy("inference", parser, args)
     validate(args)
     return args
 
@@ -103,10 +105,5 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError("--output-file needs --input-file (the prompts to answer)")
     if args.input_file and args.task and "chat" in args.task:
         raise UserError("--task chat is interactive; it cannot be combined with --input-file")
-    for name in ("lora_target_modules", "lora_load", "num_experts"):
-        if getattr(args, name, None):
-            raise UserError(f"--{name.replace('_', '-')} is not supported by inference.py; merge LoRA weights "
-                            f"with convert_ckpt.py first" if name.startswith("lora") else
-                            f"--{name.replace('_', '-')}: mixture-of-experts models are not supported")
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 are mutually exclusive")

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from mindspeed_llm.errors import UserError
 from mindspeed_llm.inference import comm
 from mindspeed_llm.inference.engine import Engine
-from mindspeed_llm.inference.tasks import run_task, sampling_for
+from mindspeed_llm.inference.sampling import sampling_for
+from mindspeed_llm.inference.tasks import run_task
 
 
 def read_requests(path: str) -> list[dict[str, Any]]:

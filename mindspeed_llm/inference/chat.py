@@ -7,7 +7,7 @@ from typing import Optional
 
 from mindspeed_llm.inference import comm
 from mindspeed_llm.inference.engine import Engine
-from mindspeed_llm.inference.tasks import sampling_for
+from mindspeed_llm.inference.sampling import sampling_for
 
 QUIT = ("q", "quit", "exit")
 CLEAR = ("clear", "new")

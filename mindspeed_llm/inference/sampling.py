@@ -53,3 +53,13 @@ def choose(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
     # multinomial draws on the generator's device; keep the generator on the CPU for device-independent results
     draws = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1)
     return draws.to(logits.device)
+
+
+def sampling_for(task: str, args) -> SamplingParams:
+    """The decoding of an inference task: greedy / beam search, or sampling with the --temperature/--top-k/--top-p
+    flags."""
+    if task in ("greedy", "beam_search"):
+        return SamplingParams()
+    params = SamplingParams(True, args.temperature, args.top_k, args.top_p)
+    params.validate()
+    return params

@@ -8,8 +8,9 @@ import time
 import torch.distributed as dist
 
 from mindspeed_llm.inference import comm
+from mindspeed_llm.inference.chat import chat_loop
 from mindspeed_llm.inference.engine import Engine
-from mindspeed_llm.inference.sampling import SamplingParams
+from mindspeed_llm.inference.sampling import sampling_for
 
 BANNERS = {
     "greedy": "=============== Greedy Search ================",
@@ -19,14 +20,6 @@ BANNERS = {
 }
 RULE = "=============================================="
 DEFAULT_ORDER = ("greedy", "do_sample", "beam_search", "beam_search_with_sampling", "chat")
-
-
-def sampling_for(task: str, args: argparse.Namespace) -> SamplingParams:
-    if task in ("greedy", "beam_search"):
-        return SamplingParams()
-    params = SamplingParams(True, args.temperature, args.top_k, args.top_p)
-    params.validate()
-    return params
 
 
 def run_task(engine: Engine, task: str, prompt_ids: list[int], args: argparse.Namespace) -> list[int]:
@@ -48,8 +41,6 @@ def print_result(task: str, prompt: str, text: str, elapsed: float) -> None:
 
 def run_tasks(engine: Engine, args: argparse.Namespace) -> None:
     """Each task of --task (all of them by default) on --prompt; rank 0 prints; ranks meet after each task."""
-    from mindspeed_llm.inference.chat import chat_loop
-
     tasks = args.task or DEFAULT_ORDER
     prompt_ids = comm.agree(lambda: engine.fit(engine.builder.from_text(args.prompt), "--prompt"))
     for task in tasks:

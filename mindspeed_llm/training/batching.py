@@ -286,7 +286,7 @@ def _check_data_files(prefix: str, recorded: dict[str, dict], where: str) -> Non
 def check_sidecar(prefix: str, args: Any, tokenizer: Any = None) -> dict | None:
     """Refuse data preprocessed differently from the training flags; returns the sidecar (None if absent).
 
-    Compared: --prompt-type, --enable-thinking, the tokenizer (directory name of --tokenizer-name-or-path,
+    Compared: --prompt-type, --enable-thinking, --handler-name, --pack, the tokenizer (directory name of --tokenizer-name-or-path,
     and with `tokenizer` given: vocab size, eos and pad ids), --seq-length (when preprocessing had one),
     packing (--pack data needs --reset-attention-mask and the reverse; --neat-pack must match) and
     --is-pairwise-dataset. Raises ValueError with one line naming the flag and both values.
@@ -332,7 +332,13 @@ def check_sidecar(prefix: str, args: Any, tokenizer: Any = None) -> dict | None:
                 refuse(f"--tokenizer-name-or-path ({key})", int(ours), int(tok[key]),
                        f"the tokenizer differs from preprocessing; {rerun}")
 
+    handler = getattr(args, "handler_name", "") or None
+    if handler and sidecar.get("handler_name") and handler != sidecar["handler_name"]:
+        refuse("--handler-name", handler, sidecar["handler_name"], f"pass the same --handler-name or {rerun}")
+
     packed = bool(sidecar.get("pack")) or bool(sidecar.get("neat_pack"))
+    if getattr(args, "pack", False) and not packed:
+        refuse("--pack", True, "no --pack", "preprocess with --pack --neat-pack, or drop --pack")
     reset = bool(getattr(args, "reset_attention_mask", False))
     if packed and not reset:
         refuse("--reset-attention-mask", False, "--pack",

@@ -14,11 +14,6 @@ def _need(args: argparse.Namespace, name: str, why: str = "") -> None:
 
 def validate_train_args(args: argparse.Namespace) -> None:
     """Checks that need no world size; derived values (`params_dtype`, `data_path` as one prefix) are set here."""
-    from mindspeed_llm.arguments import NOT_IMPLEMENTED
-
-    for dest, why in NOT_IMPLEMENTED.items():
-        if getattr(args, dest, None) not in (None, False, []):
-            raise UserError(f"--{dest.replace('_', '-')}: not implemented ({why})")
     if args.use_legacy_models:
         raise UserError("--use-legacy-models: only megatron-core models are implemented; drop the flag")
     if args.stage != "sft" or args.is_pairwise_dataset:
@@ -46,6 +41,7 @@ def validate_train_args(args: argparse.Namespace) -> None:
         raise UserError(f"--data-path {args.data_path} is a raw file or directory; online preprocessing is not "
                         f"implemented: run preprocess_data.py first and pass its --output-prefix")
     _need(args, "seq_length")
+    adopt_data_flags(args)
     if args.train_iters < 0 or args.micro_batch_size < 1 or args.seq_length < 1:
         raise UserError("--train-iters, --micro-batch-size and --seq-length must be positive")
     if args.neat_pack and not args.reset_attention_mask:
@@ -84,6 +80,37 @@ def validate_train_args(args: argparse.Namespace) -> None:
     args.variable_seq_lengths = bool(args.no_pad_to_seq_lengths)
     if args.no_pad_to_seq_lengths and args.log_throughput:
         args.log_throughput = False          # MindSpeed: throughput from --seq-length would be wrong here
+
+
+# Flags whose value is fixed when the data is preprocessed: unless given for training, they take the value in
+# PREFIX_preprocess.json (MindSpeed's data recipes pass them to preprocess_data.py only). An explicit, different
+# value is refused later by `batching.check_sidecar`.
+ADOPTED_FROM_DATA = ("prompt_type", "enable_thinking", "handler_name", "neat_pack")
+
+
+def adopt_data_flags(args: argparse.Namespace) -> list[str]:
+    """Fill the `ADOPTED_FROM_DATA` flags the command line left out from the data's sidecar; one log line each.
+    Returns the adopted flag names."""
+    from mindspeed_llm.training.sft_dataset import read_sidecar
+
+    sidecar = read_sidecar(args.data_path)
+    explicit = getattr(args, "explicit", None)
+    if sidecar is None or explicit is None:
+        return []
+    adopted = []
+    for dest in ADOPTED_FROM_DATA:
+        if dest in explicit or dest not in sidecar or sidecar[dest] == getattr(args, dest, None):
+            continue
+        if dest == "neat_pack" and not args.reset_attention_mask:
+            continue                         # packed data without --reset-attention-mask is refused as such
+        setattr(args, dest, sidecar[dest])
+        adopted.append(dest)
+        if os.environ.get("RANK", "0") == "0":
+            shown = "none" if sidecar[dest] is None else str(sidecar[dest]).lower() if isinstance(
+                sidecar[dest], bool) else sidecar[dest]
+            print(f"[mindspeed_llm] --{dest.replace('_', '-')} {shown}: taken from {args.data_path}_preprocess.json "
+                  f"(not given for training)", flush=True)
+    return adopted
 
 
 def validate_world(args: argparse.Namespace, world_size: int) -> None:

@@ -1,0 +1,192 @@
+"""What each command-line flag does, per entry script, in one table.
+
+Every flag a parser accepts is exactly one of:
+  implemented  -- the code reads it (`IMPLEMENTED`);
+  notice       -- accepted, one line on stderr names it and says why it changes nothing on this device
+                  (`NOTICE`; printed only when the flag is given);
+  error        -- only its default is honoured: any other value stops with an error naming it (`ERROR`).
+tests/test_flag_policy.py enumerates every option of the four parsers and checks it is in one of these sets (and,
+for implemented ones, that some module reads it).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Iterable, Optional
+
+from mindspeed_llm.errors import UserError
+
+TOOLS = ("train", "inference", "preprocess", "convert")
+
+# --- implemented: read by the code ------------------------------------------------------------------------------
+_MODEL = {
+    "spec", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+    "group_query_attention", "num_query_groups", "kv_channels", "qk_layernorm", "norm_epsilon", "add_qkv_bias",
+    "rotary_base", "rope_scaling_type", "rope_scaling_factor", "max_position_embeddings",
+    "untie_embeddings_and_output_weights", "make_vocab_size_divisible_by", "padded_vocab_size", "bf16", "fp16",
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage",
+    "num_layer_list", "context_parallel_size", "distributed_backend", "distributed_timeout_minutes", "load",
+    "load_checkpoint_loosely", "model_type_hf", "seed", "tokenizer_name_or_path", "tokenizer_not_use_fast",
+    "seq_length", "prompt_type", "prompt_type_path", "enable_thinking", "trust_remote_code",
+}
+IMPLEMENTED: dict[str, frozenset[str]] = {
+    "train": frozenset(_MODEL | {
+        "swiglu", "disable_bias_linear", "hidden_dropout", "attention_dropout", "init_method_std", "sequence_parallel",
+        "expert_model_parallel_size", "use_distributed_optimizer", "save", "save_interval", "no_load_optim",
+        "no_load_rng", "no_save_optim", "no_save_rng", "finetune", "ckpt_format", "exit_on_missing_checkpoint",
+        "enable_hf2mg_convert", "mg_save_dir", "micro_batch_size", "global_batch_size", "train_iters", "stage",
+        "exit_interval", "exit_duration_in_mins", "exit_signal_handler", "skip_nan", "calculate_per_token_loss",
+        "recompute_granularity", "recompute_method", "recompute_num_layers", "skip_train", "optimizer", "lr",
+        "min_lr", "lr_decay_style", "lr_decay_iters", "lr_warmup_fraction", "lr_warmup_iters", "lr_warmup_init",
+        "weight_decay", "start_weight_decay", "end_weight_decay", "weight_decay_incr_style", "clip_grad",
+        "adam_beta1", "adam_beta2", "adam_eps", "sgd_momentum", "loss_scale", "initial_loss_scale",
+        "min_loss_scale", "loss_scale_window", "hysteresis", "override_opt_param_scheduler",
+        "use_checkpoint_opt_param_scheduler", "data_path", "split", "is_instruction_dataset", "is_pairwise_dataset",
+        "no_pad_to_seq_lengths", "pad_to_multiple_of", "reset_attention_mask", "neat_pack", "pack", "no_shuffle",
+        "padded_samples", "full_shuffle_instruction_dataset", "cut_max_seqlen", "no_cut_token",
+        "tokenizer_padding_side", "data_cache_path", "num_workers", "handler_name", "log_interval",
+        "log_throughput", "eval_interval", "eval_iters", "tensorboard_dir", "tokenizer_type", "transformer_impl",
+        "use_legacy_models", "check_for_nan_in_loss_and_grad",
+    }),
+    "inference": frozenset(_MODEL | {
+        "task", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "num_beams", "length_penalty",
+        "use_kv_cache", "hf_chat_template", "history_turns", "input_file", "output_file", "inference_batch_size",
+        "truncate_prompt",
+    }),
+    "preprocess": frozenset({
+        "input", "handler_name", "json_keys", "map_keys", "pack", "neat_pack", "prompt_type", "prompt_type_path",
+        "enable_thinking", "tokenizer_type", "tokenizer_name_or_path", "tokenizer_not_use_fast", "seq_length",
+        "output_prefix", "append_eod", "workers", "n_subs", "log_interval", "trust_remote_code",
+    }),
+    "convert": frozenset({
+        "load_model_type", "save_model_type", "load_dir", "save_dir", "model_type_hf", "target_tensor_parallel_size",
+        "target_pipeline_parallel_size", "num_layer_list", "num_layers_per_virtual_pipeline_stage", "params_dtype",
+        "hf_cfg_dir", "verify", "verify_threshold", "trust_remote_code",
+    }),
+}
+
+# --- notice: accepted, no effect here (why) ---------------------------------------------------------------------
+_UNFUSED = "megatron-core's unfused local layers are used on every device"
+_SDPA = "attention runs torch scaled_dot_product_attention ({kernel})"
+_ASCEND = "an Ascend (MindSpeed) communication/compute kernel; {device} runs the plain megatron-core path"
+SPEED: dict[str, str] = {
+    "use_flash_attn": _SDPA,
+    "use_fused_rmsnorm": "RMSNorm runs megatron-core's local (unfused torch) RMSNorm",
+    "use_fused_swiglu": "SwiGLU runs as torch silu(x1) * x2 (megatron-core local MLP)",
+    "use_fused_rotary_pos_emb": "rotary embeddings run megatron-core's unfused torch implementation",
+    "no_gradient_accumulation_fusion": "gradient-accumulation fusion is never used; " + _UNFUSED,
+    "no_bias_swiglu_fusion": "bias/SwiGLU fusion is never used; " + _UNFUSED,
+    "no_bias_dropout_fusion": "bias/dropout fusion is never used; " + _UNFUSED,
+    "no_rope_fusion": "rope fusion is never used; " + _UNFUSED,
+    "masked_softmax_fusion": "fused masked softmax is never used; " + _SDPA,
+    "no_async_tensor_model_parallel_allreduce": "tensor-parallel all-reduces are issued synchronously anyway",
+    "no_create_attention_mask_in_dataloader": "masks are built on the device from the batch (causal, or per "
+                                              "sample for packed rows)",
+    "overlap_grad_reduce": "gradients are reduced after the backward pass (megatron-core DDP without overlap); "
+                           "results are the same",
+    "overlap_param_gather": "parameters are all-gathered after the optimizer step (no overlap); results are the same",
+    "use_cpu_initialization": "weights are initialised (seeded) by megatron-core on the device",
+    "use_deter_comp": "an Ascend determinism switch; on {device} use --seed (kernels follow torch defaults)",
+    "reuse_fp32_param": "an Ascend memory optimisation; {device} keeps separate fp32 main parameters",
+    "use_ascend_mc2": _ASCEND, "use_ascend_coc": _ASCEND, "coc_fused_kernel": _ASCEND, "coc_mode": _ASCEND,
+    "coc_parallel_num": _ASCEND, "use_mc2": _ASCEND, "shape_order": _ASCEND,
+    "use_fused_ring_attention_update": "ring attention (context parallelism) is not used; CP is 1",
+    "use_fused_moe_token_permute_and_unpermute": "dense models have no MoE token permutation",
+    "attention_mask_type": "the mask follows the data: causal, or per sample with --reset-attention-mask",
+}
+_COMMON_NOTICE = {
+    "use_mcore_models": "models are always megatron-core",
+    "use_rotary_position_embeddings": "rotary position embeddings are always used (--position-embedding-type rope)",
+    "attention_softmax_in_fp32": "attention softmax is always computed in fp32",
+    "context_parallel_algo": "context parallelism is not used (--context-parallel-size 1)",
+    "local_rank": "the local rank comes from torchrun's LOCAL_RANK",
+}
+NOTICE: dict[str, dict[str, str]] = {
+    "train": {**SPEED, **_COMMON_NOTICE,
+              "reset_position_ids": "positions always restart per sample in packed rows",
+              "no_shared_storage": "every rank reads --data-path and --load itself; nothing is staged per node",
+              "workers": "a preprocess_data.py flag; --data-path is already preprocessed",
+              "dataloader_type": "samples are drawn by the resumable data-parallel sampler (single)"},
+    "inference": {**SPEED, **_COMMON_NOTICE,
+                  "swiglu": "the MLP follows the model family (--model-type-hf / checkpoint)",
+                  "disable_bias_linear": "linear biases follow the model family (--model-type-hf / checkpoint)",
+                  "hidden_dropout": "generation runs in eval mode: no dropout",
+                  "attention_dropout": "generation runs in eval mode: no dropout",
+                  "init_method_std": "weights come from --load",
+                  "sequence_parallel": "generation runs without sequence parallelism",
+                  "use_distributed_optimizer": "generation has no optimizer",
+                  "no_load_optim": "generation loads weights only", "no_load_rng": "generation loads weights only",
+                  "finetune": "generation loads weights only",
+                  "exit_on_missing_checkpoint": "a missing checkpoint is always an error for generation",
+                  "micro_batch_size": "--inference-batch-size sets how many prompts decode together",
+                  "global_batch_size": "--inference-batch-size sets how many prompts decode together",
+                  "max_length": "--max-new-tokens sets the generated length",
+                  "add_eos_token": "stop words come from the --prompt-type template",
+                  "transformer_impl": "megatron-core's local layers are used on every device"},
+    "preprocess": {"cache_dir": "input is streamed; no cache is kept",
+                   "overwrite_cache": "input is streamed; no cache is kept"},
+    "convert": {"tokenizer_model": "conversion copies no tokenizer (use --hf-cfg-dir on mg -> hf)",
+                "use_mcore_models": "checkpoints are always megatron-core",
+                "model_type": "GPT is the only model type",
+                "spec": "the layer layout follows --model-type-hf / config.json",
+                "transformer_impl": "checkpoints use the local layer names",
+                "save_layer_by_layer": "conversion always streams layer by layer"},
+}
+
+# --- error: only the default is honoured (why) ------------------------------------------------------------------
+_LORA = "LoRA fine-tuning is not implemented (merge adapters outside this toolkit)"
+_ERROR_COMMON = {
+    "rotary_percent": "partial rotary embeddings are not implemented; only 1.0",
+    "normalization": "only RMSNorm is implemented",
+    "position_embedding_type": "only rope is implemented",
+    "params_dtype": "select the dtype with --bf16 or --fp16",
+    "hf_cfg_dir": "only convert_ckpt.py (mg -> hf) uses it",
+    "lora_target_modules": _LORA, "lora_r": _LORA, "lora_alpha": _LORA, "lora_load": _LORA,
+    "enable_mg2hf_convert": "convert after training with convert_ckpt.py --load-model-type mg --save-model-type hf",
+    "num_experts": "mixture-of-experts models are not implemented",
+}
+ERROR: dict[str, dict[str, str]] = {
+    "train": {**_ERROR_COMMON,
+              "vocab_size": "use --padded-vocab-size",
+              "map_keys": "a preprocess_data.py flag; the column mapping is fixed when the data is preprocessed",
+              "log_params_norm": "parameter-norm logging is not implemented",
+              "timing_log_level": "timers are not implemented",
+              "log_timers_to_tensorboard": "timers are not implemented"},
+    "inference": {**_ERROR_COMMON,
+                  "ckpt_format": "generation reads the 'torch' checkpoint format only",
+                  "vocab_size": "use --padded-vocab-size",
+                  "use_legacy_models": "only megatron-core models are implemented",
+                  "tokenizer_type": "only PretrainedFromHF is implemented",
+                  "expert_model_parallel_size": "dense models only; use 1",
+                  "enable_hf2mg_convert": "convert first with convert_ckpt.py, then pass the Megatron --load",
+                  "mg_save_dir": "convert first with convert_ckpt.py, then pass the Megatron --load",
+                  "save": "generation saves no checkpoint", "save_interval": "generation saves no checkpoint",
+                  "no_save_optim": "generation saves no checkpoint", "no_save_rng": "generation saves no checkpoint"},
+    "preprocess": {},
+    "convert": {"target_expert_parallel_size": "dense models only; use 1",
+                "make_vocab_size_divisible_by": "the vocabulary keeps the HF checkpoint's rows; use 1"},
+}
+
+
+def flag_name(dest: str, parser: Optional[argparse.ArgumentParser] = None) -> str:
+    """The first option string of `dest` in `parser` (e.g. masked_softmax_fusion -> --no-masked-softmax-fusion)."""
+    for action in (parser._actions if parser is not None else ()):
+        if action.dest == dest and action.option_strings:
+            return action.option_strings[0]
+    return "--" + dest.replace("_", "-")
+
+
+def apply(tool: str, parser: argparse.ArgumentParser, args: argparse.Namespace, explicit: Iterable[str],
+          device: str, notice: Callable[[str], None]) -> None:
+    """Errors for values we cannot honour, then one notice line per given no-effect flag."""
+    defaults = {a.dest: a.default for a in parser._actions}
+    for dest, why in ERROR[tool].items():
+        value = getattr(args, dest, None)
+        if dest in defaults and value != defaults[dest]:
+            text = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            shown = flag_name(dest, parser) if isinstance(value, bool) else f"{flag_name(dest, parser)} {text}".strip()
+            raise UserError(f"{shown}: not supported by {parser.prog} ({why})")
+    for dest, why in NOTICE[tool].items():
+        if dest in explicit and getattr(args, dest, None) != defaults.get(dest):
+            kernel = "flash / memory-efficient kernels" if device == "cuda" else f"the {device} kernel"
+            notice(f"{flag_name(dest, parser)}: accepted, no effect on {device}: "
+                   f"{why.format(device=device, kernel=kernel)}")

@@ -1,0 +1,63 @@
+"""MindSpeed-LLM's published dense Qwen3 recipes, read from /work/shared/reference/mindspeed_qwen3_recipes.md
+(sections `qwen3/...` and `v2.1.0/...`), with only paths, shapes and sizes edited for the tiny model."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mindspeed_qwen3_recipes.md"
+if not REFERENCE.is_file():
+    REFERENCE = Path("/work/shared/reference/mindspeed_qwen3_recipes.md")
+
+# Dense Qwen3 recipes in scope: full fine-tuning, generation, data and checkpoint conversion (no LoRA/eval/DPO).
+IN_SCOPE = re.compile(r"^(qwen3|v2\.1\.0)/(tune_\w*_full\w*|generate_\w+|data_convert_\w+|ckpt_convert_\w+)$")
+
+TINY_SHAPE = {"--num-layers": "4", "--hidden-size": "64", "--ffn-hidden-size": "128", "--num-attention-heads": "4",
+              "--num-query-groups": "2", "--kv-channels": "16", "--max-position-embeddings": "512",
+              "--padded-vocab-size": "448", "--seq-length": "128"}
+SIZES = {"--tensor-model-parallel-size": "1", "--pipeline-model-parallel-size": "1", "--context-parallel-size": "1",
+         "--target-tensor-parallel-size": "1", "--target-pipeline-parallel-size": "1", "--micro-batch-size": "2",
+         "--global-batch-size": "4", "--train-iters": "2", "--max-new-tokens": "4", "--workers": "1",
+         "--save-interval": "2", "--num-layers-per-virtual-pipeline-stage": None}
+
+
+def load_recipes() -> dict[str, tuple[str, list[list[str]]]]:
+    """name -> (entry script, flags as [flag, values...] in recipe order)."""
+    text = REFERENCE.read_text()
+    recipes = {}
+    for block in re.finditer(r"^## (\S+)\n`(?:python|torchrun) (\S+)` \(\d+ flags\)\n```\n(.*?)```", text, re.M | re.S):
+        name, script, body = block.groups()
+        if not IN_SCOPE.match(name) or name.endswith("_lora"):
+            continue
+        flags: list[list[str]] = []
+        for tok in body.split():
+            if tok.startswith("--"):
+                flags.append([tok])
+            else:
+                flags[-1].append(tok)
+        recipes[name] = (script.lstrip("./"), flags)
+    # v2.2.0 tune recipes: today's with the older dynamic-padding spelling (the reference's note on old releases)
+    for name, (script, flags) in list(recipes.items()):
+        if name.startswith("qwen3/tune_") and any(f[0] == "--no-pad-to-seq-lengths" for f in flags):
+            recipes[name.replace("qwen3/", "v2.2.0/")] = (script, [["--variable-seq-lengths"] if f[0] ==
+                                                                   "--no-pad-to-seq-lengths" else f for f in flags])
+    return recipes
+
+
+def edit(flags: list[list[str]], paths: dict[str, str], extra: dict[str, str] | None = None) -> list[str]:
+    """argv with PATH values, model shape and parallel/batch sizes replaced (None: the size flag is dropped)."""
+    table = {**TINY_SHAPE, **SIZES, **(extra or {})}
+    argv: list[str] = []
+    for flag, *values in flags:
+        if flag in table:
+            if table[flag] is None:
+                continue
+            values = [table[flag]]
+        elif values == ["PATH"]:
+            values = [paths[flag]]
+        argv += [flag, *values]
+    return argv
+
+
+def tied(flags: list[list[str]]) -> bool:
+    return not any(f[0] == "--untie-embeddings-and-output-weights" for f in flags)
