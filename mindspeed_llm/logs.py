@@ -49,11 +49,22 @@ def exit_status(main: Callable[[], object]) -> int:
         # An error all ranks raised together is printed once, by rank 0.
         if not exc.shared or os.environ.get("RANK", "0") == "0":
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        _release_process_group()
         return USER_ERROR_EXIT
     except KeyboardInterrupt:
         print("error: interrupted; no output was left under the final names", file=sys.stderr, flush=True)
         return 130
     return result if isinstance(result, int) else 0
+
+
+def _release_process_group() -> None:
+    """Tear down torch.distributed before exiting on an error: a process group still alive at interpreter exit can
+    abort the process (`terminate called ...`) and turn exit status 2 into a signal."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        from mindspeed_llm.platform import destroy_distributed
+
+        destroy_distributed()
 
 
 def run_main(main: Callable[[], object]) -> NoReturn:

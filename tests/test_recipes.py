@@ -9,6 +9,7 @@ import json
 import pytest
 
 from tests.conftest import run_cli, run_torchrun
+from mindspeed_llm.errors import UserError
 from tests.recipes import load_recipes, edit, tied
 
 RECIPES = load_recipes()
@@ -104,7 +105,7 @@ def test_explicit_different_data_flag_is_refused(env, tmp_path):
 
     argv = _train_argv("qwen3/tune_qwen3_4b_4K_full_ptd", env, tmp_path) + ["--enable-thinking", "false"]
     args = parse_train_args(argv)
-    with pytest.raises(ValueError, match=r"--enable-thinking is 'false' for training but the data was "
+    with pytest.raises(UserError, match=r"--enable-thinking is 'false' for training but the data was "
                                          r"preprocessed with 'true'"):
         check_sidecar(args.data_path, args)
 

@@ -34,7 +34,11 @@ def recipe_argv(script: Path, tmp_path: Path) -> list[str]:
 
 @pytest.mark.parametrize("script", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_flags_parse(script, tmp_path):
-    args = parse_train_args(recipe_argv(script, tmp_path))
+    argv = recipe_argv(script, tmp_path)
+    load = argv.index("--load") + 1        # the recipe's checkpoint path, relative to where it ran; must exist
+    argv[load] = str(tmp_path / argv[load])
+    Path(argv[load]).mkdir(parents=True, exist_ok=True)
+    args = parse_train_args(argv)
     size = script.stem.split("_")[2]
     layers, hidden, tied = SIZES[size]
     assert (args.num_layers, args.hidden_size) == (layers, hidden)

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
+\nfrom mindspeed_llm.errors import UserError
 
 KERNELS = ("segments", "dense")
 KERNEL_ENV = "MINDSPEED_PACKED_ATTENTION"
@@ -62,7 +63,7 @@ def packed_kernel() -> str:
     """"segments" unless MINDSPEED_PACKED_ATTENTION names another kernel."""
     forced = os.environ.get(KERNEL_ENV, "").strip().lower() or "segments"
     if forced not in KERNELS:
-        raise ValueError(f"{KERNEL_ENV}={forced!r}: expected one of {KERNELS}")
+        raise UserError(f"{KERNEL_ENV}={forced!r}: expected one of {KERNELS}")
     return forced
 
 

@@ -278,9 +278,9 @@ def _check_data_files(prefix: str, recorded: dict[str, dict], where: str) -> Non
             continue            # a missing file is reported by the dataset reader with the file it wanted
         got = file_digest(path) if "blake2b" in want else {"size": os.path.getsize(path)}
         if got != want:
-            raise ValueError(f"{path} does not match {where} (written by another preprocess_data.py run, or "
-                             f"one stopped before it rewrote the sidecar); re-run preprocess_data.py into this "
-                             f"--output-prefix")
+            raise UserError(f"{path} does not match {where} (written by another preprocess_data.py run, or "
+                            f"one stopped before it rewrote the sidecar); re-run preprocess_data.py into this "
+                            f"--output-prefix")
 
 
 def check_sidecar(prefix: str, args: Any, tokenizer: Any = None) -> dict | None:
@@ -321,10 +321,10 @@ def check_sidecar(prefix: str, args: Any, tokenizer: Any = None) -> dict | None:
         from mindspeed_llm.tokenizer import tokenizer_fingerprint
 
         if tokenizer_fingerprint(tokenizer) != tok["fingerprint"]:
-            raise ValueError(f"{where}: the tokenizer in --tokenizer-name-or-path "
-                             f"{getattr(args, 'tokenizer_name_or_path', None)} differs in content (vocabulary, merges "
-                             f"or special tokens) from the one the data was preprocessed with; use that tokenizer "
-                             f"or {rerun}")
+            raise UserError(f"{where}: the tokenizer in --tokenizer-name-or-path "
+                            f"{getattr(args, 'tokenizer_name_or_path', None)} differs in content (vocabulary, merges "
+                            f"or special tokens) from the one the data was preprocessed with; use that tokenizer "
+                            f"or {rerun}")
     if tokenizer is not None:
         for key, ours in (("vocab_size", len(tokenizer)), ("eos_token_id", getattr(tokenizer, "eos_token_id", None)),
                           ("pad_token_id", getattr(tokenizer, "pad_token_id", None))):
