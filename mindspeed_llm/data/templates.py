@@ -16,6 +16,7 @@ merges never cross a message boundary.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import weakref
@@ -212,7 +213,7 @@ class ChatTemplate:
 
     def source_labels(self, turn: int, length: int, eos_id: int) -> list[int]:
         """Labels of a prompt span: ignored, except the efficient-eos trick (the previous answer learns to stop)."""
-        if self.efficient_eos and length > 0 and (turn > 0 or self.lf_truncation):
+        if self.efficient_eos and length > 0 and turn > 0:
             return [eos_id] + [IGNORE_INDEX] * (length - 1)
         return [IGNORE_INDEX] * length
 
@@ -332,4 +333,8 @@ def fix_tokenizer(tokenizer, template: ChatTemplate) -> None:
         tokenizer.pad_token = tokenizer.eos_token
     extra = [w for w in template.stop_words[1:] if w not in tokenizer.all_special_tokens]
     if extra:
-        tokenizer.add_special_tokens({"additional_special_tokens": extra}, replace_additional_special_tokens=False)
+        # the keyword that keeps the existing additional special tokens was renamed in transformers 5
+        params = inspect.signature(tokenizer.add_special_tokens).parameters
+        keep = "replace_extra_special_tokens" if "replace_extra_special_tokens" in params else \
+            "replace_additional_special_tokens"
+        tokenizer.add_special_tokens({"additional_special_tokens": extra}, **{keep: False})
