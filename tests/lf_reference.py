@@ -10,9 +10,9 @@ How LLaMA-Factory is imported
   leaks into the test process. The worker registers *empty package shells* for `llamafactory`,
   `llamafactory.extras`, `llamafactory.data`, `llamafactory.data.processor` and `llamafactory.hparams` whose
   `__path__` points into the installed wheel: their submodules are LF's real files, but the package
-  `__init__`s (which import accelerate, peft, trl, the trainer, the web UI ...) are not run. The two stand-ins are: one is
-  `peft.utils` with its two file-name constants, imported by `llamafactory.extras.constants`, and only when peft
-  is not installed; the other is a `torchaudio` whose every attribute raises (imported by
+  `__init__`s (which import accelerate, peft, trl, the trainer, the web UI ...) are not run. There are two
+  stand-ins: one is `peft.utils` with its two file-name constants, imported by `llamafactory.extras.constants`,
+  and only when peft is not installed; the other is a `torchaudio` whose every attribute raises (imported by
   `llamafactory.data.mm_plugin`, used only to load audio inputs), only when torchaudio is not installed.
 * Then the worker runs LF's own pipeline for a file-based dataset: `datasets.load_dataset("json", ...)` (as LF's
   loader does for local files), `DatasetAttr.join(dataset_info_entry)` (LF's `dataset_info.json` semantics for

@@ -197,7 +197,7 @@ EDGE_RECORDS = [
     # rows 2-4: CoT whose tags are not followed/preceded by newlines. LF 0.9.5's thought_words are
     # ("<think>\n", "\n</think>\n\n"): detection is `"<think>" in content or "</think>" in content` (the words
     # stripped), removal is the regex over the full words then lstrip("\n"), so a thought spelled without the
-    # newlines is kept under enable_thinking false and gets no empty block; the empty block is "<think>\n\n</think>\n\n".
+    # newlines is kept under enable_thinking false and gets no empty block ("<think>\n\n</think>\n\n").
     {"conversations": [{"from": "human", "value": "Reverse: kalo"},
                        {"from": "gpt", "value": "<think>reverse it</think>olak"}], "system": "", "tools": ""},
     {"conversations": [{"from": "human", "value": "Upper: mine"},

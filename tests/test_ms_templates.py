@@ -47,12 +47,13 @@ CASES = [
      "Assistant. The user asks a question, and the Assistant solves it. The assistant first thinks about the reasoning "
      "process in the mind and then provides the user with the answer. The reasoning process and answer are enclosed "
      "within <think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process here "
-     "</think><answer> answer here </answer>. User: Q<|im_end|>\n<|im_start|>assistant\nA<|im_end|>", "A<|im_end|>"),
+     "</think><answer> answer here </answer>. User: Q<|im_end|>\n<|im_start|>assistant\nA<|im_end|>",
+     "A<|im_end|>"),
     ("minicpm3", TWO_TURNS, "S",
      "S\n\nUser: Q\n\nAssistant:A{eos}User: Q2\n\nAssistant:B{eos}", "A{eos}B{eos}"),
     ("intern2", TWO_TURNS, "S",
-     IM.format("system", "S") + IM.format("user", "Q") + "<|im_start|>assistant\nA<|im_end|>\n" + IM.format("user", "Q2")
-     + "<|im_start|>assistant\nB<|im_end|>\n", "A<|im_end|>\nB<|im_end|>\n"),
+     IM.format("system", "S") + IM.format("user", "Q") + "<|im_start|>assistant\nA<|im_end|>\n"
+     + IM.format("user", "Q2") + "<|im_start|>assistant\nB<|im_end|>\n", "A<|im_end|>\nB<|im_end|>\n"),
     ("hunyuan", TWO_TURNS, "", "You are a helpful assistant.QAQ2B", "AB"),
     ("trl", TWO_TURNS, "S", "SQAQ2B", "AB"),
     ("plm", TWO_TURNS[:2], "S",
