@@ -4,6 +4,8 @@ Each expectation is written by hand from MindSpeed-LLM's entry (slots, default s
 with what `encode_instruction` builds on the tiny Qwen-style tokenizer: the decoded ids and the decoded trained
 tokens (labels != -100).
 """
+import json
+
 import pytest
 
 from mindspeed_llm.data.encode import EncodeOptions, encode_instruction
@@ -95,3 +97,51 @@ def test_chatglm3_system_opens_with_gmask_sop_in_the_system_turn(tiny_qwen3):
         "[gMASK]sop<|system|>\nYou are ChatGLM3, a large language model trained by Zhipu.AI. Follow the user's "
         "instructions carefully. Respond using markdown.<|user|>\nQ<|assistant|>\nA" + tok.eos_token)
     assert template.format_prefix == []
+    enc = encode_instruction(Conversation(CALL_TURNS, "", ""), template, tok, EncodeOptions())
+    text = tok.decode(enc.fields["input_ids"])
+    assert '<|assistant|>get_weather\n{"city": "Paris"}<|observation|>\n21<|assistant|>\nB' in text
+
+
+TOOLS = json.dumps([{"name": "get_weather", "description": "Weather of a city",
+                     "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "name"}},
+                                    "required": ["city"]}}])
+CALL = json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})
+CALL_TURNS = [{"role": "user", "content": "Q"}, {"role": "function", "content": CALL},
+              {"role": "observation", "content": "21"}, {"role": "assistant", "content": "B"}]
+
+
+def _render(tok_dir, name, messages, system, tools):
+    template = get_template(name)
+    tok = build_tokenizer(str(tok_dir), template=template)
+    enc = encode_instruction(Conversation(messages, system, tools), template, tok, EncodeOptions())
+    return tok, tok.decode(enc.fields["input_ids"]), tok.decode([t for t in enc.fields["labels"] if t != IGNORE_INDEX])
+
+
+def test_qwen_react_tools_and_call(tiny_qwen3):
+    """MindSpeed-LLM's default tool text (LLaMA-Factory 0.8 wording) and `Action: {{name}}\\nAction Input:
+    {{arguments}}` + eos for a function call."""
+    _, text, trained = _render(tiny_qwen3, "qwen", CALL_TURNS, "", TOOLS)
+    tool_text = ("You have access to the following tools:\n> Tool Name: get_weather\nTool Description: Weather of a "
+                 "city\nTool Args:\n  - city (string, required): name\n\nUse the following format if using a tool:\n"
+                 "```\nAction: tool name (one of [get_weather]).\nAction Input: the input to the tool, in a JSON "
+                 'format representing the kwargs (e.g. ```{"input": "hello world", "num_beams": 5}```).\n```\n')
+    call = 'Action: get_weather\nAction Input: {"city": "Paris"}<|im_end|>'
+    assert text == (IM.format("system", "You are a helpful assistant." + tool_text) + IM.format("user", "Q")
+                    + "<|im_start|>assistant\n" + call + "\n" + IM.format("tool", "21")
+                    + "<|im_start|>assistant\nB<|im_end|>")
+    assert trained == call + "B<|im_end|>"
+
+
+def test_bailing_mini_ling_tools_and_call(tiny_qwen3):
+    tok, text, trained = _render(tiny_qwen3, "bailing_mini", CALL_TURNS, "S", TOOLS)
+    tool = json.dumps({"type": "function", "function": json.loads(TOOLS)[0]})
+    tool_text = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided "
+                 f"with function signatures within <tools></tools> XML tags:\n<tools>\n{tool}\n</tools>\n\nFor each "
+                 "function call, return a json object with function name and arguments within <tool_call></tool_call>"
+                 ' XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+                 "\ndetailed thinking off")
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|role_end|>'
+    assert text == (f"<role>SYSTEM</role>S{tool_text}<|role_end|><role>HUMAN</role>Q<|role_end|><role>ASSISTANT</role>"
+                    f"{call}<role>OBSERVATION</role>\n<tool_response>\n21\n</tool_response><|role_end|>"
+                    f"<role>ASSISTANT</role>B<|role_end|>{tok.eos_token}")
+    assert trained == call + tok.eos_token + "B<|role_end|>" + tok.eos_token
