@@ -1,18 +1,19 @@
-"""Reference harness: token ids and labels exactly as LLaMA-Factory 0.9.3 builds them.
+"""Reference harness: token ids and labels exactly as LLaMA-Factory 0.9.5 builds them.
 
 Used by `tests/test_lf_parity.py` to check `preprocess_data.py` against the real LLaMA-Factory code, not a copy.
 
 How LLaMA-Factory is imported
 -----------------------------
-* `ensure_llamafactory()` installs the PyPI wheel `llamafactory==0.9.3` with `pip install --no-deps --target
-  <repo>/.cache/lf-0.9.3` (once; the folder is reused). None of LF's own dependencies are installed.
+* `ensure_llamafactory()` installs the PyPI wheel `llamafactory==0.9.5` with `pip install --no-deps --target
+  <repo>/.cache/lf-0.9.5` (once; the folder is reused). None of LF's own dependencies are installed.
 * LF is imported in a separate worker process (`python tests/lf_reference.py --serve SITE`), so nothing below
   leaks into the test process. The worker registers *empty package shells* for `llamafactory`,
   `llamafactory.extras`, `llamafactory.data`, `llamafactory.data.processor` and `llamafactory.hparams` whose
   `__path__` points into the installed wheel: their submodules are LF's real files, but the package
-  `__init__`s (which import accelerate, peft, trl, the trainer, the web UI ...) are not run. The one stand-in is
-  `peft.utils` with its two file-name constants, imported by `llamafactory.extras.constants`, and only when peft
-  is not installed.
+  `__init__`s (which import accelerate, peft, trl, the trainer, the web UI ...) are not run. There are two
+  stand-ins: one is `peft.utils` with its two file-name constants, imported by `llamafactory.extras.constants`,
+  and only when peft is not installed; the other is a `torchaudio` whose every attribute raises (imported by
+  `llamafactory.data.mm_plugin`, used only to load audio inputs), only when torchaudio is not installed.
 * Then the worker runs LF's own pipeline for a file-based dataset: `datasets.load_dataset("json", ...)` (as LF's
   loader does for local files), `DatasetAttr.join(dataset_info_entry)` (LF's `dataset_info.json` semantics for
   `columns`/`tags`), `converter.align_dataset` (alpaca/sharegpt -> LF's `_prompt/_response/_system/_tools`),
@@ -41,7 +42,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-LF_VERSION = "0.9.3"
+LF_VERSION = "0.9.5"
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SITE = REPO / ".cache" / f"lf-{LF_VERSION}"
 IGNORE_INDEX = -100
@@ -62,9 +63,9 @@ def _installed(site: Path) -> bool:
 
 
 def ensure_llamafactory(dest: Path | str = DEFAULT_SITE, timeout: float = 300) -> Path:
-    """Install `llamafactory==0.9.3` (wheel only, --no-deps) into `dest` unless already there; return `dest`.
+    """Install `llamafactory==0.9.5` (wheel only, --no-deps) into `dest` unless already there; return `dest`.
 
-    `LF_WHEEL=/path/to/llamafactory-0.9.3-py3-none-any.whl` installs from a local wheel instead of the index.
+    `LF_WHEEL=/path/to/llamafactory-0.9.5-py3-none-any.whl` installs from a local wheel instead of the index.
     Raises `LFUnavailable` with pip's output when the install fails.
     """
     dest = Path(dest)
@@ -126,6 +127,20 @@ def _import_llamafactory(site: Path) -> dict[str, Any]:
         peft.utils = peft_utils
         sys.modules["peft"] = peft
         sys.modules["peft.utils"] = peft_utils
+    if importlib.util.find_spec("torchaudio") is None:  # llamafactory.data.mm_plugin imports it for audio inputs
+        import importlib.machinery
+
+        from transformers.utils import import_utils
+
+        import_utils.is_torchaudio_available()  # cached as False before the stand-in exists
+        torchaudio = types.ModuleType("torchaudio")
+        torchaudio.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None)
+
+        def _no_audio(name: str):
+            raise AttributeError(f"torchaudio.{name}: torchaudio is not installed; the parity jobs hold no audio")
+
+        torchaudio.__getattr__ = _no_audio
+        sys.modules["torchaudio"] = torchaudio
     os.environ.setdefault("LLAMAFACTORY_VERBOSITY", "ERROR")
     mods = {
         "template": importlib.import_module("llamafactory.data.template"),

@@ -1,11 +1,11 @@
-"""Parity with LLaMA-Factory 0.9.3: `preprocess_data.py` must give LF's token ids and labels, sample for sample.
+"""Parity with LLaMA-Factory 0.9.5: `preprocess_data.py` must give LF's token ids and labels, sample for sample.
 
 Our `--prompt-type qwen3` is LF's `qwen3` template, `qwen_lf` is LF's `qwen`. Our `--enable-thinking true|false|none`
 is LF's `DataArguments.enable_thinking` True / False / None (None is a legal value of LF's Optional[bool] field and
 gives exactly "keep the CoT the data has, put an empty think block in the masked prompt of turns without one").
 
 The LF side is the real LF code (see tests/lf_reference.py: wheel installed with --no-deps into
-`.cache/lf-0.9.3`, imported in a worker process). LF cutoff_len = our --seq-length; train_on_prompt and
+`.cache/lf-0.9.5`, imported in a worker process). LF cutoff_len = our --seq-length; train_on_prompt and
 mask_history off, no packing.
 
 Two tokenizers: the project's tiny Qwen-style tokenizer (`tiny_qwen3`), and a "boundary-sensitive" one trained
@@ -194,9 +194,10 @@ EDGE_RECORDS = [
      "system": "", "tools": "[]"},
     {"conversations": [{"from": "human", "value": "Add 2+2."}, {"from": "gpt", "value": "4"}],
      "system": "Be brief.", "tools": "[]"},
-    # rows 2-4: CoT whose tags are not followed/preceded by newlines. LF 0.9.3's thought_words are the bare tags
-    # ("<think>", "</think>"): detection is `"<think>" in content or "</think>" in content`, removal is the regex
-    # `<think>(.*?)</think>` then lstrip("\n"); only the inserted empty block is "<think>\n\n</think>\n\n".
+    # rows 2-4: CoT whose tags are not followed/preceded by newlines. LF 0.9.5's thought_words are
+    # ("<think>\n", "\n</think>\n\n"): detection is `"<think>" in content or "</think>" in content` (the words
+    # stripped), removal is the regex over the full words then lstrip("\n"), so a thought spelled without the
+    # newlines is kept under enable_thinking false and gets no empty block ("<think>\n\n</think>\n\n").
     {"conversations": [{"from": "human", "value": "Reverse: kalo"},
                        {"from": "gpt", "value": "<think>reverse it</think>olak"}], "system": "", "tools": ""},
     {"conversations": [{"from": "human", "value": "Upper: mine"},

@@ -190,12 +190,43 @@ def test_fix_tokenizer_llama3_style(tiny_model_factory):
     assert tok.eos_token == "<|eot_id|>"
 
 
-def test_qwen3_cot_without_newlines_is_recognised(tok_dir):
-    """Thoughts are found by the bare <think>/</think> tags, as LLaMA-Factory 0.9.3 does."""
-    _, _, trained, _, _ = encode(tok_dir, "qwen3", msgs(("Q", "<think>cot</think>A")), thinking=True)
-    assert trained == "<think>cot</think>A<|im_end|>\n"
-    _, text, trained, _, _ = encode(tok_dir, "qwen3", msgs(("Q", "<think>cot</think>A")), thinking=False)
-    assert trained == "A<|im_end|>\n" and "cot" not in text
+EMPTY_THOUGHT = "<think>\n\n</think>\n\n"
+
+
+@pytest.mark.parametrize("thinking,prompt_tail,target", [
+    (True, "", "<think>cot</think>A<|im_end|>\n"),
+    (False, "", "<think>cot</think>A<|im_end|>\n"),
+    (None, "", "<think>cot</think>A<|im_end|>\n"),
+])
+def test_qwen3_cot_without_newlines_is_kept_as_is(tok_dir, thinking, prompt_tail, target):
+    """`<think>X</think>answer` is a thought (either bare tag marks one), but only a thought spelled with the full
+    thought words `<think>\n` ... `\n</think>\n\n` is removed: the block is kept and no empty block is added."""
+    _, text, trained, ids, labels = encode(tok_dir, "qwen3", msgs(("Q", "<think>cot</think>A")), thinking=thinking)
+    assert trained == target
+    assert text == "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n" + prompt_tail + target
+    assert EMPTY_THOUGHT not in text
+
+
+@pytest.mark.parametrize("thinking,prompt_tail,target", [
+    (True, "", "<think>\ncot\n</think>\n\nA<|im_end|>\n"),
+    (False, EMPTY_THOUGHT, "A<|im_end|>\n"),
+    (None, "", "<think>\ncot\n</think>\n\nA<|im_end|>\n"),
+])
+def test_qwen3_cot_with_thought_words_multiturn(tok_dir, thinking, prompt_tail, target):
+    """Spelled with the thought words, a thought is removed by `false` in every turn; each answer then gets the
+    empty block at the end of its prompt. A second turn without a thought gets it too (trained with `true`)."""
+    cot = "<think>\ncot\n</think>\n\nA"
+    tok, text, trained, ids, labels = encode(tok_dir, "qwen3", msgs(("Q", cot), ("Q2", "B")), thinking=thinking)
+    second = (EMPTY_THOUGHT + "B<|im_end|>\n") if thinking else "B<|im_end|>\n"
+    second_tail = "" if thinking else EMPTY_THOUGHT
+    assert text == ("<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n" + prompt_tail + target
+                    + "<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n" + second_tail + second)
+    assert trained == target + second
+    # token level: the empty block is tokenized on its own, after the prompt's own tokens
+    empty = tok.encode(EMPTY_THOUGHT, add_special_tokens=False)
+    prompt = tok.encode("<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    assert ids[:len(prompt) + len(empty)] == prompt + (empty if thinking is False else
+                                                       tok.encode(target, add_special_tokens=False))[:len(empty)]
 
 
 def test_empty_tool_list_still_opens_the_system_turn(tok_dir):

@@ -16,6 +16,7 @@ merges never cross a message boundary.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import weakref
@@ -30,6 +31,8 @@ DEFAULT_TEMPLATES_PATH = Path(__file__).resolve().parents[2] / "configs" / "fine
 TEMPLATE_CLASSES = ("Template", "LFDefaultTemplate", "ReasoningTemplate", "Llama2Template")
 ROLES = ("user", "assistant", "observation", "function")
 IGNORE_INDEX = -100
+# The thought words of MindSpeed-LLM and LLaMA-Factory >= 0.9.4: an empty thought renders `<think>\n\n</think>\n\n`.
+DEFAULT_THOUGHT_WORDS = ("<think>\n", "\n</think>\n\n")
 
 Slots = list[Any]
 
@@ -55,7 +58,7 @@ class ChatTemplate:
     stop_words: list[str] = field(default_factory=list)
     efficient_eos: bool = False
     replace_eos: bool = False
-    thought_words: tuple[str, str] = ("<think>", "</think>")
+    thought_words: tuple[str, str] = DEFAULT_THOUGHT_WORDS
     enable_thinking: bool | None = None
 
     def __post_init__(self) -> None:
@@ -143,12 +146,16 @@ class ChatTemplate:
         return encoded
 
     def _thought_ids(self, tokenizer) -> list[int]:
-        return encode_text(tokenizer, f"{self.thought_words[0]}\n\n{self.thought_words[1]}\n\n")
+        """The empty thought block: the two thought words back to back."""
+        return encode_text(tokenizer, self.thought_words[0] + self.thought_words[1])
 
     def _has_thought(self, content: str) -> bool:
-        return self.thought_words[0] in content or self.thought_words[1] in content
+        # Either tag, without the surrounding newlines, marks a thought (LLaMA-Factory >= 0.9.4), so a thought
+        # spelled `<think>X</think>answer` is kept as it is and gets no second, empty block.
+        return self.thought_words[0].strip() in content or self.thought_words[1].strip() in content
 
     def remove_thought(self, content: str) -> str:
+        """Drops thoughts spelled with the full thought words (newlines included); others stay."""
         pattern = re.compile(f"{re.escape(self.thought_words[0])}(.*?){re.escape(self.thought_words[1])}", re.DOTALL)
         return re.sub(pattern, "", content).lstrip("\n")
 
@@ -206,7 +213,7 @@ class ChatTemplate:
 
     def source_labels(self, turn: int, length: int, eos_id: int) -> list[int]:
         """Labels of a prompt span: ignored, except the efficient-eos trick (the previous answer learns to stop)."""
-        if self.efficient_eos and length > 0 and (turn > 0 or self.lf_truncation):
+        if self.efficient_eos and length > 0 and turn > 0:
             return [eos_id] + [IGNORE_INDEX] * (length - 1)
         return [IGNORE_INDEX] * length
 
@@ -305,7 +312,7 @@ def get_template(name: str, path: str | Path = DEFAULT_TEMPLATES_PATH,
         stop_words=list(entry.get("stop_words", [])),
         efficient_eos=bool(entry.get("efficient_eos", False)),
         replace_eos=bool(entry.get("replace_eos", False)),
-        thought_words=tuple(entry.get("thought_words", ("<think>", "</think>"))),
+        thought_words=tuple(entry.get("thought_words", DEFAULT_THOUGHT_WORDS)),
         enable_thinking=enable_thinking,
     )
 
@@ -326,4 +333,8 @@ def fix_tokenizer(tokenizer, template: ChatTemplate) -> None:
         tokenizer.pad_token = tokenizer.eos_token
     extra = [w for w in template.stop_words[1:] if w not in tokenizer.all_special_tokens]
     if extra:
-        tokenizer.add_special_tokens({"additional_special_tokens": extra}, replace_additional_special_tokens=False)
+        # the keyword that keeps the existing additional special tokens was renamed in transformers 5
+        params = inspect.signature(tokenizer.add_special_tokens).parameters
+        keep = "replace_extra_special_tokens" if "replace_extra_special_tokens" in params else \
+            "replace_additional_special_tokens"
+        tokenizer.add_special_tokens({"additional_special_tokens": extra}, **{keep: False})

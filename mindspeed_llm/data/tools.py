@@ -2,7 +2,8 @@
 
 - `default`: ReAct text ("You have access to the following tools: ..." / "Action: ... Action Input: ...");
 - `qwen`: Qwen2.5/Qwen3 `<tools>` JSON in the system prompt and `<tool_call>` JSON blocks;
-- `glm4`: GLM-4 "# 可用工具" sections and "name\\narguments" calls.
+- `glm4`: GLM-4 "# 可用工具" sections and "name\\narguments" calls;
+- `ling`: Ling/Bailing: the Qwen prompt without its leading blank lines, ending "detailed thinking off"; Qwen calls.
 Tools arrive as the JSON text of a list of function schemas; calls as the JSON text of one call or a list.
 """
 from __future__ import annotations
@@ -12,15 +13,15 @@ import re
 
 from mindspeed_llm.errors import UserError
 
-TOOL_FORMATS = ("default", "qwen", "glm4")
+TOOL_FORMATS = ("default", "qwen", "glm4", "ling")
 
 REACT_PROMPT = (
     "You have access to the following tools:\n{tool_text}"
     "Use the following format if using a tool:\n"
     "```\n"
-    "Action: tool name (one of [{tool_names}])\n"
+    "Action: tool name (one of [{tool_names}]).\n"
     "Action Input: the input to the tool, in a JSON format representing the kwargs "
-    '(e.g. ```{{"input": "hello world", "num_beams": 5}}```)\n'
+    '(e.g. ```{{"input": "hello world", "num_beams": 5}}```).\n'
     "```\n"
 )
 QWEN_PROMPT = (
@@ -54,12 +55,13 @@ def format_tools(tools_json: str, tool_format: str) -> str:
         raise ToolFormatError(f"tools is not valid JSON ({exc.msg}): {tools_json[:80]!r}") from None
     if not tools:
         return ""
-    if tool_format == "qwen":
+    if tool_format in ("qwen", "ling"):
         text = ""
         for tool in tools:
             wrapped = tool if tool.get("type") == "function" else {"type": "function", "function": tool}
             text += "\n" + json.dumps(wrapped, ensure_ascii=False)
-        return QWEN_PROMPT.format(tool_text=text)
+        prompt = QWEN_PROMPT.format(tool_text=text)
+        return prompt if tool_format == "qwen" else prompt.lstrip("\n") + "\ndetailed thinking off"
     if tool_format == "glm4":
         text = ""
         for tool in tools:
@@ -102,7 +104,7 @@ def format_function_calls(content: str, tool_format: str) -> str:
     if thought:
         content = content.replace(thought.group(0), "")
     calls = parse_function_calls(content)
-    if tool_format == "qwen":
+    if tool_format in ("qwen", "ling"):
         texts = [json.dumps({"name": n, "arguments": json.loads(a)}, ensure_ascii=False) for n, a in calls]
         text = "\n".join(f"<tool_call>\n{t}\n</tool_call>" for t in texts)
     elif tool_format == "glm4":
@@ -110,5 +112,5 @@ def format_function_calls(content: str, tool_format: str) -> str:
             raise ToolFormatError("the glm4 tool format takes one function call per turn")
         text = f"{calls[0][0]}\n{calls[0][1]}"
     else:
-        text = "".join(f"Action: {n}\nAction Input: {a}\n" for n, a in calls)
+        text = "\n".join(f"Action: {n}\nAction Input: {a}" for n, a in calls)
     return (thought.group(0) + text) if thought else text
