@@ -151,6 +151,7 @@ class DecodeStage:
         self.head_dim = cfg.kv_channels
         self.hidden = cfg.hidden_size
         self.layers = [self._layer(layer) for layer in model.decoder.layers]
+        self.grouped_single_query = self.device.type == "cpu"
         if self.first:
             emb = model.embedding.word_embeddings
             self.embedding = emb.weight
@@ -247,10 +248,8 @@ class DecodeStage:
             q = _rotate(q, cos, sin)
             k_cache[:, :, start:end] = _rotate(k, cos, sin).transpose(1, 2)
             v_cache[:, :, start:end] = v.transpose(1, 2)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:, :, :end], v_cache[:, :, :end],
-                                                 attn_mask=mask, is_causal=causal, scale=layer.scale,
-                                                 enable_gqa=per_group > 1)
-            out = self._reduce(F.linear(out.transpose(1, 2).reshape(b, s, self.heads * hd), layer.proj))
+            out = self._attend(q, k_cache[:, :, :end], v_cache[:, :, :end], mask, causal, layer.scale)
+            out = self._reduce(F.linear(out, layer.proj))
             if layer.proj_bias is not None:
                 out = out + layer.proj_bias
             h = h + out
@@ -261,6 +260,20 @@ class DecodeStage:
                 out = out + layer.fc2_bias
             h = h + out
         return h
+
+    def _attend(self, q, k, v, mask, causal, scale) -> torch.Tensor:
+        """q [b, s, n, hn], k/v [b, ng, sk, hn] -> [b, s, n * hn]."""
+        b, s = q.shape[:2]
+        if s == 1 and self.grouped_single_query:
+            # One query per row: the heads of a group become the rows of that group's matmul (no repeated K/V).
+            # On the CPU this beats SDPA's flash kernel, which is slow for one query and stalls the thread pool.
+            qg = q.view(b, self.groups, self.heads // self.groups, self.head_dim)
+            scores = torch.matmul(qg, k.transpose(-1, -2)) * scale
+            out = torch.matmul(scores.softmax(dim=-1), v)
+            return out.reshape(b, 1, self.heads * self.head_dim)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                             enable_gqa=self.heads != self.groups)
+        return out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, cache: StaticKVCache) -> Optional[torch.Tensor]:
