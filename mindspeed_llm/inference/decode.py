@@ -72,8 +72,12 @@ def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
     tp = _tp_size()
     if cfg.num_query_groups is not None and cfg.num_query_groups < tp:
         return "fewer query groups than tensor-parallel ranks"
+    from megatron.core.transformer.attention import SelfAttention
+
     for layer in model.decoder.layers:
         att = layer.self_attention
+        if not isinstance(att, SelfAttention):
+            return f"attention {type(att).__name__}"
         for norm in (layer.input_layernorm, layer.pre_mlp_layernorm):
             if not isinstance(norm, RMSNorm):
                 return f"layer norm {type(norm).__name__}"
