@@ -39,6 +39,8 @@ def load_model(hf_dir: str):
 def main(hf_dir: str, spec_file: str, out_file: str) -> None:
     import torch
 
+    from mindspeed_llm.inference.beam import beam_search
+    from mindspeed_llm.inference.comm import ReplicaBroadcast
     from mindspeed_llm.inference.decode import decode_stage_for, unsupported_reason
     from mindspeed_llm.inference.forward import StageForward
     from mindspeed_llm.inference.generation import StopCriteria, generate
@@ -83,10 +85,18 @@ def main(hf_dir: str, spec_file: str, out_file: str) -> None:
             streamed[row] = list(out)
 
     generate(step, prompts, stop=seq_stop, use_cache=True, on_step=on_step, **kwargs)
+
+    # beam search with the static cache (reordered per step) against megatron's own cached forward
+    megatron_step = StageForward(model)
+    megatron_step._decode_stage = None          # what decode_stage_for keeps for a model it cannot run
+    beam = {}
+    for name, which in (("fast", step), ("megatron", megatron_step)):
+        beam[name] = beam_search(which, prompts[2], num_beams=3, max_new_tokens=16, params=SamplingParams(),
+                                 stop=never, pad_id=0, broadcast=ReplicaBroadcast())
     result = {"greedy": greedy, "max_logit_diff": worst, "steps": steps,
               "stop": {"fast": fast_stop.outputs, "fast_stopped": fast_stop.stopped, "ref": ref_stop.outputs,
                        "ref_stopped": ref_stop.stopped},
-              "stream_equal": [streamed[r] for r in range(len(prompts))] == fast_stop.outputs}
+              "stream_equal": [streamed[r] for r in range(len(prompts))] == fast_stop.outputs, "beam": beam}
     Path(out_file).write_text(json.dumps(result))
 
 
