@@ -273,7 +273,7 @@ class DecodeStage:
             # On the CPU this beats SDPA's flash kernel, which is slow for one query and stalls the thread pool.
             qg = q.view(b, self.groups, self.heads // self.groups, self.head_dim)
             scores = torch.matmul(qg, k.transpose(-1, -2)) * scale
-            out = torch.matmul(scores.softmax(dim=-1), v)
+            out = torch.matmul(scores.float().softmax(dim=-1).to(v.dtype), v)     # softmax in fp32, as SDPA
             return out.reshape(b, 1, self.heads * self.head_dim)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                              enable_gqa=self.heads != self.groups)
