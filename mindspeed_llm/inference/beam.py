@@ -43,13 +43,18 @@ def beam_search(step: StageForward, prompt: list[int], *, num_beams: int, max_ne
     tokens = torch.full((num_beams, total), pad_id, dtype=torch.long, device=device)
     tokens[:, :n] = torch.tensor(prompt, dtype=torch.long, device=device)
     scores = torch.zeros(num_beams, dtype=torch.float64, device=device)
-    cache = KVCache(num_beams, total) if use_cache else None
+    from mindspeed_llm.inference.decode import decode_stage_for
+
+    stage = decode_stage_for(step) if use_cache else None
+    forward = stage if stage is not None else step
+    cache = (stage.new_cache(num_beams, total) if stage is not None else KVCache(num_beams, total)) \
+        if use_cache else None
     finished = _Hypotheses(num_beams, length_penalty)
     packet = torch.zeros(3 * num_beams + 1, dtype=torch.float64, device=device)   # rows, tokens, scores, done
     stop_ids = stop.ids
     for t in range(n, total):
         window = tokens[:, cache.offset:t] if cache is not None else tokens[:, :t]
-        logits = step(window, cache)
+        logits = forward(window, cache)
         if logits is not None and broadcast.is_src:
             packet.copy_(_select(logits, scores, t - n, tokens, n, num_beams, params, stop_ids, finished,
                                  generator, last=t == total - 1))

@@ -53,6 +53,15 @@ def generate(step: StageForward, prompts: list[list[int]], *, max_new_tokens: in
     `broadcast` sends the sampling rank's new-token column to the replica (see `comm.ReplicaBroadcast`);
     `on_step(row, outputs_so_far)` is called after each step (streaming).
     """
+    if use_cache:
+        from mindspeed_llm.inference.decode import decode_stage_for
+        from mindspeed_llm.inference.decode_loop import generate_static
+
+        stage = decode_stage_for(step)
+        if stage is not None:
+            return generate_static(stage, prompts, max_new_tokens=max_new_tokens, params=params, stop=stop,
+                                   pad_id=pad_id, broadcast=broadcast, is_src=broadcast_is_src(broadcast),
+                                   generator=generator, on_step=on_step)
     device = step.device
     batch = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)

@@ -1,0 +1,76 @@
+"""The generation loop over a `DecodeStage`: stop checks on the device, no per-token host sync.
+
+Same contract and ragged prefill as `generation.generate` (rows right-padded, decoding starts after the shortest
+prompt, a row still inside its prompt takes its own token). What the per-token Python loop did with lists --
+recording tokens, stop ids, multi-token stop sequences, the --max-new-tokens limit -- is done here with tensors:
+`count[row]` generated tokens sit in `tokens[row, len(row):]`. The host reads the device only when a streaming
+callback wants the tokens, and every few steps (every step on the CPU, where reading is free) to leave the loop
+once all rows are done; steps run after that point change no output.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from mindspeed_llm.inference.decode import DecodeStage
+from mindspeed_llm.inference.sampling import SamplingParams, choose
+
+# Steps between "all rows done?" reads on accelerators (each read waits for the device).
+DONE_CHECK_EVERY = 8
+
+
+@torch.no_grad()
+def generate_static(stage: DecodeStage, prompts: list[list[int]], *, max_new_tokens: int, params: SamplingParams,
+                    stop, pad_id: int, broadcast: Callable[[torch.Tensor], torch.Tensor], is_src: bool,
+                    generator: Optional[torch.Generator] = None,
+                    on_step: Optional[Callable[[int, list[list[int]]], None]] = None):
+    from mindspeed_llm.inference.generation import Generated
+
+    device = stage.device
+    batch = len(prompts)
+    plens = [len(p) for p in prompts]
+    lengths = torch.tensor(plens, device=device)
+    total = max(plens) + max_new_tokens
+    tokens = torch.full((batch, total), pad_id, dtype=torch.long, device=device)
+    for row, ids in enumerate(prompts):
+        tokens[row, :len(ids)] = torch.tensor(ids, dtype=torch.long, device=device)
+    stop_ids = torch.tensor(sorted(stop.ids), dtype=torch.long, device=device)
+    sequences = [torch.tensor(s, dtype=torch.long, device=device) for s in stop.sequences]
+    count = torch.zeros(batch, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    cache = stage.new_cache(batch, total)
+    new = torch.empty(batch, dtype=torch.long, device=device)
+    check_every = 1 if device.type == "cpu" else DONE_CHECK_EVERY
+    first = min(plens)
+    for t in range(first, total):
+        logits = stage(tokens[:, cache.offset:t], cache)
+        if logits is not None and is_src:
+            new.copy_(choose(logits, params, generator))
+        broadcast(new)
+        started = lengths <= t
+        column = torch.where(started, new, tokens[:, t])
+        tokens[:, t] = column
+        record = started & ~done
+        count += record
+        hit = torch.isin(column, stop_ids) if stop_ids.numel() else torch.zeros_like(record)
+        for seq in sequences:
+            n = seq.numel()
+            if t + 1 >= n:
+                hit = hit | ((tokens[:, t + 1 - n:t + 1] == seq).all(dim=1) & (count >= n))
+        hit = hit & record
+        stopped |= hit
+        done |= hit | (record & (count >= max_new_tokens))
+        if on_step is not None:
+            for row, (token, rec) in enumerate(zip(*torch.stack((column, record.long())).tolist())):
+                if rec:
+                    outputs[row].append(token)
+            on_step(t, outputs)
+        if (t - first + 1) % check_every == 0 and bool(done.all()):
+            break
+    counts = count.tolist()
+    rows = tokens.tolist()
+    outputs = [rows[r][plens[r]:plens[r] + counts[r]] for r in range(batch)]
+    return Generated(outputs, [bool(x) for x in stopped.tolist()])
