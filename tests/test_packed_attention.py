@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from mindspeed_llm.errors import UserError
+
 from mindspeed_llm.models.packed import (KERNEL_ENV, apply_packed_rope, packed_attention, packed_kernel,
                                          packed_rope_cos_sin, packed_seq_params)
 from tests.conftest import run_cli
@@ -57,7 +59,7 @@ def test_kernel_choice(monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, "dense")
     assert packed_kernel() == "dense"
     monkeypatch.setenv(KERNEL_ENV, "flash")
-    with pytest.raises(ValueError, match=KERNEL_ENV):
+    with pytest.raises(UserError, match=KERNEL_ENV):
         packed_kernel()
 
 

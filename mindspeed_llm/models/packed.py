@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
-\nfrom mindspeed_llm.errors import UserError
+
+from mindspeed_llm.errors import UserError
 
 KERNELS = ("segments", "dense")
 KERNEL_ENV = "MINDSPEED_PACKED_ATTENTION"
