@@ -39,6 +39,8 @@ TENSOR_ARGS: dict[str, list[tuple[int, str, bool]]] = {
 # Methods that return a tensor on the same device as the one they are called on.
 SAME_DEVICE_METHODS = {"contiguous", "view", "view_as", "reshape", "clone", "detach", "flatten", "narrow",
                        "squeeze", "unsqueeze", "__getitem__"}
+# torch functions whose result lives on the device of their first argument.
+SAME_DEVICE_FUNCTIONS = {"torch.empty_like", "torch.zeros_like", "torch.ones_like", "torch.full_like"}
 
 
 def _dotted(node: ast.AST) -> Optional[str]:
@@ -199,6 +201,8 @@ def _on_device(expr: ast.AST, scope: ast.AST, mod: _Module, is_list: bool, use: 
             return True
         if isinstance(expr.func, ast.Attribute) and expr.func.attr in SAME_DEVICE_METHODS:
             return rec(expr.func.value, False)
+        if _dotted(expr.func) in SAME_DEVICE_FUNCTIONS and expr.args:
+            return rec(expr.args[0], False)
         return False
     if isinstance(expr, ast.Subscript):
         return rec(expr.value, False)
@@ -267,7 +271,9 @@ def test_package_collectives_take_device_tensors():
     "def f():\n    dist.all_reduce(device_tensor([1]))\n",
     # lists of tensors
     "import torch, torch.distributed as dist\nfrom mindspeed_llm.platform import device_tensor\ndef f(n):\n"
-    "    t = device_tensor([1])\n    out = [torch.zeros_like(t) for _ in range(n)]\n    dist.all_gather(out, t)\n",
+    "    t = device_tensor([1])\n    out = [torch.zeros(1) for _ in range(n)]\n    dist.all_gather(out, t)\n",
+    "import torch, torch.distributed as dist\nfrom mindspeed_llm.platform import device_tensor\ndef f(n, x):\n"
+    "    t = device_tensor([1])\n    out = [torch.empty_like(x) for _ in range(n)]\n    dist.all_gather(out, t)\n",
     "import torch.distributed as dist\nfrom mindspeed_llm.platform import device_empty\ndef f(t):\n"
     "    dist.all_gather(tensor_list=[device_empty(1, None)], tensor=t)\n",
 ])
@@ -284,6 +290,9 @@ def test_checker_rejects_host_tensors(source):
     "import torch.distributed as dist\nfrom mindspeed_llm.platform import device_empty, to_comm_device\n"
     "def f(t, n):\n    out = [device_empty(t.shape, t.dtype) for _ in range(n)]\n"
     "    dist.all_gather(out, to_comm_device(t).contiguous())\n    dist.gather(to_comm_device(t), None, dst=0)\n",
+    # *_like functions follow the device of their argument
+    "import torch, torch.distributed as dist\nfrom mindspeed_llm.platform import to_comm_device\ndef f(x, g):\n"
+    "    x = to_comm_device(x, g)\n    out = [torch.empty_like(x) for _ in range(2)]\n    dist.all_gather(out, x)\n",
     # object collectives carry no tensors of ours (they stage through the current device, bound at init)
     "import torch.distributed as dist\ndef f(x):\n    box = [x]\n    dist.broadcast_object_list(box, src=0)\n",
 ])

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mindspeed_llm.inference import comm
+from mindspeed_llm.platform import to_comm_device
 
 
 @dataclass
@@ -208,6 +209,7 @@ class DecodeStage:
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_group is not None:
+            x = to_comm_device(x, self.tp_group)
             dist.all_reduce(x, group=self.tp_group)
         return x
 
@@ -223,8 +225,9 @@ class DecodeStage:
         local = F.linear(h, self.output)
         if self.tp_group is None:
             return local
+        local = to_comm_device(local.contiguous(), self.tp_group)
         parts = [torch.empty_like(local) for _ in range(self.tp)]
-        dist.all_gather(parts, local.contiguous(), group=self.tp_group)
+        dist.all_gather(parts, local, group=self.tp_group)
         return torch.cat(parts, dim=-1)
 
     # ---- the step --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from mindspeed_llm.inference.decode import DecodeStage
+from mindspeed_llm.inference.results import Generated, StepCallback
 from mindspeed_llm.inference.sampling import SamplingParams, choose
 
 # Steps between "all rows done?" reads on accelerators (each read waits for the device).
@@ -24,9 +25,7 @@ DONE_CHECK_EVERY = 8
 def generate_static(stage: DecodeStage, prompts: list[list[int]], *, max_new_tokens: int, params: SamplingParams,
                     stop, pad_id: int, broadcast: Callable[[torch.Tensor], torch.Tensor], is_src: bool,
                     generator: Optional[torch.Generator] = None,
-                    on_step: Optional[Callable[[int, list[list[int]]], None]] = None):
-    from mindspeed_llm.inference.generation import Generated
-
+                    on_step: Optional[StepCallback] = None) -> Generated:
     device = stage.device
     batch = len(prompts)
     plens = [len(p) for p in prompts]

@@ -9,12 +9,15 @@ rows in one batch have similar lengths.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from mindspeed_llm.inference.decode import decode_stage_for
+from mindspeed_llm.inference.decode_loop import generate_static
 from mindspeed_llm.inference.forward import KVCache, StageForward
+from mindspeed_llm.inference.results import Generated, StepCallback
 from mindspeed_llm.inference.sampling import SamplingParams, choose
 
 
@@ -31,18 +34,6 @@ class StopCriteria:
         return any(len(row_output) >= len(s) and tuple(row_output[-len(s):]) == s for s in self.sequences)
 
 
-@dataclass
-class Generated:
-    """Per row: the generated ids (the stop token included, as `transformers.generate` returns it) and whether a
-    stop token ended the row (False: it ran out of --max-new-tokens)."""
-
-    outputs: list[list[int]] = field(default_factory=list)
-    stopped: list[bool] = field(default_factory=list)
-
-
-StepCallback = Callable[[int, list[list[int]]], None]
-
-
 @torch.no_grad()
 def generate(step: StageForward, prompts: list[list[int]], *, max_new_tokens: int, params: SamplingParams,
              stop: StopCriteria, pad_id: int, broadcast: Callable[[torch.Tensor], torch.Tensor],
@@ -54,9 +45,6 @@ def generate(step: StageForward, prompts: list[list[int]], *, max_new_tokens: in
     `on_step(row, outputs_so_far)` is called after each step (streaming).
     """
     if use_cache:
-        from mindspeed_llm.inference.decode import decode_stage_for
-        from mindspeed_llm.inference.decode_loop import generate_static
-
         stage = decode_stage_for(step)
         if stage is not None:
             return generate_static(stage, prompts, max_new_tokens=max_new_tokens, params=params, stop=stop,
