@@ -19,7 +19,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "peft>=0.15"],   # peft: the independent LoRA reference in tests
         "npu": ["torch_npu"],
     },
 )

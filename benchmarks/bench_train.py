@@ -4,12 +4,17 @@ batches, same device, one process, in one run. Prints tokens/s of both and the r
 
     python benchmarks/bench_train.py                       # CPU: small Qwen3-shaped model, fp32
     python benchmarks/bench_train.py --preset qwen3-1.7b   # GPU: Qwen3-1.7B shape, seq 4096, bf16
+    python benchmarks/bench_train.py --lora 16             # LoRA (r 16 on qkv/proj/fc1/fc2) against full
+                                                           # fine-tuning: tokens/s and peak memory of each
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,7 +56,7 @@ def batches(p: dict, steps: int, seed: int = 0) -> list[list[dict]]:
     return out
 
 
-def our_argv(p: dict, bf16: bool) -> list[str]:
+def our_argv(p: dict, bf16: bool, lora: int = 0) -> list[str]:
     argv = (f"--num-layers {p['layers']} --hidden-size {p['hidden']} --ffn-hidden-size {p['ffn']} "
             f"--num-attention-heads {p['heads']} --group-query-attention --num-query-groups {p['groups']} "
             f"--kv-channels {p['head_dim']} --qk-layernorm --norm-epsilon 1e-6 --swiglu --disable-bias-linear "
@@ -64,10 +69,13 @@ def our_argv(p: dict, bf16: bool) -> list[str]:
         argv.append("--untie-embeddings-and-output-weights")
     if bf16:
         argv.append("--bf16")
+    if lora:      # the adapters go on a base model: --load must name a directory (nothing is read from it here)
+        argv += ["--lora-r", str(lora), "--lora-alpha", str(2 * lora), "--lora-target-modules", "linear_qkv",
+                 "linear_proj", "linear_fc1", "linear_fc2", "--load", tempfile.mkdtemp(prefix="bench_lora_")]
     return argv
 
 
-def run_ours(p: dict, data: list, warmup: int, bf16: bool) -> tuple[float, float]:
+def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0) -> tuple[float, float]:
     """(seconds for the timed iterations, FLOPs per iteration)."""
     from mindspeed_llm.arguments import parse_train_args
     from mindspeed_llm.platform import current_device, init_distributed
@@ -78,7 +86,7 @@ def run_ours(p: dict, data: list, warmup: int, bf16: bool) -> tuple[float, float
     from mindspeed_llm.training.sft import train_step
     from mindspeed_llm.training.validate import validate_world
 
-    args = parse_train_args(our_argv(p, bf16))
+    args = parse_train_args(our_argv(p, bf16, lora))
     validate_world(args, 1)
     init_distributed(1, 1, seed=1234)
     cfg = model_setup.model_config(args, p["vocab"])
@@ -130,6 +138,34 @@ def run_hf(p: dict, data: list, warmup: int, bf16: bool) -> float:
     return time.perf_counter() - start
 
 
+def peak_memory() -> int:
+    """Peak bytes of this process: allocated on the GPU, resident on the CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def lora_vs_full(a: argparse.Namespace) -> None:
+    """Full fine-tuning and LoRA, each in a fresh process (so peak memory is its own), on the same batches."""
+    results = {}
+    for mode in ("full", "lora"):
+        argv = [sys.executable, __file__, "--child", mode, "--lora", str(a.lora), "--warmup", str(a.warmup)]
+        argv += [f"--{k}={v}" for k, v in (("preset", a.preset), ("steps", a.steps), ("seq", a.seq)) if v]
+        out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+        results[mode] = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
+    gpu = torch.cuda.is_available()
+    model = a.preset or ("qwen3-1.7b" if gpu else "small")
+    print(f"device: {torch.cuda.get_device_name() if gpu else 'CPU'}; model: {model}; "
+          f"LoRA r={a.lora} alpha={2 * a.lora} on linear_qkv linear_proj linear_fc1 linear_fc2; "
+          f"peak memory: {'allocated' if gpu else 'resident'}")
+    for mode, r in results.items():
+        print(f"{mode:5s}: {r['tokens_per_s']:12.1f} tokens/s, peak memory {r['peak'] / 2**20:9.1f} MiB")
+    print(f"ratio lora / full: {results['lora']['tokens_per_s'] / results['full']['tokens_per_s']:.2f}x tokens/s, "
+          f"{results['lora']['peak'] / results['full']['peak']:.2f}x peak memory")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -137,7 +173,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed iterations (default 5 CPU, 10 GPU)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seq", type=int, default=None, help="override the preset's sequence length")
+    ap.add_argument("--lora", type=int, default=0, metavar="R", help="compare LoRA of rank R with full fine-tuning")
+    ap.add_argument("--child", choices=["full", "lora"], default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.lora and a.child is None:
+        return lora_vs_full(a)
     os.environ.setdefault("MINDSPEED_DEVICE", "" if torch.cuda.is_available() else "cpu")
     gpu = torch.cuda.is_available()
     p = dict(PRESETS[a.preset or ("qwen3-1.7b" if gpu else "small")])
@@ -147,6 +187,10 @@ def main() -> None:
     steps = a.steps or (10 if gpu else 5)
     data = batches(p, a.warmup + steps)
     tokens = steps * p["nmb"] * p["mbs"] * p["seq"]
+    if a.child:
+        seconds, _ = run_ours(p, data, a.warmup, bf16, a.lora if a.child == "lora" else 0)
+        print("RESULT " + json.dumps({"tokens_per_s": tokens / seconds, "peak": peak_memory()}))
+        return
     hf_s = run_hf(p, data, a.warmup, bf16)
     if gpu:
         torch.cuda.empty_cache()

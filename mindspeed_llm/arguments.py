@@ -297,12 +297,29 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
     for name in SPEED_VALUE_FLAGS:
         g.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
     g = parser.add_argument_group("recognised, not implemented (an error when given)")
-    g.add_argument("--lora-target-modules", nargs="*", default=None, help=argparse.SUPPRESS)
-    g.add_argument("--lora-r", type=int, default=None, help=argparse.SUPPRESS)
-    g.add_argument("--lora-alpha", type=int, default=None, help=argparse.SUPPRESS)
-    g.add_argument("--lora-load", default=None, help=argparse.SUPPRESS)
     g.add_argument("--enable-mg2hf-convert", action="store_true", default=None, help=argparse.SUPPRESS)
     g.add_argument("--num-experts", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def add_lora_args(parser: argparse.ArgumentParser, training: bool) -> None:
+    """MindSpeed-LLM's LoRA flags: --lora-target-modules switches LoRA on (`models.lora`)."""
+    g = parser.add_argument_group("LoRA")
+    g.add_argument("--lora-target-modules", nargs="+", default=None, metavar="MODULE",
+                   help="add adapters to these megatron layers: linear_qkv linear_proj linear_fc1 linear_fc2")
+    g.add_argument("--lora-r", type=int, default=None, help="adapter rank (default 16, or the --lora-load one)")
+    g.add_argument("--lora-alpha", type=float, default=None,
+                   help="adapter scale alpha/r (default 32, or the --lora-load one)")
+    g.add_argument("--lora-load", default=None,
+                   help="LoRA checkpoint (adapters, and optimizer state to resume) on top of the --load base")
+    if not training:
+        return
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input (default 0)")
+    g.add_argument("--lora-modules-to-save", nargs="+", default=None, metavar="MODULE",
+                   help="modules trained in full beside the adapters, e.g. word_embeddings output_layer")
+    g.add_argument("--lora-ckpt-filter", action="store_true",
+                   help="checkpoints hold only the trained weights (adapters), not the frozen base")
+    g.add_argument("--lora-fusion", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--lora-register-forward-hook", nargs="+", default=None, help=argparse.SUPPRESS)
 
 
 def add_mindspeed_spellings(parser: argparse.ArgumentParser) -> None:
@@ -325,6 +342,7 @@ def build_train_parser() -> FlagParser:
     add_data_args(p)
     add_logging_args(p)
     add_speed_args(p)
+    add_lora_args(p, training=True)
     add_tokenizer_args(p)
     add_template_args(p)
     add_mindspeed_spellings(p)

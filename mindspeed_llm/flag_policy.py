@@ -27,6 +27,7 @@ _MODEL = {
     "num_layer_list", "context_parallel_size", "distributed_backend", "distributed_timeout_minutes", "load",
     "load_checkpoint_loosely", "model_type_hf", "seed", "tokenizer_name_or_path", "tokenizer_not_use_fast",
     "seq_length", "prompt_type", "prompt_type_path", "enable_thinking", "trust_remote_code",
+    "lora_target_modules", "lora_r", "lora_alpha", "lora_load",
 }
 IMPLEMENTED: dict[str, frozenset[str]] = {
     "train": frozenset(_MODEL | {
@@ -45,7 +46,8 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "padded_samples", "full_shuffle_instruction_dataset", "cut_max_seqlen", "no_cut_token",
         "tokenizer_padding_side", "data_cache_path", "num_workers", "handler_name", "log_interval",
         "log_throughput", "eval_interval", "eval_iters", "tensorboard_dir", "tokenizer_type", "transformer_impl",
-        "use_legacy_models", "check_for_nan_in_loss_and_grad",
+        "use_legacy_models", "check_for_nan_in_loss_and_grad", "lora_dropout", "lora_modules_to_save",
+        "lora_ckpt_filter",
     }),
     "inference": frozenset(_MODEL | {
         "task", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "num_beams", "length_penalty",
@@ -60,7 +62,8 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
     "convert": frozenset({
         "load_model_type", "save_model_type", "load_dir", "save_dir", "model_type_hf", "target_tensor_parallel_size",
         "target_pipeline_parallel_size", "num_layer_list", "num_layers_per_virtual_pipeline_stage", "params_dtype",
-        "hf_cfg_dir", "verify", "verify_threshold", "trust_remote_code",
+        "hf_cfg_dir", "verify", "verify_threshold", "trust_remote_code", "lora_load", "lora_r", "lora_alpha",
+        "lora_target_modules", "save_lora_to_hf",
     }),
 }
 
@@ -105,7 +108,10 @@ NOTICE: dict[str, dict[str, str]] = {
               "reset_position_ids": "positions always restart per sample in packed rows",
               "no_shared_storage": "every rank reads --data-path and --load itself; nothing is staged per node",
               "workers": "a preprocess_data.py flag; --data-path is already preprocessed",
-              "dataloader_type": "samples are drawn by the resumable data-parallel sampler (single)"},
+              "dataloader_type": "samples are drawn by the resumable data-parallel sampler (single)",
+              "lora_fusion": "the adapter runs as two rank-r matmuls beside the base GEMM (no fused LoRA kernel)",
+              "lora_register_forward_hook": "under LoRA the embedding output always requires grad, so recomputed "
+                                            "layers give adapter gradients"},
     "inference": {**SPEED, **_COMMON_NOTICE,
                   "swiglu": "the MLP follows the model family (--model-type-hf / checkpoint)",
                   "disable_bias_linear": "linear biases follow the model family (--model-type-hf / checkpoint)",
@@ -133,14 +139,12 @@ NOTICE: dict[str, dict[str, str]] = {
 }
 
 # --- error: only the default is honoured (why) ------------------------------------------------------------------
-_LORA = "LoRA fine-tuning is not implemented (merge adapters outside this toolkit)"
 _ERROR_COMMON = {
     "rotary_percent": "partial rotary embeddings are not implemented; only 1.0",
     "normalization": "only RMSNorm is implemented",
     "position_embedding_type": "only rope is implemented",
     "params_dtype": "select the dtype with --bf16 or --fp16",
     "hf_cfg_dir": "only convert_ckpt.py (mg -> hf) uses it",
-    "lora_target_modules": _LORA, "lora_r": _LORA, "lora_alpha": _LORA, "lora_load": _LORA,
     "enable_mg2hf_convert": "convert after training with convert_ckpt.py --load-model-type mg --save-model-type hf",
     "num_experts": "mixture-of-experts models are not implemented",
 }

@@ -1,9 +1,11 @@
 """torchrun script: load converted checkpoints into our GPTModel at TP/PP/VPP and compare logits with transformers.
 
 Usage: torchrun --nproc_per_node 2 tests/dist_logits.py CASES.json
-CASES.json: [{"name", "hf_dir", "mg_dir", "tp", "pp", "num_layer_list"?, "vpp_layers"?, "tol"?}, ...]
+CASES.json: [{"name", "hf_dir", "mg_dir", "tp", "pp", "num_layer_list"?, "vpp_layers"?, "tol"?,
+               "lora"?: {"dir", "r", "alpha", "targets", "peft_dir"}}, ...]
 Each rank that holds final logits compares them with `AutoModelForCausalLM` (fp32) and prints one line per case;
-any mismatch raises (non-zero exit).
+any mismatch raises (non-zero exit). A "lora" case adds our adapter modules, loads the LoRA checkpoint into them
+(unmerged) and compares with `peft.PeftModel` over the HF model and the PEFT adapter in "peft_dir".
 """
 from __future__ import annotations
 
@@ -56,7 +58,16 @@ def main(cases_file: str) -> None:
         init_distributed(case["tp"], case["pp"], placement.vpp if placement.vpp > 1 else None)
         chunks = build_model(cfg, params_dtype=torch.float32, num_layer_list=case.get("num_layer_list"),
                              num_layers_per_virtual_pipeline_stage=vpp_layers, parallel_output=False)
+        lora = case.get("lora")
+        if lora:
+            from mindspeed_llm.checkpoint.load import load_adapters
+            from mindspeed_llm.models.lora import LoraSpec, add_lora
+
+            for chunk in chunks:
+                add_lora(chunk, LoraSpec(lora["r"], lora["alpha"], tuple(lora["targets"])), seed=0)
         load_checkpoint(chunks, case["mg_dir"])
+        if lora:
+            load_adapters(chunks, lora["dir"])
         ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(7))
         pos = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
         with torch.no_grad():
@@ -64,6 +75,10 @@ def main(cases_file: str) -> None:
         if logits is None:
             continue
         ref_model = AutoModelForCausalLM.from_pretrained(case["hf_dir"], dtype=torch.float32).eval()
+        if lora:
+            from peft import PeftModel
+
+            ref_model = PeftModel.from_pretrained(ref_model, lora["peft_dir"]).eval()
         with torch.no_grad():
             ref = ref_model(ids).logits
         diff = (logits.float() - ref).abs().max().item()

@@ -9,8 +9,8 @@ REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mind
 if not REFERENCE.is_file():
     REFERENCE = Path("/work/shared/reference/mindspeed_qwen3_recipes.md")
 
-# Dense Qwen3 recipes in scope: full fine-tuning, generation, data and checkpoint conversion (no LoRA/eval/DPO).
-IN_SCOPE = re.compile(r"^(qwen3|v2\.1\.0)/(tune_\w*_full\w*|generate_\w+|data_convert_\w+|ckpt_convert_\w+)$")
+# Dense Qwen3 recipes in scope: full and LoRA fine-tuning, generation, data and checkpoint conversion (no eval/DPO).
+IN_SCOPE = re.compile(r"^(qwen3|v2\.1\.0)/(tune_\w*_(full|lora)\w*|generate_\w+|data_convert_\w+|ckpt_convert_\w+)$")
 
 TINY_SHAPE = {"--num-layers": "4", "--hidden-size": "64", "--ffn-hidden-size": "128", "--num-attention-heads": "4",
               "--num-query-groups": "2", "--kv-channels": "16", "--max-position-embeddings": "512",
@@ -27,7 +27,7 @@ def load_recipes() -> dict[str, tuple[str, list[list[str]]]]:
     recipes = {}
     for block in re.finditer(r"^## (\S+)\n`(?:python|torchrun) (\S+)` \(\d+ flags\)\n```\n(.*?)```", text, re.M | re.S):
         name, script, body = block.groups()
-        if not IN_SCOPE.match(name) or name.endswith("_lora"):
+        if not IN_SCOPE.match(name):
             continue
         flags: list[list[str]] = []
         for tok in body.split():

@@ -20,7 +20,8 @@ def _names(kind: str) -> list[str]:
 
 
 def test_reference_lists_every_spelling():
-    assert len(_names("tune_")) == 15 and len(_names("generate_")) == 6
+    assert len(_names("tune_")) == 27 and len(_names("generate_")) == 6
+    assert len([n for n in _names("tune_") if "_lora_" in n]) == 12
     assert {n.split("/")[0] for n in _names("tune_")} == {"qwen3", "v2.1.0", "v2.2.0"}
 
 
@@ -113,7 +114,8 @@ def test_explicit_different_data_flag_is_refused(env, tmp_path):
 @pytest.mark.distributed
 def test_recipes_end_to_end(env, tmp_path):
     """Current 4B fine-tuning (HF load, thinking data) then 4B generation on its checkpoint; v2.1.0 8B fine-tuning
-    (Megatron load from the v2.1.0 conversion, --variable-seq-lengths)."""
+    (Megatron load from the v2.1.0 conversion, --variable-seq-lengths); 0.6B LoRA fine-tuning then the LoRA merge
+    recipe (which restates r/alpha as 8/16: the same scale as the 16/32 it was trained with)."""
     save = tmp_path / "tuned"
     proc = run_torchrun("posttrain_gpt.py", *_train_argv("qwen3/tune_qwen3_4b_4K_full_ptd", env, save), nproc=1)
     assert "--enable-thinking true: taken from" in proc.stdout + proc.stderr
@@ -125,3 +127,12 @@ def test_recipes_end_to_end(env, tmp_path):
     save = tmp_path / "tuned_v210"
     run_torchrun("posttrain_gpt.py", *_train_argv("v2.1.0/tune_qwen3_8b_4K_full_ptd", env, save), nproc=1)
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    save = tmp_path / "lora"
+    proc = run_torchrun("posttrain_gpt.py", *_train_argv("qwen3/tune_qwen3_0point6b_4K_lora_ptd", env, save), nproc=1)
+    assert "--lora-fusion: accepted, no effect" in proc.stderr and "LoRA r=16 alpha=32" in proc.stdout
+    script, flags = RECIPES["qwen3/ckpt_convert_qwen3_mcore2hf_lora"]
+    merged = tmp_path / "lora_hf"
+    proc = run_cli(script, *edit(flags, {"--load-dir": str(env["hf_tied"] / "megatron_cache_tp1pp1ep1"),
+                                         "--lora-load": str(save), "--save-dir": str(merged),
+                                         "--hf-cfg-dir": str(env["hf_tied"])}))
+    assert "the scale alpha/r is the same" in proc.stderr and (merged / "config.json").is_file()

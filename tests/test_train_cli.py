@@ -53,7 +53,7 @@ def test_all_sizes_have_recipes():
 
 @pytest.mark.parametrize("extra,message", [
     (["--bogus-flag", "1"], "unrecognized argument(s): --bogus-flag"),
-    (["--lora-target-modules", "linear_qkv"], "--lora-target-modules linear_qkv: not supported by posttrain_gpt.py"),
+    (["--lora-target-modules", "q_proj"], "--lora-target-modules q_proj: unknown module"),
     (["--context-parallel-size", "2"], "--context-parallel-size 2"),
     (["--ckpt-format", "torch_dist"], "--ckpt-format torch_dist"),
     (["--neat-pack"], "--neat-pack requires --reset-attention-mask"),

@@ -44,6 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-threshold", type=float, default=1e-3, help="max-abs logits difference allowed")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="--verify: let transformers run Python code shipped in the HF directory (auto_map)")
+    lora = p.add_argument_group("LoRA (mg -> hf)")
+    lora.add_argument("--lora-load", type=Path, default=None,
+                      help="LoRA checkpoint (same TP/PP layout as --load-dir) whose adapters are merged in")
+    lora.add_argument("--lora-r", type=int, default=None, help="adapter rank (default: from the LoRA checkpoint)")
+    lora.add_argument("--lora-alpha", type=float, default=None,
+                      help="adapter alpha, scale alpha/r (default: from the LoRA checkpoint)")
+    lora.add_argument("--lora-target-modules", nargs="+", default=None, metavar="MODULE",
+                      help="adapted megatron layers (default: from the LoRA checkpoint)")
+    lora.add_argument("--save-lora-to-hf", action="store_true",
+                      help="write only the adapters, as a PEFT adapter directory (adapter_model.safetensors, "
+                           "adapter_config.json), instead of merged weights")
     # Accepted for compatibility with MindSpeed-LLM v1 recipes; they do not change the result.
     compat = p.add_argument_group("compatibility (accepted, no effect)")
     compat.add_argument("--tokenizer-model", default=None)
@@ -105,6 +116,12 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
         if a.hf_cfg_dir is not None:
             raise ConversionError("--hf-cfg-dir is only used by mg -> hf; drop it")
+        lora_flags = [f for f, v in (("--lora-load", a.lora_load), ("--lora-r", a.lora_r),
+                                     ("--lora-alpha", a.lora_alpha), ("--lora-target-modules", a.lora_target_modules),
+                                     ("--save-lora-to-hf", a.save_lora_to_hf)) if v]
+        if lora_flags:
+            raise ConversionError(f"{lora_flags[0]} is only used by mg -> hf (merging or exporting adapters); "
+                                  f"hf -> mg converts the base model, and LoRA training adds the adapters")
         convert_hf_to_mg(Hf2MgOptions(load_dir=a.load_dir, save_dir=a.save_dir, model_type_hf=a.model_type_hf,
                                       tp=a.target_tensor_parallel_size or 1, pp=a.target_pipeline_parallel_size or 1,
                                       num_layer_list=layer_list,
@@ -117,12 +134,17 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
         if a.params_dtype is not None:
             raise ConversionError("--params-dtype is only used by hf -> mg (mg -> hf keeps the saved dtype); drop it")
+        if a.verify and (a.lora_load or a.save_lora_to_hf):
+            raise ConversionError("--verify compares the export with --load-dir's own weights; it cannot check a "
+                                  "LoRA merge or adapter export (drop --verify)")
         if a.verify and a.hf_cfg_dir is None:
             raise ConversionError("--verify on mg -> hf needs --hf-cfg-dir (the exported directory needs config.json)")
         convert_mg_to_hf(Mg2HfOptions(load_dir=a.load_dir, save_dir=a.save_dir, hf_cfg_dir=a.hf_cfg_dir,
                                       model_type_hf=a.model_type_hf, tp=a.target_tensor_parallel_size,
                                       pp=a.target_pipeline_parallel_size, num_layer_list=layer_list,
-                                      layers_per_vpp_stage=a.num_layers_per_virtual_pipeline_stage))
+                                      layers_per_vpp_stage=a.num_layers_per_virtual_pipeline_stage,
+                                      lora_load=a.lora_load, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
+                                      lora_target_modules=a.lora_target_modules, save_lora_to_hf=a.save_lora_to_hf))
         return _run_verify(a.save_dir, a.load_dir, a.model_type_hf, a.verify_threshold,
                            a.trust_remote_code) if a.verify else 0
     raise ConversionError(f"--load-model-type {a.load_model_type} --save-model-type {a.save_model_type}: this "

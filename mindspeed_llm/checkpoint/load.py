@@ -51,14 +51,10 @@ def check_args(saved: argparse.Namespace, expected: dict[str, Any], source: str)
                                   f"use {flag} {stored} or convert the checkpoint to the new layout")
 
 
-def load_checkpoint(chunks: Sequence, load_dir: str | Path, *, expected: Optional[dict[str, Any]] = None,
-                    strict: bool = True) -> dict[str, Any]:
-    """Load this rank's `model_optim_rng.pt` into `chunks` (from `models.build_model`); returns the file's dict
-    (with `args`, `iteration`, and optimizer/RNG entries when a training save wrote them).
-
-    `expected` maps saved-args names (tensor_model_parallel_size, num_layers, ...) to the values of this run; TP and
-    PP sizes and the VPP chunk count are always checked.
-    """
+def read_rank_state(load_dir: str | Path, num_chunks: int,
+                    expected: Optional[dict[str, Any]] = None) -> tuple[Path, dict[str, Any]]:
+    """(path, dict) of this rank's `model_optim_rng.pt` under the checkpoint root `load_dir`; its saved args must
+    agree with this run's TP and PP sizes and with `expected` (see `check_args`)."""
     from megatron.core import parallel_state as ps
 
     iter_dir = layout.iteration_dir(Path(load_dir))
@@ -73,16 +69,70 @@ def load_checkpoint(chunks: Sequence, load_dir: str | Path, *, expected: Optiona
     if saved is not None:
         check_args(saved, {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
                            **(expected or {})}, str(iter_dir))
-    keys = layout.model_keys(len(chunks))
+    keys = layout.model_keys(num_chunks)
     missing = [k for k in keys if k not in state]
     if missing:
         have = sorted(k for k in state if k.startswith("model"))
-        raise ConversionError(f"{path} holds {have} but the model has {len(chunks)} virtual pipeline chunk(s); "
+        raise ConversionError(f"{path} holds {have} but the model has {len(keys)} virtual pipeline chunk(s); "
                               f"match --num-layers-per-virtual-pipeline-stage to the checkpoint")
-    for chunk, key in zip(chunks, keys):
-        try:
-            chunk.load_state_dict(state[key], strict=strict)
-        except RuntimeError as exc:
-            detail = " ".join(str(exc).split())[:300]
-            raise ConversionError(f"{path}[{key}] does not fit the model built from the flags: {detail}") from None
+    return path, state
+
+
+def load_checkpoint(chunks: Sequence, load_dir: str | Path, *, expected: Optional[dict[str, Any]] = None,
+                    strict: bool = True) -> dict[str, Any]:
+    """Load this rank's `model_optim_rng.pt` into `chunks` (from `models.build_model`); returns the file's dict
+    (with `args`, `iteration`, and optimizer/RNG entries when a training save wrote them).
+
+    `expected` maps saved-args names (tensor_model_parallel_size, num_layers, ...) to the values of this run; TP and
+    PP sizes and the VPP chunk count are always checked.
+    """
+    path, state = read_rank_state(load_dir, len(chunks), expected)
+    for chunk, key in zip(chunks, layout.model_keys(len(chunks))):
+        _load_into(chunk, state[key], strict, f"{path}[{key}]")
+    return state
+
+
+def _load_into(chunk, state: dict, strict: bool, where: str) -> None:
+    from mindspeed_llm.models import lora
+
+    if lora.has_adapters(state) and not lora.adapter_keys(chunk):
+        raise ConversionError(f"{where} is a LoRA save (it holds adapters): pass the base model's checkpoint as "
+                              f"--load and this one as --lora-load")
+    try:
+        chunk.load_state_dict(state, strict=strict)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise ConversionError(f"{where} does not fit the model built from the flags: {detail}") from None
+
+
+def load_adapters(chunks: Sequence, lora_dir: str | Path, *, expected: Optional[dict[str, Any]] = None,
+                  merge_scale: Optional[float] = None) -> dict[str, Any]:
+    """--lora-load: this rank's LoRA checkpoint on top of the base weights already in `chunks`. Into the adapter
+    modules of a LoRA model (`models.lora.add_lora`), or, with `merge_scale`, merged into the base weights of a
+    plain model (generation). Every adapter the model has must be in the file, and nothing else of it may be
+    unknown to the model. Returns the file's dict (iteration, optimizer state, ... to resume from)."""
+    from mindspeed_llm.models import lora
+
+    path, state = read_rank_state(lora_dir, len(chunks), expected)
+    for chunk, key in zip(chunks, layout.model_keys(len(chunks))):
+        saved = state[key]
+        where = f"--lora-load {path}[{key}]"
+        if merge_scale is not None:
+            if not lora.has_adapters(saved):
+                raise ConversionError(f"{where} holds no LoRA adapters (no *{lora.A_SUFFIX} tensors)")
+            base = chunk.state_dict()
+            try:
+                merged = lora.merge_adapters(base, saved, merge_scale)
+            except KeyError as exc:
+                raise ConversionError(f"{where}: {exc.args[0]} is missing; the adapters do not fit the model") from None
+            _load_into(chunk, merged, True, where)
+            continue
+        known = set(chunk.state_dict())
+        unknown = sorted(k for k in saved if k not in known)
+        missing = sorted(lora.adapter_keys(chunk) - set(saved))
+        if unknown or missing:
+            what = f"has no {missing[0]}" if missing else f"holds {unknown[0]}, which the model lacks"
+            raise ConversionError(f"{where} {what}: it was trained with other --lora-target-modules, "
+                                  f"--lora-modules-to-save or model flags")
+        _load_into(chunk, saved, False, where)
     return state

@@ -14,7 +14,8 @@ import torch
 from mindspeed_llm.checkpoint import layout
 from mindspeed_llm.checkpoint.errors import ConversionError
 from mindspeed_llm.checkpoint.hf_io import INDEX_NAME, SafetensorsWriter, copy_hf_cfg, publish_dir
-from mindspeed_llm.checkpoint.mapping import MissingKey, merge_embedding, merge_head, merge_layer
+from mindspeed_llm.checkpoint.mapping import MissingKey, merge_adapter_layer, merge_embedding, merge_head, merge_layer
+from mindspeed_llm.models import lora
 from mindspeed_llm.models.config import ModelConfig, read_hf_config
 from mindspeed_llm.models.family import Family
 from mindspeed_llm.models.placement import Placement, parse_layer_list, place_layers
@@ -33,6 +34,13 @@ class Mg2HfOptions:
     pp: Optional[int] = None
     num_layer_list: Optional[list[int]] = None
     layers_per_vpp_stage: Optional[int] = None
+    # LoRA: adapters from --lora-load (or inside --load-dir: an unfiltered LoRA save), merged into the weights,
+    # or with --save-lora-to-hf exported alone as a PEFT adapter directory.
+    lora_load: Optional[Path] = None
+    lora_r: Optional[int] = None
+    lora_alpha: Optional[float] = None
+    lora_target_modules: Optional[list[str]] = None
+    save_lora_to_hf: bool = False
 
 
 def model_from_args(args: argparse.Namespace, model_type_hf: Optional[str] = None,
@@ -83,21 +91,31 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
     tp, pp = int(args.tensor_model_parallel_size), int(args.pipeline_model_parallel_size)
     placement = checkpoint_placement(args, cfg)
     keys = layout.model_keys(placement.vpp)
+    adapters = _adapter_source(opts, args, iter_dir, tp, pp) if opts is not None else None
+    if adapters is not None:      # what was resolved (flags, else the LoRA checkpoint's args) is what is written
+        opts.lora_r, opts.lora_alpha = adapters.spec.r, adapters.spec.alpha
 
     def generate():
         start = time.time()
         for p in range(pp):
             states = [layout.load_rank_file(iter_dir / layout.rank_dir_name(t, p, pp) / layout.FILE_NAME)
                       for t in range(tp)]
+            lora_states = adapters.stage(p, states) if adapters is not None else None
             for v, layers in enumerate(placement.layers[p]):
-                shards = []
-                for t, state in enumerate(states):
-                    if keys[v] not in state:
-                        raise ConversionError(f"{iter_dir / layout.rank_dir_name(t, p, pp)} has no {keys[v]!r} "
-                                              f"entry; its args say VPP size {placement.vpp}")
-                    shards.append(state[keys[v]])
+                shards = [_model_entry(state, keys[v], iter_dir / layout.rank_dir_name(t, p, pp), placement.vpp)
+                          for t, state in enumerate(states)]
+                if lora_states is not None:
+                    lora_shards = [_model_entry(state, keys[v], adapters.root / layout.rank_dir_name(t, p, pp),
+                                                placement.vpp) for t, state in enumerate(lora_states)]
+                    if not opts.save_lora_to_hf:
+                        shards = [lora.merge_adapters(s, a, adapters.spec.scale) for s, a in zip(shards, lora_shards)]
                 try:
                     for local, layer in enumerate(layers):
+                        if lora_states is not None and opts.save_lora_to_hf:
+                            tensors = merge_adapter_layer(fam, cfg, lora_shards, local, layer)
+                            log(f"[mg2hf] layer {layer + 1}/{cfg.num_layers} ({time.time() - start:.1f}s)")
+                            yield layer, tensors
+                            continue
                         tensors = merge_layer(fam, cfg, shards, local, layer)
                         if layer == 0:
                             tensors.update(merge_embedding(fam, cfg, shards))
@@ -109,10 +127,71 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
                 except MissingKey as exc:
                     raise ConversionError(f"{iter_dir / layout.rank_dir_name(0, p, pp)}: tensor {exc.args[0]} is "
                                           f"missing ({keys[v]}); the checkpoint does not match its saved args") from None
-            del states, shards
+            del states, shards, lora_states
             layout.release_freed_memory()
 
     return fam, cfg, generate()
+
+
+def _model_entry(state: dict, key: str, rank_dir: Path, vpp: int) -> dict:
+    if key not in state:
+        raise ConversionError(f"{rank_dir} has no {key!r} entry; its args say VPP size {vpp}")
+    return state[key]
+
+
+@dataclass
+class _Adapters:
+    """Where the LoRA tensors of each pipeline stage come from: --lora-load's rank files, or the base rank files
+    themselves (an unfiltered LoRA save)."""
+    spec: lora.LoraSpec
+    root: Path
+    iter_dir: Optional[Path]          # None: the adapters are in the --load-dir rank files
+    tp: int
+    pp: int
+
+    def stage(self, p: int, base_states: list[dict]) -> list[dict]:
+        if self.iter_dir is None:
+            return base_states
+        return [layout.load_rank_file(self.iter_dir / layout.rank_dir_name(t, p, self.pp) / layout.FILE_NAME)
+                for t in range(self.tp)]
+
+
+def _adapter_source(opts: Mg2HfOptions, args: argparse.Namespace, iter_dir: Path, tp: int,
+                    pp: int) -> Optional[_Adapters]:
+    """The adapters to merge or export (None for a plain conversion). With --lora-load its layout must be the base's."""
+    flags = argparse.Namespace(lora_target_modules=opts.lora_target_modules, lora_r=opts.lora_r,
+                               lora_alpha=opts.lora_alpha)
+    first = layout.load_rank_file(iter_dir / layout.rank_dir_name(0, 0, pp) / layout.FILE_NAME)
+    first = next((v for k, v in first.items() if k.startswith("model") and isinstance(v, dict)), {})
+    if lora.has_adapters(first) and not any(lora.BASE in k for k in first):
+        raise ConversionError(f"--load-dir {opts.load_dir} holds LoRA adapters only (saved with --lora-ckpt-filter): "
+                              f"pass the base model's checkpoint as --load-dir and this one as --lora-load")
+    if opts.lora_load is None:
+        if not lora.has_adapters(first):
+            if opts.save_lora_to_hf or opts.lora_target_modules:
+                raise ConversionError("--save-lora-to-hf/--lora-target-modules: no adapters to export; pass the LoRA "
+                                      "checkpoint with --lora-load")
+            return None
+        del first
+        spec = lora.spec_from_args(flags, args, f"--load-dir {opts.load_dir}")
+        return _Adapters(spec, Path(opts.load_dir), None, tp, pp)
+    lora_iter = layout.iteration_dir(Path(opts.lora_load))
+    lora_args = layout.read_args(lora_iter)
+    source = f"--lora-load {opts.lora_load}"
+    for name, flag in (("tensor_model_parallel_size", "TP"), ("pipeline_model_parallel_size", "PP"),
+                       ("num_layers_per_virtual_pipeline_stage", "VPP layers"), ("num_layer_list", "layer list")):
+        ours, theirs = getattr(args, name, None), getattr(lora_args, name, None)
+        if ours != theirs and (ours or theirs):
+            raise ConversionError(f"{source} was saved with {flag} {theirs} but --load-dir {opts.load_dir} with "
+                                  f"{ours}; the adapters must come from a run on that layout")
+    if opts.save_lora_to_hf and getattr(lora_args, "lora_modules_to_save", None):
+        raise ConversionError(f"--save-lora-to-hf: {source} also trained --lora-modules-to-save "
+                              f"{' '.join(lora_args.lora_modules_to_save)} in full; a PEFT adapter holds adapters "
+                              f"only, so merge instead (drop --save-lora-to-hf)")
+    spec = lora.spec_from_args(flags, lora_args, source)
+    if spec is None:
+        raise ConversionError(f"{source}: its args name no LoRA target modules; pass --lora-target-modules")
+    return _Adapters(spec, Path(opts.lora_load), lora_iter, tp, pp)
 
 
 def _inside(path: Path, directory: Path) -> bool:
@@ -136,6 +215,15 @@ def convert_mg_to_hf(opts: Mg2HfOptions, log: Callable[[str], None] = print) -> 
     fam, cfg, tensors = iter_hf_tensors(Path(opts.load_dir), opts.model_type_hf, opts.hf_cfg_dir, opts, log)
     save_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.tmp-", dir=save_dir.parent))
+    if opts.save_lora_to_hf:
+        try:
+            write_peft_adapter(tmp, tensors, opts)
+            publish_dir(tmp, save_dir, last=PEFT_CONFIG)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log(f"[mg2hf] wrote the PEFT adapter {save_dir / PEFT_WEIGHTS} and {PEFT_CONFIG}")
+        return save_dir
     try:
         writer = SafetensorsWriter(tmp, num_files=cfg.num_layers)
         for layer, layer_tensors in tensors:
@@ -151,3 +239,28 @@ def convert_mg_to_hf(opts: Mg2HfOptions, log: Callable[[str], None] = print) -> 
     log(f"[mg2hf] wrote {save_dir} ({cfg.num_layers} safetensors files"
         f"{', config and tokenizer from ' + str(opts.hf_cfg_dir) if opts.hf_cfg_dir else ''})")
     return save_dir
+
+
+PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def write_peft_adapter(out_dir: Path, layers: Iterator[tuple[int, dict[str, torch.Tensor]]],
+                       opts: Mg2HfOptions) -> None:
+    """--save-lora-to-hf: every layer's adapters as one PEFT LoRA adapter (`peft.PeftModel.from_pretrained` on the
+    HF base model loads it)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for _, layer_tensors in layers:
+        tensors.update({k: v.clone() for k, v in layer_tensors.items()})   # the shared factor: one copy each
+    if not tensors:
+        raise ConversionError("--save-lora-to-hf: the LoRA checkpoint holds no adapters")
+    modules = sorted({k.split(".")[-3] for k in tensors})
+    save_file(tensors, str(out_dir / PEFT_WEIGHTS), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": opts.lora_r, "lora_alpha": opts.lora_alpha,
+              "target_modules": modules, "lora_dropout": 0.0,
+              "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+              "base_model_name_or_path": str(opts.hf_cfg_dir) if opts.hf_cfg_dir else None}
+    (out_dir / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")

@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     shared.add_parallel_args(p)
     shared.add_checkpoint_args(p)
     shared.add_speed_args(p)
+    shared.add_lora_args(p, training=False)
     shared.add_tokenizer_args(p)
     shared.add_template_args(p)
     add_generation_args(p)

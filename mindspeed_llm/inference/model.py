@@ -24,25 +24,25 @@ def resolve_model_config(args: argparse.Namespace, saved: Optional[argparse.Name
                          tokenizer_len=tokenizer_len)
 
 
-def read_checkpoint_args(load: str) -> tuple[Optional[argparse.Namespace], str]:
-    """(saved args, the rank file they were read from) of a Megatron checkpoint root; errors name --load."""
+def read_checkpoint_args(load: str, flag: str = "--load") -> tuple[Optional[argparse.Namespace], str]:
+    """(saved args, the rank file they were read from) of a Megatron checkpoint root; errors name `flag`."""
     from mindspeed_llm.checkpoint import layout
     from mindspeed_llm.checkpoint.errors import ConversionError
     from mindspeed_llm.checkpoint.load import saved_args
 
     root = Path(load)
     if (root / "config.json").is_file() and not (root / layout.TRACKER).is_file():
-        raise UserError(f"--load {load} is a Hugging Face model directory; convert it first (convert_ckpt.py "
-                        f"--load-model-type hf --save-model-type mg ...) and pass the output to --load")
+        raise UserError(f"{flag} {load} is a Hugging Face model directory; convert it first (convert_ckpt.py "
+                        f"--load-model-type hf --save-model-type mg ...) and pass the output to {flag}")
     try:
         return saved_args(root)
     except ConversionError as exc:     # the layout's messages name the converter's flag
-        raise UserError(str(exc).replace("--load-dir", "--load")) from None
+        raise UserError(str(exc).replace("--load-dir", flag)) from None
 
 
 def build_and_load(args: argparse.Namespace, cfg: ModelConfig) -> torch.nn.Module:
     """This rank's GPTModel stage (eval mode, full-vocabulary logits) with its checkpoint shard loaded."""
-    from mindspeed_llm.checkpoint.load import load_checkpoint
+    from mindspeed_llm.checkpoint.load import load_adapters, load_checkpoint
     from mindspeed_llm.models import build_model, parse_layer_list
     from mindspeed_llm.models.resolve import model_args
 
@@ -52,4 +52,29 @@ def build_and_load(args: argparse.Namespace, cfg: ModelConfig) -> torch.nn.Modul
     if layer_list:
         expected["num_layer_list"] = layer_list
     load_checkpoint(chunks, args.load, expected=expected, strict=not args.load_checkpoint_loosely)
+    spec = lora_spec(args)
+    if spec is not None:
+        # Adapters are merged into this rank's weight shards once (W + alpha/r * B @ A, fp32): the decode path
+        # then runs the plain model at full speed.
+        load_adapters(chunks, args.lora_load, merge_scale=spec.scale,
+                      expected={**expected, "lora_r": spec.r, "lora_alpha": spec.alpha,
+                                "lora_target_modules": list(spec.targets)})
     return chunks[0]
+
+
+def lora_spec(args: argparse.Namespace):
+    """The adapters --lora-load names (None without it): targets, r and alpha from the flags, else from that
+    checkpoint's saved args."""
+    from mindspeed_llm.models.lora import spec_from_args
+
+    if not args.lora_load:
+        if args.lora_target_modules or args.lora_r or args.lora_alpha:
+            raise UserError("--lora-target-modules/--lora-r/--lora-alpha need --lora-load (the LoRA checkpoint "
+                            "whose adapters are added to --load)")
+        return None
+    saved, source = read_checkpoint_args(args.lora_load, "--lora-load")
+    spec = spec_from_args(args, saved, source)
+    if spec is None:
+        raise UserError(f"--lora-load {args.lora_load}: its args name no LoRA target modules; pass "
+                        f"--lora-target-modules")
+    return spec

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from mindspeed_llm.errors import UserError
+from mindspeed_llm.models import lora
 
 DISTRIB_OPTIM = "distrib_optim.pt"
 
@@ -187,7 +188,8 @@ def save_checkpoint(args: argparse.Namespace, iteration: int, model: list, optim
             saved_args = copy.copy(args)
             saved_args.consumed_train_samples = consumed_samples
             saved_args.iteration = iteration
-            models = {key: unwrap(m).state_dict() for key, m in zip(layout.model_keys(len(model)), model)}
+            models = {key: (lora.trainable_state(unwrap(m)) if args.lora_ckpt_filter else unwrap(m).state_dict())
+                      for key, m in zip(layout.model_keys(len(model)), model)}
             state = layout.checkpoint_state(saved_args, models, iteration)
             state["consumed_train_samples"] = consumed_samples
             if not args.no_save_optim:
@@ -261,6 +263,8 @@ def load_model(args: argparse.Namespace, chunks: list) -> Loaded:
     from mindspeed_llm.checkpoint import layout
     from mindspeed_llm.checkpoint.load import load_checkpoint
 
+    if not args.load and args.lora_target_modules:
+        raise UserError("--lora-target-modules: LoRA trains adapters on a base model; pass its checkpoint in --load")
     if not args.load:
         _print0("no --load given: training starts from randomly initialised weights")
         return Loaded(None)
@@ -271,6 +275,9 @@ def load_model(args: argparse.Namespace, chunks: list) -> Loaded:
         if any(load_dir.glob("*.safetensors")):
             raise UserError(f"--load {load_dir} is a Hugging Face model directory; add --enable-hf2mg-convert "
                             f"or convert it first with convert_ckpt.py")
+        if args.lora_target_modules:
+            raise UserError(f"--load {load_dir}: no {layout.TRACKER} there; LoRA needs the base model's "
+                            f"checkpoint in --load")
         _print0(f"WARNING: --load {load_dir} holds no {layout.TRACKER}; training starts from random weights")
         return Loaded(None)
     from mindspeed_llm.models.resolve import MODEL_ARG_KEYS
@@ -278,12 +285,34 @@ def load_model(args: argparse.Namespace, chunks: list) -> Loaded:
     # The resolved model (`resolve.record_model` wrote it into args) must be the one each rank file was saved with.
     expected = {key: getattr(args, key, None) for key in MODEL_ARG_KEYS}
     state = load_checkpoint(chunks, load_dir, expected=expected, strict=not args.load_checkpoint_loosely)
+    # A LoRA run resumes from --load only when it holds adapters (an unfiltered LoRA save); a base model
+    # (converted, or a full fine-tune with its own optimizer state) only gives the frozen weights.
+    first_chunk = state.get(layout.model_keys(len(chunks))[0], {})
+    weights_only = bool(args.lora_target_modules) and not lora.has_adapters(first_chunk)
+    loaded = _resume_point(args, state, load_dir, weights_only)
+    if args.lora_load:
+        from mindspeed_llm.checkpoint.load import load_adapters
+
+        lora_dir = Path(args.lora_load)
+        lora_expected = {**expected, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
+                         "lora_target_modules": args.lora_target_modules}
+        loaded = _resume_point(args, load_adapters(chunks, lora_dir, expected=lora_expected), lora_dir, False)
+    return loaded
+
+
+def _resume_point(args: argparse.Namespace, state: dict, load_dir: Path, weights_only: bool) -> Loaded:
+    """Where training goes on from checkpoint `state`: its iteration, samples, optimizer and RNG (a resume), or
+    iteration 0 (--finetune, a release or converted checkpoint, or `weights_only`)."""
+    from megatron.core import parallel_state as ps
+
+    from mindspeed_llm.checkpoint import layout
+
     release = str(layout.read_tracker(load_dir)) == "release"
     converted = "optimizer" not in state and "rng_state" not in state and not args.no_load_optim
     tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     iteration = int(state.get("iteration", 0))
-    if args.finetune or release or converted:
-        if converted and not (args.finetune or release):
+    if args.finetune or release or converted or weights_only:
+        if converted and not (args.finetune or release or weights_only):
             _print0(f"{load_dir} holds weights only (no optimizer state): starting a fine-tune at iteration 0")
         loaded = Loaded(state, 0, 0, False, str(load_dir))
     else:

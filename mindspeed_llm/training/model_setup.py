@@ -112,15 +112,49 @@ def transformer_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def build_chunks(args: argparse.Namespace, cfg) -> list:
     """This rank's GPTModel chunks in training mode."""
     from mindspeed_llm.models.build import build_model
+    from mindspeed_llm.models.lora import add_lora
     from mindspeed_llm.models.placement import parse_layer_list
 
     chunks = build_model(cfg, params_dtype=params_dtype(args), num_layer_list=parse_layer_list(args.num_layer_list),
                          num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
                          sequence_parallel=args.sequence_parallel, seq_length=None,
                          layer_spec=layer_spec(args, cfg), **transformer_overrides(args))
+    spec = lora_spec(args)
     for c in chunks:
+        if spec is not None:
+            add_lora(c, spec, args.seed)
         c.train()
+    if spec is not None:
+        _report_trainable(spec, chunks)
     return chunks
+
+
+def _report_trainable(spec, chunks: list) -> None:
+    """One line: what LoRA trains, summed over the model-parallel ranks (every replica holds the same)."""
+    from megatron.core import parallel_state as ps
+
+    from mindspeed_llm.platform import device_tensor
+
+    params = [p for c in chunks for p in c.parameters()]
+    counts = device_tensor([float(sum(p.numel() for p in params if p.requires_grad)),
+                            float(sum(p.numel() for p in params))], torch.float64)
+    torch.distributed.all_reduce(counts, group=ps.get_model_parallel_group())
+    if torch.distributed.get_rank() == 0:
+        trained, total = int(counts[0]), int(counts[1])
+        print(f"LoRA r={spec.r} alpha={spec.alpha:g} on {' '.join(spec.targets)}: {trained:,} trainable of "
+              f"{total:,} parameters on the model-parallel ranks ({100 * trained / total:.2f}%)", flush=True)
+
+
+def lora_spec(args: argparse.Namespace):
+    """The run's `models.lora.LoraSpec` (None without --lora-target-modules); r and alpha default to the
+    --lora-load checkpoint's and are written back into args, so saves record what ran."""
+    from mindspeed_llm.models.lora import spec_from_args
+
+    saved, source = checkpoint_args(args.lora_load)
+    spec = spec_from_args(args, saved, source or "--lora-load")
+    if spec is not None:
+        args.lora_r, args.lora_alpha = spec.r, spec.alpha
+    return spec
 
 
 def wrap_ddp(args: argparse.Namespace, chunks: list) -> list:

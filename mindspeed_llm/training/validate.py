@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from mindspeed_llm.checkpoint.layout import TRACKER
 from mindspeed_llm.errors import UserError
+from mindspeed_llm.models import lora
 
 
 def _need(args: argparse.Namespace, name: str, why: str = "") -> None:
@@ -63,6 +65,13 @@ def validate_train_args(args: argparse.Namespace) -> None:
     if args.load and not os.path.isdir(args.load):
         raise UserError(f"--load {args.load}: no such directory. To start from randomly initialised weights, "
                         f"drop --load; to fine-tune, point it at a checkpoint (convert_ckpt.py output)")
+    if args.lora_load and not os.path.isfile(os.path.join(args.lora_load, TRACKER)):
+        raise UserError(f"--lora-load {args.lora_load}: no LoRA checkpoint there (no {TRACKER}); drop --lora-load "
+                        f"to start new adapters")
+    if lora.spec_from_args(args) is not None and not args.load:
+        raise UserError("--lora-target-modules: LoRA trains adapters on a base model; pass its checkpoint in --load")
+    if args.lora_ckpt_filter and not args.lora_target_modules:
+        raise UserError("--lora-ckpt-filter needs --lora-target-modules (it keeps only the adapters in checkpoints)")
     if args.enable_hf2mg_convert and not args.load:
         raise UserError("--enable-hf2mg-convert needs --load pointing at a Hugging Face model directory")
     if args.lr_warmup_fraction is not None and args.lr_warmup_iters:

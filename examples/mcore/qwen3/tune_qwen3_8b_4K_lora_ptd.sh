@@ -1,0 +1,138 @@
+#!/bin/bash
+# Qwen3-8B LoRA SFT at 4K sequence length (TP1 PP2, 1 node(s) x 8 devices).
+# Adapters (r 16, alpha 32) on linear_qkv/proj/fc1/fc2; the base weights stay frozen and checkpoints
+# hold the adapters only (--lora-ckpt-filter). Merge or export them with ckpt_convert_qwen3_mcore2hf_lora.sh.
+# Steps: preprocess (data_convert_qwen3_instruction.sh), convert the HF weights to TP1 PP2
+# (ckpt_convert_qwen3_hf2mcore.sh), then run this script on every node. Works on GPUs (NCCL), Ascend NPUs
+# (HCCL) and CPU (gloo; --distributed-backend falls back with a notice).
+# To resume an interrupted run: LORA_LOAD_DIR=$CKPT_SAVE_DIR and drop --finetune.
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+
+NPUS_PER_NODE=${NPUS_PER_NODE:-8}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-6000}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+WORLD_SIZE=$((NPUS_PER_NODE * NNODES))
+
+CKPT_LOAD_DIR=${CKPT_LOAD_DIR:-"./model_weights/qwen3_mcore/"}   # converted checkpoint (TP/PP as below)
+CKPT_SAVE_DIR=${CKPT_SAVE_DIR:-"./ckpt/qwen3_lora/"}
+LORA_LOAD_DIR=${LORA_LOAD_DIR:-}                                  # a LoRA checkpoint to resume from
+DATA_PATH=${DATA_PATH:-"./finetune_dataset/alpaca"}   # --output-prefix of preprocess_data.py
+TOKENIZER_PATH=${TOKENIZER_PATH:-"./model_from_hf/qwen3_hf/"}
+TP=1
+PP=2
+SEQ_LENGTH=4096
+TRAIN_ITERS=2000
+
+DISTRIBUTED_ARGS="
+    --nproc_per_node $NPUS_PER_NODE \
+    --nnodes $NNODES \
+    --node_rank $NODE_RANK \
+    --master_addr $MASTER_ADDR \
+    --master_port $MASTER_PORT
+"
+
+GPT_ARGS="
+    --use-mcore-models \
+    --spec mindspeed_llm.tasks.models.spec.qwen3_spec layer_spec \
+    --tensor-model-parallel-size ${TP} \
+    --pipeline-model-parallel-size ${PP} \
+    --sequence-parallel \
+    --use-distributed-optimizer \
+    --num-layers 36 \
+    --hidden-size 4096 \
+    --ffn-hidden-size 12288 \
+    --num-attention-heads 32 \
+    --group-query-attention \
+    --num-query-groups 8 \
+    --kv-channels 128 \
+    --qk-layernorm \
+    --normalization RMSNorm \
+    --norm-epsilon 1e-6 \
+    --swiglu \
+    --disable-bias-linear \
+    --position-embedding-type rope \
+    --use-rotary-position-embeddings \
+    --rotary-base 1000000 \
+    --max-position-embeddings 40960 \
+    --untie-embeddings-and-output-weights \
+    --make-vocab-size-divisible-by 1 \
+    --padded-vocab-size 151936 \
+    --hidden-dropout 0 \
+    --attention-dropout 0 \
+    --init-method-std 0.01 \
+    --attention-softmax-in-fp32 \
+    --no-masked-softmax-fusion \
+    --transformer-impl local \
+    --use-flash-attn \
+    --use-fused-rmsnorm \
+    --use-fused-swiglu \
+    --use-fused-rotary-pos-emb \
+    --no-gradient-accumulation-fusion \
+    --tokenizer-type PretrainedFromHF \
+    --tokenizer-name-or-path ${TOKENIZER_PATH} \
+    --seq-length ${SEQ_LENGTH} \
+    --micro-batch-size 1 \
+    --global-batch-size 16 \
+    --train-iters ${TRAIN_ITERS} \
+    --lr 1.25e-5 \
+    --min-lr 1.25e-7 \
+    --weight-decay 1e-1 \
+    --clip-grad 1.0 \
+    --adam-beta1 0.9 \
+    --adam-beta2 0.95 \
+    --initial-loss-scale 4096 \
+    --seed 42 \
+    --bf16
+"
+
+DATA_ARGS="
+    --data-path ${DATA_PATH} \
+    --split 100,0,0
+"
+
+TUNE_ARGS="
+    --finetune \
+    --stage sft \
+    --is-instruction-dataset \
+    --prompt-type qwen3 \
+    --no-pad-to-seq-lengths \
+    --enable-thinking true
+"
+
+CKPT_ARGS="
+    --load ${CKPT_LOAD_DIR} \
+    --save ${CKPT_SAVE_DIR} \
+    --save-interval ${TRAIN_ITERS} \
+    --no-load-optim \
+    --no-load-rng \
+    --ckpt-format torch
+"
+
+LORA_ARGS="
+    --lora-r 16 \
+    --lora-alpha 32 \
+    --lora-fusion \
+    --lora-target-modules linear_qkv linear_proj linear_fc1 linear_fc2 \
+    --lora-ckpt-filter \
+    ${LORA_LOAD_DIR:+--lora-load ${LORA_LOAD_DIR}}
+"
+
+OUTPUT_ARGS="
+    --log-interval 1 \
+    --eval-interval ${TRAIN_ITERS} \
+    --eval-iters 0
+"
+
+mkdir -p logs
+torchrun $DISTRIBUTED_ARGS posttrain_gpt.py \
+    $GPT_ARGS \
+    $DATA_ARGS \
+    $TUNE_ARGS \
+    $CKPT_ARGS \
+    $LORA_ARGS \
+    $OUTPUT_ARGS \
+    --distributed-backend nccl \
+    2>&1 | tee logs/tune_qwen3_8b_4K_lora_ptd.log
+exit ${PIPESTATUS[0]}

@@ -1,0 +1,223 @@
+"""LoRA adapters on megatron-core's tensor-parallel linears, and merging them into the base weights.
+
+y = W x + (alpha / r) * B A dropout(x), on the layers named by --lora-target-modules (megatron names: linear_qkv,
+linear_proj, linear_fc1, linear_fc2). Each adapter is split over TP the way its base layer is:
+  column-parallel (linear_qkv, linear_fc1): B takes W's output rows of this rank, A is whole on every rank;
+  row-parallel (linear_proj, linear_fc2):   A takes W's input columns of this rank, B is whole on every rank.
+So the merge W_rank + scale * B_rank @ A_rank is exact per shard, and an adapter's rows follow the same fused
+layouts (interleaved QKV groups, [gate; up]) as W, which the family tables already know how to cut and join.
+
+State-dict names are PEFT's (as MindSpeed-LLM writes them): `X.base_layer.weight`, `X.lora_A.default.weight`,
+`X.lora_B.default.weight`. A base checkpoint (`X.weight`) loads into a wrapped model unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from mindspeed_llm.errors import UserError
+
+COLUMN_PARALLEL = ("linear_qkv", "linear_fc1")
+ROW_PARALLEL = ("linear_proj", "linear_fc2")
+TARGETS = COLUMN_PARALLEL + ROW_PARALLEL
+STAGE_MODULES = {"embedding", "word_embeddings", "output_layer", "final_layernorm", "decoder"}
+A_SUFFIX, B_SUFFIX, BASE = ".lora_A.default.weight", ".lora_B.default.weight", ".base_layer."
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int
+    alpha: float
+    targets: tuple[str, ...]
+    dropout: float = 0.0
+    modules_to_save: tuple[str, ...] = ()
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+def spec_from_args(args: argparse.Namespace, saved: Optional[argparse.Namespace] = None,
+                   source: str = "") -> Optional[LoraSpec]:
+    """The run's LoRA spec: --lora-target-modules switches LoRA on (MindSpeed-LLM's rule). r and alpha are those of
+    `saved` (a LoRA checkpoint's args) when it has them -- flags may restate them, or give others with the same
+    scale alpha/r (MindSpeed-LLM's own recipes train with 16/32 and merge with 8/16) -- else the flags', else
+    MindSpeed-LLM's defaults 16 and 32."""
+    targets = list(getattr(args, "lora_target_modules", None) or [])
+    if not targets and saved is not None:
+        targets = list(getattr(saved, "lora_target_modules", None) or [])
+    if not targets:
+        for flag in ("lora_r", "lora_alpha", "lora_load", "lora_modules_to_save"):
+            if getattr(args, flag, None):
+                raise UserError(f"--{flag.replace('_', '-')} needs --lora-target-modules (the layers that get "
+                                f"adapters: {' '.join(TARGETS)})")
+        return None
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise UserError(f"--lora-target-modules {' '.join(unknown)}: unknown module; choose from "
+                        f"{' '.join(TARGETS)} (megatron-core names)")
+    r, alpha = getattr(args, "lora_r", None), getattr(args, "lora_alpha", None)
+    stored_r = getattr(saved, "lora_r", None) if saved is not None else None
+    if stored_r is not None:
+        stored_alpha = saved.lora_alpha
+        r, alpha = r or stored_r, alpha or stored_alpha
+        if (r, alpha) != (stored_r, stored_alpha):
+            if alpha / r != stored_alpha / stored_r:
+                raise UserError(f"--lora-r {r:g} --lora-alpha {alpha:g} (scale {alpha / r:g}) disagrees with "
+                                f"{source}, which was trained with r {stored_r:g}, alpha {stored_alpha:g} (scale "
+                                f"{stored_alpha / stored_r:g})")
+            from mindspeed_llm.platform import notice
+
+            notice(f"--lora-r {r:g} --lora-alpha {alpha:g}: {source} was trained with r {stored_r:g}, alpha "
+                   f"{stored_alpha:g}; the scale alpha/r is the same, so its values are used")
+        r, alpha = stored_r, stored_alpha
+    r, alpha = r or 16, alpha or 32
+    if r < 1:
+        raise UserError(f"--lora-r {r}: expected a positive rank")
+    dropout = float(getattr(args, "lora_dropout", 0.0) or 0.0)
+    if not 0.0 <= dropout < 1.0:
+        raise UserError(f"--lora-dropout {dropout}: expected a probability in [0, 1)")
+    return LoraSpec(int(r), float(alpha), tuple(dict.fromkeys(targets)), dropout,
+                    tuple(getattr(args, "lora_modules_to_save", None) or ()))
+
+
+def _mark(param: nn.Parameter, split_dim: Optional[int], sequence_parallel: bool) -> None:
+    """megatron-core's parameter attributes: TP-split params (grad norm counts them on every rank) or replicated
+    ones (counted once; with sequence parallelism their grads are all-reduced over TP by finalize_model_grads)."""
+    param.tensor_model_parallel = split_dim is not None
+    param.partition_dim = split_dim if split_dim is not None else -1
+    param.partition_stride = 1
+    param.sequence_parallel = sequence_parallel and split_dim is None
+
+
+class LoraLinear(nn.Module):
+    """A megatron ColumnParallelLinear / RowParallelLinear plus a low-rank adapter; returns (output, bias) as the
+    base layer does."""
+
+    def __init__(self, base: nn.Module, kind: str, spec: LoraSpec, seed: int) -> None:
+        super().__init__()
+        from megatron.core import parallel_state as ps
+
+        self.base_layer = base
+        self.kind = kind
+        self.scale = spec.scale
+        self.sequence_parallel = bool(getattr(base, "sequence_parallel", False))
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        out_local, in_local = base.weight.shape
+        dtype, device = base.weight.dtype, base.weight.device
+        in_full = in_local * tp if kind == "row" else in_local
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(in_local, spec.r, bias=False, dtype=dtype, device=device)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(spec.r, out_local, bias=False, dtype=dtype, device=device)})
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        with torch.no_grad():
+            # A is drawn whole (PEFT's kaiming-uniform bound 1/sqrt(fan_in)) from a seed of the layer, then cut:
+            # every TP/PP layout starts from the same adapters. B starts at zero, so the model starts as the base.
+            g = torch.Generator().manual_seed(seed)
+            bound = 1.0 / math.sqrt(in_full)
+            full = torch.empty(spec.r, in_full).uniform_(-bound, bound, generator=g)
+            if kind == "row":
+                full = full[:, rank * in_local:(rank + 1) * in_local]
+            self.lora_A["default"].weight.copy_(full)
+            self.lora_B["default"].weight.zero_()
+        _mark(self.lora_A["default"].weight, 1 if kind == "row" else None, self.sequence_parallel)
+        _mark(self.lora_B["default"].weight, 0 if kind == "column" else None, self.sequence_parallel)
+        self.register_load_state_dict_pre_hook(_accept_base_names)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        from megatron.core import tensor_parallel as tpl
+
+        out, bias = self.base_layer(x, *args, **kwargs)
+        h = self.lora_A["default"](self.dropout(x))
+        if self.kind == "column":
+            # B_rank sees the full rank-r input; backward sums the partial grads of h over TP.
+            h = (tpl.gather_from_sequence_parallel_region(h, group=self.tp_group) if self.sequence_parallel
+                 else tpl.copy_to_tensor_model_parallel_region(h, group=self.tp_group))
+        else:
+            h = (tpl.reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group) if self.sequence_parallel
+                 else tpl.reduce_from_tensor_model_parallel_region(h, group=self.tp_group))
+        return out + self.scale * self.lora_B["default"](h), bias
+
+
+def _accept_base_names(module, state_dict, prefix, *unused) -> None:
+    """Load hook: a base checkpoint names the wrapped layer's entries `X.weight` (`X.bias`, `X._extra_state`);
+    adapters it lacks keep their initial values (a fresh LoRA run on a base model)."""
+    for key in [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]:
+        own = prefix + "base_layer." + key[len(prefix):]        # weight, bias, _extra_state
+        if own not in state_dict:
+            state_dict[own] = state_dict.pop(key)
+    if prefix + "base_layer.weight" in state_dict:
+        for key, param in ((prefix + "lora_A.default.weight", module.lora_A["default"].weight),
+                           (prefix + "lora_B.default.weight", module.lora_B["default"].weight)):
+            state_dict.setdefault(key, param.detach())
+
+
+def add_lora(chunk: nn.Module, spec: LoraSpec, seed: int) -> nn.Module:
+    """Wrap the target linears of one GPTModel chunk, freeze everything but the adapters (and the
+    --lora-modules-to-save modules), and make the embedding output require grad so recomputed layers still
+    give adapter gradients. Returns the chunk."""
+    layers = getattr(getattr(chunk, "decoder", None), "layers", [])
+    for layer in layers:
+        for path, module in list(layer.named_modules()):
+            name = path.rsplit(".", 1)[-1]
+            if name not in spec.targets or isinstance(module, LoraLinear):
+                continue
+            parent = layer.get_submodule(path.rsplit(".", 1)[0]) if "." in path else layer
+            kind = "column" if name in COLUMN_PARALLEL else "row"
+            layer_seed = zlib.crc32(f"{seed}:{layer.layer_number}:{path}".encode())
+            setattr(parent, name, LoraLinear(module, kind, spec, layer_seed))
+    # Names of modules that live on the first or last pipeline stage only may be absent from this chunk.
+    here = {part for name, _ in chunk.named_modules() for part in name.split(".")}
+    unknown = [m for m in spec.modules_to_save if m not in here | STAGE_MODULES]
+    if unknown:
+        raise UserError(f"--lora-modules-to-save {' '.join(unknown)}: no such module in the model (e.g. "
+                        f"word_embeddings, output_layer, final_layernorm)")
+    for name, param in chunk.named_parameters():
+        parts = name.split(".")
+        param.requires_grad = ".lora_A." in name or ".lora_B." in name or any(
+            m in parts for m in spec.modules_to_save)
+    if getattr(chunk, "pre_process", False) and hasattr(chunk, "embedding"):
+        chunk.embedding.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True)
+                                              if torch.is_grad_enabled() and not out.requires_grad else out)
+    return chunk
+
+
+def trainable_state(chunk: nn.Module) -> dict[str, torch.Tensor]:
+    """--lora-ckpt-filter: the chunk's state dict reduced to what training changes (adapters, modules to save)."""
+    keep = {name for name, p in chunk.named_parameters() if p.requires_grad}
+    return {k: v for k, v in chunk.state_dict().items() if k in keep}
+
+
+def adapter_keys(chunk: nn.Module) -> set[str]:
+    return {name for name, _ in chunk.named_parameters() if name.endswith((A_SUFFIX, B_SUFFIX))}
+
+
+def has_adapters(state: dict) -> bool:
+    return any(k.endswith(A_SUFFIX) for k in state)
+
+
+def merge_adapters(state: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor],
+                   scale: float) -> dict[str, torch.Tensor]:
+    """A base-named megatron state dict with the adapters merged in: W + scale * B @ A per shard, in fp32, cast
+    back to W's dtype. Every other tensor of `adapters` (modules to save, the base weights of an unfiltered
+    LoRA save) replaces the base one, `X.base_layer.weight` read as `X.weight`. `state` may itself hold
+    adapters (an unfiltered save): pass it as both."""
+    out = {k.replace(BASE, "."): v for k, v in state.items() if not k.endswith((A_SUFFIX, B_SUFFIX))}
+    for key, value in adapters.items():
+        if not key.endswith((A_SUFFIX, B_SUFFIX)):
+            out[key.replace(BASE, ".")] = value
+    for a_key in (k for k in adapters if k.endswith(A_SUFFIX)):
+        module = a_key[:-len(A_SUFFIX)]
+        b_key, w_key = module + B_SUFFIX, module + ".weight"
+        if b_key not in adapters or w_key not in out:
+            raise KeyError(b_key if b_key not in adapters else w_key)
+        w = out[w_key]
+        delta = adapters[b_key].float() @ adapters[a_key].float()
+        out[w_key] = (w.float() + scale * delta).to(w.dtype)
+    return out
