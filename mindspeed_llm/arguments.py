@@ -19,6 +19,12 @@ def _thinking(value: str) -> bool | None:
         raise argparse.ArgumentTypeError(f"expected one of true, false, none; got {value!r}") from None
 
 
+def _true_false(value: str) -> bool:
+    if value.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false; got {value!r}")
+    return value.lower() == "true"
+
+
 def _json_object(value: str) -> dict:
     try:
         obj = json.loads(value)
@@ -67,6 +73,12 @@ def build_preprocess_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", default=None, help="accepted for compatibility; input is streamed, no cache")
     g.add_argument("--overwrite-cache", action="store_true", help="accepted for compatibility; no cache is kept")
     add_template_args(p)
+    g = p.add_argument_group("DeepSeek-V4 template (--prompt-type deepseek4)")
+    g.add_argument("--reasoning-effort", choices=("max", "high"), default=None,
+                   help="with --enable-thinking true: max opens the first message with the maximum-effort paragraph "
+                        "(high changes nothing)")
+    g.add_argument("--drop-thinking", type=_true_false, default=True, metavar="{true,false}",
+                   help="with --enable-thinking true: keep reasoning only in the last answer (default true)")
     add_tokenizer_args(p)
     g = p.add_argument_group("output and runtime")
     g.add_argument("--output-prefix", required=True, help="path prefix of the output files")
@@ -82,6 +94,8 @@ def parse_preprocess_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_preprocess_parser()
     args = parser.parse_args(argv)
     apply_flag_policy("preprocess", parser, args)
+    if args.reasoning_effort and args.enable_thinking is not True:
+        parser.error("--reasoning-effort requires --enable-thinking true")
     args.workers = max(args.workers, args.n_subs)
     if args.log_interval < 1:
         build_preprocess_parser().error(f"--log-interval {args.log_interval} must be at least 1")

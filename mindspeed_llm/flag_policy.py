@@ -58,6 +58,7 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "input", "handler_name", "json_keys", "map_keys", "pack", "neat_pack", "prompt_type", "prompt_type_path",
         "enable_thinking", "tokenizer_type", "tokenizer_name_or_path", "tokenizer_not_use_fast", "seq_length",
         "output_prefix", "append_eod", "workers", "n_subs", "log_interval", "trust_remote_code",
+        "reasoning_effort", "drop_thinking",
     }),
     "convert": frozenset({
         "load_model_type", "save_model_type", "load_dir", "save_dir", "model_type_hf", "target_tensor_parallel_size",

@@ -145,3 +145,166 @@ def test_bailing_mini_ling_tools_and_call(tiny_qwen3):
                     f"{call}<role>OBSERVATION</role>\n<tool_response>\n21\n</tool_response><|role_end|>"
                     f"<role>ASSISTANT</role>B<|role_end|>{tok.eos_token}")
     assert trained == call + tok.eos_token + "B<|role_end|>" + tok.eos_token
+
+
+# ---- glm4 / glm4_moe --------------------------------------------------------------------------------------------
+GLM_CASES = [
+    ("glm4", TWO_TURNS, "S", None,
+     "[gMASK]<sop><|system|>\nS<|user|>\nQ<|assistant|>\nA<|user|>\nQ2<|assistant|>\nB{eos}", "\nA{eos}\nB{eos}"),
+    ("glm4_moe", TWO_TURNS[:2], "", None,
+     "[gMASK]<sop><|user|>\nQ<|assistant|><think>\n\n</think>\n\n\nA{eos}", "\nA{eos}"),
+    ("glm4_moe", TWO_TURNS[:2], "", True,
+     "[gMASK]<sop><|user|>\nQ<|assistant|><think>\n\n</think>\n\n\nA{eos}", "<think>\n\n</think>\n\n\nA{eos}"),
+]
+
+
+@pytest.mark.parametrize("name,messages,system,thinking,text,trained", GLM_CASES,
+                         ids=["glm4", "glm4_moe-none", "glm4_moe-true"])
+def test_glm4_renders_as_mindspeed(tiny_qwen3, name, messages, system, thinking, text, trained):
+    """Slots as MindSpeed-LLM's entries; efficient eos (one eos closes the sample, a later turn's first prompt token
+    is labelled eos); glm4_moe adds the empty thought (to the prompt, or to the answer with thinking on)."""
+    template = get_template(name, enable_thinking=thinking)
+    tok = build_tokenizer(str(tiny_qwen3), template=template)
+    enc = encode_instruction(Conversation(messages, system, ""), template, tok, EncodeOptions())
+    assert tok.decode(enc.fields["input_ids"]) == text.replace("{eos}", tok.eos_token)
+    trained_ids = [t for t in enc.fields["labels"] if t != IGNORE_INDEX]
+    assert tok.decode(trained_ids) == trained.replace("{eos}", tok.eos_token)
+
+
+@pytest.mark.parametrize("name,thought", [("glm4", ""), ("glm4_moe", EMPTY_THOUGHT)])
+def test_glm4_function_call_and_stop_words(tiny_qwen3, name, thought):
+    """A call is `name\narguments` with no eos; without replace_eos every stop word is added as a special token
+    (MindSpeed-LLM's tokenizer fix), so `<|user|>` and `<|observation|>` are one id each. glm4_moe (thinking
+    none) ends each prompt with the empty thought, a call's prompt too."""
+    tok, text, trained = _render(tiny_qwen3, name, CALL_TURNS, "", "")
+    for word in ("<|user|>", "<|observation|>"):
+        assert len(tok.encode(word, add_special_tokens=False)) == 1
+    call = 'get_weather\n{"city": "Paris"}'
+    assert text == ("[gMASK]<sop><|user|>\nQ<|assistant|>" + thought + call + "<|observation|>\n21<|assistant|>"
+                    + thought + "\nB" + tok.eos_token)
+    assert trained == call + tok.eos_token + "\nB" + tok.eos_token
+
+
+# ---- deepseek4 ------------------------------------------------------------------------------------------------
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+U, AS = "<｜User｜>", "<｜Assistant｜>"
+DS_TURNS = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\nA"},
+            {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "<think>r2</think>B"}]
+EFFORT = ("Reasoning Effort: Absolute maximum with no shortcuts permitted.\nYou MUST be very thorough in your thinking "
+          "and comprehensively decompose the problem to resolve the root cause, rigorously stress-testing your logic "
+          "against all potential paths, edge cases, and adversarial scenarios.\nExplicitly write out your entire "
+          "deliberation process, documenting every intermediate step, considered alternative, and rejected "
+          "hypothesis to ensure absolutely no assumption is left unchecked.\n\n")
+WEATHER = {"name": "get_weather", "description": "Weather of a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+WEATHER_LINE = ('{"name": "get_weather", "description": "Weather of a city", "parameters": {"type": "object", '
+                '"properties": {"city": {"type": "string"}}}}')
+
+
+def ds_tools(schema_line: str) -> str:
+    """DeepSeek-V4's tool section, as MindSpeed-LLM's DeepSeek4Template writes it."""
+    return ('\n\n## Tools\n\nYou have access to a set of tools to help answer the user\'s question. You can invoke '
+            'tools by writing a "<｜DSML｜tool_calls>" block like the following:\n\n<｜DSML｜tool_calls>\n'
+            '<｜DSML｜invoke name="$TOOL_NAME">\n<｜DSML｜parameter name="$PARAMETER_NAME" string="true|false">'
+            '$PARAMETER_VALUE</｜DSML｜parameter>\n...\n</｜DSML｜invoke>\n<｜DSML｜invoke name="$TOOL_NAME2">\n...\n'
+            '</｜DSML｜invoke>\n</｜DSML｜tool_calls>\n\nString parameters should be specified as is and set '
+            '`string="true"`. For all other types (numbers, booleans, arrays, objects), pass the value in JSON format '
+            'and set `string="false"`.\n\nIf thinking_mode is enabled (triggered by <think>), you MUST output your '
+            'complete reasoning inside <think>...</think> BEFORE any tool calls or final response.\n\nOtherwise, '
+            'output directly after </think> with tool calls or final response.\n\n### Available Tool Schemas\n\n'
+            f'{schema_line}\n\nYou MUST strictly follow the above defined tool name and parameter schemas to invoke '
+            'tool calls.\n')
+
+
+def _ds(tok_dir, conv: Conversation, thinking=None, seq_length=None, **options):
+    template = get_template("deepseek4", enable_thinking=thinking, **options)
+    tok = build_tokenizer(str(tok_dir), template=template)
+    enc = encode_instruction(conv, template, tok, EncodeOptions(seq_length))
+    ids, labels = enc.fields["input_ids"], enc.fields["labels"]
+    return tok.decode(ids), tok.decode([t for t in labels if t != IGNORE_INDEX]), ids
+
+
+DS_CASES = [  # thinking, options, full text, trained text
+    (None, {}, f"{BOS}S{U}Q{AS}</think>A{EOS}{U}Q2{AS}</think>B{EOS}", f"A{EOS}B{EOS}"),
+    (False, {}, f"{BOS}S{U}Q{AS}</think>A{EOS}{U}Q2{AS}</think>B{EOS}", f"A{EOS}B{EOS}"),
+    # drop_thinking (default): only the answer after the last user message keeps its reasoning
+    (True, {}, f"{BOS}S{U}Q{AS}</think>A{EOS}{U}Q2{AS}<think>r2</think>B{EOS}", f"A{EOS}r2</think>B{EOS}"),
+    (True, {"drop_thinking": False, "reasoning_effort": "max"},
+     f"{BOS}{EFFORT}S{U}Q{AS}<think>r</think>A{EOS}{U}Q2{AS}<think>r2</think>B{EOS}",
+     f"r</think>A{EOS}r2</think>B{EOS}"),
+    (True, {"reasoning_effort": "high"}, f"{BOS}S{U}Q{AS}</think>A{EOS}{U}Q2{AS}<think>r2</think>B{EOS}",
+     f"A{EOS}r2</think>B{EOS}"),
+]
+
+
+@pytest.mark.parametrize("thinking,options,text,trained", DS_CASES,
+                         ids=["none", "false", "true", "true-keep-max", "true-high"])
+def test_deepseek4_thinking_modes(tiny_qwen3, thinking, options, text, trained):
+    got_text, got_trained, _ = _ds(tiny_qwen3, Conversation(DS_TURNS, "S", ""), thinking, **options)
+    assert (got_text, got_trained) == (text, trained)
+
+
+def test_deepseek4_openai_tool_calls(tiny_qwen3):
+    """OpenAI data: tools listed after the system text, reasoning_content and the reply text before a DSML call
+    block, the tool result as a user turn. With tools, SFT data keeps every turn's reasoning."""
+    from mindspeed_llm.data.handlers import build_handler, to_conversation
+
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}}
+    record = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
+                           {"role": "assistant", "content": "Let me check.", "reasoning_content": "need data",
+                            "tool_calls": [call]},
+                           {"role": "tool", "tool_call_id": "c1", "content": "21"},
+                           {"role": "assistant", "content": "<think>\nok\n</think>\n\nIt is 21."}],
+              "tools": [{"type": "function", "function": WEATHER}]}
+    conv = to_conversation(build_handler("OpenAIInstructionHandler", None), record)
+    dsml = ('\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="get_weather">\n'
+            '<｜DSML｜parameter name="city" string="true">Paris</｜DSML｜parameter>\n'
+            '<｜DSML｜parameter name="days" string="false">2</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>')
+    text, trained, _ = _ds(tiny_qwen3, conv, thinking=True)
+    first = f"need data</think>Let me check.{dsml}{EOS}"
+    assert text == (f"{BOS}S{ds_tools(WEATHER_LINE)}{U}Q{AS}<think>" + first
+                    + f"{U}<tool_result>21</tool_result>{AS}<think>ok</think>It is 21.{EOS}")
+    assert trained == first + f"ok</think>It is 21.{EOS}"
+    text, trained, _ = _ds(tiny_qwen3, conv, thinking=None)
+    assert trained == f"Let me check.{dsml}{EOS}It is 21.{EOS}"
+    assert text.endswith(f"{U}<tool_result>21</tool_result>{AS}</think>It is 21.{EOS}")
+
+
+def test_deepseek4_pairwise_drops_history_reasoning_even_with_tools(tiny_qwen3):
+    """Pairwise data (one prompt, two answers) follows drop_thinking whether or not tools are given."""
+    from mindspeed_llm.data.encode import encode_pairwise
+
+    template = get_template("deepseek4", enable_thinking=True)
+    tok = build_tokenizer(str(tiny_qwen3), template=template)
+    tools = json.dumps([WEATHER])   # a bare schema is taken as the function
+    conv = Conversation(DS_TURNS[:3], "", tools, chosen={"role": "assistant", "content": "<think>c</think>C"},
+                        rejected={"role": "assistant", "content": "D"})
+    f = encode_pairwise(conv, template, tok, EncodeOptions()).fields
+    prompt = f"{BOS}{ds_tools(WEATHER_LINE)}{U}Q{AS}</think>A{EOS}{U}Q2{AS}<think>"
+    assert tok.decode(f["chosen_input_ids"]) == prompt + f"c</think>C{EOS}"
+    assert tok.decode(f["rejected_input_ids"]) == prompt + f"</think>D{EOS}"
+    assert tok.decode([t for t in f["rejected_labels"] if t != IGNORE_INDEX]) == f"</think>D{EOS}"
+
+
+def test_deepseek4_generation_prompt_and_truncation(tiny_qwen3):
+    from mindspeed_llm.inference.prompts import PromptBuilder
+
+    template = get_template("deepseek4")
+    tok = build_tokenizer(str(tiny_qwen3), template=template)
+    assert tok.decode(PromptBuilder(tok, template).from_text("Q")) == f"{BOS}{U}Q{AS}</think>"
+    # LLaMA-Factory 0.9 truncation: a short answer is kept whole and the long prompt is cut
+    long_turn = [{"role": "user", "content": "kalomi " * 60}, {"role": "assistant", "content": "A"}]
+    text, trained, ids = _ds(tiny_qwen3, Conversation(long_turn, "", ""), seq_length=64)
+    assert trained == f"A{EOS}" and len(ids) == 64   # the answer is 23 tokens here; the old rule would keep 4
+
+
+def test_deepseek4_reasoning_effort_needs_thinking_on_the_command_line(tmp_path):
+    from mindspeed_llm.arguments import parse_preprocess_args
+
+    base = ["--input", "x.json", "--output-prefix", str(tmp_path / "o"), "--prompt-type", "deepseek4"]
+    with pytest.raises(SystemExit):
+        parse_preprocess_args(base + ["--reasoning-effort", "max"])
+    args = parse_preprocess_args(base + ["--reasoning-effort", "max", "--enable-thinking", "true",
+                                         "--drop-thinking", "false"])
+    assert (args.reasoning_effort, args.drop_thinking) == ("max", False)

@@ -43,7 +43,8 @@ class Conversation:
     """`messages` alternate user/observation (even) and assistant/function (odd) roles.
 
     Instruction data ends with one answer; pairwise data ends with the prompt and keeps both answers in
-    `chosen` and `rejected`.
+    `chosen` and `rejected`. OpenAI messages may also carry `reasoning_content` and, on a function turn made
+    from `tool_calls`, `text` (the reply written beside the calls); only the deepseek4 template reads them.
     """
     messages: list[dict]
     system: str = ""
@@ -214,12 +215,17 @@ def _sharegpt(spec: HandlerSpec, record: dict) -> Conversation:
         content = msg.get(tags["content_tag"])
         if role is None or role == "system":
             raise Skip("unknown_role")
+        extra = {}
+        if role == "assistant" and isinstance(msg.get("reasoning_content"), str):
+            extra["reasoning_content"] = msg["reasoning_content"]   # OpenAI reasoning; read by deepseek4 only
         if role == "assistant" and msg.get("tool_calls"):  # OpenAI tool calls become a function turn
+            if content:
+                extra["text"] = _text(content)   # the reply written beside the calls; read by deepseek4 only
             role, content = "function", json.dumps(
                 [c.get("function", c) for c in msg["tool_calls"]], ensure_ascii=False)
         if isinstance(content, (dict, list)):
             content = json.dumps(content, ensure_ascii=False)
-        messages.append({"role": role, "content": _text(content)})
+        messages.append({"role": role, "content": _text(content), **extra})
     for i, msg in enumerate(messages):
         if msg["role"] not in (_EVEN_ROLES if i % 2 == 0 else _ODD_ROLES):
             raise Skip("bad_role_order")

@@ -60,8 +60,8 @@ _WORKER: dict = {}
 
 
 def _init_worker(args) -> None:
-    template = (get_template(args.prompt_type, args.prompt_type_path, args.enable_thinking)
-                if args.prompt_type else None)
+    template = (get_template(args.prompt_type, args.prompt_type_path, args.enable_thinking,
+                             args.reasoning_effort, args.drop_thinking) if args.prompt_type else None)
     tokenizer = build_tokenizer(args.tokenizer_name_or_path, not args.tokenizer_not_use_fast, template,
                                 args.tokenizer_type, args.seq_length, args.trust_remote_code)
     _WORKER.update(spec=args._handler_spec, template=template, tokenizer=tokenizer,

@@ -4,12 +4,13 @@ Templates are data, read from `configs/finetune/templates.json` (see docs/templa
 slots per role; a slot element is a string with `{{content}}`/`{{idx}}`/`{{name}}`/`{{arguments}}`
 placeholders, `{"token": "<x>"}` for a token by name, or `["bos_token"]`/`["eos_token"]`.
 
-Four encoding classes, selected by `template_class`:
+Encoding classes, selected by `template_class`:
 - `Template`: the classic encoding (separator before every later user turn, proportional truncation that
   fills the budget, efficient-eos label on later turns' first source token);
 - `LFDefaultTemplate`: LLaMA-Factory 0.9 encoding (no separator, `infer_seqlen` truncation);
 - `ReasoningTemplate`: as LFDefaultTemplate plus the `--enable-thinking` rules for `<think>` blocks;
-- `Llama2Template`: the system text is merged into the first user message.
+- `Llama2Template`: the system text is merged into the first user message;
+- `DeepSeek4Template`: DeepSeek-V4 text written by its own class (`mindspeed_llm/data/deepseek4.py`).
 
 Every message's elements are tokenized on their own (`add_special_tokens=False`) and concatenated, so token
 merges never cross a message boundary.
@@ -28,7 +29,7 @@ from mindspeed_llm.data.tools import format_function_calls, format_tools
 from mindspeed_llm.errors import UserError
 
 DEFAULT_TEMPLATES_PATH = Path(__file__).resolve().parents[2] / "configs" / "finetune" / "templates.json"
-TEMPLATE_CLASSES = ("Template", "LFDefaultTemplate", "ReasoningTemplate", "Llama2Template")
+TEMPLATE_CLASSES = ("Template", "LFDefaultTemplate", "ReasoningTemplate", "Llama2Template", "DeepSeek4Template")
 ROLES = ("user", "assistant", "observation", "function")
 IGNORE_INDEX = -100
 # The thought words of MindSpeed-LLM and LLaMA-Factory >= 0.9.4: an empty thought renders `<think>\n\n</think>\n\n`.
@@ -81,7 +82,7 @@ class ChatTemplate:
 
     @property
     def lf_truncation(self) -> bool:
-        return self.template_class in ("LFDefaultTemplate", "ReasoningTemplate")
+        return self.template_class in ("LFDefaultTemplate", "ReasoningTemplate", "DeepSeek4Template")
 
     # ---- elements -> ids -------------------------------------------------------------------------------
     def _apply(self, slots: Slots, **values: str) -> list:
@@ -288,15 +289,16 @@ def template_names(path: str | Path = DEFAULT_TEMPLATES_PATH) -> list[str]:
     return sorted(load_templates(path))
 
 
-def get_template(name: str, path: str | Path = DEFAULT_TEMPLATES_PATH,
-                 enable_thinking: bool | None = None) -> ChatTemplate:
+def get_template(name: str, path: str | Path = DEFAULT_TEMPLATES_PATH, enable_thinking: bool | None = None,
+                 reasoning_effort: str | None = None, drop_thinking: bool = True) -> ChatTemplate:
+    """The template NAME of PATH; `reasoning_effort` and `drop_thinking` apply to DeepSeek4Template only."""
     entries = load_templates(path)
     if name not in entries:
         raise TemplateError(f"--prompt-type {name!r} is not in {path}; valid: {', '.join(sorted(entries))}")
     entry = entries[name]
     system = entry.get("default_system", "")
     function = entry.get("format_function") or {}
-    return ChatTemplate(
+    fields = dict(
         name=name,
         template_class=entry.get("template_class", "Template"),
         format_user=_slots(entry, "format_user") or ["{{content}}"],
@@ -315,10 +317,17 @@ def get_template(name: str, path: str | Path = DEFAULT_TEMPLATES_PATH,
         thought_words=tuple(entry.get("thought_words", DEFAULT_THOUGHT_WORDS)),
         enable_thinking=enable_thinking,
     )
+    if fields["template_class"] == "DeepSeek4Template":
+        from mindspeed_llm.data.deepseek4 import DeepSeek4Template  # here: that module builds on this one
+
+        return DeepSeek4Template(**fields, reasoning_effort=reasoning_effort, drop_thinking=drop_thinking)
+    return ChatTemplate(**fields)
 
 
 def fix_tokenizer(tokenizer, template: ChatTemplate) -> None:
-    """Make the tokenizer agree with the template: eos = first stop word, pad falls back to eos.
+    """Make the tokenizer agree with the template, as MindSpeed-LLM and LLaMA-Factory do: with `replace_eos` the
+    first stop word becomes eos; the other stop words (all of them without `replace_eos`) become special tokens, so
+    each is one id; pad falls back to eos.
 
     Unlike the reference tool, existing additional special tokens are kept and an eos that is already right is
     left alone, as LLaMA-Factory does.
@@ -331,7 +340,8 @@ def fix_tokenizer(tokenizer, template: ChatTemplate) -> None:
         tokenizer.add_special_tokens({"eos_token": "<|endoftext|>"})
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    extra = [w for w in template.stop_words[1:] if w not in tokenizer.all_special_tokens]
+    words = template.stop_words[1:] if template.replace_eos else template.stop_words
+    extra = [w for w in words if w not in tokenizer.all_special_tokens]
     if extra:
         # the keyword that keeps the existing additional special tokens was renamed in transformers 5
         params = inspect.signature(tokenizer.add_special_tokens).parameters
