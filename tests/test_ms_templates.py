@@ -10,7 +10,8 @@ import pytest
 
 from mindspeed_llm.data.encode import EncodeOptions, encode_instruction
 from mindspeed_llm.data.handlers import Conversation
-from mindspeed_llm.data.templates import IGNORE_INDEX, get_template
+from mindspeed_llm.data.prompt_type import get_template
+from mindspeed_llm.data.templates import IGNORE_INDEX
 from mindspeed_llm.tokenizer import build_tokenizer
 
 IM = "<|im_start|>{}\n{}<|im_end|>\n"

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from mindspeed_llm.data.templates import IGNORE_INDEX, get_template, infer_max_len, infer_seqlen, template_names, \
+from mindspeed_llm.data.prompt_type import get_template
+from mindspeed_llm.data.templates import IGNORE_INDEX, infer_max_len, infer_seqlen, template_names, \
     fix_tokenizer
 from mindspeed_llm.data.encode import EncodeOptions, encode_instruction, encode_pairwise
 from mindspeed_llm.data.handlers import Conversation

@@ -24,7 +24,7 @@ import numpy as np
 from mindspeed_llm.data.encode import EncodeOptions, encode_record
 from mindspeed_llm.data.handlers import HandlerSpec, Skip, build_handler, check_columns
 from mindspeed_llm.data.loaders import Progress, first_record, iter_records, resolve_inputs
-from mindspeed_llm.data.templates import get_template
+from mindspeed_llm.data.prompt_type import get_template
 from mindspeed_llm.data.writer import IndexedWriter, output_name, pack_dataset
 from mindspeed_llm.errors import UserError
 from mindspeed_llm.tokenizer import build_tokenizer

@@ -268,7 +268,7 @@ def infer_max_len(source_len: int, target_len: int, cutoff: int) -> tuple[int, i
     return min(max_source, source_len), min(max_target, target_len)
 
 
-def _slots(entry: dict, key: str) -> Slots | None:
+def entry_slots(entry: dict, key: str) -> Slots | None:
     value = entry.get(key)
     if value is None:
         return None
@@ -287,41 +287,6 @@ def load_templates(path: str | Path = DEFAULT_TEMPLATES_PATH) -> dict[str, dict]
 
 def template_names(path: str | Path = DEFAULT_TEMPLATES_PATH) -> list[str]:
     return sorted(load_templates(path))
-
-
-def get_template(name: str, path: str | Path = DEFAULT_TEMPLATES_PATH, enable_thinking: bool | None = None,
-                 reasoning_effort: str | None = None, drop_thinking: bool = True) -> ChatTemplate:
-    """The template NAME of PATH; `reasoning_effort` and `drop_thinking` apply to DeepSeek4Template only."""
-    entries = load_templates(path)
-    if name not in entries:
-        raise TemplateError(f"--prompt-type {name!r} is not in {path}; valid: {', '.join(sorted(entries))}")
-    entry = entries[name]
-    system = entry.get("default_system", "")
-    function = entry.get("format_function") or {}
-    fields = dict(
-        name=name,
-        template_class=entry.get("template_class", "Template"),
-        format_user=_slots(entry, "format_user") or ["{{content}}"],
-        format_assistant=_slots(entry, "format_assistant"),
-        format_system=_slots(entry, "format_system"),
-        format_function=_slots(entry, "format_function"),
-        function_tool_format=function.get("tool_format", "default"),
-        format_observation=_slots(entry, "format_observation"),
-        tool_format=(entry.get("format_tools") or {}).get("tool_format", "default"),
-        format_separator=_slots(entry, "format_separator") or [],
-        format_prefix=_slots(entry, "format_prefix") or [],
-        default_system="".join(system) if isinstance(system, list) else system,
-        stop_words=list(entry.get("stop_words", [])),
-        efficient_eos=bool(entry.get("efficient_eos", False)),
-        replace_eos=bool(entry.get("replace_eos", False)),
-        thought_words=tuple(entry.get("thought_words", DEFAULT_THOUGHT_WORDS)),
-        enable_thinking=enable_thinking,
-    )
-    if fields["template_class"] == "DeepSeek4Template":
-        from mindspeed_llm.data.deepseek4 import DeepSeek4Template  # here: that module builds on this one
-
-        return DeepSeek4Template(**fields, reasoning_effort=reasoning_effort, drop_thinking=drop_thinking)
-    return ChatTemplate(**fields)
 
 
 def fix_tokenizer(tokenizer, template: ChatTemplate) -> None:

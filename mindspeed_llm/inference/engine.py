@@ -74,7 +74,7 @@ class Engine:
 
 def setup(args: argparse.Namespace) -> Engine:
     """Initialise the parallel state, load tokenizer and checkpoint on every rank (all ranks fail together)."""
-    from mindspeed_llm.data.templates import get_template
+    from mindspeed_llm.data.prompt_type import get_template
     from mindspeed_llm.inference.model import build_and_load, read_checkpoint_args, resolve_model_config
     from mindspeed_llm.platform import init_distributed
     from mindspeed_llm.tokenizer import build_tokenizer

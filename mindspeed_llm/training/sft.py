@@ -57,7 +57,7 @@ def build_tokenizer(args: argparse.Namespace):
 
     template = None
     if args.prompt_type:
-        from mindspeed_llm.data.templates import get_template
+        from mindspeed_llm.data.prompt_type import get_template
 
         template = get_template(args.prompt_type, args.prompt_type_path)
     tok_path = args.tokenizer_name_or_path or (args.load if args.enable_hf2mg_convert else None)
