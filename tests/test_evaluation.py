@@ -1,0 +1,311 @@
+"""evaluation.py: benchmark layouts and prompts, answer extraction and scoring, and the CLI under torchrun checked
+against transformers (log-likelihood of the option labels and greedy generation on the same tiny model)."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from mindspeed_llm.checkpoint import cli
+from mindspeed_llm.errors import UserError
+from mindspeed_llm.evaluation import choice_tasks, gen_tasks
+from mindspeed_llm.evaluation.report import summarize
+from tests.conftest import REPO, run_cli, run_torchrun
+
+MMLU_ROWS = [["What is 2+2?", "3", "4", "5", "6", "B"], ["Sky colour?", "blue", "red", "green", "pink", "A"],
+             ["Cats say?", "woof", "moo", "meow", "quack", "C"]]
+ZH_ROWS = [["一加一等于几？", "一", "二", "三", "四", "B"], ["天空是什么颜色？", "蓝", "红", "绿", "黑", "A"],
+           ["猫怎么叫？", "汪", "哞", "喵", "嘎", "C"]]
+GSM8K_TEST = [{"question": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "3+4=<<3+4=7>>7\n#### 7"},
+              {"question": "A box holds 1,200 pens; 200 are sold. How many are left?",
+               "answer": "1,200-200=<<1200-200=1000>>1000\n#### 1,000"}]
+GSM8K_TRAIN = [{"question": "Ann has 2 cats and 3 dogs. How many pets?", "answer": "2+3=<<2+3=5>>5 pets\n#### 5"}]
+BOOLQ = [{"question": "is the sky blue", "passage": "The sky is blue on clear days.", "answer": True},
+         {"question": "do fish fly", "passage": "Fish swim in water.", "answer": False},
+         {"question": "is ice cold", "passage": "Ice is frozen water.", "answer": True}]
+
+
+def _csv(path: Path, rows: list[list[str]], header: list[str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        if header:
+            w.writerow(header)
+        w.writerows(rows)
+
+
+def _jsonl(path: Path, objs: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objs), encoding="utf-8")
+
+
+def build_tasks(root: Path) -> dict[str, Path]:
+    """Tiny benchmark directories in each benchmark's public layout."""
+    for sub in ("abstract_algebra", "anatomy"):
+        _csv(root / "mmlu/test" / f"{sub}_test.csv", MMLU_ROWS)
+        _csv(root / "mmlu/dev" / f"{sub}_dev.csv", MMLU_ROWS[:2])
+    head = ["id", "question", "A", "B", "C", "D", "answer", "explanation"]
+    _csv(root / "ceval/val/computer_network_val.csv", [[str(i)] + r + [""] for i, r in enumerate(ZH_ROWS)], head)
+    _csv(root / "ceval/dev/computer_network_dev.csv", [[str(i)] + r + ["因为"] for i, r in enumerate(ZH_ROWS[:1])],
+         head)
+    (root / "ceval/subject_mapping.json").write_text(json.dumps(
+        {"computer_network": ["Computer Network", "计算机网络", "STEM"]}, ensure_ascii=False), encoding="utf-8")
+    cm_head = ["", "Question", "A", "B", "C", "D", "Answer"]
+    _csv(root / "cmmlu/test/agronomy.csv", [[str(i)] + r for i, r in enumerate(ZH_ROWS)], cm_head)
+    _csv(root / "cmmlu/dev/agronomy.csv", [[str(i)] + r for i, r in enumerate(ZH_ROWS[:1])], cm_head)
+    _jsonl(root / "gsm8k/test.jsonl", GSM8K_TEST)
+    _jsonl(root / "gsm8k/train.jsonl", GSM8K_TRAIN)
+    _jsonl(root / "boolq/dev.jsonl", BOOLQ)
+    return {t: root / t for t in ("mmlu", "ceval", "cmmlu", "gsm8k", "boolq")}
+
+
+# ---- hand-written prompts: what each benchmark's own code builds ----------------------------------------------
+
+MMLU_SHOTS = ("What is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer: B\n\n"
+              "Sky colour?\nA. blue\nB. red\nC. green\nD. pink\nAnswer: A\n\n")
+
+
+def expected_prompts() -> dict[str, list[tuple[str, str, str]]]:
+    """task -> [(subject, prompt, answer)] in file order."""
+    out: dict[str, list[tuple[str, str, str]]] = {}
+    mmlu = []
+    for sub, name in (("abstract_algebra", "abstract algebra"), ("anatomy", "anatomy")):
+        head = f"The following are multiple choice questions (with answers) about {name}.\n\n" + MMLU_SHOTS
+        for q, a, b, c, d, ans in MMLU_ROWS:
+            mmlu.append((sub, f"{head}{q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:", ans))
+    out["mmlu"] = mmlu
+    ce_head = "以下是中国关于计算机网络考试的单项选择题，请选出其中的正确答案。\n\n一加一等于几？\nA. 一\nB. 二\nC. 三\nD. 四\n答案：B\n\n"
+    out["ceval"] = [("computer_network", f"{ce_head}{q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\n答案：", ans)
+                    for q, a, b, c, d, ans in ZH_ROWS]
+    cm_head = "以下是关于agronomy的单项选择题，请直接给出正确答案的选项。\n\n题目：一加一等于几？\nA. 一\nB. 二\nC. 三\nD. 四\n答案是：B\n\n"
+    out["cmmlu"] = [("agronomy", f"{cm_head}题目：{q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\n答案是：", ans)
+                    for q, a, b, c, d, ans in ZH_ROWS]
+    out["boolq"] = [("boolq", "The sky is blue on clear days.\nQuestion: Is the sky blue?\nAnswer:", "Yes"),
+                    ("boolq", "Fish swim in water.\nQuestion: Do fish fly?\nAnswer:", "No"),
+                    ("boolq", "Ice is frozen water.\nQuestion: Is ice cold?\nAnswer:", "Yes")]
+    shot = "Question: Ann has 2 cats and 3 dogs. How many pets?\nAnswer: 2+3=5 pets The answer is 5.\n\n"
+    out["gsm8k"] = [("gsm8k", f"{shot}Question: {GSM8K_TEST[0]['question']}\nAnswer:", "7"),
+                    ("gsm8k", f"{shot}Question: {GSM8K_TEST[1]['question']}\nAnswer:", "1000")]
+    return out
+
+
+def test_loaders_build_the_benchmarks_prompts(tmp_path):
+    paths = build_tasks(tmp_path)
+    want = expected_prompts()
+    loaded = {t: choice_tasks.LOADERS[t](paths[t], None) for t in ("mmlu", "ceval", "cmmlu")}
+    loaded["boolq"] = gen_tasks.load_boolq(paths["boolq"], None, "en")
+    loaded["gsm8k"] = gen_tasks.load_gsm8k(paths["gsm8k"], None, "en", cot=True)
+    for task, items in loaded.items():
+        assert [(i.subject, i.prompt, i.answer) for i in items] == want[task], task
+    assert [i.labels for i in loaded["boolq"]] == [("Yes", "No")] * 3
+    assert len(choice_tasks.load_mmlu(paths["mmlu"], 2)) == 4          # --max-eval-samples per subject file
+    zero = gen_tasks.load_gsm8k(paths["gsm8k"], None, "zh", cot=False)
+    assert zero[0].prompt == f"问题：{GSM8K_TEST[0]['question']}\n答案："
+
+
+def test_number_extraction():
+    assert gen_tasks.gold_number("so 5+5=10\n#### 1,234", "x") == "1234"
+    assert gen_tasks.last_number("We get 3 then 12.50, so the answer is 1,000.") == "1000"
+    assert gen_tasks.last_number("it is -4.5 or 7.0") == "7"
+    assert gen_tasks.last_number("no digits here") is None
+    with pytest.raises(UserError, match=r"t.jsonl:3: the answer has no '#### <number>'"):
+        gen_tasks.gold_number("42", "t.jsonl:3")
+
+
+def test_bad_files_name_file_and_row(tmp_path):
+    _csv(tmp_path / "m/x_test.csv", MMLU_ROWS[:1] + [["q", "a", "b", "c", "d", "E"]])
+    with pytest.raises(UserError, match=r"x_test.csv:2: answer 'E' is not one of A, B, C, D"):
+        choice_tasks.load_mmlu(tmp_path / "m", None)
+    _csv(tmp_path / "n/y_test.csv", [["q", "a", "b"]])
+    with pytest.raises(UserError, match=r"y_test.csv:1: expected 6 comma-separated fields, found 3"):
+        choice_tasks.load_mmlu(tmp_path / "n", None)
+    (tmp_path / "o").mkdir()
+    with pytest.raises(UserError, match=r"no \*_test.csv files found \(--task mmlu\)"):
+        choice_tasks.load_mmlu(tmp_path / "o", None)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b/dev.jsonl").write_text('{"question": "q", "passage": "p", "answer": "yes"}\n')
+    with pytest.raises(UserError, match=r'dev.jsonl:1: "answer" must be true or false'):
+        gen_tasks.load_boolq(tmp_path / "b", None, "en")
+
+
+def test_summary_counts_per_subject():
+    recs = [{"subject": "a", "correct": True}, {"subject": "b", "correct": False}, {"subject": "a", "correct": False},
+            {"subject": "a", "correct": True}]
+    s = summarize("mmlu", recs)
+    assert (s["correct"], s["total"]) == (2, 4) and s["accuracy"] == 0.5
+    assert s["subjects"] == {"a": {"correct": 2, "total": 3, "accuracy": 2 / 3},
+                             "b": {"correct": 0, "total": 1, "accuracy": 0.0}}
+
+
+def test_label_variants_drop_a_shared_first_token():
+    from mindspeed_llm.evaluation.scoring import label_variants
+
+    class Tok:
+        table = {"A": [1], " A": [9, 1], "B": [2], " B": [9, 2], "C": [9, 3], " C": [9, 3], "D": [4], " D": [8]}
+
+        def encode(self, text, add_special_tokens=False):
+            return self.table[text]
+
+    assert label_variants(Tok(), ("A", "B", "D")) == [[1], [2], [4, 8]]
+    with pytest.raises(UserError, match="option 'C' with the same token"):
+        label_variants(Tok(), ("A", "C"))
+
+
+def test_evaluation_parser_errors():
+    from mindspeed_llm.evaluation.args import parse_args
+
+    base = ["--load", "x", "--tokenizer-name-or-path", "y", "--task-data-path", "d"]
+    with pytest.raises(UserError, match=r"--task human_eval: not implemented"):
+        parse_args(base + ["--task", "human_eval"])
+    with pytest.raises(UserError, match=r"--task-data-path has 2 paths for 3 tasks"):
+        parse_args(base + ["d2", "--task", "mmlu", "ceval", "boolq"])
+    with pytest.raises(UserError, match=r"--alternative-prompt: not supported"):
+        parse_args(base + ["--task", "mmlu", "--alternative-prompt"])
+    with pytest.raises(UserError, match=r"--results-file .*does not exist"):
+        parse_args(base + ["--task", "mmlu", "--results-file", "/nonexistent/dir/r.json"])
+
+
+# ---- the CLI under torchrun against transformers ----------------------------------------------------------------
+
+def _convert(hf: Path, mg: Path, tp: int, pp: int) -> str:
+    assert cli.main(["--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", str(hf), "--save-dir",
+                     str(mg), "--target-tensor-parallel-size", str(tp), "--target-pipeline-parallel-size",
+                     str(pp)]) == 0
+    return str(mg)
+
+
+MAX_NEW = 6
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_qwen3, tmp_path_factory) -> dict:
+    """Two launches: PP=2 on all five tasks (plain prompts), and TP=1 x DP=2 on MMLU with the chat template."""
+    root = tmp_path_factory.mktemp("eval")
+    paths = build_tasks(root / "data")
+    tasks = ["mmlu", "ceval", "cmmlu", "gsm8k", "boolq"]
+    common = ["--tokenizer-name-or-path", str(tiny_qwen3), "--distributed-backend", "gloo", "--use-mcore-models",
+              "--max-new-tokens", str(MAX_NEW), "--evaluation-batch-size", "2"]
+    pp = run_torchrun("evaluation.py", *common, "--load", _convert(tiny_qwen3, root / "pp2", 1, 2),
+                      "--pipeline-model-parallel-size", "2", "--task", *tasks, "--task-data-path",
+                      *[str(paths[t]) for t in tasks], "--no-chat-template", "--chain-of-thought",
+                      "--results-file", str(root / "pp2.json"), "--use-flash-attn")
+    dp = run_torchrun("evaluation.py", *common, "--load", _convert(tiny_qwen3, root / "tp1", 1, 1),
+                      "--task", "mmlu", "--task-data-path", str(paths["mmlu"]), "--max-eval-samples", "2",
+                      "--evaluation-batch-size", "3", "--results-file", str(root / "dp2.json"))
+    return {"pp": (pp, json.loads((root / "pp2.json").read_text())["tasks"]),
+            "dp": (dp, json.loads((root / "dp2.json").read_text())["tasks"])}
+
+
+def _oracle_scores(hf: Path, prompts: list[list[int]], labels: tuple[str, ...]) -> list[list[float]]:
+    """transformers: log p(first token of each label | prompt), one prompt at a time (no padding)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf))
+    # the tiny vocabulary splits " A" into " " + "A": the spaced spellings share their first token, so only
+    # the bare label is scored (the rule the evaluation applies)
+    assert len({tok.encode(" " + lab, add_special_tokens=False)[0] for lab in labels}) == 1
+    ids = [tok.encode(lab, add_special_tokens=False)[0] for lab in labels]
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            logp = torch.log_softmax(model(torch.tensor([p])).logits[0, -1].float(), dim=-1)
+            out.append([float(logp[i]) for i in ids])
+    return out
+
+
+def _encode(hf: Path, texts: list[str], chat: bool) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf))
+    if chat:
+        texts = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                         tokenize=False) for t in texts]
+    return [tok.encode(t, add_special_tokens=False) for t in texts]
+
+
+def _check_choice_task(summary: dict, hf: Path, want: list[tuple[str, str, str]], chat: bool) -> None:
+    labels = tuple(summary["items"][0]["scores"])
+    prompts = _encode(hf, [p for _, p, _ in want], chat)
+    ref = _oracle_scores(hf, prompts, labels)
+    items = summary["items"]
+    assert [(i["subject"], i["answer"], i["prompt_tokens"]) for i in items] == \
+        [(s, a, len(p)) for (s, _, a), p in zip(want, prompts)]
+    for item, row in zip(items, ref):
+        got = [item["scores"][lab] for lab in labels]
+        assert torch.allclose(torch.tensor(got), torch.tensor(row), atol=1e-4), (item, row)
+        pred = labels[max(range(len(labels)), key=lambda j: row[j])]
+        assert item["prediction"] == pred and item["correct"] == (pred == item["answer"])
+    hand = {}
+    for (subject, _, answer), row in zip(want, ref):
+        c, n = hand.get(subject, (0, 0))
+        hand[subject] = (c + (labels[max(range(len(labels)), key=lambda j: row[j])] == answer), n + 1)
+    assert {s: (v["correct"], v["total"]) for s, v in summary["subjects"].items()} == hand
+    assert summary["correct"] == sum(c for c, _ in hand.values()) and summary["total"] == len(want)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("task", ["mmlu", "ceval", "cmmlu", "boolq"])
+def test_choice_scores_match_transformers_at_pp2(runs, tiny_qwen3, task):
+    _check_choice_task(runs["pp"][1][task], tiny_qwen3, expected_prompts()[task], chat=False)
+
+
+@pytest.mark.distributed
+def test_chat_template_and_data_parallel_split(runs, tiny_qwen3):
+    proc, tasks = runs["dp"]
+    want = [w for w in expected_prompts()["mmlu"] if not w[1].endswith(("Cats say?\nA. woof\nB. moo\nC. meow\nD. "
+                                                                         "quack\nAnswer:"))]
+    assert len(want) == 4                      # --max-eval-samples 2 per subject file
+    _check_choice_task(tasks["mmlu"], tiny_qwen3, want, chat=True)
+
+
+@pytest.mark.distributed
+def test_gsm8k_generates_like_transformers(runs, tiny_qwen3):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    summary = runs["pp"][1]["gsm8k"]
+    want = expected_prompts()["gsm8k"]
+    prompts = _encode(tiny_qwen3, [p for _, p, _ in want], chat=False)
+    tok = AutoTokenizer.from_pretrained(str(tiny_qwen3))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_qwen3), dtype=torch.float32).eval()
+    eos = json.loads((tiny_qwen3 / "generation_config.json").read_text())["eos_token_id"]
+    with torch.no_grad():
+        texts = [tok.decode(model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=MAX_NEW,
+                                           eos_token_id=eos)[0, len(p):], skip_special_tokens=True)
+                 for p in prompts]
+    items = summary["items"]
+    assert [i["output"] for i in items] == texts
+    assert [i["answer"] for i in items] == ["7", "1000"]
+    for item in items:
+        assert item["prediction"] == gen_tasks.last_number(item["output"])
+        assert item["correct"] == (item["prediction"] == item["answer"])
+
+
+@pytest.mark.distributed
+def test_log_has_subject_lines_table_and_progress(runs):
+    out = runs["pp"][0].stdout
+    summary = runs["pp"][1]["mmlu"]
+    s = summary["subjects"]["anatomy"]
+    assert f"anatomy has {s['correct']} corrects in 3 questions, with accuracy {s['accuracy']}" in out
+    assert f"mmlu acc = {summary['correct']}/6={summary['accuracy']}" in out
+    assert re.search(r"^total\s+6\s+\d\.\d{4}$", out, re.M)
+    assert re.search(r"mmlu: 6/6 items \(100%\), [\d.]+ items/s, ETA 0:00:00", out)
+    assert "MMLU Running Time:" in out and "BOOLQ Running Time:" in out
+    assert out.count("wrote evaluation results to") == 1
+    assert "--use-flash-attn: accepted, no effect" in runs["pp"][0].stderr + out
+
+
+def test_cli_bad_data_is_one_error_line(tiny_qwen3, tmp_path):
+    mg = _convert(tiny_qwen3, tmp_path / "mg", 1, 1)
+    _csv(tmp_path / "mmlu/bad_test.csv", [["q", "a", "b", "c", "d", "Z"]])
+    proc = run_cli("evaluation.py", "--load", mg, "--tokenizer-name-or-path", str(tiny_qwen3), "--task", "mmlu",
+                   "--task-data-path", str(tmp_path / "mmlu"), "--results-file", str(tmp_path / "r.json"),
+                   "--distributed-backend", "gloo", check=False)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert re.search(r"bad_test.csv:1: answer 'Z' is not one of A, B, C, D", errors[0])
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r.json").exists()
