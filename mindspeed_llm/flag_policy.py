@@ -188,7 +188,7 @@ ERROR: dict[str, dict[str, str]] = {
 }
 ERROR["evaluation"] = {
     **ERROR["inference"],
-    "alternative_prompt": "HumanEval is not implemented; the benchmarks here have one prompt format",
+    "alternative_prompt": "HumanEval runs its standard completion prompt only",
     "origin_postprocess": "answers are read as the benchmark defines (option label, last number)",
 }
 

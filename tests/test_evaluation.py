@@ -12,7 +12,7 @@ import torch
 
 from mindspeed_llm.checkpoint import cli
 from mindspeed_llm.errors import UserError
-from mindspeed_llm.evaluation import choice_tasks, gen_tasks
+from mindspeed_llm.evaluation import choice_tasks, gen_tasks, humaneval, more_tasks
 from mindspeed_llm.evaluation.report import summarize
 from tests.conftest import REPO, run_cli, run_torchrun
 
@@ -24,6 +24,21 @@ GSM8K_TEST = [{"question": "Tom has 3 apples and buys 4 more. How many apples?",
               {"question": "A box holds 1,200 pens; 200 are sold. How many are left?",
                "answer": "1,200-200=<<1200-200=1000>>1000\n#### 1,000"}]
 GSM8K_TRAIN = [{"question": "Ann has 2 cats and 3 dogs. How many pets?", "answer": "2+3=<<2+3=5>>5 pets\n#### 5"}]
+BBH = {"examples": [{"input": "not ( True ) and ( True ) is", "target": "False"},
+                    {"input": "True and not not ( not False ) is", "target": "True"}]}
+BBH_COT = "BBH canary line\n-----\nQ: True and False is\nA: Let's think step by step. So the answer is False."
+AGIEVAL = [{"passage": "P1. ", "question": "Pick one.", "options": ["(A)x", "(B)y", "(C)z", "(D)w"], "label": "C"},
+           {"passage": None, "question": "Pick two.", "options": ["(A)x", "(B)y", "(C)z", "(D)w", "(E)v"],
+            "label": "E"},
+           {"passage": None, "question": "Many.", "options": ["(A)x", "(B)y"], "label": ["A", "B"]},
+           {"passage": None, "question": "Cloze: 1+1=?", "options": None, "label": None, "answer": "2"}]
+HELLASWAG = [{"ctx": "A man opens a door.", "endings": ["he walks in.", "it sings.", "it melts.", "he flies."],
+              "label": 0, "activity_label": "Doors"},
+             {"ctx": "A cat sits.", "endings": ["it barks.", "it purrs.", "it moos.", "it quacks."], "label": "1",
+              "activity_label": "Cats"}]
+HUMANEVAL = [{"task_id": "HumanEval/0", "prompt": "def add(a, b):\n    \"\"\"Sum.\"\"\"\n",
+              "canonical_solution": "    return a + b\n", "entry_point": "add",
+              "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"}]
 BOOLQ = [{"question": "is the sky blue", "passage": "The sky is blue on clear days.", "answer": True},
          {"question": "do fish fly", "passage": "Fish swim in water.", "answer": False},
          {"question": "is ice cold", "passage": "Ice is frozen water.", "answer": True}]
@@ -60,7 +75,16 @@ def build_tasks(root: Path) -> dict[str, Path]:
     _jsonl(root / "gsm8k/test.jsonl", GSM8K_TEST)
     _jsonl(root / "gsm8k/train.jsonl", GSM8K_TRAIN)
     _jsonl(root / "boolq/dev.jsonl", BOOLQ)
-    return {t: root / t for t in ("mmlu", "ceval", "cmmlu", "gsm8k", "boolq")}
+    (root / "bbh/bbh").mkdir(parents=True)
+    (root / "bbh/bbh/boolean_expressions.json").write_text(json.dumps(BBH))
+    (root / "bbh/cot-prompts").mkdir()
+    (root / "bbh/cot-prompts/boolean_expressions.txt").write_text(BBH_COT)
+    _jsonl(root / "agieval/v1/lsat-lr.jsonl", AGIEVAL)
+    _jsonl(root / "agieval/v1/logiqa-zh.jsonl", AGIEVAL[:1])
+    _jsonl(root / "hellaswag/hellaswag_val.jsonl", HELLASWAG)
+    _jsonl(root / "human_eval/HumanEval.jsonl", HUMANEVAL)
+    return {t: root / t for t in ("mmlu", "ceval", "cmmlu", "gsm8k", "boolq", "bbh", "agieval", "hellaswag",
+                                  "human_eval")}
 
 
 # ---- hand-written prompts: what each benchmark's own code builds ----------------------------------------------
@@ -90,6 +114,20 @@ def expected_prompts() -> dict[str, list[tuple[str, str, str]]]:
     shot = "Question: Ann has 2 cats and 3 dogs. How many pets?\nAnswer: 2+3=5 pets The answer is 5.\n\n"
     out["gsm8k"] = [("gsm8k", f"{shot}Question: {GSM8K_TEST[0]['question']}\nAnswer:", "7"),
                     ("gsm8k", f"{shot}Question: {GSM8K_TEST[1]['question']}\nAnswer:", "1000")]
+    cot = "Q: True and False is\nA: Let's think step by step. So the answer is False.\n\n"
+    out["bbh"] = [("boolean_expressions", f"{cot}Q: {ex['input']}\nA: Let's think step by step.", ex["target"])
+                  for ex in BBH["examples"]]
+    out["agieval"] = [
+        ("logiqa-zh", "问题：P1. Pick one. 选项：(A)x (B)y (C)z (D)w\n答案：从A到D, 我们应选择", "C"),
+        ("lsat-lr", "Q: P1. Pick one. Answer Choices: (A)x (B)y (C)z (D)w\nA: Among A through D, the answer is", "C"),
+        ("lsat-lr", "Q: Pick two. Answer Choices: (A)x (B)y (C)z (D)w (E)v\nA: Among A through E, the answer is",
+         "E")]
+    out["hellaswag"] = [
+        ("Doors", "A man opens a door.\nWhich ending is the most plausible?\nA. he walks in.\nB. it sings.\n"
+                  "C. it melts.\nD. he flies.\nAnswer:", "A"),
+        ("Cats", "A cat sits.\nWhich ending is the most plausible?\nA. it barks.\nB. it purrs.\nC. it moos.\n"
+                 "D. it quacks.\nAnswer:", "B")]
+    out["human_eval"] = [("human_eval", HUMANEVAL[0]["prompt"], "pass")]
     return out
 
 
@@ -99,9 +137,16 @@ def test_loaders_build_the_benchmarks_prompts(tmp_path):
     loaded = {t: choice_tasks.LOADERS[t](paths[t], None) for t in ("mmlu", "ceval", "cmmlu")}
     loaded["boolq"] = gen_tasks.load_boolq(paths["boolq"], None, "en")
     loaded["gsm8k"] = gen_tasks.load_gsm8k(paths["gsm8k"], None, "en", cot=True)
+    loaded["bbh"] = more_tasks.load_bbh(paths["bbh"], None, cot=True)
+    loaded["agieval"], skipped = more_tasks.load_agieval(paths["agieval"], None)
+    loaded["hellaswag"] = more_tasks.load_hellaswag(paths["hellaswag"], None)
+    loaded["human_eval"] = humaneval.load_humaneval(paths["human_eval"], None)
+    assert skipped == 2                                               # the multi-answer and the cloze item
     for task, items in loaded.items():
         assert [(i.subject, i.prompt, i.answer) for i in items] == want[task], task
     assert [i.labels for i in loaded["boolq"]] == [("Yes", "No")] * 3
+    assert [len(i.labels) for i in loaded["agieval"]] == [4, 4, 5]
+    assert more_tasks.load_bbh(paths["bbh"], 1, cot=False)[0].prompt == f"Q: {BBH['examples'][0]['input']}\nA:"
     assert len(choice_tasks.load_mmlu(paths["mmlu"], 2)) == 4          # --max-eval-samples per subject file
     zero = gen_tasks.load_gsm8k(paths["gsm8k"], None, "zh", cot=False)
     assert zero[0].prompt == f"问题：{GSM8K_TEST[0]['question']}\n答案："
@@ -114,6 +159,26 @@ def test_number_extraction():
     assert gen_tasks.last_number("no digits here") is None
     with pytest.raises(UserError, match=r"t.jsonl:3: the answer has no '#### <number>'"):
         gen_tasks.gold_number("42", "t.jsonl:3")
+
+
+def test_bbh_answer_extraction():
+    assert more_tasks.bbh_answer("x is True. So the answer is (B).\nQ: next", cot=True) == "(B)"
+    assert more_tasks.bbh_answer("So the answer is valid", cot=True) == "valid"
+    assert more_tasks.bbh_answer("  False.\nQ: more", cot=False) == "False"
+
+
+def test_humaneval_runs_tests_in_a_subprocess_with_a_timeout():
+    item = HUMANEVAL[0]
+    assert humaneval.truncate("    return a + b\n\ndef other():\n    pass") == "    return a + b\n"
+    assert humaneval.truncate("    return a\nprint(1)") == "    return a"
+    run = lambda completion, timeout=10.0: humaneval.passes(item["prompt"], completion, item["test"],  # noqa: E731
+                                                            item["entry_point"], timeout)
+    assert run(item["canonical_solution"])
+    assert not run("    return a - b\n")
+    assert not run("    while True:\n        pass\n", timeout=2.0)
+    assert not run("    return a + b\nimport sys\nsys.exit(0)\n")          # exits before the tests run
+    # a completion that kills its interpreter only ends the subprocess
+    assert not run("    import os\n    os._exit(0)\n")
 
 
 def test_bad_files_name_file_and_row(tmp_path):
@@ -159,8 +224,8 @@ def test_evaluation_parser_errors():
     from mindspeed_llm.evaluation.args import parse_args
 
     base = ["--load", "x", "--tokenizer-name-or-path", "y", "--task-data-path", "d"]
-    with pytest.raises(UserError, match=r"--task human_eval: not implemented"):
-        parse_args(base + ["--task", "human_eval"])
+    with pytest.raises(UserError, match=r"--task needlebench: not implemented"):
+        parse_args(base + ["--task", "needlebench"])
     with pytest.raises(UserError, match=r"--task-data-path has 2 paths for 3 tasks"):
         parse_args(base + ["d2", "--task", "mmlu", "ceval", "boolq"])
     with pytest.raises(UserError, match=r"--alternative-prompt: not supported"):
@@ -186,7 +251,7 @@ def runs(tiny_qwen3, tmp_path_factory) -> dict:
     """Two launches: PP=2 on all five tasks (plain prompts), and TP=1 x DP=2 on MMLU with the chat template."""
     root = tmp_path_factory.mktemp("eval")
     paths = build_tasks(root / "data")
-    tasks = ["mmlu", "ceval", "cmmlu", "gsm8k", "boolq"]
+    tasks = ["mmlu", "ceval", "cmmlu", "gsm8k", "boolq", "bbh", "agieval", "hellaswag", "human_eval"]
     common = ["--tokenizer-name-or-path", str(tiny_qwen3), "--distributed-backend", "gloo", "--use-mcore-models",
               "--max-new-tokens", str(MAX_NEW), "--evaluation-batch-size", "2"]
     pp = run_torchrun("evaluation.py", *common, "--load", _convert(tiny_qwen3, root / "pp2", 1, 2),
@@ -229,27 +294,26 @@ def _encode(hf: Path, texts: list[str], chat: bool) -> list[list[int]]:
 
 
 def _check_choice_task(summary: dict, hf: Path, want: list[tuple[str, str, str]], chat: bool) -> None:
-    labels = tuple(summary["items"][0]["scores"])
-    prompts = _encode(hf, [p for _, p, _ in want], chat)
-    ref = _oracle_scores(hf, prompts, labels)
     items = summary["items"]
+    prompts = _encode(hf, [p for _, p, _ in want], chat)
+    ref = [_oracle_scores(hf, [p], tuple(i["scores"]))[0] for i, p in zip(items, prompts)]
     assert [(i["subject"], i["answer"], i["prompt_tokens"]) for i in items] == \
         [(s, a, len(p)) for (s, _, a), p in zip(want, prompts)]
-    for item, row in zip(items, ref):
+    hand: dict[str, tuple[int, int]] = {}
+    for item, row, (subject, _, answer) in zip(items, ref, want):
+        labels = tuple(item["scores"])
         got = [item["scores"][lab] for lab in labels]
         assert torch.allclose(torch.tensor(got), torch.tensor(row), atol=1e-4), (item, row)
         pred = labels[max(range(len(labels)), key=lambda j: row[j])]
         assert item["prediction"] == pred and item["correct"] == (pred == item["answer"])
-    hand = {}
-    for (subject, _, answer), row in zip(want, ref):
         c, n = hand.get(subject, (0, 0))
-        hand[subject] = (c + (labels[max(range(len(labels)), key=lambda j: row[j])] == answer), n + 1)
+        hand[subject] = (c + (pred == answer), n + 1)
     assert {s: (v["correct"], v["total"]) for s, v in summary["subjects"].items()} == hand
     assert summary["correct"] == sum(c for c, _ in hand.values()) and summary["total"] == len(want)
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("task", ["mmlu", "ceval", "cmmlu", "boolq"])
+@pytest.mark.parametrize("task", ["mmlu", "ceval", "cmmlu", "boolq", "agieval", "hellaswag"])
 def test_choice_scores_match_transformers_at_pp2(runs, tiny_qwen3, task):
     _check_choice_task(runs["pp"][1][task], tiny_qwen3, expected_prompts()[task], chat=False)
 
@@ -263,26 +327,39 @@ def test_chat_template_and_data_parallel_split(runs, tiny_qwen3):
     _check_choice_task(tasks["mmlu"], tiny_qwen3, want, chat=True)
 
 
-@pytest.mark.distributed
-def test_gsm8k_generates_like_transformers(runs, tiny_qwen3):
+def _hf_greedy_texts(hf: Path, prompts: list[list[int]]) -> list[str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    summary = runs["pp"][1]["gsm8k"]
-    want = expected_prompts()["gsm8k"]
-    prompts = _encode(tiny_qwen3, [p for _, p, _ in want], chat=False)
-    tok = AutoTokenizer.from_pretrained(str(tiny_qwen3))
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_qwen3), dtype=torch.float32).eval()
-    eos = json.loads((tiny_qwen3 / "generation_config.json").read_text())["eos_token_id"]
+    tok = AutoTokenizer.from_pretrained(str(hf))
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+    eos = json.loads((hf / "generation_config.json").read_text())["eos_token_id"]
     with torch.no_grad():
-        texts = [tok.decode(model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=MAX_NEW,
-                                           eos_token_id=eos)[0, len(p):], skip_special_tokens=True)
-                 for p in prompts]
+        return [tok.decode(model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=MAX_NEW,
+                                          eos_token_id=eos)[0, len(p):], skip_special_tokens=True) for p in prompts]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("task", ["gsm8k", "bbh", "human_eval"])
+def test_generation_tasks_match_transformers(runs, tiny_qwen3, task):
+    summary = runs["pp"][1][task]
+    want = expected_prompts()[task]
+    prompts = _encode(tiny_qwen3, [p for _, p, _ in want], chat=False)
     items = summary["items"]
-    assert [i["output"] for i in items] == texts
-    assert [i["answer"] for i in items] == ["7", "1000"]
+    assert [i["prompt_tokens"] for i in items] == [len(p) for p in prompts]
+    assert [i["output"] for i in items] == _hf_greedy_texts(tiny_qwen3, prompts)
+    assert [i["answer"] for i in items] == [a for _, _, a in want]
     for item in items:
-        assert item["prediction"] == gen_tasks.last_number(item["output"])
+        if task == "gsm8k":
+            assert item["prediction"] == gen_tasks.last_number(item["output"])
+        elif task == "bbh":
+            assert item["prediction"] == more_tasks.bbh_answer(item["output"], cot=True)
+        else:
+            assert item["prediction"] == humaneval.truncate(item["output"])
+            ok = humaneval.passes(HUMANEVAL[0]["prompt"], item["prediction"], HUMANEVAL[0]["test"], "add")
+            assert item["correct"] == ok and item["task_id"] == "HumanEval/0"
+            continue
         assert item["correct"] == (item["prediction"] == item["answer"])
+    assert summary["correct"] == sum(i["correct"] for i in items)
 
 
 @pytest.mark.distributed
@@ -294,7 +371,8 @@ def test_log_has_subject_lines_table_and_progress(runs):
     assert f"mmlu acc = {summary['correct']}/6={summary['accuracy']}" in out
     assert re.search(r"^total\s+6\s+\d\.\d{4}$", out, re.M)
     assert re.search(r"mmlu: 6/6 items \(100%\), [\d.]+ items/s, ETA 0:00:00", out)
-    assert "MMLU Running Time:" in out and "BOOLQ Running Time:" in out
+    assert "MMLU Running Time:" in out and "HUMAN_EVAL Running Time:" in out
+    assert "agieval: 2 cloze or multi-answer questions left out" in out
     assert out.count("wrote evaluation results to") == 1
     assert "--use-flash-attn: accepted, no effect" in runs["pp"][0].stderr + out
 

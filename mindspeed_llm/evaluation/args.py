@@ -9,8 +9,8 @@ from mindspeed_llm import arguments as shared
 from mindspeed_llm.errors import UserError
 
 # Benchmarks implemented here; MindSpeed-LLM's other names are refused by name (see validate).
-TASKS = ("mmlu", "ceval", "cmmlu", "gsm8k", "boolq")
-NOT_IMPLEMENTED = ("mmlu_ppl", "bbh", "agieval", "human_eval", "needlebench", "hellaswag")
+TASKS = ("mmlu", "ceval", "cmmlu", "gsm8k", "boolq", "bbh", "agieval", "hellaswag", "human_eval")
+NOT_IMPLEMENTED = ("mmlu_ppl", "needlebench")
 
 
 def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
@@ -28,10 +28,11 @@ def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-language", default="en", choices=["en", "zh"],
                    help="language of the instruction line of the GSM8K / BoolQ prompts")
     g.add_argument("--chain-of-thought", action="store_true",
-                   help="GSM8K: 8-shot chain-of-thought examples from the train file instead of zero-shot")
+                   help="GSM8K: 8-shot chain-of-thought examples from the train file; BBH: the task's "
+                        "cot-prompts/{task}.txt shots and 'So the answer is' extraction (default: zero-shot)")
     g.add_argument("--max-new-tokens", type=int, default=128,
-                   help="generated tokens per item of the generation tasks (GSM8K); choice tasks read one "
-                        "next-token distribution")
+                   help="generated tokens per item of the generation tasks (GSM8K, BBH, HumanEval); choice "
+                        "tasks read one next-token distribution")
     g.add_argument("--results-file", default="evaluation_results.json",
                    help="JSON results: per-task, per-subject and overall accuracy and every item's prediction")
     g.add_argument("--broadcast", action="store_true",

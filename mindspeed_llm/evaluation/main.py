@@ -34,19 +34,33 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 def load_items(args: argparse.Namespace, task: str, index: int) -> list[Item]:
     from mindspeed_llm.errors import UserError
+    from mindspeed_llm.evaluation import more_tasks
     from mindspeed_llm.evaluation.args import data_path_of
     from mindspeed_llm.evaluation.choice_tasks import LOADERS
     from mindspeed_llm.evaluation.gen_tasks import load_boolq, load_gsm8k
+    from mindspeed_llm.evaluation.humaneval import load_humaneval
 
     root = Path(data_path_of(args, index))
     if not root.exists():
         raise UserError(f"--task-data-path {root}: does not exist (--task {task})")
+    n = args.max_eval_samples
     if task in LOADERS:
-        items = LOADERS[task](root, args.max_eval_samples)
+        items = LOADERS[task](root, n)
     elif task == "gsm8k":
-        items = load_gsm8k(root, args.max_eval_samples, args.eval_language, args.chain_of_thought)
+        items = load_gsm8k(root, n, args.eval_language, args.chain_of_thought)
+    elif task == "boolq":
+        items = load_boolq(root, n, args.eval_language)
+    elif task == "bbh":
+        items = more_tasks.load_bbh(root, n, args.chain_of_thought)
+    elif task == "hellaswag":
+        items = more_tasks.load_hellaswag(root, n)
+    elif task == "human_eval":
+        items = load_humaneval(root, n)
     else:
-        items = load_boolq(root, args.max_eval_samples, args.eval_language)
+        items, skipped = more_tasks.load_agieval(root, n)
+        if skipped:
+            print(f"agieval: {skipped} cloze or multi-answer questions left out (no single option to score)",
+                  flush=True)
     if not items:
         raise UserError(f"--task-data-path {root}: no items to evaluate for --task {task}")
     return items
@@ -70,17 +84,17 @@ def encode(engine, items: list[Item], chat: bool) -> list[list[int]]:
 def run_task(engine, args: argparse.Namespace, task: str, index: int) -> dict[str, Any]:
     from megatron.core import parallel_state as ps
 
-    from mindspeed_llm.evaluation.gen_tasks import last_number
     from mindspeed_llm.evaluation.report import ProgressLog, log_summary, summarize
-    from mindspeed_llm.evaluation.scoring import generate_greedy, label_variants, score_choices
     from mindspeed_llm.inference import comm
 
     start = time.monotonic()
     rank0 = comm.world_rank() == 0
+    # HumanEval continues the function's code: a chat turn around it would not be code
+    chat = not args.no_chat_template and task != "human_eval"
 
     def prepare():
         items = load_items(args, task, index)
-        return items, encode(engine, items, chat=not args.no_chat_template)
+        return items, encode(engine, items, chat)
 
     # rank 0 reads and tokenizes; every rank gets the prompts, or all raise rank 0's error together
     prepared = comm.broadcast_object(_capture(prepare) if rank0 else None)
@@ -88,28 +102,56 @@ def run_task(engine, args: argparse.Namespace, task: str, index: int) -> dict[st
     if rank0:
         print(f"{task}: {len(items)} items, {len({i.subject for i in items})} subjects", flush=True)
     progress = ProgressLog(task, len(items), ps.get_data_parallel_world_size(), rank0)
-    records: list[dict[str, Any]] = []
     if isinstance(items[0], ChoiceItem):
-        labels = items[0].labels
-        scores = score_choices(engine, prompts, label_variants(engine.tokenizer, labels),
-                               args.evaluation_batch_size, progress)
-        for item, ids, row in zip(items, prompts, scores):
-            pred = labels[max(range(len(labels)), key=lambda j: row[j])]     # ties: the first label
-            records.append({"subject": item.subject, "index": item.index, "prompt_tokens": len(ids),
-                            "scores": dict(zip(labels, row)), "prediction": pred, "answer": item.answer,
-                            "correct": pred == item.answer})
+        records = _choice_records(engine, args, items, prompts, progress)
     else:
-        outputs = generate_greedy(engine, prompts, args.evaluation_batch_size, progress)
-        for item, ids, out in zip(items, prompts, outputs):
-            text = engine.decode(out)
-            pred = last_number(text)
-            records.append({"subject": item.subject, "index": item.index, "prompt_tokens": len(ids),
-                            "output": text, "prediction": pred, "answer": item.answer,
-                            "correct": pred == item.answer})
+        records = _generation_records(engine, args, task, items, prompts, progress)
     summary = summarize(task, records)
     if rank0:
         log_summary(summary, time.monotonic() - start)
     return summary
+
+
+def _choice_records(engine, args, items: list[ChoiceItem], prompts: list[list[int]], progress) -> list[dict]:
+    from mindspeed_llm.evaluation.scoring import label_variants, score_choices
+
+    records: list[dict] = [{} for _ in items]
+    # items of one task may differ in their options (AGIEval has 4 or 5): each set of labels is scored apart
+    for labels in dict.fromkeys(i.labels for i in items):
+        picked = [n for n, i in enumerate(items) if i.labels == labels]
+        scores = score_choices(engine, [prompts[n] for n in picked], label_variants(engine.tokenizer, labels),
+                               args.evaluation_batch_size, progress)
+        for n, row in zip(picked, scores):
+            item = items[n]
+            pred = labels[max(range(len(labels)), key=lambda j: row[j])]     # ties: the first label
+            records[n] = {"subject": item.subject, "index": item.index, "prompt_tokens": len(prompts[n]),
+                          "scores": dict(zip(labels, row)), "prediction": pred, "answer": item.answer,
+                          "correct": pred == item.answer}
+    return records
+
+
+def _generation_records(engine, args, task: str, items: list[GenerationItem], prompts: list[list[int]],
+                        progress) -> list[dict]:
+    from mindspeed_llm.evaluation.gen_tasks import last_number
+    from mindspeed_llm.evaluation.humaneval import passes, truncate
+    from mindspeed_llm.evaluation.more_tasks import bbh_answer
+    from mindspeed_llm.evaluation.scoring import generate_greedy
+    from mindspeed_llm.inference import comm
+
+    texts = [engine.decode(out) for out in generate_greedy(engine, prompts, args.evaluation_batch_size, progress)]
+    if task == "human_eval":
+        preds = [truncate(t) for t in texts]
+        # the generated programs run once, on rank 0, each in its own subprocess; the verdicts are shared
+        verdicts = comm.broadcast_object(
+            [passes(i.prompt, p, i.extra["test"], i.extra["entry_point"]) for i, p in zip(items, preds)]
+            if comm.world_rank() == 0 else None)
+        correct = list(verdicts)
+    else:
+        preds = [bbh_answer(t, i.extra["cot"]) if task == "bbh" else last_number(t) for i, t in zip(items, texts)]
+        correct = [p == i.answer for i, p in zip(items, preds)]
+    return [{"subject": i.subject, "index": i.index, "prompt_tokens": len(ids), "output": t, "prediction": p,
+             "answer": i.answer, "correct": c, **({"task_id": i.extra["task_id"]} if task == "human_eval" else {})}
+            for i, ids, t, p, c in zip(items, prompts, texts, preds, correct)]
 
 
 def _capture(fn):
