@@ -387,3 +387,72 @@ def test_cli_bad_data_is_one_error_line(tiny_qwen3, tmp_path):
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr
     assert re.search(r"bad_test.csv:1: answer 'Z' is not one of A, B, C, D", errors[0])
     assert "Traceback" not in proc.stderr and not (tmp_path / "r.json").exists()
+
+
+# ---- MindSpeed-LLM's evaluate recipes ---------------------------------------------------------------------------
+
+def _reference_flags(size: str) -> list[list[str]]:
+    from tests.recipes import REFERENCE
+
+    m = re.search(rf"^## qwen3/evaluate_qwen3_{size}_ptd\n`torchrun evaluation.py` \(\d+ flags\)\n```\n(.*?)```",
+                  REFERENCE.read_text(), re.M | re.S)
+    flags: list[list[str]] = []
+    for tok in m.group(1).split():
+        if tok.startswith("--"):
+            flags.append([tok])
+        else:
+            flags[-1].append(tok)
+    return flags
+
+
+@pytest.mark.parametrize("size, layers, tied, tp", [("0point6b", 28, True, 1), ("1point7b", 28, True, 1),
+                                                    ("4b", 36, True, 1), ("8b", 36, False, 1),
+                                                    ("14b", 40, False, 2), ("32b", 64, False, 8)])
+def test_evaluate_recipes_pass_the_reference_flags(size, layers, tied, tp):
+    import shlex
+
+    from mindspeed_llm.evaluation.args import parse_args
+    from mindspeed_llm.inference.model import resolve_model_config
+
+    script = (REPO / f"examples/mcore/qwen3/evaluate_qwen3_{size}_ptd.sh").read_text()
+    values = dict(re.findall(r"^(TP|PP|SEQ_LENGTH)=(\S+)$", script, re.M))
+    body = script.split("$DISTRIBUTED_ARGS evaluation.py", 1)[1].split("| tee", 1)[0].replace("\\\n", " ")
+    for var, value in (("${TP}", values["TP"]), ("${PP}", values["PP"]), ("${CHECKPOINT}", "PATH"),
+                       ("${TOKENIZER_PATH}", "PATH"), ("${DATA_PATH}", "PATH"), ("${TASK}", "mmlu"),
+                       ("${SEQ_LENGTH}", values["SEQ_LENGTH"])):
+        body = body.replace(var, value)
+    assert sorted(map(tuple, _reference_flags(size))) == sorted(map(tuple, [f.split() for f in
+                                                                             re.split(r"\s(?=--)", body.strip())]))
+    args = parse_args(shlex.split(body.replace("PATH", "/x")) + ["--results-file", "r.json"])
+    assert args.tensor_model_parallel_size == tp and args.task == ["mmlu"] and args.no_chat_template
+    cfg = resolve_model_config(args, None, 151669, "recipe")
+    assert (cfg.num_layers, cfg.tie_word_embeddings, cfg.vocab_size, cfg.kv_channels, cfg.num_query_groups) == \
+        (layers, tied, 151936, 128, 8)
+    assert cfg.qk_layernorm and cfg.rotary_base == 1e6 and cfg.norm_epsilon == 1e-6 and args.seq_length == 4096
+
+
+def test_evaluate_recipe_runs_on_the_tiny_model(tiny_qwen3, tmp_path):
+    """The 0.6B recipe's flags with the tiny shape; its --max-position-embeddings differs from the checkpoint's
+    (as 32768 does from Qwen3's 40960) and only bounds the prompts; --task-data-path is MMLU's data/test/."""
+    from tests.recipes import TINY_SHAPE
+
+    paths = build_tasks(tmp_path / "data")
+    mg = _convert(tiny_qwen3, tmp_path / "mg", 1, 1)
+    shape = {**TINY_SHAPE, "--max-position-embeddings": "300", "--seq-length": "4096"}
+    argv: list[str] = []
+    for flag, *vals in _reference_flags("0point6b"):
+        vals = [shape[flag]] if flag in shape else vals
+        vals = {"--load": [mg], "--tokenizer-name-or-path": [str(tiny_qwen3)],
+                "--task-data-path": [str(paths["mmlu"] / "test")]}.get(flag, vals)
+        argv += [flag, *vals]
+    proc = run_cli("evaluation.py", *argv, "--results-file", str(tmp_path / "r.json"))
+    summary = json.loads((tmp_path / "r.json").read_text())["tasks"]["mmlu"]
+    assert summary["total"] == 6 and "mmlu acc = " in proc.stdout
+    # the dev/ beside data/test/ gives the 5-shot block
+    assert summary["items"][0]["prompt_tokens"] == len(_encode(tiny_qwen3, [expected_prompts()["mmlu"][0][1]],
+                                                               chat=False)[0])
+    long = tmp_path / "long"
+    _csv(long / "x_test.csv", [["word " * 400, "a", "b", "c", "d", "A"]])
+    argv[argv.index("--task-data-path") + 1] = str(long)
+    proc = run_cli("evaluation.py", *argv, "--results-file", str(tmp_path / "r2.json"), check=False)
+    assert proc.returncode == 2 and "exceeds --max-position-embeddings 300" in proc.stderr, proc.stderr

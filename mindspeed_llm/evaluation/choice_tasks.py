@@ -30,7 +30,7 @@ def mmlu_header(subject: str) -> str:
 def load_mmlu(root: Path, max_samples: Optional[int]) -> list[ChoiceItem]:
     """One item per test row: the first 5 dev rows of the subject as shots, then the question."""
     tests = _files(root, "_test.csv", "--task mmlu")
-    devs = {p.name[:-len("_dev.csv")]: p for p in root.rglob("*_dev.csv")}
+    devs = _dev_files(root)
     items = []
     for path in tests:
         subject = path.name[:-len("_test.csv")]
@@ -59,7 +59,7 @@ def load_ceval(root: Path, max_samples: Optional[int]) -> list[ChoiceItem]:
     """Scored on the val split (the test split's answers are not public); dev rows are the shots."""
     names = _ceval_names(root)
     vals = _files(root, "_val.csv", "--task ceval")
-    devs = {p.name[:-len("_dev.csv")]: p for p in root.rglob("*_dev.csv")}
+    devs = _dev_files(root)
     items = []
     for path in vals:
         subject = path.name[:-len("_val.csv")]
@@ -117,6 +117,12 @@ def load_cmmlu(root: Path, max_samples: Optional[int]) -> list[ChoiceItem]:
             items.append(ChoiceItem(subject, i, cmmlu_header(subject.replace("_", " ")) + shots +
                                     cmmlu_block(row[1], row[2:6]), LETTERS, check_answer(row[6], LETTERS, path, i + 2)))
     return items
+
+
+def _dev_files(root: Path) -> dict[str, Path]:
+    """{subject}_dev.csv under the data path, or in the `dev/` beside it (recipes point at `data/test/`)."""
+    found = sorted(root.rglob("*_dev.csv")) or sorted((root.parent / "dev").glob("*_dev.csv"))
+    return {p.name[:-len("_dev.csv")]: p for p in found}
 
 
 def _files(root: Path, suffix: str, flag: str) -> list[Path]:
