@@ -456,3 +456,14 @@ def test_evaluate_recipe_runs_on_the_tiny_model(tiny_qwen3, tmp_path):
     argv[argv.index("--task-data-path") + 1] = str(long)
     proc = run_cli("evaluation.py", *argv, "--results-file", str(tmp_path / "r2.json"), check=False)
     assert proc.returncode == 2 and "exceeds --max-position-embeddings 300" in proc.stderr, proc.stderr
+
+
+def test_error_rows_count_blank_lines(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c/s_test.csv").write_text("q,a,b,c,d,A\n\nq2,a,b,c,d,F\n")
+    with pytest.raises(UserError, match=r"s_test.csv:3: answer 'F'"):
+        choice_tasks.load_mmlu(tmp_path / "c", None)
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g/test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n\n{"question": "q", "answer": "1"}\n')
+    with pytest.raises(UserError, match=r"test.jsonl:3: the answer has no"):
+        gen_tasks.load_gsm8k(tmp_path / "g", None, "en", cot=False)

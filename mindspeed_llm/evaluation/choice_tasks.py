@@ -36,12 +36,12 @@ def load_mmlu(root: Path, max_samples: Optional[int]) -> list[ChoiceItem]:
         subject = path.name[:-len("_test.csv")]
         shots = ""
         if subject in devs:
-            for n, row in enumerate(read_csv(devs[subject], header=False, columns=6)[:SHOTS], start=1):
+            for n, row in read_csv(devs[subject], header=False, columns=6)[:SHOTS]:
                 shots += mmlu_block(row[0], row[1:5], check_answer(row[5], LETTERS, devs[subject], n))
         rows = limit(read_csv(path, header=False, columns=6), max_samples)
-        for i, row in enumerate(rows):
+        for i, (n, row) in enumerate(rows):
             items.append(ChoiceItem(subject, i, mmlu_header(subject) + shots + mmlu_block(row[0], row[1:5]),
-                                    LETTERS, check_answer(row[5], LETTERS, path, i + 1)))
+                                    LETTERS, check_answer(row[5], LETTERS, path, n)))
     return items
 
 
@@ -65,13 +65,13 @@ def load_ceval(root: Path, max_samples: Optional[int]) -> list[ChoiceItem]:
         subject = path.name[:-len("_val.csv")]
         shots = ""
         if subject in devs:
-            for n, row in enumerate(read_csv(devs[subject], header=True, columns=7)[:SHOTS], start=2):
+            for n, row in read_csv(devs[subject], header=True, columns=7)[:SHOTS]:
                 shots += ceval_block(row[1], row[2:6], check_answer(row[6], LETTERS, devs[subject], n))
         rows = limit(read_csv(path, header=True, columns=7), max_samples)
         head = ceval_header(names.get(subject, subject.replace("_", " ")))
-        for i, row in enumerate(rows):
+        for i, (n, row) in enumerate(rows):
             items.append(ChoiceItem(subject, i, head + shots + ceval_block(row[1], row[2:6]), LETTERS,
-                                    check_answer(row[6], LETTERS, path, i + 2)))
+                                    check_answer(row[6], LETTERS, path, n)))
     return items
 
 
@@ -110,12 +110,12 @@ def load_cmmlu(root: Path, max_samples: Optional[int]) -> list[ChoiceItem]:
         shots = ""
         dev = dev_dir / path.name
         if dev.is_file():
-            for n, row in enumerate(read_csv(dev, header=True, columns=7)[:SHOTS], start=2):
+            for n, row in read_csv(dev, header=True, columns=7)[:SHOTS]:
                 shots += cmmlu_block(row[1], row[2:6], check_answer(row[6], LETTERS, dev, n))
         rows = limit(read_csv(path, header=True, columns=7), max_samples)
-        for i, row in enumerate(rows):
+        for i, (n, row) in enumerate(rows):
             items.append(ChoiceItem(subject, i, cmmlu_header(subject.replace("_", " ")) + shots +
-                                    cmmlu_block(row[1], row[2:6]), LETTERS, check_answer(row[6], LETTERS, path, i + 2)))
+                                    cmmlu_block(row[1], row[2:6]), LETTERS, check_answer(row[6], LETTERS, path, n)))
     return items
 
 

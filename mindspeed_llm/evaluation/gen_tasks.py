@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from mindspeed_llm.errors import UserError
-from mindspeed_llm.evaluation.items import ChoiceItem, GenerationItem, limit, read_jsonl
+from mindspeed_llm.evaluation.items import LINE, ChoiceItem, GenerationItem, limit, read_jsonl
 
 COT_SHOTS = 8
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -57,14 +57,14 @@ def load_gsm8k(root: Path, max_samples: Optional[int], language: str, cot: bool)
     shots = ""
     if cot:
         train = _jsonl(root, ("train.jsonl", "*train*.jsonl"), "--task gsm8k --chain-of-thought")
-        for n, ex in enumerate(read_jsonl(train, ("question", "answer"))[:COT_SHOTS], start=1):
+        for ex in read_jsonl(train, ("question", "answer"))[:COT_SHOTS]:
             steps = re.sub(r"<<[^>]*>>", "", ex["answer"].split("####")[0]).strip()
             shots += (f"{head}{ex['question']}{tail} {steps} The answer is "
-                      f"{gold_number(ex['answer'], f'{train}:{n}')}.\n\n")
+                      f"{gold_number(ex['answer'], f'{train}:{ex[LINE]}')}.\n\n")
     items = []
     for i, ex in enumerate(limit(read_jsonl(test, ("question", "answer")), max_samples)):
         items.append(GenerationItem("gsm8k", i, f"{shots}{head}{ex['question']}{tail}",
-                                    gold_number(ex["answer"], f"{test}:{i + 1}")))
+                                    gold_number(ex["answer"], f"{test}:{ex[LINE]}")))
     return items
 
 
@@ -74,7 +74,7 @@ def load_boolq(root: Path, max_samples: Optional[int], language: str) -> list[Ch
     items = []
     for i, ex in enumerate(limit(read_jsonl(path, ("question", "passage", "answer")), max_samples)):
         if not isinstance(ex["answer"], bool):
-            raise UserError(f"{path}:{i + 1}: \"answer\" must be true or false, found {ex['answer']!r}")
+            raise UserError(f"{path}:{ex[LINE]}: \"answer\" must be true or false, found {ex['answer']!r}")
         q = ex["question"].strip()
         q = q[0].upper() + q[1:] if q else q
         items.append(ChoiceItem("boolq", i, f"{ex['passage']}\n{question}: {q}?\nAnswer:", ("Yes", "No"),

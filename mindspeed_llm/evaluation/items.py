@@ -32,8 +32,9 @@ class GenerationItem:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def read_csv(path: Path, header: bool, columns: int) -> list[list[str]]:
-    """Rows of a benchmark csv (header skipped), each checked to have `columns` fields."""
+def read_csv(path: Path, header: bool, columns: int) -> list[tuple[int, list[str]]]:
+    """(row number counting the header, fields) of each non-empty row of a benchmark csv (header skipped), each
+    checked to have `columns` fields."""
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.reader(fh))
@@ -47,12 +48,15 @@ def read_csv(path: Path, header: bool, columns: int) -> list[list[str]]:
             continue
         if len(row) < columns:
             raise UserError(f"{path}:{n}: expected {columns} comma-separated fields, found {len(row)}")
-        out.append(row)
+        out.append((n, row))
     return out
 
 
+LINE = "__line__"      # each object read by read_jsonl records its line number here, for the error messages
+
+
 def read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Objects of a JSON-lines file, each checked to carry `keys`."""
+    """Objects of a JSON-lines file, each checked to carry `keys` (and given its line number under LINE)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -68,6 +72,7 @@ def read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict[str, Any]]:
         missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
         if missing:
             raise UserError(f"{path}:{n}: expected keys {', '.join(keys)}; missing {', '.join(missing)}")
+        obj[LINE] = n
         out.append(obj)
     return out
 

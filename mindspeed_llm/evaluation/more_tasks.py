@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mindspeed_llm.errors import UserError
-from mindspeed_llm.evaluation.items import ChoiceItem, GenerationItem, limit, read_jsonl
+from mindspeed_llm.evaluation.items import LINE, ChoiceItem, GenerationItem, limit, read_jsonl
 
 LETTERS = "ABCDEFGHIJ"
 # AGIEval's Chinese datasets (the rest are English); their prompts are in Chinese
@@ -93,7 +93,7 @@ def load_agieval(root: Path, max_samples: Optional[int]) -> tuple[list[ChoiceIte
                 continue
             labels = tuple(LETTERS[:len(options)])
             if label not in labels:
-                raise UserError(f"{path}:{i + 1}: label {label!r} is not one of {', '.join(labels)}")
+                raise UserError(f"{path}:{ex[LINE]}: label {label!r} is not one of {', '.join(labels)}")
             if max_samples is not None and kept >= max_samples:
                 break
             kept += 1
@@ -118,7 +118,7 @@ def load_hellaswag(root: Path, max_samples: Optional[int]) -> list[ChoiceItem]:
     for i, ex in enumerate(limit(read_jsonl(path, ("ctx", "endings", "label")), max_samples)):
         endings = ex["endings"]
         if not isinstance(endings, list) or len(endings) != 4 or str(ex["label"]) not in "0123":
-            raise UserError(f"{path}:{i + 1}: expected 4 \"endings\" and a \"label\" 0-3")
+            raise UserError(f"{path}:{ex[LINE]}: expected 4 \"endings\" and a \"label\" 0-3")
         options = "".join(f"\n{LETTERS[j]}. {e}" for j, e in enumerate(endings))
         prompt = f"{ex['ctx']}\nWhich ending is the most plausible?{options}\nAnswer:"
         items.append(ChoiceItem(str(ex.get("activity_label") or "hellaswag"), i, prompt, tuple(LETTERS[:4]),
