@@ -248,7 +248,8 @@ MAX_NEW = 6
 
 @pytest.fixture(scope="module")
 def runs(tiny_qwen3, tmp_path_factory) -> dict:
-    """Two launches: PP=2 on all five tasks (plain prompts), and TP=1 x DP=2 on MMLU with the chat template."""
+    """Three launches: PP=2 on every task (plain prompts), TP=1 x DP=2 on MMLU with the chat template, and TP=2
+    on MMLU and HellaSwag."""
     root = tmp_path_factory.mktemp("eval")
     paths = build_tasks(root / "data")
     tasks = ["mmlu", "ceval", "cmmlu", "gsm8k", "boolq", "bbh", "agieval", "hellaswag", "human_eval"]
@@ -261,8 +262,13 @@ def runs(tiny_qwen3, tmp_path_factory) -> dict:
     dp = run_torchrun("evaluation.py", *common, "--load", _convert(tiny_qwen3, root / "tp1", 1, 1),
                       "--task", "mmlu", "--task-data-path", str(paths["mmlu"]), "--max-eval-samples", "2",
                       "--evaluation-batch-size", "3", "--results-file", str(root / "dp2.json"))
+    tp = run_torchrun("evaluation.py", *common, "--load", _convert(tiny_qwen3, root / "tp2", 2, 1),
+                      "--tensor-model-parallel-size", "2", "--task", "mmlu", "hellaswag", "--task-data-path",
+                      str(paths["mmlu"]), str(paths["hellaswag"]), "--no-chat-template", "--evaluation-batch-size",
+                      "4", "--results-file", str(root / "tp2.json"))
     return {"pp": (pp, json.loads((root / "pp2.json").read_text())["tasks"]),
-            "dp": (dp, json.loads((root / "dp2.json").read_text())["tasks"])}
+            "dp": (dp, json.loads((root / "dp2.json").read_text())["tasks"]),
+            "tp": (tp, json.loads((root / "tp2.json").read_text())["tasks"])}
 
 
 def _oracle_scores(hf: Path, prompts: list[list[int]], labels: tuple[str, ...]) -> list[list[float]]:
@@ -316,6 +322,12 @@ def _check_choice_task(summary: dict, hf: Path, want: list[tuple[str, str, str]]
 @pytest.mark.parametrize("task", ["mmlu", "ceval", "cmmlu", "boolq", "agieval", "hellaswag"])
 def test_choice_scores_match_transformers_at_pp2(runs, tiny_qwen3, task):
     _check_choice_task(runs["pp"][1][task], tiny_qwen3, expected_prompts()[task], chat=False)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("task", ["mmlu", "hellaswag"])
+def test_choice_scores_match_transformers_at_tp2(runs, tiny_qwen3, task):
+    _check_choice_task(runs["tp"][1][task], tiny_qwen3, expected_prompts()[task], chat=False)
 
 
 @pytest.mark.distributed
