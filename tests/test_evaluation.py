@@ -38,7 +38,9 @@ HELLASWAG = [{"ctx": "A man opens a door.", "endings": ["he walks in.", "it sing
               "activity_label": "Cats"}]
 HUMANEVAL = [{"task_id": "HumanEval/0", "prompt": "def add(a, b):\n    \"\"\"Sum.\"\"\"\n",
               "canonical_solution": "    return a + b\n", "entry_point": "add",
-              "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"}]
+              "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"},
+             {"task_id": "HumanEval/1", "prompt": "def neg(x):\n", "canonical_solution": "    return -x\n",
+              "entry_point": "neg", "test": "def check(candidate):\n    assert candidate(2) == -2\n"}]
 BOOLQ = [{"question": "is the sky blue", "passage": "The sky is blue on clear days.", "answer": True},
          {"question": "do fish fly", "passage": "Fish swim in water.", "answer": False},
          {"question": "is ice cold", "passage": "Ice is frozen water.", "answer": True}]
@@ -127,7 +129,7 @@ def expected_prompts() -> dict[str, list[tuple[str, str, str]]]:
                   "C. it melts.\nD. he flies.\nAnswer:", "A"),
         ("Cats", "A cat sits.\nWhich ending is the most plausible?\nA. it barks.\nB. it purrs.\nC. it moos.\n"
                  "D. it quacks.\nAnswer:", "B")]
-    out["human_eval"] = [("human_eval", HUMANEVAL[0]["prompt"], "pass")]
+    out["human_eval"] = [("human_eval", h["prompt"], "pass") for h in HUMANEVAL]
     return out
 
 
@@ -179,6 +181,9 @@ def test_humaneval_runs_tests_in_a_subprocess_with_a_timeout():
     assert not run("    return a + b\nimport sys\nsys.exit(0)\n")          # exits before the tests run
     # a completion that kills its interpreter only ends the subprocess
     assert not run("    import os\n    os._exit(0)\n")
+    cases = [(h["prompt"], h["canonical_solution"], h["test"], h["entry_point"]) for h in HUMANEVAL]
+    assert humaneval.passes_all(cases + [(item["prompt"], "    return 0\n", item["test"], "add")]) == \
+        [True, True, False]
 
 
 def test_bad_files_name_file_and_row(tmp_path):
@@ -367,8 +372,9 @@ def test_generation_tasks_match_transformers(runs, tiny_qwen3, task):
             assert item["prediction"] == more_tasks.bbh_answer(item["output"], cot=True)
         else:
             assert item["prediction"] == humaneval.truncate(item["output"])
-            ok = humaneval.passes(HUMANEVAL[0]["prompt"], item["prediction"], HUMANEVAL[0]["test"], "add")
-            assert item["correct"] == ok and item["task_id"] == "HumanEval/0"
+            case = HUMANEVAL[item["index"]]
+            ok = humaneval.passes(case["prompt"], item["prediction"], case["test"], case["entry_point"])
+            assert item["correct"] == ok and item["task_id"] == case["task_id"]
             continue
         assert item["correct"] == (item["prediction"] == item["answer"])
     assert summary["correct"] == sum(i["correct"] for i in items)

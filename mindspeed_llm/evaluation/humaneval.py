@@ -49,3 +49,11 @@ def passes(prompt: str, completion: str, test: str, entry_point: str, timeout: f
             return False
     lines = proc.stdout.decode("utf-8", "replace").strip().splitlines()
     return proc.returncode == 0 and bool(lines) and lines[-1] == PASSED
+
+
+def passes_all(cases: list[tuple[str, str, str, str]], workers: int = 4) -> list[bool]:
+    """`passes` of each (prompt, completion, test, entry_point), a few subprocesses at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(lambda case: passes(*case), cases))

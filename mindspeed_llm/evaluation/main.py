@@ -133,25 +133,40 @@ def _choice_records(engine, args, items: list[ChoiceItem], prompts: list[list[in
 def _generation_records(engine, args, task: str, items: list[GenerationItem], prompts: list[list[int]],
                         progress) -> list[dict]:
     from mindspeed_llm.evaluation.gen_tasks import last_number
-    from mindspeed_llm.evaluation.humaneval import passes, truncate
+    from mindspeed_llm.evaluation.humaneval import truncate
     from mindspeed_llm.evaluation.more_tasks import bbh_answer
     from mindspeed_llm.evaluation.scoring import generate_greedy
-    from mindspeed_llm.inference import comm
 
     texts = [engine.decode(out) for out in generate_greedy(engine, prompts, args.evaluation_batch_size, progress)]
     if task == "human_eval":
         preds = [truncate(t) for t in texts]
-        # the generated programs run once, on rank 0, each in its own subprocess; the verdicts are shared
-        verdicts = comm.broadcast_object(
-            [passes(i.prompt, p, i.extra["test"], i.extra["entry_point"]) for i, p in zip(items, preds)]
-            if comm.world_rank() == 0 else None)
-        correct = list(verdicts)
+        correct = _run_tests(items, preds)
     else:
         preds = [bbh_answer(t, i.extra["cot"]) if task == "bbh" else last_number(t) for i, t in zip(items, texts)]
         correct = [p == i.answer for i, p in zip(items, preds)]
     return [{"subject": i.subject, "index": i.index, "prompt_tokens": len(ids), "output": t, "prediction": p,
              "answer": i.answer, "correct": c, **({"task_id": i.extra["task_id"]} if task == "human_eval" else {})}
             for i, ids, t, p, c in zip(items, prompts, texts, preds, correct)]
+
+
+def _run_tests(items: list[GenerationItem], completions: list[str]) -> list[bool]:
+    """HumanEval verdicts: every rank runs the programs of its share of the items (each in its own subprocess),
+    so no rank waits in a collective for the whole run; the verdicts are gathered on all ranks."""
+    import torch.distributed as dist
+
+    from mindspeed_llm.evaluation.humaneval import passes_all
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    mine = list(range(rank, len(items), world))
+    verdicts = dict(zip(mine, passes_all([(items[n].prompt, completions[n], items[n].extra["test"],
+                                           items[n].extra["entry_point"]) for n in mine])))
+    if world > 1:
+        parts: list[dict] = [{} for _ in range(world)]
+        dist.all_gather_object(parts, verdicts)
+        for part in parts:
+            verdicts.update(part)
+    return [verdicts[n] for n in range(len(items))]
 
 
 def _capture(fn):
