@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Optional
 
 from mindspeed_llm.errors import UserError
 
-TOOLS = ("train", "inference", "preprocess", "convert")
+TOOLS = ("train", "inference", "preprocess", "convert", "evaluation")
 
 # --- implemented: read by the code ------------------------------------------------------------------------------
 _MODEL = {
@@ -53,6 +53,11 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "task", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "num_beams", "length_penalty",
         "use_kv_cache", "hf_chat_template", "history_turns", "input_file", "output_file", "inference_batch_size",
         "truncate_prompt",
+    }),
+    "evaluation": frozenset(_MODEL | {
+        "task", "task_data_path", "evaluation_batch_size", "max_eval_samples", "no_chat_template", "eval_language",
+        "chain_of_thought", "max_new_tokens", "results_file", "use_kv_cache", "truncate_prompt",
+        "hf_chat_template",
     }),
     "preprocess": frozenset({
         "input", "handler_name", "json_keys", "map_keys", "pack", "neat_pack", "prompt_type", "prompt_type_path",
@@ -139,6 +144,18 @@ NOTICE: dict[str, dict[str, str]] = {
                 "save_layer_by_layer": "conversion always streams layer by layer"},
 }
 
+# evaluation.py loads and runs the model as inference.py does: the same no-effect flags, plus its own
+_EVAL_AS_INFERENCE = ("swiglu", "disable_bias_linear", "hidden_dropout", "attention_dropout", "init_method_std",
+                      "sequence_parallel", "use_distributed_optimizer", "no_load_optim", "no_load_rng", "finetune",
+                      "exit_on_missing_checkpoint", "max_length", "add_eos_token", "transformer_impl")
+NOTICE["evaluation"] = {
+    **SPEED, **_COMMON_NOTICE, **{k: NOTICE["inference"][k] for k in _EVAL_AS_INFERENCE},
+    "micro_batch_size": "--evaluation-batch-size sets how many prompts run together",
+    "global_batch_size": "--evaluation-batch-size sets how many prompts run together",
+    "broadcast": "items are shared out over data-parallel replicas and the results gathered on every rank",
+    "norm_topk_prob": "dense models have no MoE router",
+}
+
 # --- error: only the default is honoured (why) ------------------------------------------------------------------
 _ERROR_COMMON = {
     "rotary_percent": "partial rotary embeddings are not implemented; only 1.0",
@@ -169,6 +186,11 @@ ERROR: dict[str, dict[str, str]] = {
     "preprocess": {},
     "convert": {"target_expert_parallel_size": "dense models only; use 1",
                 "make_vocab_size_divisible_by": "the vocabulary keeps the HF checkpoint's rows; use 1"},
+}
+ERROR["evaluation"] = {
+    **ERROR["inference"],
+    "alternative_prompt": "HumanEval runs its standard completion prompt only",
+    "origin_postprocess": "answers are read as the benchmark defines (option label, last number)",
 }
 
 

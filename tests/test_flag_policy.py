@@ -10,16 +10,20 @@ from mindspeed_llm import flag_policy
 from mindspeed_llm.arguments import build_preprocess_parser, build_train_parser, parse_train_args
 from mindspeed_llm.checkpoint.cli import build_parser as build_convert_parser
 from mindspeed_llm.errors import UserError
+from mindspeed_llm.evaluation.args import build_parser as build_evaluation_parser
 from mindspeed_llm.inference.args import build_parser as build_inference_parser
 
 PKG = Path(flag_policy.__file__).resolve().parent
 PARSERS = {"train": build_train_parser, "inference": build_inference_parser,
-           "preprocess": build_preprocess_parser, "convert": build_convert_parser}
+           "preprocess": build_preprocess_parser, "convert": build_convert_parser,
+           "evaluation": build_evaluation_parser}
 # Where each tool's readers live: the code that runs for it.
 SCOPES = {"train": ("arguments.py", "training/", "models/", "checkpoint/", "data/", "tokenizer.py", "platform.py"),
           "inference": ("arguments.py", "inference/", "models/", "tokenizer.py", "platform.py", "data/templates.py"),
           "preprocess": ("arguments.py", "data/", "tokenizer.py"),
-          "convert": ("checkpoint/", "models/")}
+          "convert": ("checkpoint/", "models/"),
+          "evaluation": ("arguments.py", "evaluation/", "inference/", "models/", "tokenizer.py", "platform.py",
+                         "data/templates.py")}
 
 
 def _sources(tool: str) -> str:

@@ -106,4 +106,5 @@ def setup(args: argparse.Namespace) -> Engine:
                   broadcast=comm.ReplicaBroadcast(), generator=torch.Generator().manual_seed(args.seed),
                   max_positions=args.seq_length or cfg.max_position_embeddings, pad_id=int(pad_id),
                   use_cache=args.use_kv_cache, max_new_tokens=args.max_new_tokens, truncate=args.truncate_prompt,
-                  limit_flag="--seq-length" if args.seq_length else "--max-position-embeddings")
+                  limit_flag=getattr(args, "limit_flag", None) or ("--seq-length" if args.seq_length else
+                                                                   "--max-position-embeddings"))

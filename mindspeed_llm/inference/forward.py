@@ -39,6 +39,8 @@ class StageForward:
     `__call__(tokens, cache)` feeds tokens [b, s] (the window after `cache.offset`, or the whole prefix when
     `cache` is None); the last stage returns logits of the window's last position [b, V] (full vocabulary:
     the output layer gathers the TP shards), other stages return None after sending their activations on.
+    `last` [b] picks another position per row instead (right-padded rows of different lengths: causal
+    attention keeps each row's logits at its own last token exact).
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -49,7 +51,8 @@ class StageForward:
         self.last = comm.is_last_stage()
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, cache: Optional[KVCache] = None) -> Optional[torch.Tensor]:
+    def __call__(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
+                 last: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         batch, seq = tokens.shape
         start = cache.offset if cache is not None else 0
         if not self.first:
@@ -65,4 +68,6 @@ class StageForward:
         if not self.last:
             comm.send_to_next(out)
             return None
+        if last is not None:
+            return out[torch.arange(batch, device=out.device), last.to(out.device)].float()
         return out[:, -1, :].float()

@@ -1,0 +1,1 @@
+"""`evaluation.py`: benchmark accuracy of a Megatron checkpoint (MindSpeed-LLM's evaluation entry)."""
