@@ -3,6 +3,7 @@
 # here. About 8-11 minutes on 2 CPU cores (gloo); on a GPU (NPU) machine the same commands run on CUDA/NCCL
 # (Ascend/HCCL), one process per device: TP=1 on one device, TP=2 on two or more (the model has 2 KV heads).
 #   tiny HF model + demo data -> preprocess -> convert HF->Megatron at that TP -> held-out accuracy before
+#   (inference.py answers, and evaluation.py on the same tasks in BIG-Bench-Hard's layout)
 #   -> fine-tune -> held-out accuracy after -> convert back to HF -> LoRA on the fine-tuned model -> held-out
 #   accuracy with the adapters -> merged HF weights and a PEFT adapter
 set -euo pipefail
@@ -33,7 +34,7 @@ python tools/make_demo_data.py --out "${DATA}/raw"
 
 echo "== 2. preprocess: alpaca records, qwen3 template -> Megatron indexed dataset"
 python preprocess_data.py \
-    --input "${DATA}/raw/alpaca_train.jsonl" \
+    --input "${DATA}/raw/alpaca_train.jsonl,${DATA}/raw/alpaca_bbh_train.jsonl" \
     --tokenizer-name-or-path "${HF_DIR}" \
     --output-prefix "${DATA}/alpaca" \
     --handler-name AlpacaStyleInstructionHandler \
@@ -55,10 +56,18 @@ GENERATE_ARGS=(
     --prompt-type qwen3 --seq-length ${SEQ_LENGTH} --max-new-tokens 16
     --input-file "${DATA}/raw/prompts_test.jsonl" --distributed-backend nccl
 )
-echo "== 4. held-out answers before fine-tuning"
+# evaluation.py on the held-out tasks written in BIG-Bench-Hard's layout (exact match of the greedy answer)
+EVAL_ARGS=(
+    --tokenizer-name-or-path "${HF_DIR}" --tensor-model-parallel-size ${TP} --prompt-type qwen3
+    --seq-length ${SEQ_LENGTH} --max-new-tokens 16 --task bbh --task-data-path "${DATA}/raw/bbh"
+    --distributed-backend nccl
+)
+echo "== 4. held-out answers before fine-tuning (inference.py, then evaluation.py)"
 torchrun --nproc_per_node ${NPROC} --master_port ${MASTER_PORT} inference.py --load "${MG_DIR}" \
     "${GENERATE_ARGS[@]}" --output-file "${WORK}/answers_before.jsonl"
 python tools/score_demo.py "${WORK}/answers_before.jsonl" --label "held-out accuracy before"
+torchrun --nproc_per_node ${NPROC} --master_port ${MASTER_PORT} evaluation.py --load "${MG_DIR}" \
+    "${EVAL_ARGS[@]}" --results-file "${WORK}/eval_before.json"
 
 # The model, parallel layout, data and schedule flags of both fine-tuning runs (step 5 and step 8).
 TRAIN_ARGS=(
@@ -88,6 +97,8 @@ torchrun --nproc_per_node ${NPROC} --master_port ${MASTER_PORT} posttrain_gpt.py
 echo "== 6. held-out answers after fine-tuning"
 torchrun --nproc_per_node ${NPROC} --master_port ${MASTER_PORT} inference.py --load "${SFT_DIR}" \
     "${GENERATE_ARGS[@]}" --output-file "${WORK}/answers_after.jsonl"
+torchrun --nproc_per_node ${NPROC} --master_port ${MASTER_PORT} evaluation.py --load "${SFT_DIR}" \
+    "${EVAL_ARGS[@]}" --results-file "${WORK}/eval_after.json"
 python tools/score_demo.py "${WORK}/answers_before.jsonl" --label "held-out accuracy before"
 python tools/score_demo.py "${WORK}/answers_after.jsonl" --label "held-out accuracy after "
 head -n 3 "${WORK}/answers_after.jsonl" | python -c "
@@ -111,6 +122,8 @@ torchrun --nproc_per_node ${NPROC} --master_port ${MASTER_PORT} inference.py --l
     --lora-load "${LORA_DIR}" "${GENERATE_ARGS[@]}" --output-file "${WORK}/answers_lora.jsonl"
 python tools/score_demo.py "${WORK}/answers_after.jsonl" --label "held-out accuracy after fine-tuning"
 python tools/score_demo.py "${WORK}/answers_lora.jsonl" --label "held-out accuracy after LoRA     "
+torchrun --nproc_per_node ${NPROC} --master_port ${MASTER_PORT} evaluation.py --load "${SFT_DIR}" \
+    --lora-load "${LORA_DIR}" "${EVAL_ARGS[@]}" --results-file "${WORK}/eval_lora.json"
 
 echo "== 10. LoRA -> Hugging Face: merged weights, and the adapter alone for peft"
 python convert_ckpt.py --load-model-type mg --save-model-type hf --load-dir "${SFT_DIR}" --lora-load "${LORA_DIR}" \

@@ -70,8 +70,10 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_demo_data(out_dir: str | Path, n_train: int = 2000, n_test: int = 200, seed: int = 1234) -> dict[str, Path]:
-    """Write alpaca_{train,test}.jsonl, sharegpt_{train,test}.jsonl (2-3 turns each) and prompts_test.jsonl
-    (held-out requests for inference.py, with the expected answers) under `out_dir`."""
+    """Write alpaca_{train,test}.jsonl, sharegpt_{train,test}.jsonl (2-3 turns each), prompts_test.jsonl
+    (held-out requests for inference.py, with the expected answers) under `out_dir`; and the tasks in
+    BIG-Bench-Hard's layout for evaluation.py: bbh/demo_{task}.json (held out) and alpaca_bbh_train.jsonl (a
+    quarter of the training examples asked the way evaluation.py asks BBH questions)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     examples = list(generate_examples(n_train + n_test, seed))
@@ -93,7 +95,28 @@ def write_demo_data(out_dir: str | Path, n_train: int = 2000, n_test: int = 200,
     prompts = out / "prompts_test.jsonl"
     _write_jsonl(prompts, [to_prompt(ex) for ex in splits["test"]])
     paths["prompts_test"] = prompts
+    paths["alpaca_bbh_train"] = out / "alpaca_bbh_train.jsonl"
+    _write_jsonl(paths["alpaca_bbh_train"], [to_bbh_alpaca(ex) for ex in splits["train"][::4]])
+    paths["bbh"] = out / "bbh"
+    paths["bbh"].mkdir(exist_ok=True)
+    for task in TASKS:
+        examples = [{"input": bbh_input(ex), "target": ex["output"]} for ex in splits["test"] if ex["task"] == task]
+        tmp = paths["bbh"] / f"demo_{task}.json.tmp"
+        tmp.write_text(json.dumps({"examples": examples}, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(paths["bbh"] / f"demo_{task}.json")
     return paths
+
+
+def bbh_input(example: dict) -> str:
+    """The example as a BIG-Bench-Hard `input`: the instruction, then the argument."""
+    return f"{example['instruction']}\n{example['input']}"
+
+
+def to_bbh_alpaca(example: dict) -> dict:
+    """The example as evaluation.py asks a BBH question without chain of thought (`Q: input\nA:` as the user
+    turn, no system text), in Alpaca form."""
+    return {"instruction": f"Q: {example['instruction']}", "input": f"{example['input']}\nA:",
+            "output": example["output"]}
 
 
 def to_prompt(example: dict) -> dict:
