@@ -1,6 +1,6 @@
 #!/bin/bash
 # The whole pipeline on an embedded default: a tiny Qwen3-shaped model and the synthetic demo tasks, all made
-# here. About 8-11 minutes on 2 CPU cores (gloo); on a GPU (NPU) machine the same commands run on CUDA/NCCL
+# here. About 10-14 minutes on 2 CPU cores (gloo); on a GPU (NPU) machine the same commands run on CUDA/NCCL
 # (Ascend/HCCL), one process per device: TP=1 on one device, TP=2 on two or more (the model has 2 KV heads).
 #   tiny HF model + demo data -> preprocess -> convert HF->Megatron at that TP -> held-out accuracy before
 #   (inference.py answers, and evaluation.py on the same tasks in BIG-Bench-Hard's layout)
