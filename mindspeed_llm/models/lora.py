@@ -178,10 +178,12 @@ def add_lora(chunk: nn.Module, spec: LoraSpec, seed: int) -> nn.Module:
     if unknown:
         raise UserError(f"--lora-modules-to-save {' '.join(unknown)}: no such module in the model (e.g. "
                         f"word_embeddings, output_layer, final_layernorm)")
+    to_save = set(spec.modules_to_save)
+    if getattr(chunk, "share_embeddings_and_output_weights", False) and to_save & {"word_embeddings", "output_layer"}:
+        to_save |= {"word_embeddings", "output_layer"}   # tied: the last stage's copy must train with the first's
     for name, param in chunk.named_parameters():
         parts = name.split(".")
-        param.requires_grad = ".lora_A." in name or ".lora_B." in name or any(
-            m in parts for m in spec.modules_to_save)
+        param.requires_grad = ".lora_A." in name or ".lora_B." in name or any(m in parts for m in to_save)
     if getattr(chunk, "pre_process", False) and hasattr(chunk, "embedding"):
         chunk.embedding.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True)
                                               if torch.is_grad_enabled() and not out.requires_grad else out)
