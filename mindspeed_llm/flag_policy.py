@@ -47,7 +47,8 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "tokenizer_padding_side", "data_cache_path", "num_workers", "handler_name", "log_interval",
         "log_throughput", "eval_interval", "eval_iters", "tensorboard_dir", "tokenizer_type", "transformer_impl",
         "use_legacy_models", "check_for_nan_in_loss_and_grad", "lora_dropout", "lora_modules_to_save",
-        "lora_ckpt_filter",
+        "lora_ckpt_filter", "dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "pref_ftx", "ref_model",
+        "refer_model_iter",
     }),
     "inference": frozenset(_MODEL | {
         "task", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "num_beams", "length_penalty",
