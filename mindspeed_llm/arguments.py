@@ -315,7 +315,8 @@ SPEED_FLAGS = ("use-flash-attn", "use-fused-rmsnorm", "use-fused-swiglu", "use-f
                "use-fused-ring-attention-update", "overlap-grad-reduce", "overlap-param-gather",
                "use-cpu-initialization", "no-bias-swiglu-fusion", "no-bias-dropout-fusion", "no-rope-fusion",
                "use-deter-comp", "reuse-fp32-param", "use-mc2", "no-async-tensor-model-parallel-allreduce",
-               "use-fused-moe-token-permute-and-unpermute", "no-create-attention-mask-in-dataloader")
+               "use-fused-moe-token-permute-and-unpermute", "no-create-attention-mask-in-dataloader",
+               "npu-deterministic", "use-cp-send-recv-overlap")
 SPEED_VALUE_FLAGS = ("attention-mask-type", "coc-mode", "coc-parallel-num", "shape-order")
 
 

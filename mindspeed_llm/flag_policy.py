@@ -100,6 +100,8 @@ SPEED: dict[str, str] = {
     "use_ascend_mc2": _ASCEND, "use_ascend_coc": _ASCEND, "coc_fused_kernel": _ASCEND, "coc_mode": _ASCEND,
     "coc_parallel_num": _ASCEND, "use_mc2": _ASCEND, "shape_order": _ASCEND,
     "use_fused_ring_attention_update": "ring attention (context parallelism) is not used; CP is 1",
+    "use_cp_send_recv_overlap": "context parallelism is not used; CP is 1",
+    "npu_deterministic": "an Ascend determinism switch; on {device} use --seed (kernels follow torch defaults)",
     "use_fused_moe_token_permute_and_unpermute": "dense models have no MoE token permutation",
     "attention_mask_type": "the mask follows the data: causal, or per sample with --reset-attention-mask",
 }

@@ -4,7 +4,7 @@
   the transformers model over the same pairs (fp32). Gradients are read from a plain SGD step (lr 1000, no
   momentum, decay or clipping): (w0 - w1) / lr, compared with the transformers gradients carried through the
   project's HF -> Megatron converter.
-* TP2 (+SP), PP2 (fixed and dynamic padding) and DP2 losses and metrics equal TP1 for 3 steps.
+* TP2 (+SP), PP2 (fixed and dynamic padding, and interleaved) and DP2 losses and metrics equal TP1 for 3 steps.
 * A resumed run (reference recorded in its checkpoint) continues exactly.
 Data: pairwise records written here, preprocessed with preprocess_data.py (AlpacaStylePairwiseHandler).
 """
@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import run_cli, run_torchrun
+from tests.conftest import REPO, run_cli, run_torchrun
 from tests.train_fixtures import model_flags, train_flags
 
 SEQ = 64
@@ -37,7 +38,7 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
 @pytest.fixture(scope="module")
 def dpo_env(tmp_path_factory, tiny_qwen3) -> dict:
     """Pairwise data; the tiny model (policy start) and a perturbed copy (reference), both converted to
-    TP1PP1, TP2PP1 and TP1PP2."""
+    TP1PP1, TP2PP1, TP1PP2 and TP1PP2 with 2 virtual stages per rank."""
     from transformers import AutoModelForCausalLM
 
     from mindspeed_llm.checkpoint.hf2mg import Hf2MgOptions, convert_hf_to_mg
@@ -60,10 +61,11 @@ def dpo_env(tmp_path_factory, tiny_qwen3) -> dict:
             "--prompt-type", "qwen3")
     ckpt = {}
     for name, src in (("base", tiny_qwen3), ("ref", root / "hf_ref")):
-        for tp, pp in ((1, 1), (2, 1), (1, 2)):
-            ckpt[(name, tp, pp)] = root / f"mg_{name}_tp{tp}pp{pp}"
-            convert_hf_to_mg(Hf2MgOptions(load_dir=Path(src), save_dir=ckpt[(name, tp, pp)], tp=tp, pp=pp),
-                             log=lambda m: None)
+        for tp, pp, vpp in ((1, 1, None), (2, 1, None), (1, 2, None), (1, 2, 1)):
+            key = (name, tp, pp) if vpp is None else (name, "vpp")
+            ckpt[key] = root / f"mg_{name}_tp{tp}pp{pp}{'_vpp' if vpp else ''}"
+            convert_hf_to_mg(Hf2MgOptions(load_dir=Path(src), save_dir=ckpt[key], tp=tp, pp=pp,
+                                          layers_per_vpp_stage=vpp), log=lambda m: None)
     return {"root": root, "hf": tiny_qwen3, "hf_ref": root / "hf_ref", "data": str(root / "data" / "pairs"),
             "ckpt": ckpt}
 
@@ -100,6 +102,12 @@ def single(dpo_env) -> dict:
     plan = [{"name": name, "argv": sgd_step(env, kind, ls, ftx, root / f"sgd_{name}")}
             for name, kind, ls, ftx in LOSS_CASES]
     plan.append({"name": "tp1", "argv": dpo_flags(env, 3)})
+    # The converted reference's iteration named explicitly: the same reference as the tracker's.
+    plan.append({"name": "refer_iter",
+                 "argv": dpo_flags(env, 1) + ["--refer-model-iter", "1", "--lr-warmup-iters", "0"]})
+    # Evaluation on a held-out split runs the reference and the DPO loss forward-only.
+    evaluated = dpo_flags(env, 2) + ["--split", "90,10,0", "--eval-interval", "1", "--eval-iters", "1"]
+    plan.append({"name": "eval", "argv": evaluated})
     base = dpo_flags(env, 4, ref=False)
     first = base
     again = [a for a in base if a != "--finetune"]
@@ -115,7 +123,7 @@ def single(dpo_env) -> dict:
 @pytest.fixture(scope="module")
 def double(dpo_env) -> dict:
     """Two processes: TP2 with sequence parallelism, PP2 with fixed and dynamic padding, DP2 (distributed
-    optimizer)."""
+    optimizer), interleaved PP2, and MindSpeed-LLM's recipe."""
     env = dpo_env
     plan = [
         {"name": "tp2", "argv": dpo_flags(env, 3, tp=2) + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]},
@@ -123,8 +131,47 @@ def double(dpo_env) -> dict:
         {"name": "pp2_dynamic", "argv": dpo_flags(env, 3, pp=2) + ["--pipeline-model-parallel-size", "2",
                                                                    "--no-pad-to-seq-lengths"]},
         {"name": "dp2", "argv": dpo_flags(env, 3) + ["--use-distributed-optimizer"]},
+        {"name": "vpp2", "argv": vpp_flags(env)},
     ]
+    recipe = mindspeed_recipe(env)
+    if recipe is not None:
+        plan.append({"name": "recipe", "argv": recipe})
     return launch(env, "dpo_double", plan, nproc=2)
+
+
+def vpp_flags(env: dict) -> list[str]:
+    """PP2 with the interleaved schedule (one layer per virtual stage), policy and reference."""
+    argv = dpo_flags(env, 3, pp=2) + ["--pipeline-model-parallel-size", "2",
+                                      "--num-layers-per-virtual-pipeline-stage", "1"]
+    argv[argv.index("--load") + 1] = str(env["ckpt"][("base", "vpp")])
+    argv[argv.index("--ref-model") + 1] = str(env["ckpt"][("ref", "vpp")])
+    return argv
+
+
+MOE_FLAGS = re.compile(r"^--(moe-.*|num-experts|first-k-dense-replace|norm-topk-prob)$")
+
+
+def mindspeed_recipe(env: dict) -> list[str] | None:
+    """MindSpeed-LLM's published DPO recipe (qwen3_moe/dpo_*) without its MoE flags, shapes and sizes edited for
+    the tiny model (2 iterations at DP2); None when the reference list is absent."""
+    from tests.recipes import REFERENCE, edit
+
+    if not REFERENCE.is_file():
+        return None
+    found = re.search(r"^## qwen3_moe/dpo_\S+\n`torchrun posttrain_gpt.py` \(\d+ flags\)\n```\n(.*?)```",
+                      REFERENCE.read_text(), re.M | re.S)
+    if found is None:
+        return None
+    flags: list[list[str]] = []
+    for tok in found.group(1).split():
+        if tok.startswith("--"):
+            flags.append([tok])
+        else:
+            flags[-1].append(tok)
+    flags = [f for f in flags if not MOE_FLAGS.match(f[0])]
+    paths = {"--tokenizer-name-or-path": str(env["hf"]), "--data-path": env["data"],
+             "--load": str(env["ckpt"][("base", 1, 1)]), "--save": str(env["root"] / "recipe_save")}
+    return edit(flags, paths, {"--seq-length": str(SEQ)})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,7 +287,7 @@ def test_rewards_are_not_trivial(single):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["tp2", "pp2", "pp2_dynamic", "dp2"])
+@pytest.mark.parametrize("name", ["tp2", "pp2", "pp2_dynamic", "dp2", "vpp2"])
 def test_parallel_equals_single_process(single, double, name):
     want, got = single["tp1"], double[name]
     assert len(got["losses"]) == len(want["losses"]) == 3
@@ -250,6 +297,28 @@ def test_parallel_equals_single_process(single, double, name):
     for gm, wm in zip(got["metrics"], want["metrics"]):
         for key in METRICS:
             assert abs(gm[key] - wm[key]) <= 1e-5 * max(abs(wm[key]), 1e-2), (name, key, gm[key], wm[key])
+
+
+@pytest.mark.distributed
+def test_evaluation_runs(single):
+    assert single["eval"]["iteration"] == 2 and all(math.isfinite(x) for x in single["eval"]["losses"])
+
+
+@pytest.mark.distributed
+def test_refer_model_iter_selects_the_reference(single):
+    assert single["refer_iter"]["losses"] == single["tp1"]["losses"][:1]
+    assert single["refer_iter"]["metrics"][:1] == single["tp1"]["metrics"][:1]
+
+
+@pytest.mark.distributed
+def test_mindspeed_recipe_trains(dpo_env, double):
+    """The published DPO recipe's flags (bf16, distributed optimizer, full recompute, dynamic padding) train."""
+    if "recipe" not in double:
+        pytest.skip("the MindSpeed-LLM recipe list (shared/reference/mindspeed_qwen3_recipes.md) is absent")
+    out = double["recipe"]
+    assert out["iteration"] == 2 and all(math.isfinite(x) for x in out["losses"])
+    assert set(out["metrics"][0]) == set(METRICS)
+    assert (dpo_env["root"] / "recipe_save" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
 
 
 @pytest.mark.distributed
@@ -264,6 +333,19 @@ def test_resume_is_exact(dpo_env, single):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_example_recipe_parses(tmp_path):
+    from mindspeed_llm.arguments import parse_train_args
+    from tests.test_train_cli import recipe_argv
+
+    argv = recipe_argv(REPO / "examples" / "mcore" / "qwen3" / "dpo_qwen3_8b_4K_full_ptd.sh", tmp_path)
+    load = argv.index("--load") + 1
+    argv[load] = str(tmp_path / argv[load])
+    Path(argv[load]).mkdir(parents=True, exist_ok=True)
+    args = parse_train_args(argv)
+    assert (args.stage, args.is_pairwise_dataset, args.dpo_loss_type, args.dpo_beta) == ("dpo", True, "sigmoid", 0.1)
+    assert args.ref_model is None and args.bf16 and args.use_distributed_optimizer
 
 
 def test_flag_errors(dpo_env):

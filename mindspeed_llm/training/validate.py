@@ -37,7 +37,7 @@ def validate_train_args(args: argparse.Namespace) -> None:
     if not args.data_path:
         raise UserError("--data-path is required (the --output-prefix given to preprocess_data.py)")
     args.data_path = args.data_path[0]      # MindSpeed uses only the first prefix for instruction data
-    if not args.is_instruction_dataset:
+    if not args.is_instruction_dataset and not args.is_pairwise_dataset:
         raise UserError("--is-instruction-dataset is required: posttrain_gpt.py trains on preprocessed "
                         "instruction data (pretraining datasets are not implemented)")
     if os.path.isfile(args.data_path) or os.path.isdir(args.data_path):
