@@ -335,6 +335,25 @@ def test_resume_is_exact(dpo_env, single):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.distributed
+def test_reference_source(dpo_env, single):
+    """Where the reference comes from: the recorded start of a DPO save, --load for anything else, and
+    --ref-model / --refer-model-iter when given."""
+    from argparse import Namespace
+
+    from mindspeed_llm.training.dpo import reference_source
+
+    base = str(dpo_env["ckpt"][("base", 1, 1)])
+    dpo_save = str(dpo_env["root"] / "resume_b")
+    args = Namespace(ref_model=None, refer_model_iter=None, load=dpo_save)
+    assert reference_source(args, resume=True)[:2] == (base, 1)
+    assert reference_source(args, resume=False)[:2] == (dpo_save, None)
+    args.load = base                                  # a converted checkpoint records no DPO reference
+    assert reference_source(args, resume=True)[:2] == (base, None)
+    args.ref_model, args.refer_model_iter = "/elsewhere", 3
+    assert reference_source(args, resume=True) == ("/elsewhere", 3, "--ref-model")
+
+
 def test_example_recipe_parses(tmp_path):
     from mindspeed_llm.arguments import parse_train_args
     from tests.test_train_cli import recipe_argv

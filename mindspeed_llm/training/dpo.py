@@ -170,26 +170,28 @@ class DPOObjective:
 # Reference model
 # ---------------------------------------------------------------------------------------------------------------
 
-def reference_source(args: argparse.Namespace, resume: bool) -> tuple[str, Optional[int]]:
-    """(directory, iteration or None for the tracker's) of the reference weights.
+def reference_source(args: argparse.Namespace, resume: bool) -> tuple[str, Optional[int | str], str]:
+    """(directory, iteration or None for the tracker's, where it came from) of the reference weights.
 
-    --ref-model wins; else a resumed run reuses the reference recorded in its checkpoint (its own --load holds
-    trained weights), and a new run uses its starting weights (--load)."""
+    --ref-model wins. A resumed DPO run reuses the reference recorded in its checkpoint (its own --load holds
+    trained weights); any other run starts from --load, which is then the reference."""
     if args.ref_model:
-        return args.ref_model, args.refer_model_iter
+        return args.ref_model, args.refer_model_iter, "--ref-model"
     if resume:
         from mindspeed_llm.checkpoint import layout
         from mindspeed_llm.training.model_setup import checkpoint_args
 
         saved, source = checkpoint_args(args.load)
-        recorded = layout.get(saved, "ref_model")
-        if not recorded:
-            raise UserError(f"--load {args.load}: resuming --stage dpo needs the reference model, which {source} "
-                            f"does not record; pass --ref-model (the checkpoint the run started from)")
-        iteration = args.refer_model_iter if args.refer_model_iter is not None else layout.get(saved,
-                                                                                              "refer_model_iter")
-        return recorded, iteration
-    return args.load, args.refer_model_iter
+        if layout.get(saved, "stage") == "dpo":
+            recorded = layout.get(saved, "ref_model")
+            if not recorded:
+                raise UserError(f"--load {args.load}: resuming --stage dpo needs the reference model, which {source} "
+                                f"does not record; pass --ref-model (the checkpoint the run started from)")
+            iteration = args.refer_model_iter
+            if iteration is None:
+                iteration = layout.get(saved, "refer_model_iter")
+            return recorded, iteration, f"the reference recorded in --load {args.load}"
+    return args.load, args.refer_model_iter, "--load"
 
 
 def build_reference(args: argparse.Namespace, cfg, resume: bool) -> list:
@@ -202,16 +204,17 @@ def build_reference(args: argparse.Namespace, cfg, resume: bool) -> list:
     from mindspeed_llm.training.checkpointing import rng_state, set_rng_state
     from mindspeed_llm.training.model_setup import build_chunks
 
-    directory, iteration = reference_source(args, resume)
+    directory, iteration, origin = reference_source(args, resume)
     if not directory:
         raise UserError("--stage dpo needs a reference model: pass --load (the starting checkpoint) or --ref-model")
     if not (Path(directory) / layout.TRACKER).is_file():
-        raise UserError(f"--ref-model {directory}: not a Megatron checkpoint (no {layout.TRACKER}); convert it "
-                        f"with convert_ckpt.py to this run's TP/PP layout")
+        raise UserError(f"reference model ({origin}) {directory}: not a Megatron checkpoint (no {layout.TRACKER}); "
+                        f"convert it with convert_ckpt.py to this run's TP/PP layout")
     if iteration is None:
         iteration = layout.read_tracker(Path(directory))
     if not (Path(directory) / layout.iter_dir_name(iteration)).is_dir():
-        raise UserError(f"--refer-model-iter {iteration}: {directory} has no {layout.iter_dir_name(iteration)}")
+        raise UserError(f"--refer-model-iter {iteration}: the reference checkpoint {directory} has no "
+                        f"{layout.iter_dir_name(iteration)}")
     # Building draws initial weights from the RNGs; restore them so the policy's random stream (dropout) is
     # the same as without a reference.
     saved_rng = rng_state()
@@ -222,7 +225,7 @@ def build_reference(args: argparse.Namespace, cfg, resume: bool) -> list:
         load_checkpoint(chunks, directory, expected=expected, strict=not args.load_checkpoint_loosely,
                         iteration=iteration)
     except ConversionError as exc:
-        raise UserError(f"--ref-model {directory}: {exc}") from None
+        raise UserError(f"reference model ({origin}) {directory}: {exc}") from None
     args.ref_model, args.refer_model_iter = str(directory), iteration
     wrapped = []
     for chunk in chunks:
