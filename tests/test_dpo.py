@@ -354,6 +354,29 @@ def test_reference_source(dpo_env, single):
     assert reference_source(args, resume=True) == ("/elsewhere", 3, "--ref-model")
 
 
+@pytest.mark.distributed
+def test_cli_log_line(dpo_env, single):
+    """posttrain_gpt.py itself: Megatron's log line with the DPO loss and metrics of the same run as `tp1`."""
+    proc = run_torchrun("posttrain_gpt.py", *dpo_flags(dpo_env, 3), "--train-iters", "1", "--lr-warmup-iters", "0",
+                        nproc=1)
+    line = next(ln for ln in proc.stdout.splitlines() if "iteration        1/" in ln)
+    want = single["tp1"]
+    assert f"| lm loss: {want['losses'][0]:.6E} |" in line, line
+    fields = re.findall(r" ([a-z/ ]+): ([-0-9.E+]+) \|", line)
+    names = [name.strip() for name, _ in fields]
+    start = names.index("lm loss")
+    assert names[start:start + 8] == ["lm loss", *METRICS, "loss scale"], names
+    for name, value in fields[start + 1:start + 7]:
+        assert f"{want['metrics'][0][name.strip()]:.6E}" == value, (name, value)
+
+
+def test_cli_error_is_one_line(dpo_env):
+    argv = [a for a in dpo_flags(dpo_env, 1) if a != "--is-pairwise-dataset"]
+    proc = run_cli("posttrain_gpt.py", *argv, check=False)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode == 2 and len(lines) == 1 and "--is-pairwise-dataset" in lines[0], proc.stderr[-2000:]
+
+
 def test_example_recipe_parses(tmp_path):
     from mindspeed_llm.arguments import parse_train_args
     from tests.test_train_cli import recipe_argv

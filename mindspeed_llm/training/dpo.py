@@ -58,7 +58,8 @@ def sequence_logps(per_token_nll: torch.Tensor, loss_mask: torch.Tensor) -> tupl
 
 
 def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                    ref_rejected: torch.Tensor, settings: DPOSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    ref_rejected: torch.Tensor,
+                    settings: DPOSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-pair loss, chosen rewards, rejected rewards) from per-pair sequence log-probs."""
     logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
     beta = settings.beta
