@@ -370,6 +370,22 @@ def test_cli_log_line(dpo_env, single):
         assert f"{want['metrics'][0][name.strip()]:.6E}" == value, (name, value)
 
 
+@pytest.mark.distributed
+@pytest.mark.shared_data
+def test_shared_dpo_pairs_train(dpo_env, shared_datasets):
+    """dpo_en_demo.json (ShareGPT pairs, answers longer than --seq-length): preprocessed by the CLI, cut with the
+    prompt shared, trained 2 iterations with dynamic padding."""
+    prefix = dpo_env["root"] / "shared" / "dpo_en"
+    run_cli("preprocess_data.py", "--input", str(shared_datasets / "dpo_en_demo.json"), "--tokenizer-name-or-path",
+            str(dpo_env["hf"]), "--output-prefix", str(prefix), "--handler-name", "SharegptStylePairwiseHandler",
+            "--prompt-type", "qwen3")
+    argv = dpo_flags(dpo_env, 2) + ["--no-pad-to-seq-lengths", "--seq-length", "256"]
+    argv[argv.index("--data-path") + 1] = str(prefix)
+    out = launch(dpo_env, "dpo_shared", [{"name": "shared", "argv": argv}], nproc=1)["shared"]
+    assert out["iteration"] == 2 and all(math.isfinite(x) and x > 0 for x in out["losses"])
+    assert all(m["logps/chosen"] < 0 and m["logps/rejected"] < 0 for m in out["metrics"])
+
+
 def test_cli_error_is_one_line(dpo_env):
     argv = [a for a in dpo_flags(dpo_env, 1) if a != "--is-pairwise-dataset"]
     proc = run_cli("posttrain_gpt.py", *argv, check=False)
