@@ -27,6 +27,8 @@ BETA = 0.1
 LR = 1000.0
 # (name, loss type, label smoothing, pref-ftx): together they cover every term of the loss.
 LOSS_CASES = [("sigmoid", "sigmoid", 0.1, 0.5), ("hinge", "hinge", 0.0, 0.0), ("ipo", "ipo", 0.0, 0.3)]
+LORA = ["--lora-target-modules", "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "--lora-r", "8",
+        "--lora-alpha", "16"]
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
 
@@ -105,6 +107,7 @@ def single(dpo_env) -> dict:
     # The converted reference's iteration named explicitly: the same reference as the tracker's.
     plan.append({"name": "refer_iter",
                  "argv": dpo_flags(env, 1) + ["--refer-model-iter", "1", "--lr-warmup-iters", "0"]})
+    plan.append({"name": "lora_tp1", "argv": dpo_flags(env, 3) + LORA + ["--save", str(root / "lora_tp1")]})
     # Evaluation on a held-out split runs the reference and the DPO loss forward-only.
     evaluated = dpo_flags(env, 2) + ["--split", "90,10,0", "--eval-interval", "1", "--eval-iters", "1"]
     plan.append({"name": "eval", "argv": evaluated})
@@ -132,6 +135,8 @@ def double(dpo_env) -> dict:
                                                                    "--no-pad-to-seq-lengths"]},
         {"name": "dp2", "argv": dpo_flags(env, 3) + ["--use-distributed-optimizer"]},
         {"name": "vpp2", "argv": vpp_flags(env)},
+        {"name": "lora_tp2", "argv": dpo_flags(env, 3, tp=2) + LORA + ["--tensor-model-parallel-size", "2",
+                                                                        "--sequence-parallel"]},
     ]
     recipe = mindspeed_recipe(env)
     if recipe is not None:
@@ -300,6 +305,24 @@ def test_parallel_equals_single_process(single, double, name):
 
 
 @pytest.mark.distributed
+def test_lora(dpo_env, single, double):
+    """LoRA DPO: adapters start at B = 0, so the first step equals full-parameter DPO; the base stays frozen
+    (the reference is the base without adapters); TP2 with sequence parallelism trains alike."""
+    lora, full = single["lora_tp1"], single["tp1"]
+    assert rel(lora["losses"][0], full["losses"][0]) < 1e-6 and lora["losses"][1:] != full["losses"][1:]
+    for key in METRICS:
+        assert abs(lora["metrics"][0][key] - full["metrics"][0][key]) <= 1e-6 * max(abs(full["metrics"][0][key]), 1e-2)
+    for g, w in zip(double["lora_tp2"]["losses"], lora["losses"]):
+        assert rel(g, w) < 1e-5, (double["lora_tp2"]["losses"], lora["losses"])
+    base = megatron_weights(dpo_env["ckpt"][("base", 1, 1)], 1)
+    saved = megatron_weights(dpo_env["root"] / "lora_tp1", 3)
+    frozen = {k.replace(".base_layer", ""): v for k, v in saved.items() if "lora_" not in k}
+    assert frozen.keys() == base.keys() and any("lora_B" in k for k in saved)
+    for k, v in base.items():
+        assert torch.equal(frozen[k], v), k
+
+
+@pytest.mark.distributed
 def test_evaluation_runs(single):
     assert single["eval"]["iteration"] == 2 and all(math.isfinite(x) for x in single["eval"]["losses"])
 
@@ -421,7 +444,5 @@ def test_flag_errors(dpo_env):
         parse_train_args(argv + ["--dpo-loss-type", "hinge", "--dpo-label-smoothing", "0.1"])
     with pytest.raises(UserError, match="--ref-model"):
         parse_train_args(argv + ["--ref-model", str(dpo_env["root"] / "missing")])
-    with pytest.raises(UserError, match="full-parameter"):
-        parse_train_args(argv + ["--lora-target-modules", "linear_qkv"])
     args = parse_train_args(argv + ["--dpo-loss-type", "ipo", "--pref-ftx", "0.2"])
     assert (args.stage, args.dpo_loss_type, args.pref_ftx, args.dpo_beta) == ("dpo", "ipo", 0.2, BETA)

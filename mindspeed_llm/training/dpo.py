@@ -8,7 +8,8 @@ TP), so a sequence's log-probability is minus its sum over the trained (answer) 
 those tokens instead, as LLaMA-Factory and TRL do; `--pref-ftx` adds `pref_ftx` x the token-mean NLL of the
 chosen answer.
 
-Reference. A frozen copy of the model, loaded from `--ref-model` (default: the weights the run starts from),
+Reference. A frozen copy of the model, loaded from `--ref-model` (default: the weights the run starts from;
+with LoRA the base model of --load, without adapters),
 runs forward-only over the iteration's micro-batches before the training pass (through the same pipeline
 schedule, so TP and PP need nothing extra); its log-probabilities are attached to each micro-batch on the last
 pipeline stage, where the loss is computed. It runs in eval mode without gradients.
@@ -219,7 +220,7 @@ def build_reference(args: argparse.Namespace, cfg, resume: bool) -> list:
     # Building draws initial weights from the RNGs; restore them so the policy's random stream (dropout) is
     # the same as without a reference.
     saved_rng = rng_state()
-    chunks = build_chunks(args, cfg)
+    chunks = build_chunks(args, cfg, lora=False)
     set_rng_state(saved_rng)
     expected = {key: getattr(args, key, None) for key in MODEL_ARG_KEYS}
     try:

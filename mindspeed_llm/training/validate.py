@@ -93,7 +93,7 @@ def validate_train_args(args: argparse.Namespace) -> None:
 
 
 def validate_dpo_args(args: argparse.Namespace) -> None:
-    """`--stage dpo`: full-parameter preference training on unpacked pairwise data."""
+    """`--stage dpo`: preference training (full-parameter or LoRA) on unpacked pairwise data."""
     if not args.is_pairwise_dataset:
         raise UserError("--stage dpo needs --is-pairwise-dataset (data from preprocess_data.py --handler-name "
                         "AlpacaStylePairwiseHandler or SharegptStylePairwiseHandler)")
@@ -103,8 +103,6 @@ def validate_dpo_args(args: argparse.Namespace) -> None:
         raise UserError(f"--dpo-label-smoothing {args.dpo_label_smoothing} must be between 0 and 0.5")
     if args.dpo_label_smoothing and args.dpo_loss_type != "sigmoid":
         raise UserError(f"--dpo-label-smoothing applies to --dpo-loss-type sigmoid, not {args.dpo_loss_type}")
-    if lora.spec_from_args(args) is not None or args.lora_load:
-        raise UserError("--lora-target-modules with --stage dpo: only full-parameter DPO is implemented")
     if args.reset_attention_mask or args.pack or args.neat_pack:
         raise UserError("--reset-attention-mask/--pack with --stage dpo: pairwise data is not packed; drop the flag")
     if args.calculate_per_token_loss:
