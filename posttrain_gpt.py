@@ -1,4 +1,4 @@
-"""Supervised fine-tuning on megatron-core: `torchrun --nproc_per_node N posttrain_gpt.py <Megatron flags>`."""
+"""Fine-tuning on megatron-core (--stage sft, or dpo on pairwise data): `torchrun --nproc_per_node N posttrain_gpt.py <Megatron flags>`."""
 from mindspeed_llm.logs import run_main
 
 

@@ -225,6 +225,21 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-train", action="store_true")
 
 
+def add_preference_args(parser: argparse.ArgumentParser) -> None:
+    """MindSpeed-LLM's DPO flags (`--stage dpo`, `training.dpo`)."""
+    g = parser.add_argument_group("preference training (--stage dpo)")
+    g.add_argument("--dpo-beta", type=float, default=0.1, help="beta of the DPO loss (strength of the KL term)")
+    g.add_argument("--dpo-loss-type", default="sigmoid", choices=["sigmoid", "hinge", "ipo"])
+    g.add_argument("--dpo-label-smoothing", type=float, default=0.0,
+                   help="robust (cDPO) label smoothing of the sigmoid loss, 0 to 0.5")
+    g.add_argument("--pref-ftx", type=float, default=0.0,
+                   help="weight of an SFT term (token-mean NLL of the chosen answer) added to the DPO loss")
+    g.add_argument("--ref-model", default=None,
+                   help="Megatron checkpoint of the reference model (default: the weights the run starts from)")
+    g.add_argument("--refer-model-iter", type=int, default=None,
+                   help="load this iteration of the reference checkpoint (default: its tracker's)")
+
+
 def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("optimizer and learning rate")
     g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
@@ -300,7 +315,8 @@ SPEED_FLAGS = ("use-flash-attn", "use-fused-rmsnorm", "use-fused-swiglu", "use-f
                "use-fused-ring-attention-update", "overlap-grad-reduce", "overlap-param-gather",
                "use-cpu-initialization", "no-bias-swiglu-fusion", "no-bias-dropout-fusion", "no-rope-fusion",
                "use-deter-comp", "reuse-fp32-param", "use-mc2", "no-async-tensor-model-parallel-allreduce",
-               "use-fused-moe-token-permute-and-unpermute", "no-create-attention-mask-in-dataloader")
+               "use-fused-moe-token-permute-and-unpermute", "no-create-attention-mask-in-dataloader",
+               "npu-deterministic", "use-cp-send-recv-overlap")
 SPEED_VALUE_FLAGS = ("attention-mask-type", "coc-mode", "coc-parallel-num", "shape-order")
 
 
@@ -353,6 +369,7 @@ def build_train_parser() -> FlagParser:
     add_checkpoint_args(p)
     add_training_args(p)
     add_optimizer_args(p)
+    add_preference_args(p)
     add_data_args(p)
     add_logging_args(p)
     add_speed_args(p)

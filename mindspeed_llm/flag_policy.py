@@ -47,7 +47,8 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "tokenizer_padding_side", "data_cache_path", "num_workers", "handler_name", "log_interval",
         "log_throughput", "eval_interval", "eval_iters", "tensorboard_dir", "tokenizer_type", "transformer_impl",
         "use_legacy_models", "check_for_nan_in_loss_and_grad", "lora_dropout", "lora_modules_to_save",
-        "lora_ckpt_filter",
+        "lora_ckpt_filter", "dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "pref_ftx", "ref_model",
+        "refer_model_iter",
     }),
     "inference": frozenset(_MODEL | {
         "task", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "num_beams", "length_penalty",
@@ -99,6 +100,8 @@ SPEED: dict[str, str] = {
     "use_ascend_mc2": _ASCEND, "use_ascend_coc": _ASCEND, "coc_fused_kernel": _ASCEND, "coc_mode": _ASCEND,
     "coc_parallel_num": _ASCEND, "use_mc2": _ASCEND, "shape_order": _ASCEND,
     "use_fused_ring_attention_update": "ring attention (context parallelism) is not used; CP is 1",
+    "use_cp_send_recv_overlap": "context parallelism is not used; CP is 1",
+    "npu_deterministic": "an Ascend determinism switch; on {device} use --seed (kernels follow torch defaults)",
     "use_fused_moe_token_permute_and_unpermute": "dense models have no MoE token permutation",
     "attention_mask_type": "the mask follows the data: causal, or per sample with --reset-attention-mask",
 }

@@ -20,7 +20,8 @@ def run_train(argv: list[str]) -> dict:
     from mindspeed_llm.training.sft import train
 
     result = train(parse_train_args(argv), keep_process_group=True)
-    return {"losses": result.losses, "grad_norms": result.grad_norms, "iteration": result.iteration}
+    return {"losses": result.losses, "grad_norms": result.grad_norms, "iteration": result.iteration,
+            "metrics": result.metrics}
 
 
 def packed_vs_unpacked(case: dict) -> dict:

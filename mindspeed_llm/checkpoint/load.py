@@ -51,13 +51,15 @@ def check_args(saved: argparse.Namespace, expected: dict[str, Any], source: str)
                                   f"use {flag} {stored} or convert the checkpoint to the new layout")
 
 
-def read_rank_state(load_dir: str | Path, num_chunks: int,
-                    expected: Optional[dict[str, Any]] = None) -> tuple[Path, dict[str, Any]]:
-    """(path, dict) of this rank's `model_optim_rng.pt` under the checkpoint root `load_dir`; its saved args must
-    agree with this run's TP and PP sizes and with `expected` (see `check_args`)."""
+def read_rank_state(load_dir: str | Path, num_chunks: int, expected: Optional[dict[str, Any]] = None,
+                    iteration: int | str | None = None) -> tuple[Path, dict[str, Any]]:
+    """(path, dict) of this rank's `model_optim_rng.pt` under the checkpoint root `load_dir` (the tracker's
+    iteration, or `iteration`); its saved args must agree with this run's TP and PP sizes and with `expected`
+    (see `check_args`)."""
     from megatron.core import parallel_state as ps
 
-    iter_dir = layout.iteration_dir(Path(load_dir))
+    iter_dir = layout.iteration_dir(Path(load_dir)) if iteration is None else \
+        Path(load_dir) / layout.iter_dir_name(iteration)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     path = iter_dir / layout.rank_dir_name(tp_rank, pp_rank, pp) / layout.FILE_NAME
@@ -79,14 +81,14 @@ def read_rank_state(load_dir: str | Path, num_chunks: int,
 
 
 def load_checkpoint(chunks: Sequence, load_dir: str | Path, *, expected: Optional[dict[str, Any]] = None,
-                    strict: bool = True) -> dict[str, Any]:
+                    strict: bool = True, iteration: int | str | None = None) -> dict[str, Any]:
     """Load this rank's `model_optim_rng.pt` into `chunks` (from `models.build_model`); returns the file's dict
     (with `args`, `iteration`, and optimizer/RNG entries when a training save wrote them).
 
     `expected` maps saved-args names (tensor_model_parallel_size, num_layers, ...) to the values of this run; TP and
     PP sizes and the VPP chunk count are always checked.
     """
-    path, state = read_rank_state(load_dir, len(chunks), expected)
+    path, state = read_rank_state(load_dir, len(chunks), expected, iteration)
     for chunk, key in zip(chunks, layout.model_keys(len(chunks))):
         _load_into(chunk, state[key], strict, f"{path}[{key}]")
     return state

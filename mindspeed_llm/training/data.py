@@ -55,7 +55,7 @@ class MicroBatches:
     """One iteration's model inputs and what the log needs about them."""
     inputs: list[dict]
     seq_length: int               # what the pipeline schedule allocates per micro-batch (packed: b * L)
-    micro_batch_size: int         # 1 for packed (THD rows are flattened into one)
+    micro_batch_size: int         # rows: 1 for packed (THD rows are flattened into one), 2 x mbs for pairs
     tokens: int                   # real (non-padding) tokens, this DP rank
     flop_terms: list[tuple[int, int, float]]   # (rows, length, attention density) per micro-batch
 
@@ -83,4 +83,5 @@ def next_micro_batches(args: argparse.Namespace, it: Iterator, count: int, devic
     longest = max(t[1] for t in terms)
     if packed:
         return MicroBatches(inputs, longest * args.micro_batch_size, 1, tokens, terms)
-    return MicroBatches(inputs, longest, args.micro_batch_size, tokens, terms)
+    # Pairwise batches hold 2 x --micro-batch-size rows (chosen, then rejected); the schedule sizes by rows.
+    return MicroBatches(inputs, longest, terms[0][0], tokens, terms)

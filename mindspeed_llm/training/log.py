@@ -51,13 +51,17 @@ class TrainLog:
         self.flops = 0.0
         self.tokens = 0.0
         self.rho: list[float] = []
+        self.metrics: dict[str, list[float]] = {}     # --stage dpo: rewards, accuracies, margins, log-probs
 
-    def add(self, loss: float, skipped: bool, nan: bool, flops: float, tokens: float, rho: list[float]) -> None:
+    def add(self, loss: float, skipped: bool, nan: bool, flops: float, tokens: float, rho: list[float],
+            metrics: Optional[dict[str, float]] = None) -> None:
         self.iters += 1
         self.skipped += int(skipped)
         self.nans += int(nan)
         if not skipped and not nan:
             self.losses.append(loss)
+            for key, value in (metrics or {}).items():
+                self.metrics.setdefault(key, []).append(value)
         self.flops += flops
         self.tokens += tokens
         self.rho += rho
@@ -85,6 +89,9 @@ class TrainLog:
             line += f" learning rate: {lr:.6E} | global batch size: {a.global_batch_size:5d} |"
             if loss > 0:
                 line += f" lm loss: {loss:.6E} |"
+            averages = {key: sum(v) / len(v) for key, v in self.metrics.items()}
+            for key, value in averages.items():      # Megatron prints every reported loss-dict entry this way
+                line += f" {key}: {value:.6E} |"
             line += f" loss scale: {loss_scale:.1f} |"
             if grad_norm is not None:      # nan/inf shown as such: the iteration was skipped or stopped
                 line += f" grad norm: {grad_norm:.3f} |"
@@ -95,7 +102,7 @@ class TrainLog:
                 for key, value in (("learning-rate", lr), ("lm loss", loss), ("loss-scale", loss_scale),
                                    ("grad-norm", grad_norm), ("batch-size", a.global_batch_size),
                                    ("throughput", tflops), ("tokens-per-second", tok_s),
-                                   ("iteration-time", elapsed)):
+                                   ("iteration-time", elapsed), *averages.items()):
                     if value is not None:
                         self.writer.add_scalar(key, value, iteration)
                         self.writer.add_scalar(key + " vs samples", value, consumed)

@@ -109,8 +109,9 @@ def transformer_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def build_chunks(args: argparse.Namespace, cfg) -> list:
-    """This rank's GPTModel chunks in training mode."""
+def build_chunks(args: argparse.Namespace, cfg, lora: bool = True) -> list:
+    """This rank's GPTModel chunks in training mode (with the --lora-target-modules adapters unless `lora` is
+    False: a DPO reference is the base model)."""
     from mindspeed_llm.models.build import build_model
     from mindspeed_llm.models.lora import add_lora
     from mindspeed_llm.models.placement import parse_layer_list
@@ -119,7 +120,7 @@ def build_chunks(args: argparse.Namespace, cfg) -> list:
                          num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
                          sequence_parallel=args.sequence_parallel, seq_length=None,
                          layer_spec=layer_spec(args, cfg), **transformer_overrides(args))
-    spec = lora_spec(args)
+    spec = lora_spec(args) if lora else None
     for c in chunks:
         if spec is not None:
             add_lora(c, spec, args.seed)

@@ -1,4 +1,5 @@
-"""The SFT training loop on megatron-core: set-up, `train_step`, evaluation, checkpoints and exit conditions."""
+"""The fine-tuning loop on megatron-core: set-up, `train_step`, evaluation, checkpoints and exit conditions.
+--stage dpo runs the same loop with `dpo.DPOObjective` in place of the SFT forward step."""
 from __future__ import annotations
 
 import argparse
@@ -120,17 +121,24 @@ def forward_step(per_token: bool, data_iterator, model):
     return output, partial(sft_loss_func, batch["loss_mask"], per_token=per_token)
 
 
-def run_schedule(args: argparse.Namespace, model: list, mb, forward_only: bool) -> Optional[float]:
-    """Forward (and backward) over one iteration's micro-batches; the reported loss on every rank."""
+def run_schedule(args: argparse.Namespace, model: list, mb, forward_only: bool, objective=None) -> Optional[float]:
+    """Forward (and backward) over one iteration's micro-batches; the reported loss on every rank.
+
+    `objective` (`dpo.DPOObjective`) replaces the SFT forward step; its reference pass runs first, and the
+    iteration's extra metrics are left in `objective.last_metrics` (filled on the last pipeline stage)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from mindspeed_llm.platform import device_tensor
     from mindspeed_llm.training.loss import reported_loss
 
+    step = partial(forward_step, args.calculate_per_token_loss)
+    if objective is not None:
+        objective.prepare(mb)
+        step = objective.forward_step
     iterators = [iter(mb.inputs) for _ in model]
     reports = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, args.calculate_per_token_loss),
+        forward_step_func=step,
         data_iterator=iterators if len(model) > 1 else iterators[0], model=model if len(model) > 1 else model[0],
         num_microbatches=len(mb.inputs), seq_length=mb.seq_length, micro_batch_size=mb.micro_batch_size,
         decoder_seq_length=mb.seq_length, forward_only=forward_only)
@@ -138,18 +146,21 @@ def run_schedule(args: argparse.Namespace, model: list, mb, forward_only: bool) 
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         value[0] = reported_loss([r["lm loss"] for r in reports], args.calculate_per_token_loss,
                                  ps.get_data_parallel_group())
+        if objective is not None:
+            objective.last_metrics = objective.metrics(reports, ps.get_data_parallel_group())
     if ps.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.all_reduce(value, group=ps.get_pipeline_model_parallel_group())
     return float(value[0])
 
 
-def train_step(args: argparse.Namespace, model: list, optimizer, mb) -> tuple[float, bool, bool, Optional[float]]:
+def train_step(args: argparse.Namespace, model: list, optimizer, mb,
+               objective=None) -> tuple[float, bool, bool, Optional[float]]:
     """(loss, skipped, nan, grad norm). A non-finite loss or gradient norm never reaches the weights: the update
     is not applied and `nan` is set (the caller stops, or skips with --skip-nan)."""
     for m in model:
         m.zero_grad_buffer()
     optimizer.zero_grad()
-    loss = run_schedule(args, model, mb, forward_only=False)
+    loss = run_schedule(args, model, mb, forward_only=False, objective=objective)
     check = args.check_for_nan_in_loss_and_grad
     if check and not math.isfinite(loss):
         return loss, True, True, None
@@ -177,7 +188,7 @@ def _guarded_step(optimizer, clip_grad: float, check: bool) -> tuple[bool, bool,
     return not ok, False, grad_norm
 
 
-def evaluate(args: argparse.Namespace, model: list, data, iteration: int, device) -> None:
+def evaluate(args: argparse.Namespace, model: list, data, iteration: int, device, objective=None) -> None:
     from mindspeed_llm.training.data import next_micro_batches
     from mindspeed_llm.training.log import validation_line
 
@@ -187,7 +198,7 @@ def evaluate(args: argparse.Namespace, model: list, data, iteration: int, device
     with torch.no_grad():
         for _ in range(args.eval_iters):
             mb = next_micro_batches(args, data.valid_iter, args.num_microbatches, device)
-            total += run_schedule(args, model, mb, forward_only=True)
+            total += run_schedule(args, model, mb, forward_only=True, objective=objective)
     for m in model:
         m.train()
     if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
@@ -239,6 +250,7 @@ class TrainResult:
     iteration: int
     losses: list[float] = field(default_factory=list)        # reported lm loss per iteration run here
     grad_norms: list[Optional[float]] = field(default_factory=list)
+    metrics: list[dict[str, float]] = field(default_factory=list)   # --stage dpo: rewards etc. (last stage)
     seconds: float = 0.0                                       # wall time of the iterations
     tokens: float = 0.0                                        # real tokens trained, all DP ranks
 
@@ -265,6 +277,11 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
     print_args(args)
     chunks = model_setup.build_chunks(args, cfg)
     loaded = ckpt.load_model(args, chunks)
+    objective = None
+    if args.stage == "dpo":
+        from mindspeed_llm.training import dpo
+
+        objective = dpo.DPOObjective(dpo.settings_from_args(args), dpo.build_reference(args, cfg, loaded.resume))
     model = model_setup.wrap_ddp(args, chunks)
     optimizer, scheduler = model_setup.build_optimizer(args, model)
     ckpt.load_training_state(args, loaded, optimizer, scheduler)
@@ -299,7 +316,8 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
 
     while iteration < args.train_iters and not args.skip_train:
         mb = next_micro_batches(args, data.train_iter, args.num_microbatches, device)
-        loss, skipped, nan, norm = train_step(args, model, optimizer, mb)
+        loss, skipped, nan, norm = train_step(args, model, optimizer, mb, objective)
+        metrics = objective.last_metrics if objective is not None else {}
         iteration += 1
         consumed += args.global_batch_size
         if nan and not args.skip_nan:
@@ -313,8 +331,10 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
         stats = device_tensor([flops_per_iteration(cfg, mb.flop_terms, True), float(mb.tokens)],
                               torch.float64, dp_group)
         torch.distributed.all_reduce(stats, group=dp_group)
-        log.add(loss, skipped, nan, float(stats[0]), float(stats[1]), [t[2] for t in mb.flop_terms])
+        log.add(loss, skipped, nan, float(stats[0]), float(stats[1]), [t[2] for t in mb.flop_terms], metrics)
         result.losses.append(loss)
+        if metrics:
+            result.metrics.append(metrics)
         result.grad_norms.append(norm)
         result.tokens += float(stats[1])
         if iteration % args.log_interval == 0:
@@ -322,7 +342,7 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
             log.emit(iteration, consumed, optimizer.param_groups[0]["lr"],
                      float(scale) if scale is not None else 1.0, grad_norm)
         if data.valid_iter is not None and args.eval_interval and iteration % args.eval_interval == 0:
-            evaluate(args, model, data, iteration, device)
+            evaluate(args, model, data, iteration, device, objective)
         if args.save_interval and iteration % args.save_interval == 0:
             save()
         if signals.any_rank() or _minutes_exceeded(args, start):
@@ -336,7 +356,7 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
     save()
     if data.valid_iter is not None and iteration > 0 and not args.skip_train and \
             not (args.eval_interval and iteration % args.eval_interval == 0):
-        evaluate(args, model, data, iteration, device)
+        evaluate(args, model, data, iteration, device, objective)
     return finish()
 
 

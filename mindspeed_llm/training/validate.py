@@ -18,9 +18,10 @@ def validate_train_args(args: argparse.Namespace) -> None:
     """Checks that need no world size; derived values (`params_dtype`, `data_path` as one prefix) are set here."""
     if args.use_legacy_models:
         raise UserError("--use-legacy-models: only megatron-core models are implemented; drop the flag")
-    if args.stage != "sft" or args.is_pairwise_dataset:
-        raise UserError(f"--stage {args.stage}{' / --is-pairwise-dataset' if args.is_pairwise_dataset else ''}: "
-                        "only --stage sft is implemented")
+    if args.stage == "dpo":
+        validate_dpo_args(args)
+    elif args.is_pairwise_dataset:
+        raise UserError("--is-pairwise-dataset: pairwise (chosen/rejected) data trains with --stage dpo")
     if args.ckpt_format != "torch":
         raise UserError(f"--ckpt-format {args.ckpt_format}: only the 'torch' format is implemented; "
                         "use --ckpt-format torch")
@@ -36,7 +37,7 @@ def validate_train_args(args: argparse.Namespace) -> None:
     if not args.data_path:
         raise UserError("--data-path is required (the --output-prefix given to preprocess_data.py)")
     args.data_path = args.data_path[0]      # MindSpeed uses only the first prefix for instruction data
-    if not args.is_instruction_dataset:
+    if not args.is_instruction_dataset and not args.is_pairwise_dataset:
         raise UserError("--is-instruction-dataset is required: posttrain_gpt.py trains on preprocessed "
                         "instruction data (pretraining datasets are not implemented)")
     if os.path.isfile(args.data_path) or os.path.isdir(args.data_path):
@@ -89,6 +90,30 @@ def validate_train_args(args: argparse.Namespace) -> None:
     args.variable_seq_lengths = bool(args.no_pad_to_seq_lengths)
     if args.no_pad_to_seq_lengths and args.log_throughput:
         args.log_throughput = False          # MindSpeed: throughput from --seq-length would be wrong here
+
+
+def validate_dpo_args(args: argparse.Namespace) -> None:
+    """`--stage dpo`: preference training (full-parameter or LoRA) on unpacked pairwise data."""
+    if not args.is_pairwise_dataset:
+        raise UserError("--stage dpo needs --is-pairwise-dataset (data from preprocess_data.py --handler-name "
+                        "AlpacaStylePairwiseHandler or SharegptStylePairwiseHandler)")
+    if args.dpo_beta <= 0:
+        raise UserError(f"--dpo-beta {args.dpo_beta} must be positive")
+    if not 0.0 <= args.dpo_label_smoothing <= 0.5:
+        raise UserError(f"--dpo-label-smoothing {args.dpo_label_smoothing} must be between 0 and 0.5")
+    if args.dpo_label_smoothing and args.dpo_loss_type != "sigmoid":
+        raise UserError(f"--dpo-label-smoothing applies to --dpo-loss-type sigmoid, not {args.dpo_loss_type}")
+    if args.reset_attention_mask or args.pack or args.neat_pack:
+        raise UserError("--reset-attention-mask/--pack with --stage dpo: pairwise data is not packed; drop the flag")
+    if args.calculate_per_token_loss:
+        raise UserError("--calculate-per-token-loss with --stage dpo: the DPO loss is a mean over pairs, not tokens")
+    if not args.load and not args.ref_model:
+        raise UserError("--stage dpo needs starting weights: pass --load (a converted checkpoint), which also "
+                        "serves as the reference unless --ref-model is given")
+    if args.ref_model and not os.path.isdir(args.ref_model):
+        raise UserError(f"--ref-model {args.ref_model}: no such directory (a Megatron checkpoint from convert_ckpt.py)")
+    if args.refer_model_iter is not None and args.refer_model_iter < 0:
+        raise UserError(f"--refer-model-iter {args.refer_model_iter} must be a saved iteration (0 or more)")
 
 
 # Flags whose value is fixed when the data is preprocessed: unless given for training, they take the value in

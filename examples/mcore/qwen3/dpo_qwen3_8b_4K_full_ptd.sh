@@ -1,0 +1,133 @@
+#!/bin/bash
+# Qwen3-8B full-parameter DPO (preference training) at 4K sequence length (TP1 PP4, 1 node(s) x 8 devices).
+# Steps: preprocess pairwise data (data_convert_qwen3_pairwise.sh), convert the HF weights to TP1 PP4
+# (ckpt_convert_qwen3_hf2mcore.sh), then run this script on every node. The reference model is a frozen copy of
+# the --load weights (or REF_MODEL_DIR, a converted checkpoint with the same TP/PP); it is held beside the
+# trained model, so DPO needs about one more bf16 copy of the weights per device than SFT.
+# To resume an interrupted run: CKPT_LOAD_DIR=$CKPT_SAVE_DIR and drop --finetune; the reference recorded in
+# the checkpoint is reloaded (pass --ref-model to choose another).
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+
+NPUS_PER_NODE=${NPUS_PER_NODE:-8}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-6000}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+WORLD_SIZE=$((NPUS_PER_NODE * NNODES))
+
+CKPT_LOAD_DIR=${CKPT_LOAD_DIR:-"./model_weights/qwen3_mcore/"}   # converted checkpoint (TP/PP as below)
+CKPT_SAVE_DIR=${CKPT_SAVE_DIR:-"./ckpt/qwen3_dpo/"}
+DATA_PATH=${DATA_PATH:-"./pair_dataset/dpo_en"}   # --output-prefix of data_convert_qwen3_pairwise.sh
+REF_MODEL_DIR=${REF_MODEL_DIR:-""}   # optional: another converted checkpoint as the reference
+TOKENIZER_PATH=${TOKENIZER_PATH:-"./model_from_hf/qwen3_hf/"}
+TP=1
+PP=4
+SEQ_LENGTH=4096
+TRAIN_ITERS=2000
+
+DISTRIBUTED_ARGS="
+    --nproc_per_node $NPUS_PER_NODE \
+    --nnodes $NNODES \
+    --node_rank $NODE_RANK \
+    --master_addr $MASTER_ADDR \
+    --master_port $MASTER_PORT
+"
+
+GPT_ARGS="
+    --use-mcore-models \
+    --spec mindspeed_llm.tasks.models.spec.qwen3_spec layer_spec \
+    --tensor-model-parallel-size ${TP} \
+    --pipeline-model-parallel-size ${PP} \
+    --sequence-parallel \
+    --use-distributed-optimizer \
+    --num-layers 36 \
+    --hidden-size 4096 \
+    --ffn-hidden-size 12288 \
+    --num-attention-heads 32 \
+    --group-query-attention \
+    --num-query-groups 8 \
+    --kv-channels 128 \
+    --qk-layernorm \
+    --normalization RMSNorm \
+    --norm-epsilon 1e-6 \
+    --swiglu \
+    --disable-bias-linear \
+    --position-embedding-type rope \
+    --use-rotary-position-embeddings \
+    --rotary-base 1000000 \
+    --max-position-embeddings 40960 \
+    --untie-embeddings-and-output-weights \
+    --make-vocab-size-divisible-by 1 \
+    --padded-vocab-size 151936 \
+    --hidden-dropout 0 \
+    --attention-dropout 0 \
+    --init-method-std 0.01 \
+    --attention-softmax-in-fp32 \
+    --no-masked-softmax-fusion \
+    --transformer-impl local \
+    --use-flash-attn \
+    --use-fused-rmsnorm \
+    --use-fused-swiglu \
+    --use-fused-rotary-pos-emb \
+    --no-gradient-accumulation-fusion \
+    --tokenizer-type PretrainedFromHF \
+    --tokenizer-name-or-path ${TOKENIZER_PATH} \
+    --seq-length ${SEQ_LENGTH} \
+    --micro-batch-size 1 \
+    --global-batch-size 16 \
+    --train-iters ${TRAIN_ITERS} \
+    --lr 5e-7 \
+    --lr-decay-style constant \
+    --min-lr 0 \
+    --weight-decay 0.0 \
+    --clip-grad 1.0 \
+    --adam-beta1 0.9 \
+    --adam-beta2 0.999 \
+    --initial-loss-scale 4096 \
+    --seed 42 \
+    --bf16
+"
+
+DATA_ARGS="
+    --data-path ${DATA_PATH} \
+    --split 100,0,0
+"
+
+TUNE_ARGS="
+    --finetune \
+    --stage dpo \
+    --is-pairwise-dataset \
+    --dpo-loss-type sigmoid \
+    --dpo-beta 0.1 \
+    --dpo-label-smoothing 0.0 \
+    --pref-ftx 0.0 \
+    --prompt-type qwen3 \
+    --no-pad-to-seq-lengths \
+    ${REF_MODEL_DIR:+--ref-model ${REF_MODEL_DIR}}
+"
+
+CKPT_ARGS="
+    --load ${CKPT_LOAD_DIR} \
+    --save ${CKPT_SAVE_DIR} \
+    --save-interval ${TRAIN_ITERS} \
+    --no-load-optim \
+    --no-load-rng \
+    --ckpt-format torch
+"
+
+OUTPUT_ARGS="
+    --log-interval 1 \
+    --eval-interval ${TRAIN_ITERS} \
+    --eval-iters 0
+"
+
+mkdir -p logs
+torchrun $DISTRIBUTED_ARGS posttrain_gpt.py \
+    $GPT_ARGS \
+    $DATA_ARGS \
+    $TUNE_ARGS \
+    $CKPT_ARGS \
+    $OUTPUT_ARGS \
+    --distributed-backend nccl \
+    2>&1 | tee logs/dpo_qwen3_8b_4K_full_ptd.log
+exit ${PIPESTATUS[0]}
