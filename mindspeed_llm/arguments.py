@@ -352,6 +352,18 @@ def add_lora_args(parser: argparse.ArgumentParser, training: bool) -> None:
     g.add_argument("--lora-register-forward-hook", nargs="+", default=None, help=argparse.SUPPRESS)
 
 
+def add_loaded_model_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of a tool that loads a trained model to run it (inference.py, evaluation.py): shape, parallel
+    layout, checkpoint, device kernels, adapters, tokenizer and chat template."""
+    add_model_args(parser)
+    add_parallel_args(parser)
+    add_checkpoint_args(parser)
+    add_speed_args(parser)
+    add_lora_args(parser, training=False)
+    add_tokenizer_args(parser)
+    add_template_args(parser)
+
+
 def add_mindspeed_spellings(parser: argparse.ArgumentParser) -> None:
     """Flags of MindSpeed-LLM's published recipes, older releases included, that training also accepts."""
     g = parser.add_argument_group("MindSpeed-LLM recipe spellings")

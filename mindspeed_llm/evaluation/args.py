@@ -60,13 +60,7 @@ def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = shared.FlagParser(prog="evaluation.py", description="Benchmark a Megatron checkpoint (torchrun)",
                           allow_abbrev=False)
-    shared.add_model_args(p)
-    shared.add_parallel_args(p)
-    shared.add_checkpoint_args(p)
-    shared.add_speed_args(p)
-    shared.add_lora_args(p, training=False)
-    shared.add_tokenizer_args(p)
-    shared.add_template_args(p)
+    shared.add_loaded_model_args(p)
     add_evaluation_args(p)
     return p
 

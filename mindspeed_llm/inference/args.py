@@ -55,13 +55,7 @@ def _add_missing(parser: argparse.ArgumentParser, *flags: tuple[str, dict]) -> N
 def build_parser() -> argparse.ArgumentParser:
     p = shared.FlagParser(prog="inference.py", description="Generate with a Megatron checkpoint (torchrun)",
                           allow_abbrev=False)
-    shared.add_model_args(p)
-    shared.add_parallel_args(p)
-    shared.add_checkpoint_args(p)
-    shared.add_speed_args(p)
-    shared.add_lora_args(p, training=False)
-    shared.add_tokenizer_args(p)
-    shared.add_template_args(p)
+    shared.add_loaded_model_args(p)
     add_generation_args(p)
     _add_missing(p, ("--micro-batch-size", dict(type=int, default=1, help="accepted (generation batches with "
                                                                           "--inference-batch-size)")),
