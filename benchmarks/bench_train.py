@@ -56,7 +56,11 @@ def batches(p: dict, steps: int, seed: int = 0) -> list[list[dict]]:
     return out
 
 
-def our_argv(p: dict, bf16: bool, lora: int = 0) -> list[str]:
+# The kernel flags of MindSpeed's Qwen3 recipes: fused RMSNorm and SwiGLU (the others select what runs anyway).
+KERNEL_FLAGS = ["--use-flash-attn", "--use-fused-rmsnorm", "--use-fused-swiglu", "--use-fused-rotary-pos-emb"]
+
+
+def our_argv(p: dict, bf16: bool, lora: int = 0, fused: bool = True) -> list[str]:
     argv = (f"--num-layers {p['layers']} --hidden-size {p['hidden']} --ffn-hidden-size {p['ffn']} "
             f"--num-attention-heads {p['heads']} --group-query-attention --num-query-groups {p['groups']} "
             f"--kv-channels {p['head_dim']} --qk-layernorm --norm-epsilon 1e-6 --swiglu --disable-bias-linear "
@@ -69,13 +73,15 @@ def our_argv(p: dict, bf16: bool, lora: int = 0) -> list[str]:
         argv.append("--untie-embeddings-and-output-weights")
     if bf16:
         argv.append("--bf16")
+    if fused:
+        argv += KERNEL_FLAGS
     if lora:      # the adapters go on a base model: --load must name a directory (nothing is read from it here)
         argv += ["--lora-r", str(lora), "--lora-alpha", str(2 * lora), "--lora-target-modules", "linear_qkv",
                  "linear_proj", "linear_fc1", "linear_fc2", "--load", tempfile.mkdtemp(prefix="bench_lora_")]
     return argv
 
 
-def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0) -> tuple[float, float]:
+def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0, fused: bool = True) -> tuple[float, float]:
     """(seconds for the timed iterations, FLOPs per iteration)."""
     from mindspeed_llm.arguments import parse_train_args
     from mindspeed_llm.platform import current_device, init_distributed
@@ -86,7 +92,7 @@ def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0) -> tup
     from mindspeed_llm.training.sft import train_step
     from mindspeed_llm.training.validate import validate_world
 
-    args = parse_train_args(our_argv(p, bf16, lora))
+    args = parse_train_args(our_argv(p, bf16, lora, fused))
     validate_world(args, 1)
     init_distributed(1, 1, seed=1234)
     cfg = model_setup.model_config(args, p["vocab"])
@@ -174,6 +180,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seq", type=int, default=None, help="override the preset's sequence length")
     ap.add_argument("--lora", type=int, default=0, metavar="R", help="compare LoRA of rank R with full fine-tuning")
+    ap.add_argument("--unfused", action="store_true",
+                    help="also time our step without the recipes' kernel flags (megatron-core's unfused layers)")
     ap.add_argument("--child", choices=["full", "lora"], default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.lora and a.child is None:
@@ -195,11 +203,15 @@ def main() -> None:
     if gpu:
         torch.cuda.empty_cache()
     ours_s, flops = run_ours(p, data, a.warmup, bf16)
+    unfused_s = run_ours(p, data, a.warmup, bf16, fused=False)[0] if a.unfused else None
     device = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {device}; model: {a.preset or ('qwen3-1.7b' if gpu else 'small')} {p}; "
           f"{'bf16' if bf16 else 'fp32'}; {steps} timed iterations")
     print(f"transformers + AdamW : {tokens / hf_s:12.1f} tokens/s")
     print(f"ours (megatron-core) : {tokens / ours_s:12.1f} tokens/s")
+    if unfused_s:
+        print(f"ours, unfused layers : {tokens / unfused_s:12.1f} tokens/s   (fused / unfused: "
+              f"{unfused_s / ours_s:.2f}x)")
     if gpu:
         mfu = flops * steps / ours_s / H100_BF16_PEAK
         mfu_hf = flops * steps / hf_s / H100_BF16_PEAK

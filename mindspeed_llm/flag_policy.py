@@ -48,7 +48,7 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "log_throughput", "eval_interval", "eval_iters", "tensorboard_dir", "tokenizer_type", "transformer_impl",
         "use_legacy_models", "check_for_nan_in_loss_and_grad", "lora_dropout", "lora_modules_to_save",
         "lora_ckpt_filter", "dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "pref_ftx", "ref_model",
-        "refer_model_iter",
+        "refer_model_iter", "use_fused_rmsnorm", "use_fused_swiglu", "no_bias_swiglu_fusion",
     }),
     "inference": frozenset(_MODEL | {
         "task", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "num_beams", "length_penalty",
@@ -113,7 +113,7 @@ _COMMON_NOTICE = {
     "local_rank": "the local rank comes from torchrun's LOCAL_RANK",
 }
 NOTICE: dict[str, dict[str, str]] = {
-    "train": {**SPEED, **_COMMON_NOTICE,
+    "train": {**{k: v for k, v in SPEED.items() if k not in IMPLEMENTED["train"]}, **_COMMON_NOTICE,
               "reset_position_ids": "positions always restart per sample in packed rows",
               "no_shared_storage": "every rank reads --data-path and --load itself; nothing is staged per node",
               "workers": "a preprocess_data.py flag; --data-path is already preprocessed",

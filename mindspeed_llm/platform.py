@@ -206,6 +206,64 @@ def resolve_backend(requested: Optional[str]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# megatron-core's optimizer without Apex / Transformer Engine
+# --------------------------------------------------------------------------------------------------------------
+
+_FUSED_ADAM_DEVICES = ("cuda", "cpu")     # where torch ships a fused Adam/AdamW kernel
+
+
+def _foreach_l2_norm(chunk_size: int, noop_flag: Any, tensor_lists: list, per_tensor: bool, *args: Any):
+    """Apex `multi_tensor_l2norm` on torch's foreach norm: one launch per device and dtype, the result left on the
+    device (megatron-core's fallback takes one norm per tensor, reads the total to the host and re-creates it on
+    "cuda")."""
+    tensors = [t for group in tensor_lists for t in group]
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float32, device=current_device()), None
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
+
+
+def _foreach_scale(chunk_size: int, noop_flag: Any, tensor_lists: list, scale: float) -> None:
+    """Apex `multi_tensor_scale` (dst = src * scale) on torch's foreach ops."""
+    src, dst = tensor_lists[0], tensor_lists[1]
+    if all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+def adapt_megatron_optimizer(optimizer: Any) -> None:
+    """Where megatron-core fell back to torch (no Apex/TE): grad norms and scaling through torch's foreach kernels,
+    and Adam/AdamW through torch's fused kernel on devices that have one (one launch for all parameters instead of
+    a per-tensor loop). Same update, fewer kernels; loading a checkpoint keeps the fused kernel."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mc_optimizer
+
+    if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = _foreach_l2_norm
+    for module in (clip_grads, mc_optimizer):
+        if module.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
+            module.multi_tensor_scale_impl = _foreach_scale
+    if detect_platform().device_type not in _FUSED_ADAM_DEVICES:
+        return
+    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(wrapper, "optimizer", None)
+        if type(inner) in (torch.optim.Adam, torch.optim.AdamW):
+            _use_fused_kernel(inner)
+
+
+def _use_fused_kernel(opt: torch.optim.Optimizer) -> None:
+    def fused(groups: list) -> None:
+        for group in groups:
+            group.update(fused=True, foreach=False)
+
+    fused(opt.param_groups)
+    # Saved param groups replace these on load; they must say fused too, so the step counters land on the device.
+    opt.register_load_state_dict_pre_hook(lambda _opt, state: fused(state["param_groups"]))
+
+
+# --------------------------------------------------------------------------------------------------------------
 # CPU adaptation of megatron-core's CUDA assumptions
 # --------------------------------------------------------------------------------------------------------------
 

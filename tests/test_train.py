@@ -14,6 +14,8 @@ from tests.train_fixtures import env, model_flags, train_flags  # noqa: F401  (e
 
 REPO = Path(__file__).resolve().parents[1]
 REL = 1e-5
+# The recipes' kernel flags (in `model_flags`); without them the same model runs megatron-core's unfused path.
+FUSED_FLAGS = ("--use-fused-rmsnorm", "--use-fused-swiglu", "--use-fused-rotary-pos-emb", "--use-flash-attn")
 
 
 def launch(env: dict, name: str, plan: list[dict], nproc: int) -> dict:
@@ -40,7 +42,8 @@ def resume_plan(env: dict, tag: str, extra: list[str]) -> list[dict]:
 def single(env) -> dict:
     """One process: the TP1 PP1 DP1 reference (2 micro-batches of accumulation) and a plain-optimizer resume."""
     base = model_flags(env["hf"]) + train_flags(3) + ["--data-path", env["plain"], "--finetune"]
-    plan = [{"name": "ref", "argv": base + ["--load", str(env["ckpt"][(1, 1)])]}]
+    plan = [{"name": "ref", "argv": base + ["--load", str(env["ckpt"][(1, 1)])]},
+            {"name": "ref_unfused", "argv": [a for a in base if a not in FUSED_FLAGS] + ["--load", str(env["ckpt"][(1, 1)])]}]
     plan += resume_plan(env, "plain", [])
     return launch(env, "single", plan, nproc=1)
 
@@ -109,6 +112,13 @@ def test_reference_loss_matches_transformers(env, single):
                 count += int((labels[0, 1:] != -100).sum())
             means.append(total / count)
     assert_close(single["ref"]["losses"][:1], [sum(means) / 2], rel=1e-5)
+
+
+@pytest.mark.distributed
+def test_fused_kernels_equal_unfused(single):
+    """--use-fused-rmsnorm / --use-fused-swiglu compute the same losses and grad norms as the unfused layers."""
+    assert_close(single["ref"]["losses"], single["ref_unfused"]["losses"], rel=1e-6)
+    assert_close(single["ref"]["grad_norms"], single["ref_unfused"]["grad_norms"], rel=1e-6)
 
 
 @pytest.mark.distributed

@@ -94,12 +94,10 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
     def _sdpa(self, q, k, v, mask, causal, dropout):
-        if self.heads_per_partition != self.groups_per_partition:
-            rep = self.heads_per_partition // self.groups_per_partition
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+        # Grouped-query attention inside the kernel: K/V are never repeated to the query heads.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
-                                              scale=self.softmax_scale)
+                                              scale=self.softmax_scale,
+                                              enable_gqa=self.heads_per_partition != self.groups_per_partition)
 
 
 def _packed_mask(params, sq: int, sk: int, device) -> torch.Tensor:

@@ -125,8 +125,9 @@ def transformer_config(cfg: ModelConfig, *, tensor_model_parallel_size: int = 1,
                        virtual_pipeline_model_parallel_size: Optional[int] = None,
                        num_layer_list: Optional[list[int]] = None, params_dtype: torch.dtype = torch.float32,
                        sequence_parallel: bool = False, **overrides: Any):
-    """megatron-core `TransformerConfig` for `cfg` at the given parallel sizes (no dropout, unfused kernels)."""
-    from megatron.core.transformer import TransformerConfig
+    """Our layers' `TransformerConfig` (`spec.LayerConfig`) for `cfg` at the given parallel sizes (no dropout,
+    unfused kernels unless `overrides` choose fused ones)."""
+    from mindspeed_llm.models.spec import LayerConfig
 
     kwargs: dict[str, Any] = dict(
         num_layers=cfg.num_layers,
@@ -164,4 +165,4 @@ def transformer_config(cfg: ModelConfig, *, tensor_model_parallel_size: int = 1,
     elif virtual_pipeline_model_parallel_size:
         kwargs["virtual_pipeline_model_parallel_size"] = virtual_pipeline_model_parallel_size
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return LayerConfig(**kwargs)

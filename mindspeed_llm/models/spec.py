@@ -1,7 +1,11 @@
-"""Our transformer layer spec: megatron-core local (non-TE) parallel layers, torch RMSNorm and SDPA attention."""
+"""Our transformer layer spec: megatron-core local (non-TE) parallel layers, torch RMSNorm and SDPA attention,
+and the `TransformerConfig` they read their kernel choices from."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttentionSubmodules
@@ -9,22 +13,37 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from mindspeed_llm.models.attention import PackedRopeSelfAttention, SDPAttention
 
 
+@dataclass
+class LayerConfig(TransformerConfig):
+    """megatron-core's `TransformerConfig` plus the kernel choices of our layers (`--use-fused-rmsnorm`). Every
+    choice computes the same function as the default path; only the kernels differ."""
+
+    fused_rmsnorm: bool = False
+
+
 class RMSNorm(torch.nn.Module):
-    """RMSNorm as Qwen/Llama compute it: normalise in fp32, cast back to the input dtype, scale by the weight."""
+    """RMSNorm as Qwen/Llama compute it: normalise in fp32, cast back to the input dtype, scale by the weight.
+
+    With `config.fused_rmsnorm`, torch's `F.rms_norm` does the normalisation: one kernel forward and one backward
+    on CUDA (fp32 accumulation, output in the input dtype) instead of six elementwise passes."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-6, **_unused):
         super().__init__()
         self.eps = eps
+        self.fused = bool(getattr(config, "fused_rmsnorm", False))
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
         # Under sequence parallelism every TP rank sees different tokens: megatron all-reduces these grads.
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)

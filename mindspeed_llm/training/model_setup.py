@@ -11,7 +11,7 @@ import torch
 
 from mindspeed_llm.arguments import params_dtype
 from mindspeed_llm.errors import UserError
-from mindspeed_llm.platform import notice
+from mindspeed_llm.platform import adapt_megatron_optimizer, notice
 
 
 def checkpoint_args(load: Optional[str]) -> tuple[Optional[argparse.Namespace], str]:
@@ -100,6 +100,9 @@ def transformer_overrides(args: argparse.Namespace) -> dict[str, Any]:
         attention_dropout=float(args.attention_dropout),
         # Megatron's p2p batching would pair mismatched sends on gloo with variable lengths; plain p2p is safe.
         batch_p2p_comm=not bool(args.num_layers_per_virtual_pipeline_stage),
+        # The fused kernels MindSpeed recipes ask for (same results as the default path, fewer passes).
+        fused_rmsnorm=bool(args.use_fused_rmsnorm),
+        bias_activation_fusion=bool(args.use_fused_swiglu) and not args.no_bias_swiglu_fusion,
     )
     if args.variable_seq_lengths:
         out["moe_token_dispatcher_type"] = "alltoall"   # megatron refuses variable lengths with the default (MoE-only)
@@ -198,6 +201,7 @@ def build_optimizer(args: argparse.Namespace, model: list):
         adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, sgd_momentum=args.sgd_momentum,
         use_distributed_optimizer=args.use_distributed_optimizer, clip_grad=args.clip_grad)
     optimizer = get_megatron_optimizer(opt_config, model)
+    adapt_megatron_optimizer(optimizer)
     if args.fp16:
         model[0].config.grad_scale_func = optimizer.scale_loss
     gbs = args.global_batch_size
