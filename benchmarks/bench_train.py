@@ -6,6 +6,8 @@ batches, same device, one process, in one run. Prints tokens/s of both and the r
     python benchmarks/bench_train.py --preset qwen3-1.7b   # GPU: Qwen3-1.7B shape, seq 4096, bf16
     python benchmarks/bench_train.py --lora 16             # LoRA (r 16 on qkv/proj/fc1/fc2) against full
                                                            # fine-tuning: tokens/s and peak memory of each
+    python benchmarks/bench_train.py --packed              # packed rows (--reset-attention-mask) against the
+                                                           # transformers loop on the same samples unpacked
 """
 from __future__ import annotations
 
@@ -60,6 +62,59 @@ def batches(p: dict, steps: int, seed: int = 0) -> list[list[dict]]:
 KERNEL_FLAGS = ["--use-flash-attn", "--use-fused-rmsnorm", "--use-fused-swiglu", "--use-fused-rotary-pos-emb"]
 
 
+def packed_batches(p: dict, steps: int, seed: int = 0) -> list[list[dict]]:
+    """Like `batches`, each row packed with samples of random lengths (1/8 to 1/2 of the row), positions restarting
+    in each, the first quarter of each sample unsupervised: the collator's packed (THD) micro-batch."""
+    g = torch.Generator().manual_seed(seed)
+    seq, out = p["seq"], []
+    for _ in range(steps):
+        it = []
+        for _ in range(p["nmb"]):
+            ids = torch.randint(0, p["vocab"], (p["mbs"], seq), generator=g)
+            labels, positions, cu = ids.clone(), torch.empty_like(ids), [0]
+            for r in range(p["mbs"]):
+                start = 0
+                while start < seq:
+                    n = min(int(torch.randint(seq // 8, seq // 2 + 1, (1,), generator=g)), seq - start)
+                    labels[r, start:start + n // 4] = -100
+                    positions[r, start:start + n] = torch.arange(n)
+                    start += n
+                    cu.append(r * seq + start)
+            cu_seqlens = torch.tensor(cu, dtype=torch.int32)
+            it.append({"input_ids": ids, "labels": labels, "position_ids": positions, "cu_seqlens": cu_seqlens,
+                       "max_seqlen": int((cu_seqlens[1:] - cu_seqlens[:-1]).max())})
+        out.append(it)
+    return out
+
+
+def unpacked(b: dict) -> dict:
+    """The samples of a packed micro-batch as one right-padded batch (the transformers loop's per-sample
+    attention)."""
+    cu = b["cu_seqlens"].tolist()
+    ids, labels = b["input_ids"].reshape(-1), b["labels"].reshape(-1)
+    longest = max(e - s for s, e in zip(cu[:-1], cu[1:]))
+    out = {"input_ids": torch.zeros(len(cu) - 1, longest, dtype=torch.int64),
+           "labels": torch.full((len(cu) - 1, longest), -100, dtype=torch.int64),
+           "attention_mask": torch.zeros(len(cu) - 1, longest, dtype=torch.int64)}
+    for i, (s, e) in enumerate(zip(cu[:-1], cu[1:])):
+        out["input_ids"][i, : e - s] = ids[s:e]
+        out["labels"][i, : e - s] = labels[s:e]
+        out["attention_mask"][i, : e - s] = 1
+    return out
+
+
+def flop_terms(p: dict, it: list[dict]) -> list[tuple[int, int, float]]:
+    """(rows, length, attention density) per micro-batch, as the training log counts them."""
+    terms = []
+    for b in it:
+        density = 0.5
+        if "cu_seqlens" in b:
+            seg = (b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).double()
+            density = 0.5 * float((seg ** 2).sum()) / (p["mbs"] * p["seq"] ** 2)
+        terms.append((p["mbs"], p["seq"], density))
+    return terms
+
+
 def our_argv(p: dict, bf16: bool, lora: int = 0, fused: bool = True) -> list[str]:
     argv = (f"--num-layers {p['layers']} --hidden-size {p['hidden']} --ffn-hidden-size {p['ffn']} "
             f"--num-attention-heads {p['heads']} --group-query-attention --num-query-groups {p['groups']} "
@@ -81,8 +136,8 @@ def our_argv(p: dict, bf16: bool, lora: int = 0, fused: bool = True) -> list[str
     return argv
 
 
-def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0, fused: bool = True) -> tuple[float, float]:
-    """(seconds for the timed iterations, FLOPs per iteration)."""
+def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0, fused: bool = True) -> tuple[float, dict]:
+    """(seconds for the timed iterations, FLOPs per iteration counting attention as causal / packed and as full)."""
     from mindspeed_llm.arguments import parse_train_args
     from mindspeed_llm.platform import current_device, init_distributed
     from mindspeed_llm.training import model_setup
@@ -99,19 +154,29 @@ def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0, fused:
     model = model_setup.wrap_ddp(args, model_setup.build_chunks(args, cfg))
     optimizer, _ = model_setup.build_optimizer(args, model)
     device = current_device()
-    terms = [(p["mbs"], p["seq"], 0.5)] * p["nmb"]
+    packed = "cu_seqlens" in data[0][0]
+    if packed:
+        args.reset_attention_mask = True
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = 0.0
     for i, it in enumerate(data):
         if i == warmup:
             sync()
             start = time.perf_counter()
-        mb = MicroBatches([get_batch(b, device) for b in it], p["seq"], p["mbs"], 0, terms)
+        inputs = [get_batch(b, device) for b in it]
+        if packed:      # THD: the micro-batch's rows are flattened into one
+            mb = MicroBatches(inputs, p["seq"] * p["mbs"], 1, 0, flop_terms(p, it))
+        else:
+            mb = MicroBatches(inputs, p["seq"], p["mbs"], 0, flop_terms(p, it))
         train_step(args, model, optimizer, mb)
     sync()
     seconds = time.perf_counter() - start
     del model, optimizer
-    return seconds, flops_per_iteration(cfg, terms, True)
+    timed = data[warmup:]
+    flops = {"causal": sum(flops_per_iteration(cfg, flop_terms(p, it), True) for it in timed) / len(timed),
+             "full": sum(flops_per_iteration(cfg, [(r, s, 1.0) for r, s, _ in flop_terms(p, it)], True)
+                         for it in timed) / len(timed)}
+    return seconds, flops
 
 
 def run_hf(p: dict, data: list, warmup: int, bf16: bool) -> float:
@@ -136,7 +201,8 @@ def run_hf(p: dict, data: list, warmup: int, bf16: bool) -> float:
         opt.zero_grad(set_to_none=True)
         for b in it:
             with autocast:
-                loss = model(input_ids=b["input_ids"].to(device), labels=b["labels"].to(device)).loss
+                b = unpacked(b) if "cu_seqlens" in b else b
+                loss = model(**{k: v.to(device) for k, v in b.items()}).loss
             (loss / len(it)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -180,6 +246,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seq", type=int, default=None, help="override the preset's sequence length")
     ap.add_argument("--lora", type=int, default=0, metavar="R", help="compare LoRA of rank R with full fine-tuning")
+    ap.add_argument("--packed", action="store_true",
+                    help="packed rows (--reset-attention-mask) against the transformers loop on the same samples "
+                         "unpacked (right-padded, attention inside each sample)")
     ap.add_argument("--unfused", action="store_true",
                     help="also time our step without the recipes' kernel flags (megatron-core's unfused layers)")
     ap.add_argument("--child", choices=["full", "lora"], default=None, help=argparse.SUPPRESS)
@@ -193,16 +262,21 @@ def main() -> None:
         p["seq"] = a.seq
     bf16 = gpu
     steps = a.steps or (10 if gpu else 5)
-    data = batches(p, a.warmup + steps)
+    data = (packed_batches if a.packed else batches)(p, a.warmup + steps)
     tokens = steps * p["nmb"] * p["mbs"] * p["seq"]
     if a.child:
         seconds, _ = run_ours(p, data, a.warmup, bf16, a.lora if a.child == "lora" else 0)
         print("RESULT " + json.dumps({"tokens_per_s": tokens / seconds, "peak": peak_memory()}))
         return
+    peaks = {}
     hf_s = run_hf(p, data, a.warmup, bf16)
     if gpu:
+        peaks["hf"] = torch.cuda.max_memory_allocated()
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     ours_s, flops = run_ours(p, data, a.warmup, bf16)
+    if gpu:
+        peaks["ours"] = torch.cuda.max_memory_allocated()
     unfused_s = run_ours(p, data, a.warmup, bf16, fused=False)[0] if a.unfused else None
     device = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {device}; model: {a.preset or ('qwen3-1.7b' if gpu else 'small')} {p}; "
@@ -213,9 +287,13 @@ def main() -> None:
         print(f"ours, unfused layers : {tokens / unfused_s:12.1f} tokens/s   (fused / unfused: "
               f"{unfused_s / ours_s:.2f}x)")
     if gpu:
-        mfu = flops * steps / ours_s / H100_BF16_PEAK
-        mfu_hf = flops * steps / hf_s / H100_BF16_PEAK
-        print(f"MFU (H100 bf16 peak 989 TFLOP/s): ours {100 * mfu:.1f}%  transformers {100 * mfu_hf:.1f}%")
+        # Megatron's formula (fwd + bwd, 6 x params x tokens + attention); "full" counts every query-key pair
+        # (Megatron-LM's logged TFLOP/s), "causal" only those attended (half, or sum(len^2)/2 when packed).
+        for kind in ("full", "causal"):
+            mfu, mfu_hf = (flops[kind] * steps / t / H100_BF16_PEAK for t in (ours_s, hf_s))
+            print(f"MFU ({kind} attention FLOPs, H100 bf16 peak 989 TFLOP/s): ours {100 * mfu:.1f}%  "
+                  f"transformers {100 * mfu_hf:.1f}%")
+        print(f"peak memory allocated: ours {peaks['ours'] / 2**30:.2f} GiB  transformers {peaks['hf'] / 2**30:.2f} GiB")
     print(f"ratio ours / transformers: {hf_s / ours_s:.2f}x")
 
 

@@ -4,6 +4,7 @@ Checks, printing one `CHECK name: OK` line each (any failure raises, so the exit
   tp2-train  GPTModel at TP=2 through `get_forward_backward_func()` (forward + backward): loss equals the
              transformers loss, gradients are finite and the TP-replicated norm grads agree across ranks;
   pp2-train  the same through the 1F1B pipeline schedule at PP=2 (loss on the last stage);
+  ce-tp2     our vocab-parallel cross entropy at TP=2 equals F.cross_entropy over the whole vocabulary;
   packed     a THD packed batch (two samples in one row, `PackedSeqParams`) at TP=2 gives the logits of running
              each sample alone.
 """
@@ -64,6 +65,28 @@ def check_grads(chunks) -> None:
                 assert torch.allclose(other, p.grad * ps.get_tensor_model_parallel_world_size(), atol=1e-6), name
 
 
+def check_cross_entropy_tp2() -> None:
+    """Our vocab-parallel cross entropy on this rank's half of the vocabulary equals F.cross_entropy over all of
+    it (loss and this half's gradient), with blocks of two tokens."""
+    from megatron.core import parallel_state as ps
+
+    from mindspeed_llm.models.cross_entropy import vocab_parallel_cross_entropy
+
+    g = torch.Generator().manual_seed(5)
+    full = 4 * torch.randn(5, 2, 20, generator=g)
+    target = torch.randint(0, 20, (5, 2), generator=g)
+    half = slice(10 * ps.get_tensor_model_parallel_rank(), 10 * ps.get_tensor_model_parallel_rank() + 10)
+    shard = full[..., half].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(shard, target, ps.get_tensor_model_parallel_group(), block_elements=25)
+    loss.sum().backward()
+    ref_logits = full.clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(ref_logits.flatten(0, 1), target.flatten(), reduction="none")
+    ref.sum().backward()
+    assert torch.allclose(loss.flatten(), ref, atol=1e-6), (loss, ref)
+    assert torch.allclose(shard.grad, ref_logits.grad[..., half], atol=1e-6)
+    print("CHECK ce-tp2: OK", flush=True)
+
+
 def main(hf_dir: str, mg_tp2: str, mg_pp2: str) -> None:
     from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -88,6 +111,7 @@ def main(hf_dir: str, mg_tp2: str, mg_pp2: str) -> None:
     assert abs(loss - reference) < 1e-4, (loss, reference)
     check_grads(chunks)
     print(f"CHECK tp2-train: OK loss {loss:.6f} (transformers {reference:.6f})", flush=True)
+    check_cross_entropy_tp2()
 
     # packed THD batch vs each sample alone (TP=2, eval)
     chunks[0].eval()

@@ -46,7 +46,8 @@ def test_gqa_attention_equals_repeated_heads():
 
     config = SimpleNamespace(context_parallel_size=1, num_attention_heads=8, num_query_groups=2, kv_channels=16,
                              attention_dropout=0.0)
-    attn = SDPAttention(config, 1, AttnMaskType.causal, pg_collection=SimpleNamespace(tp=SimpleNamespace(size=lambda: 1)))
+    tp1 = SimpleNamespace(tp=SimpleNamespace(size=lambda: 1))
+    attn = SDPAttention(config, 1, AttnMaskType.causal, pg_collection=tp1)
     torch.manual_seed(0)
     q, k, v = torch.randn(10, 2, 8, 16), torch.randn(10, 2, 2, 16), torch.randn(10, 2, 2, 16)
     out = attn(q, k, v, None)
@@ -136,3 +137,24 @@ def test_kernel_flags_reach_the_layer_config():
     assert fused["fused_rmsnorm"] and fused["bias_activation_fusion"]
     assert not plain["fused_rmsnorm"] and not plain["bias_activation_fusion"]
     assert not off["bias_activation_fusion"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_elements", [1 << 25, 37])
+def test_lean_cross_entropy_equals_fp32_cross_entropy(dtype, block_elements):
+    """Per-token loss and logits gradient equal F.cross_entropy on fp32 logits (blocks of 1 token and of all)."""
+    from mindspeed_llm.models.cross_entropy import vocab_parallel_cross_entropy
+
+    torch.manual_seed(0)
+    logits = (4 * torch.randn(6, 3, 50)).to(dtype).requires_grad_()        # [s, b, V]
+    target = torch.randint(0, 50, (6, 3))
+    grad = torch.rand(6, 3)
+    loss = vocab_parallel_cross_entropy(logits, target, None, block_elements=block_elements)
+    loss.backward(grad)
+    ref_logits = logits.detach().float().requires_grad_()
+    ref = F.cross_entropy(ref_logits.flatten(0, 1), target.flatten(), reduction="none").view(6, 3)
+    ref.backward(grad)
+    assert loss.dtype == torch.float32 and logits.grad.dtype == dtype
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 4e-3
+    torch.testing.assert_close(logits.grad.float(), ref_logits.grad, rtol=tol, atol=tol)

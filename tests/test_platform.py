@@ -140,5 +140,5 @@ def tiny_checkpoints(tiny_qwen3, tmp_path_factory):
 def test_megatron_training_machinery_on_cpu(tiny_checkpoints):
     hf, tp2, pp2 = tiny_checkpoints
     proc = run_torchrun("tests/dist_platform.py", str(hf), str(tp2), str(pp2))
-    for check in ("tp2-train", "packed", "pp2-train"):
+    for check in ("tp2-train", "ce-tp2", "packed", "pp2-train"):
         assert proc.stdout.count(f"CHECK {check}: OK") == 2, proc.stdout[-3000:]

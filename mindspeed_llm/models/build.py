@@ -4,10 +4,21 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+from megatron.core.models import gpt as megatron_gpt
 
 from mindspeed_llm.models.config import ModelConfig, transformer_config
+from mindspeed_llm.models.cross_entropy import vocab_parallel_cross_entropy
 from mindspeed_llm.models.placement import PlacementError, place_layers
 from mindspeed_llm.models.spec import get_layer_spec
+
+
+class GPTModel(megatron_gpt.GPTModel):
+    """megatron-core's `GPTModel` with the language-model loss of `cross_entropy.vocab_parallel_cross_entropy`
+    (no fp32 copy of the logits); everything else is megatron-core's."""
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), self.pg_collection.tp)
+        return loss.transpose(0, 1).contiguous()          # [s, b] -> [b, s]
 
 
 def build_model(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
@@ -22,7 +33,6 @@ def build_model(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
     virtual pipeline size. Weights are initialised randomly; load a checkpoint afterwards.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
 
     from mindspeed_llm.platform import current_device, detect_platform
 
