@@ -293,8 +293,9 @@ def main() -> None:
             mfu, mfu_hf = (flops[kind] * steps / t / H100_BF16_PEAK for t in (ours_s, hf_s))
             print(f"MFU ({kind} attention FLOPs, H100 bf16 peak 989 TFLOP/s): ours {100 * mfu:.1f}%  "
                   f"transformers {100 * mfu_hf:.1f}%")
-        print(f"peak memory allocated: ours {peaks['ours'] / 2**30:.2f} GiB  transformers {peaks['hf'] / 2**30:.2f} GiB")
-    print(f"ratio ours / transformers: {hf_s / ours_s:.2f}x")
+    memory = (f"; peak memory allocated ours {peaks['ours'] / 2**30:.2f} GiB, transformers "
+              f"{peaks['hf'] / 2**30:.2f} GiB" if gpu else "")
+    print(f"ratio ours / transformers: {hf_s / ours_s:.2f}x{memory}")
 
 
 if __name__ == "__main__":
