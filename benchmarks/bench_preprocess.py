@@ -1,11 +1,15 @@
-"""Preprocessing throughput: preprocess_data.py against a `datasets.map` + `apply_chat_template` baseline.
+"""Preprocessing throughput: preprocess_data.py against LLaMA-Factory 0.9.5's own preprocessing, same run.
 
-Both sides turn the same Alpaca records into ids and labels with the same tokenizer and the qwen3 format
-(thinking off), in the same run. The baseline renders the prompt and the full conversation with the
-tokenizer's chat template (two tokenizations per record), which is how a straightforward script does it.
+Both sides turn the same Alpaca JSONL file into ids and labels with the same tokenizer, the qwen3 template
+(thinking off) and the same cutoff (our --seq-length = LF's cutoff_len), per worker count 1 and 2. The LF side
+is the real LF 0.9.5 code (tests/lf_reference.py: wheel installed with --no-deps, imported in a worker process)
+run as LF runs it: load_dataset, align_dataset, `dataset.map(SupervisedDatasetProcessor.preprocess_dataset,
+batched=True, num_proc=workers)`. Timed from the file to the written dataset on both sides (ours: .bin/.idx, LF:
+its Arrow cache files), in wall seconds and in CPU seconds of all the side's processes; the check lines compare
+sample and token counts and the first samples' ids and labels.
 Then JSONL files of two sizes (16x apart) check that preprocessing streams: peak RSS does not grow with input.
 
-    python benchmarks/bench_preprocess.py [--records 20000] [--big-mb 512]
+    python benchmarks/bench_preprocess.py [--records 20000] [--big-mb 512] [--tokenizer DIR] [--lf-site DIR]
 """
 from __future__ import annotations
 
@@ -24,68 +28,76 @@ sys.path.insert(0, str(REPO))
 
 from mindspeed_llm.demo_data import SYSTEM_PROMPT  # noqa: E402
 from mindspeed_llm.tiny import build_tiny_model  # noqa: E402
+from tests import lf_reference as lfr  # noqa: E402
+
+FIRST_N = 100  # samples whose ids and labels the check compares one by one
 
 SHARED_ALPACA = REPO.parent / "shared" / "datasets" / "alpaca_en_demo.json"
 
 
-def records(n: int) -> list[dict]:
-    """Real Alpaca records when ../shared is present (longer texts), else the synthetic demo tasks."""
-    if SHARED_ALPACA.is_file():
-        base = json.loads(SHARED_ALPACA.read_text())
+def records(n: int, alpaca: Path) -> list[dict]:
+    """`n` records cycling through the Alpaca file `alpaca` when it exists (real, longer texts), else through
+    the synthetic demo tasks; each gets the demo system prompt.
+
+    Repeats are marked (" [k]" after the instruction and the output of the k-th repeat): our encoder remembers
+    short texts, so verbatim repeats would measure that cache rather than a dataset of distinct records.
+    """
+    if alpaca.is_file():
+        base = json.loads(alpaca.read_text())
     else:
         from mindspeed_llm.demo_data import generate_examples, to_alpaca
 
         base = [to_alpaca(e) for e in generate_examples(2000)]
     out = []
-    while len(out) < n:
-        out += [dict(r, system=SYSTEM_PROMPT) for r in base]
+    for k in range(-(-n // len(base))):
+        mark = f" [{k}]" if k else ""
+        out += [dict(r, instruction=r["instruction"] + mark, output=r["output"] + mark, system=SYSTEM_PROMPT)
+                for r in base]
     return out[:n]
 
 
-def baseline(rows: list[dict], tokenizer_dir: str, workers: int) -> float:
-    from datasets import Dataset
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-
-    def encode(r):
-        prompt = [{"role": "system", "content": r["system"]},
-                  {"role": "user", "content": "\n".join(x for x in (r["instruction"], r["input"]) if x)}]
-        full = prompt + [{"role": "assistant", "content": r["output"]}]
-        p = tok.apply_chat_template(prompt, add_generation_prompt=True, enable_thinking=False, tokenize=True,
-                                    return_dict=False)
-        ids = tok.apply_chat_template(full, enable_thinking=False, tokenize=True, return_dict=False)
-        return {"input_ids": ids, "labels": [-100] * len(p) + ids[len(p):]}
-
-    ds = Dataset.from_list(rows)
-    start = time.perf_counter()
-    ds.map(encode, num_proc=workers if workers > 1 else None, remove_columns=ds.column_names,
-           load_from_cache_file=False, keep_in_memory=True)
-    return len(rows) / (time.perf_counter() - start)
-
-
-def ours(data: Path, tokenizer_dir: str, workers: int, out_dir: Path) -> float:
+def ours(data: Path, tokenizer_dir: str, workers: int, seq_length: int, prefix: Path) -> tuple[float, float]:
+    """(samples per wall second, samples per CPU second) of `run` (preprocess_data.py's body), from the JSONL
+    file to the written .bin/.idx."""
     from mindspeed_llm.arguments import parse_preprocess_args
     from mindspeed_llm.data.preprocess import run
 
     import megatron.core.datasets.indexed_dataset  # noqa: F401  (import time is not throughput)
 
     args = parse_preprocess_args([
-        "--input", str(data), "--tokenizer-name-or-path", tokenizer_dir, "--output-prefix", str(out_dir / "b"),
+        "--input", str(data), "--tokenizer-name-or-path", tokenizer_dir, "--output-prefix", str(prefix),
         "--handler-name", "AlpacaStyleInstructionHandler", "--prompt-type", "qwen3", "--enable-thinking", "false",
-        "--map-keys", '{"system": "system"}', "--workers", str(workers), "--log-interval", "1000000"])
+        "--map-keys", '{"system": "system"}', "--seq-length", str(seq_length), "--workers", str(workers),
+        "--log-interval", "1000000"])
+    cpu_start = lfr.cpu_seconds()
     start = time.perf_counter()
     summary = run(args)
-    return summary.written / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    return summary.written / wall, summary.written / (lfr.cpu_seconds() - cpu_start)
 
 
-def peak_rss_mib(tokenizer_dir: str, tmp: Path, megabytes: int) -> tuple[float, float]:
+def same_output(prefix: Path, lf: dict) -> str:
+    """Our written dataset against LF's counts and first samples, as one line starting "same" or "DIFFERENT"."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ids, labels = (IndexedDataset(f"{prefix}_packed_{f}_document") for f in ("input_ids", "labels"))
+    supervised = sum(int(np.count_nonzero(labels[i] != lfr.IGNORE_INDEX)) for i in range(len(labels)))
+    mine = (len(ids), int(ids.sequence_lengths.sum()), supervised)
+    theirs = (lf["samples"], lf["tokens"], lf["supervised_tokens"])
+    first_equal = [[ids[i].tolist(), labels[i].tolist()] for i in range(len(lf["first"]))] == lf["first"]
+    verdict = "same" if mine == theirs and first_equal else "DIFFERENT"
+    return (f"{verdict}: (samples, tokens, supervised tokens) ours {mine}, LF {theirs}; ids and labels of the "
+            f"first {len(lf['first'])} samples {'equal' if first_equal else 'differ'}")
+
+
+def peak_rss_mib(tokenizer_dir: str, tmp: Path, megabytes: int, alpaca: Path) -> tuple[float, float]:
     """(input size MiB, peak RSS MiB of the largest process) for the CLI on a JSONL file of about `megabytes`.
 
     Measured from a fresh wrapper process, so only the CLI and its workers count.
     """
     path = tmp / f"big{megabytes}.jsonl"
-    rows = records(1000)
+    rows = records(1000, alpaca)
     with path.open("w") as f:
         i = 0
         while f.tell() < megabytes * 2**20:
@@ -101,27 +113,61 @@ def peak_rss_mib(tokenizer_dir: str, tmp: Path, megabytes: int) -> tuple[float, 
     return path.stat().st_size / 2**20, int(out.split()[-1]) / 1024
 
 
+def compare(data: Path, tokenizer_dir: str, seq_length: int, lf_worker: lfr.LFWorker, tmp: Path) -> None:
+    """One table: ours vs LF for 1 and 2 workers, then the output check per worker count.
+
+    Samples per CPU second (all processes of a side, workers included) is the per-worker figure; unlike samples
+    per wall second it holds when other jobs share the cores.
+    """
+    print(f"tokenizer {tokenizer_dir}, --seq-length = cutoff_len = {seq_length}")
+    print(f"{'':>7} {'samples per wall second':^30} {'samples per CPU second':^30}")
+    print(f"{'workers':>7}" + f" {'ours':>9} {'LF 0.9.5':>9} {'ratio':>9}" * 2)
+    checks = []
+    for workers in (1, 2):
+        prefix = tmp / f"ours{workers}"
+        wall, cpu = ours(data, tokenizer_dir, workers, seq_length, prefix)
+        lf = lfr.lf_throughput(data, tokenizer_dir=tokenizer_dir, template="qwen3", enable_thinking=False,
+                               cutoff_len=seq_length, workers=workers, first_n=FIRST_N, worker=lf_worker)
+        lf_wall, lf_cpu = lf["samples"] / lf["seconds"], lf["samples"] / lf["cpu_seconds"]
+        print(f"{workers:>7} {wall:>9.0f} {lf_wall:>9.0f} {wall / lf_wall:>8.2f}x"
+              f" {cpu:>9.0f} {lf_cpu:>9.0f} {cpu / lf_cpu:>8.2f}x")
+        checks.append(f"check, {workers} worker(s): {same_output(prefix, lf)}")
+    print("\n".join(checks))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--records", type=int, default=20000)
+    p.add_argument("--alpaca", type=Path, default=SHARED_ALPACA,
+                   help="Alpaca JSON file to cycle through (default: the shared demo data beside the checkout)")
+    p.add_argument("--seq-length", type=int, default=2048, help="our --seq-length and LF's cutoff_len")
+    p.add_argument("--tokenizer", action="append", default=[],
+                   help="also measure with this tokenizer directory (e.g. a real Qwen3 one); repeatable")
+    p.add_argument("--lf-site", default=str(lfr.DEFAULT_SITE),
+                   help="LLaMA-Factory 0.9.5 install folder (installed there with pip --no-deps if missing)")
     p.add_argument("--big-mb", type=int, default=512, help="size of the streaming check's input; 0 skips it")
     a = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        tok = str(build_tiny_model(tmp / "model"))
-        rows = records(a.records)
-        data = tmp / "alpaca.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        print(f"{len(rows)} records, tokenizer {tok}, {os.cpu_count()} cores")
-        print(f"{'workers':>7} {'ours samples/s':>15} {'baseline samples/s':>19} {'ratio':>6}")
-        for workers in (1, 2):
-            mine = ours(data, tok, workers, tmp)
-            base = baseline(rows, tok, workers)
-            print(f"{workers:>7} {mine:>15.0f} {base:>19.0f} {mine / base:>6.2f}x")
-        if a.big_mb:
-            for mb in (max(a.big_mb // 16, 1), a.big_mb):
-                size, peak = peak_rss_mib(tok, tmp, mb)
-                print(f"streaming: input {size:6.0f} MiB -> peak RSS of the largest process {peak:5.0f} MiB")
+    # LF's worker runs with it (tests/lf_reference.py); the same here so both sides tokenize single-threaded
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    lf_worker = lfr.LFWorker(lfr.ensure_llamafactory(a.lf_site))
+    try:
+        with tempfile.TemporaryDirectory() as tmp_name:
+            tmp = Path(tmp_name)
+            tok = str(build_tiny_model(tmp / "model"))
+            alpaca = a.alpaca.expanduser()
+            rows = records(a.records, alpaca)
+            data = tmp / "alpaca.jsonl"
+            data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            source = alpaca if alpaca.is_file() else "synthetic demo tasks"
+            print(f"{len(rows)} Alpaca records ({source}), {os.cpu_count()} cores")
+            for tokenizer_dir in [tok, *a.tokenizer]:
+                compare(data, tokenizer_dir, a.seq_length, lf_worker, tmp)
+            if a.big_mb:
+                for mb in (max(a.big_mb // 16, 1), a.big_mb):
+                    size, peak = peak_rss_mib(tok, tmp, mb, alpaca)
+                    print(f"streaming: input {size:6.0f} MiB -> peak RSS of the largest process {peak:5.0f} MiB")
+    finally:
+        lf_worker.close()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Reference harness: token ids and labels exactly as LLaMA-Factory 0.9.5 builds them.
 
-Used by `tests/test_lf_parity.py` to check `preprocess_data.py` against the real LLaMA-Factory code, not a copy.
+Used by `tests/test_lf_parity.py` to check `preprocess_data.py` against the real LLaMA-Factory code, not a copy,
+and by `benchmarks/bench_preprocess.py` (`lf_throughput`: LF's preprocessing timed as LF runs it, num_proc workers).
 
 How LLaMA-Factory is imported
 -----------------------------
@@ -171,55 +172,67 @@ def _default_columns(formatting: str, ranking: bool, keys: set[str]) -> dict[str
     return cols
 
 
-def _run_job(site: Path, job: dict[str, Any]) -> dict[str, Any]:
-    """Encode one dataset with LF. See `lf_encode` for the job fields."""
-    lf = _import_llamafactory(site)
+def _lf_pipeline(lf: dict[str, Any], job: dict[str, Any], data_file: Path, cache_dir: Path,
+                 num_proc: Optional[int] = None) -> tuple[Any, Any, Any]:
+    """LF's loader path for one local file: (loaded dataset, aligned dataset, dataset processor).
+
+    `num_proc` is LF's `preprocessing_num_workers` (used by load_dataset and align_dataset, as in LF).
+    """
     import datasets
     from transformers import AutoTokenizer
 
     datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     formatting = job["formatting"]
-    stage = job.get("stage", "sft")
-    ranking = stage == "rm"
+    ranking = job.get("stage", "sft") == "rm"
     if formatting not in ("alpaca", "sharegpt"):
         raise ValueError(f"formatting must be alpaca or sharegpt, got {formatting!r}")
+    # LF's loader, load_from == "file": load_dataset(<file type>, data_files=[...], split="train")
+    ext = data_file.suffix.lstrip(".")
+    file_type = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv", "arrow": "arrow"}[ext]
+    dataset = datasets.load_dataset(file_type, data_files=[str(data_file)], split="train", cache_dir=str(cache_dir),
+                                    num_proc=num_proc)
+    keys = set(dataset.column_names)
 
+    info = {"file_name": data_file.name, "formatting": formatting, "ranking": ranking}
+    info["columns"] = job.get("columns") or _default_columns(formatting, ranking, keys)
+    if job.get("tags"):
+        info["tags"] = job["tags"]
+    attr = lf["parser"].DatasetAttr("file", dataset_name=data_file.name)
+    attr.join(info)
+
+    data_args = lf["data_args"].DataArguments(
+        template=job["template"], dataset_dir=str(data_file.parent), cutoff_len=int(job["cutoff_len"]),
+        train_on_prompt=False, mask_history=False, enable_thinking=job.get("enable_thinking", True),
+        overwrite_cache=True, preprocessing_num_workers=num_proc, packing=False, tool_format=job.get("tool_format"),
+        default_system=job.get("default_system"))
+
+    tokenizer = AutoTokenizer.from_pretrained(job["tokenizer"], use_fast=True, split_special_tokens=False,
+                                              padding_side="right")
+    template = lf["template"].get_template_and_fix_tokenizer(tokenizer, data_args)
+    aligned = lf["converter"].align_dataset(dataset, attr, data_args, _TrainingArgs())
+
+    cls = lf["pairwise"].PairwiseDatasetProcessor if ranking else lf["supervised"].SupervisedDatasetProcessor
+    return dataset, aligned, cls(template=template, tokenizer=tokenizer, processor=None, data_args=data_args)
+
+
+def _job_data_file(job: dict[str, Any], tmp: Path) -> Path:
+    if job.get("data_file"):
+        return Path(job["data_file"]).resolve()
+    data_file = tmp / "data.json"
+    data_file.write_text(json.dumps(job["records"], ensure_ascii=False))
+    return data_file
+
+
+def _run_job(site: Path, job: dict[str, Any]) -> dict[str, Any]:
+    """Encode one dataset with LF. See `lf_encode` for the job fields (`lf_throughput` for kind "throughput")."""
+    lf = _import_llamafactory(site)
+    if job.get("kind") == "throughput":
+        return _throughput_job(lf, job)
+    ranking = job.get("stage", "sft") == "rm"
     with tempfile.TemporaryDirectory(prefix="lf-job-") as tmp:
         tmp = Path(tmp)
-        if job.get("data_file"):
-            data_file = Path(job["data_file"]).resolve()
-        else:
-            data_file = tmp / "data.json"
-            data_file.write_text(json.dumps(job["records"], ensure_ascii=False))
-        # LF's loader, load_from == "file": load_dataset(<file type>, data_files=[...], split="train")
-        ext = data_file.suffix.lstrip(".")
-        file_type = {"json": "json", "jsonl": "json", "parquet": "parquet", "csv": "csv", "arrow": "arrow"}[ext]
-        dataset = datasets.load_dataset(file_type, data_files=[str(data_file)], split="train",
-                                        cache_dir=str(tmp / "hf-cache"))
-        keys = set(dataset.column_names)
-
-        info = {"file_name": data_file.name, "formatting": formatting, "ranking": ranking}
-        info["columns"] = job.get("columns") or _default_columns(formatting, ranking, keys)
-        if job.get("tags"):
-            info["tags"] = job["tags"]
-        attr = lf["parser"].DatasetAttr("file", dataset_name=data_file.name)
-        attr.join(info)
-
-        data_args = lf["data_args"].DataArguments(
-            template=job["template"], dataset_dir=str(data_file.parent), cutoff_len=int(job["cutoff_len"]),
-            train_on_prompt=False, mask_history=False, enable_thinking=job.get("enable_thinking", True),
-            overwrite_cache=True, preprocessing_num_workers=None, packing=False, tool_format=job.get("tool_format"),
-            default_system=job.get("default_system"))
-        training_args = _TrainingArgs()
-
-        tokenizer = AutoTokenizer.from_pretrained(job["tokenizer"], use_fast=True, split_special_tokens=False,
-                                                  padding_side="right")
-        template = lf["template"].get_template_and_fix_tokenizer(tokenizer, data_args)
-        aligned = lf["converter"].align_dataset(dataset, attr, data_args, training_args)
-
-        cls = lf["pairwise"].PairwiseDatasetProcessor if ranking else lf["supervised"].SupervisedDatasetProcessor
-        processor = cls(template=template, tokenizer=tokenizer, processor=None, data_args=data_args)
+        dataset, aligned, processor = _lf_pipeline(lf, job, _job_data_file(job, tmp), tmp / "hf-cache")
 
         # LF's _get_preprocessed_dataset: dataset.map(processor.preprocess_dataset, batched=True, ...). Batches of
         # one row let us record which input row each kept sample came from (the processor is row-independent).
@@ -238,11 +251,44 @@ def _run_job(site: Path, job: dict[str, Any]) -> dict[str, Any]:
                 else ["input_ids", "labels"])
         samples = [{"source_index": r["source_index"], **{k: list(r[k]) for k in want}} for r in rows]
         result: dict[str, Any] = {"n_input": len(dataset), "samples": samples,
-                                  "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+                                  "eos_token_id": processor.tokenizer.eos_token_id,
+                                  "pad_token_id": processor.tokenizer.pad_token_id}
         if job.get("with_aligned"):
             result["aligned"] = [{k: r[k] for k in ("_prompt", "_response", "_system", "_tools")}
                                  for r in aligned.to_list()]
         return result
+
+
+def _throughput_job(lf: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """Time LF's whole supervised path on a file, run as LF runs it (`preprocessing_num_workers` = workers)."""
+    import time
+
+    workers = int(job["workers"])
+    with tempfile.TemporaryDirectory(prefix="lf-bench-") as tmp:
+        cpu_start = cpu_seconds()
+        start = time.perf_counter()
+        _, aligned, processor = _lf_pipeline(lf, job, Path(job["data_file"]).resolve(), Path(tmp) / "hf-cache",
+                                             num_proc=workers)
+        # LF's _get_preprocessed_dataset, verbatim but for `desc`
+        encoded = aligned.map(processor.preprocess_dataset, batched=True,
+                              batch_size=processor.data_args.preprocessing_batch_size,
+                              remove_columns=list(next(iter(aligned)).keys()), num_proc=workers,
+                              load_from_cache_file=False)
+        seconds = time.perf_counter() - start
+        cpu = cpu_seconds() - cpu_start
+        import pyarrow.compute as pc
+
+        ids, labels = (pc.list_flatten(encoded.data.column(c)) for c in ("input_ids", "labels"))
+        first = encoded.select(range(min(int(job.get("first_n", 0)), len(encoded)))).to_list()
+        return {"seconds": seconds, "cpu_seconds": cpu, "samples": len(encoded), "tokens": len(ids),
+                "supervised_tokens": int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0),
+                "first": [[r["input_ids"], r["labels"]] for r in first]}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (pool workers are joined when a map ends)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 class _TrainingArgs:
@@ -401,6 +447,22 @@ def lf_pairwise(records: Optional[Iterable[dict]] = None, fmt: str = "sharegpt",
                     enable_thinking=enable_thinking, cutoff_len=cutoff_len, pairwise=True, **kw)
     return [{k: s[k] for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")}
             for s in res["samples"]]
+
+
+def lf_throughput(data_file: Path | str, *, tokenizer_dir: Path | str, template: str, enable_thinking: Any,
+                  cutoff_len: int, workers: int, first_n: int = 0, worker: Optional[LFWorker] = None
+                  ) -> dict[str, Any]:
+    """Time LF's supervised path on an Alpaca file with `preprocessing_num_workers=workers`.
+
+    Covers what LF does from the file to the tokenized dataset: load_dataset, tokenizer and template,
+    align_dataset, and `dataset.map(SupervisedDatasetProcessor.preprocess_dataset, batched=True, num_proc=...)`
+    writing Arrow cache files. Returns {"seconds" (wall), "cpu_seconds" (all its processes), "samples", "tokens",
+    "supervised_tokens", "first": [[ids, labels]] for the first `first_n` samples}.
+    """
+    job = {"kind": "throughput", "formatting": "alpaca", "data_file": str(Path(data_file).resolve()),
+           "tokenizer": str(tokenizer_dir), "template": template, "enable_thinking": _thinking(enable_thinking),
+           "cutoff_len": int(cutoff_len), "workers": int(workers), "first_n": int(first_n)}
+    return (worker or get_worker()).call(job, timeout=1800)
 
 
 # --------------------------------------------------------------------------------------------------------------

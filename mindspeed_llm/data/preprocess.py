@@ -212,7 +212,9 @@ def _encode_all(args, files, writer: IndexedWriter, summary: Summary) -> None:
     next_log = args.log_interval
     pool = None
     if args.workers > 1:
-        pool = mp.get_context("fork").Pool(args.workers, initializer=_init_worker, initargs=(args,))
+        # Forked workers inherit `_WORKER` as `run` set it up; loading the tokenizer again in each costs a
+        # noticeable share of a worker's CPU on a dataset of some thousand records.
+        pool = mp.get_context("fork").Pool(args.workers)
         results = _bounded_imap(pool, _chunks(records, CHUNK), window=2 * args.workers)
     else:
         results = map(_encode_chunk, _chunks(records, CHUNK))
