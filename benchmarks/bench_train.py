@@ -6,10 +6,13 @@ batches, same device, one process, in one run. Prints tokens/s of both and the r
     python benchmarks/bench_train.py --preset qwen3-1.7b   # GPU: Qwen3-1.7B shape, seq 4096, bf16
     python benchmarks/bench_train.py --lora 16             # LoRA (r 16 on qkv/proj/fc1/fc2) against full
                                                            # fine-tuning: tokens/s and peak memory of each
+    python benchmarks/bench_train.py --dpo                 # DPO (sigmoid, beta 0.1): pairs/s of our step
+                                                           # (`--stage dpo`) against a TRL-DPOTrainer-style loop
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -56,7 +59,7 @@ def batches(p: dict, steps: int, seed: int = 0) -> list[list[dict]]:
     return out
 
 
-def our_argv(p: dict, bf16: bool, lora: int = 0) -> list[str]:
+def our_argv(p: dict, bf16: bool, lora: int = 0, dpo: bool = False) -> list[str]:
     argv = (f"--num-layers {p['layers']} --hidden-size {p['hidden']} --ffn-hidden-size {p['ffn']} "
             f"--num-attention-heads {p['heads']} --group-query-attention --num-query-groups {p['groups']} "
             f"--kv-channels {p['head_dim']} --qk-layernorm --norm-epsilon 1e-6 --swiglu --disable-bias-linear "
@@ -72,11 +75,14 @@ def our_argv(p: dict, bf16: bool, lora: int = 0) -> list[str]:
     if lora:      # the adapters go on a base model: --load must name a directory (nothing is read from it here)
         argv += ["--lora-r", str(lora), "--lora-alpha", str(2 * lora), "--lora-target-modules", "linear_qkv",
                  "linear_proj", "linear_fc1", "linear_fc2", "--load", tempfile.mkdtemp(prefix="bench_lora_")]
+    if dpo:       # --load must name a directory; the reference is copied from the policy's start instead
+        argv += ["--stage", "dpo", "--is-pairwise-dataset", "--load", tempfile.mkdtemp(prefix="bench_dpo_")]
     return argv
 
 
-def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0) -> tuple[float, float]:
-    """(seconds for the timed iterations, FLOPs per iteration)."""
+def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0, dpo: bool = False) -> tuple[float, float]:
+    """(seconds for the timed iterations, FLOPs per iteration). With `dpo`, each micro-batch of `data` holds
+    the chosen rows then the rejected rows, and a frozen copy of the starting weights is the reference."""
     from mindspeed_llm.arguments import parse_train_args
     from mindspeed_llm.platform import current_device, init_distributed
     from mindspeed_llm.training import model_setup
@@ -86,29 +92,58 @@ def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0) -> tup
     from mindspeed_llm.training.sft import train_step
     from mindspeed_llm.training.validate import validate_world
 
-    args = parse_train_args(our_argv(p, bf16, lora))
+    args = parse_train_args(our_argv(p, bf16, lora, dpo))
     validate_world(args, 1)
     init_distributed(1, 1, seed=1234)
     cfg = model_setup.model_config(args, p["vocab"])
-    model = model_setup.wrap_ddp(args, model_setup.build_chunks(args, cfg))
+    chunks = model_setup.build_chunks(args, cfg)
+    objective = None
+    if dpo:
+        from mindspeed_llm.training import dpo as dpo_mod
+
+        reference = model_setup.build_chunks(args, cfg, lora=False)
+        for ref, policy in zip(reference, chunks):
+            ref.load_state_dict(policy.state_dict())
+        objective = dpo_mod.DPOObjective(dpo_mod.settings_from_args(args), dpo_mod.freeze(args, reference))
+    model = model_setup.wrap_ddp(args, chunks)
     optimizer, _ = model_setup.build_optimizer(args, model)
     device = current_device()
-    terms = [(p["mbs"], p["seq"], 0.5)] * p["nmb"]
+    rows = data[0][0]["input_ids"].shape[0]
+    terms = [(rows, p["seq"], 0.5)] * p["nmb"]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = 0.0
     for i, it in enumerate(data):
         if i == warmup:
             sync()
             start = time.perf_counter()
-        mb = MicroBatches([get_batch(b, device) for b in it], p["seq"], p["mbs"], 0, terms)
-        train_step(args, model, optimizer, mb)
+        mb = MicroBatches([get_batch(b, device) for b in it], p["seq"], rows, 0, terms)
+        train_step(args, model, optimizer, mb, objective)
     sync()
     seconds = time.perf_counter() - start
-    del model, optimizer
-    return seconds, flops_per_iteration(cfg, terms, True)
+    del model, optimizer, objective
+    # DPO adds the reference's forward pass: one third of a forward + backward.
+    return seconds, flops_per_iteration(cfg, terms, True) * (4 / 3 if dpo else 1)
 
 
-def run_hf(p: dict, data: list, warmup: int, bf16: bool) -> float:
+def hf_sequence_logps(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(label) over the supervised (labels != -100) next-token positions, per row (TRL's logps)."""
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    target = labels[:, 1:]
+    token_logps = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (token_logps * (target != -100)).sum(-1)
+
+
+def hf_dpo_loss(model, reference, ids: torch.Tensor, labels: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """TRL DPOTrainer's sigmoid loss: chosen and rejected rows in one batch, reference log-probs without grad."""
+    b = ids.shape[0] // 2
+    logps = hf_sequence_logps(model, ids, labels)
+    with torch.no_grad():
+        ref = hf_sequence_logps(reference, ids, labels)
+    logits = (logps[:b] - logps[b:]) - (ref[:b] - ref[b:])
+    return -torch.nn.functional.logsigmoid(beta * logits).mean()
+
+
+def run_hf(p: dict, data: list, warmup: int, bf16: bool, dpo: bool = False) -> float:
     from transformers import AutoModelForCausalLM
 
     from mindspeed_llm.platform import current_device
@@ -116,6 +151,7 @@ def run_hf(p: dict, data: list, warmup: int, bf16: bool) -> float:
     device = current_device()
     model = AutoModelForCausalLM.from_config(hf_config(p), dtype=torch.float32, attn_implementation="sdpa").to(device)
     model.train()
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if dpo else None
     decay = [q for n, q in model.named_parameters() if q.ndim > 1]
     no_decay = [q for n, q in model.named_parameters() if q.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -130,7 +166,8 @@ def run_hf(p: dict, data: list, warmup: int, bf16: bool) -> float:
         opt.zero_grad(set_to_none=True)
         for b in it:
             with autocast:
-                loss = model(input_ids=b["input_ids"].to(device), labels=b["labels"].to(device)).loss
+                ids, labels = b["input_ids"].to(device), b["labels"].to(device)
+                loss = hf_dpo_loss(model, reference, ids, labels) if dpo else model(input_ids=ids, labels=labels).loss
             (loss / len(it)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -174,8 +211,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seq", type=int, default=None, help="override the preset's sequence length")
     ap.add_argument("--lora", type=int, default=0, metavar="R", help="compare LoRA of rank R with full fine-tuning")
+    ap.add_argument("--dpo", action="store_true",
+                    help="DPO: pairs/s against a TRL-DPOTrainer-style transformers loop (micro-batch = pairs)")
     ap.add_argument("--child", choices=["full", "lora"], default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.lora and a.dpo:
+        ap.error("--lora and --dpo: pick one comparison")
     if a.lora and a.child is None:
         return lora_vs_full(a)
     os.environ.setdefault("MINDSPEED_DEVICE", "" if torch.cuda.is_available() else "cpu")
@@ -185,21 +226,23 @@ def main() -> None:
         p["seq"] = a.seq
     bf16 = gpu
     steps = a.steps or (10 if gpu else 5)
-    data = batches(p, a.warmup + steps)
+    # DPO: a micro-batch of mbs pairs is 2 x mbs rows, the chosen ones then the rejected ones.
+    data = batches({**p, "mbs": 2 * p["mbs"]} if a.dpo else p, a.warmup + steps)
     tokens = steps * p["nmb"] * p["mbs"] * p["seq"]
+    count, unit = (steps * p["nmb"] * p["mbs"], "pairs") if a.dpo else (tokens, "tokens")
     if a.child:
         seconds, _ = run_ours(p, data, a.warmup, bf16, a.lora if a.child == "lora" else 0)
         print("RESULT " + json.dumps({"tokens_per_s": tokens / seconds, "peak": peak_memory()}))
         return
-    hf_s = run_hf(p, data, a.warmup, bf16)
+    hf_s = run_hf(p, data, a.warmup, bf16, a.dpo)
     if gpu:
         torch.cuda.empty_cache()
-    ours_s, flops = run_ours(p, data, a.warmup, bf16)
+    ours_s, flops = run_ours(p, data, a.warmup, bf16, dpo=a.dpo)
     device = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {device}; model: {a.preset or ('qwen3-1.7b' if gpu else 'small')} {p}; "
-          f"{'bf16' if bf16 else 'fp32'}; {steps} timed iterations")
-    print(f"transformers + AdamW : {tokens / hf_s:12.1f} tokens/s")
-    print(f"ours (megatron-core) : {tokens / ours_s:12.1f} tokens/s")
+          f"{'bf16' if bf16 else 'fp32'}; {steps} timed iterations{'; DPO sigmoid, beta 0.1' if a.dpo else ''}")
+    print(f"transformers + AdamW{' (TRL-style DPO)' if a.dpo else ''} : {count / hf_s:12.1f} {unit}/s")
+    print(f"ours (megatron-core{', --stage dpo' if a.dpo else ''})  : {count / ours_s:12.1f} {unit}/s")
     if gpu:
         mfu = flops * steps / ours_s / H100_BF16_PEAK
         mfu_hf = flops * steps / hf_s / H100_BF16_PEAK
