@@ -6,12 +6,15 @@ batches, same device, one process, in one run. Prints tokens/s of both and the r
     python benchmarks/bench_train.py --preset qwen3-1.7b   # GPU: Qwen3-1.7B shape, seq 4096, bf16
     python benchmarks/bench_train.py --lora 16             # LoRA (r 16 on qkv/proj/fc1/fc2) against full
                                                            # fine-tuning: tokens/s and peak memory of each
+    python benchmarks/bench_train.py --dpo                 # DPO (sigmoid, beta 0.1): pairs/s of our step
+                                                           # (`--stage dpo`) against a TRL-DPOTrainer-style loop
     python benchmarks/bench_train.py --packed              # packed rows (--reset-attention-mask) against the
                                                            # transformers loop on the same samples unpacked
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -107,15 +110,15 @@ def flop_terms(p: dict, it: list[dict]) -> list[tuple[int, int, float]]:
     """(rows, length, attention density) per micro-batch, as the training log counts them."""
     terms = []
     for b in it:
-        density = 0.5
+        rows, density = b["input_ids"].shape[0], 0.5
         if "cu_seqlens" in b:
             seg = (b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).double()
-            density = 0.5 * float((seg ** 2).sum()) / (p["mbs"] * p["seq"] ** 2)
-        terms.append((p["mbs"], p["seq"], density))
+            density = 0.5 * float((seg ** 2).sum()) / (rows * p["seq"] ** 2)
+        terms.append((rows, p["seq"], density))
     return terms
 
 
-def our_argv(p: dict, bf16: bool, lora: int = 0, fused: bool = True) -> list[str]:
+def our_argv(p: dict, bf16: bool, lora: int = 0, fused: bool = True, dpo: bool = False) -> list[str]:
     argv = (f"--num-layers {p['layers']} --hidden-size {p['hidden']} --ffn-hidden-size {p['ffn']} "
             f"--num-attention-heads {p['heads']} --group-query-attention --num-query-groups {p['groups']} "
             f"--kv-channels {p['head_dim']} --qk-layernorm --norm-epsilon 1e-6 --swiglu --disable-bias-linear "
@@ -133,11 +136,16 @@ def our_argv(p: dict, bf16: bool, lora: int = 0, fused: bool = True) -> list[str
     if lora:      # the adapters go on a base model: --load must name a directory (nothing is read from it here)
         argv += ["--lora-r", str(lora), "--lora-alpha", str(2 * lora), "--lora-target-modules", "linear_qkv",
                  "linear_proj", "linear_fc1", "linear_fc2", "--load", tempfile.mkdtemp(prefix="bench_lora_")]
+    if dpo:       # --load must name a directory; the reference is copied from the policy's start instead
+        argv += ["--stage", "dpo", "--is-pairwise-dataset", "--load", tempfile.mkdtemp(prefix="bench_dpo_")]
     return argv
 
 
-def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0, fused: bool = True) -> tuple[float, dict]:
-    """(seconds for the timed iterations, FLOPs per iteration counting attention as causal / packed and as full)."""
+def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0, fused: bool = True,
+             dpo: bool = False) -> tuple[float, dict]:
+    """(seconds for the timed iterations, FLOPs per iteration counting attention as causal / packed and as full).
+    With `dpo`, each micro-batch of `data` holds the chosen rows then the rejected rows, and a frozen copy of the
+    starting weights is the reference."""
     from mindspeed_llm.arguments import parse_train_args
     from mindspeed_llm.platform import current_device, init_distributed
     from mindspeed_llm.training import model_setup
@@ -147,11 +155,20 @@ def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0, fused:
     from mindspeed_llm.training.sft import train_step
     from mindspeed_llm.training.validate import validate_world
 
-    args = parse_train_args(our_argv(p, bf16, lora, fused))
+    args = parse_train_args(our_argv(p, bf16, lora, fused, dpo))
     validate_world(args, 1)
     init_distributed(1, 1, seed=1234)
     cfg = model_setup.model_config(args, p["vocab"])
-    model = model_setup.wrap_ddp(args, model_setup.build_chunks(args, cfg))
+    chunks = model_setup.build_chunks(args, cfg)
+    objective = None
+    if dpo:
+        from mindspeed_llm.training import dpo as dpo_mod
+
+        reference = model_setup.build_chunks(args, cfg, lora=False)
+        for ref, policy in zip(reference, chunks):
+            ref.load_state_dict(policy.state_dict())
+        objective = dpo_mod.DPOObjective(dpo_mod.settings_from_args(args), dpo_mod.freeze(args, reference))
+    model = model_setup.wrap_ddp(args, chunks)
     optimizer, _ = model_setup.build_optimizer(args, model)
     device = current_device()
     packed = "cu_seqlens" in data[0][0]
@@ -167,19 +184,38 @@ def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0, fused:
         if packed:      # THD: the micro-batch's rows are flattened into one
             mb = MicroBatches(inputs, p["seq"] * p["mbs"], 1, 0, flop_terms(p, it))
         else:
-            mb = MicroBatches(inputs, p["seq"], p["mbs"], 0, flop_terms(p, it))
-        train_step(args, model, optimizer, mb)
+            mb = MicroBatches(inputs, p["seq"], it[0]["input_ids"].shape[0], 0, flop_terms(p, it))
+        train_step(args, model, optimizer, mb, objective)
     sync()
     seconds = time.perf_counter() - start
-    del model, optimizer
+    del model, optimizer, objective
     timed = data[warmup:]
-    flops = {"causal": sum(flops_per_iteration(cfg, flop_terms(p, it), True) for it in timed) / len(timed),
-             "full": sum(flops_per_iteration(cfg, [(r, s, 1.0) for r, s, _ in flop_terms(p, it)], True)
-                         for it in timed) / len(timed)}
+    scale = 4 / 3 if dpo else 1     # DPO adds the reference's forward pass: a third of a forward + backward
+    flops = {"causal": scale * sum(flops_per_iteration(cfg, flop_terms(p, it), True) for it in timed) / len(timed),
+             "full": scale * sum(flops_per_iteration(cfg, [(r, s, 1.0) for r, s, _ in flop_terms(p, it)], True)
+                                 for it in timed) / len(timed)}
     return seconds, flops
 
 
-def run_hf(p: dict, data: list, warmup: int, bf16: bool) -> float:
+def hf_sequence_logps(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(label) over the supervised (labels != -100) next-token positions, per row (TRL's logps)."""
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    target = labels[:, 1:]
+    token_logps = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (token_logps * (target != -100)).sum(-1)
+
+
+def hf_dpo_loss(model, reference, ids: torch.Tensor, labels: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """TRL DPOTrainer's sigmoid loss: chosen and rejected rows in one batch, reference log-probs without grad."""
+    b = ids.shape[0] // 2
+    logps = hf_sequence_logps(model, ids, labels)
+    with torch.no_grad():
+        ref = hf_sequence_logps(reference, ids, labels)
+    logits = (logps[:b] - logps[b:]) - (ref[:b] - ref[b:])
+    return -torch.nn.functional.logsigmoid(beta * logits).mean()
+
+
+def run_hf(p: dict, data: list, warmup: int, bf16: bool, dpo: bool = False) -> float:
     from transformers import AutoModelForCausalLM
 
     from mindspeed_llm.platform import current_device
@@ -187,6 +223,7 @@ def run_hf(p: dict, data: list, warmup: int, bf16: bool) -> float:
     device = current_device()
     model = AutoModelForCausalLM.from_config(hf_config(p), dtype=torch.float32, attn_implementation="sdpa").to(device)
     model.train()
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if dpo else None
     decay = [q for n, q in model.named_parameters() if q.ndim > 1]
     no_decay = [q for n, q in model.named_parameters() if q.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -201,8 +238,8 @@ def run_hf(p: dict, data: list, warmup: int, bf16: bool) -> float:
         opt.zero_grad(set_to_none=True)
         for b in it:
             with autocast:
-                b = unpacked(b) if "cu_seqlens" in b else b
-                loss = model(**{k: v.to(device) for k, v in b.items()}).loss
+                b = {k: v.to(device) for k, v in (unpacked(b) if "cu_seqlens" in b else b).items()}
+                loss = hf_dpo_loss(model, reference, b["input_ids"], b["labels"]) if dpo else model(**b).loss
             (loss / len(it)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -246,6 +283,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seq", type=int, default=None, help="override the preset's sequence length")
     ap.add_argument("--lora", type=int, default=0, metavar="R", help="compare LoRA of rank R with full fine-tuning")
+    ap.add_argument("--dpo", action="store_true",
+                    help="DPO: pairs/s against a TRL-DPOTrainer-style transformers loop (micro-batch = pairs)")
     ap.add_argument("--packed", action="store_true",
                     help="packed rows (--reset-attention-mask) against the transformers loop on the same samples "
                          "unpacked (right-padded, attention inside each sample)")
@@ -253,6 +292,8 @@ def main() -> None:
                     help="also time our step without the recipes' kernel flags (megatron-core's unfused layers)")
     ap.add_argument("--child", choices=["full", "lora"], default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.dpo and (a.lora or a.packed):
+        ap.error("--dpo compares DPO steps on padded pairs: use it without --lora and --packed")
     if a.lora and a.child is None:
         return lora_vs_full(a)
     os.environ.setdefault("MINDSPEED_DEVICE", "" if torch.cuda.is_available() else "cpu")
@@ -262,29 +303,33 @@ def main() -> None:
         p["seq"] = a.seq
     bf16 = gpu
     steps = a.steps or (10 if gpu else 5)
-    data = (packed_batches if a.packed else batches)(p, a.warmup + steps)
+    if a.dpo:       # a micro-batch of mbs pairs is 2 x mbs rows, the chosen ones then the rejected ones
+        data = batches({**p, "mbs": 2 * p["mbs"]}, a.warmup + steps)
+    else:
+        data = (packed_batches if a.packed else batches)(p, a.warmup + steps)
     tokens = steps * p["nmb"] * p["mbs"] * p["seq"]
+    count, unit = (steps * p["nmb"] * p["mbs"], "pairs") if a.dpo else (tokens, "tokens")
     if a.child:
         seconds, _ = run_ours(p, data, a.warmup, bf16, a.lora if a.child == "lora" else 0)
         print("RESULT " + json.dumps({"tokens_per_s": tokens / seconds, "peak": peak_memory()}))
         return
     peaks = {}
-    hf_s = run_hf(p, data, a.warmup, bf16)
+    hf_s = run_hf(p, data, a.warmup, bf16, a.dpo)
     if gpu:
         peaks["hf"] = torch.cuda.max_memory_allocated()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    ours_s, flops = run_ours(p, data, a.warmup, bf16)
+    ours_s, flops = run_ours(p, data, a.warmup, bf16, dpo=a.dpo)
     if gpu:
         peaks["ours"] = torch.cuda.max_memory_allocated()
-    unfused_s = run_ours(p, data, a.warmup, bf16, fused=False)[0] if a.unfused else None
+    unfused_s = run_ours(p, data, a.warmup, bf16, fused=False, dpo=a.dpo)[0] if a.unfused else None
     device = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {device}; model: {a.preset or ('qwen3-1.7b' if gpu else 'small')} {p}; "
-          f"{'bf16' if bf16 else 'fp32'}; {steps} timed iterations")
-    print(f"transformers + AdamW : {tokens / hf_s:12.1f} tokens/s")
-    print(f"ours (megatron-core) : {tokens / ours_s:12.1f} tokens/s")
+          f"{'bf16' if bf16 else 'fp32'}; {steps} timed iterations{'; DPO sigmoid, beta 0.1' if a.dpo else ''}")
+    print(f"transformers + AdamW{' (TRL-style DPO)' if a.dpo else ''} : {count / hf_s:12.1f} {unit}/s")
+    print(f"ours (megatron-core{', --stage dpo' if a.dpo else ''})  : {count / ours_s:12.1f} {unit}/s")
     if unfused_s:
-        print(f"ours, unfused layers : {tokens / unfused_s:12.1f} tokens/s   (fused / unfused: "
+        print(f"ours, unfused layers : {count / unfused_s:12.1f} {unit}/s   (fused / unfused: "
               f"{unfused_s / ours_s:.2f}x)")
     if gpu:
         # Megatron's formula (fwd + bwd, 6 x params x tokens + attention); "full" counts every query-key pair

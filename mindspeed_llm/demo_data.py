@@ -2,7 +2,8 @@
 
 Every record is generated from a seeded RNG, so the same call always writes the same files. Tasks:
 reverse a word, add two small numbers, upper-case a word, and repeat a word twice. The held-out split
-draws from the same generator after the training records, so no (task, argument) pair is shared.
+draws from the same generator after the training records, so no (task, argument) pair is shared. Preference
+pairs (for DPO) take the correct answer as chosen and a plausible wrong one as rejected.
 """
 from __future__ import annotations
 
@@ -52,6 +53,21 @@ def to_alpaca(example: dict) -> dict:
             "system": SYSTEM_PROMPT}
 
 
+def wrong_answer(example: dict, rng: random.Random) -> str:
+    """A plausible wrong answer: another word task applied to the same word, or a sum off by 1 to 3."""
+    if example["task"] == "add":
+        total, delta = int(example["output"]), rng.choice([-3, -2, -1, 1, 2, 3])
+        return str(total + delta if total + delta >= 0 else total - delta)
+    others = [t for t in TASKS if t not in ("add", example["task"])]
+    return TASKS[rng.choice(others)][1](example["input"])
+
+
+def to_pairwise(example: dict, rng: random.Random) -> dict:
+    """The example as an Alpaca pairwise record (AlpacaStylePairwiseHandler's instruction/input/chosen/rejected)."""
+    return {"instruction": example["instruction"], "input": example["input"], "chosen": example["output"],
+            "rejected": wrong_answer(example, rng)}
+
+
 def to_sharegpt(examples: list[dict]) -> dict:
     """Several examples as one multi-turn ShareGPT conversation."""
     turns = []
@@ -73,7 +89,8 @@ def write_demo_data(out_dir: str | Path, n_train: int = 2000, n_test: int = 200,
     """Write alpaca_{train,test}.jsonl, sharegpt_{train,test}.jsonl (2-3 turns each), prompts_test.jsonl
     (held-out requests for inference.py, with the expected answers) under `out_dir`; and the tasks in
     BIG-Bench-Hard's layout for evaluation.py: bbh/demo_{task}.json (held out) and alpaca_bbh_train.jsonl (a
-    quarter of the training examples asked the way evaluation.py asks BBH questions)."""
+    quarter of the training examples asked the way evaluation.py asks BBH questions); and preference pairs
+    pairwise_{train,test}.jsonl, the held-out pairs keeping only arguments (words, sums) absent from training."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     examples = list(generate_examples(n_train + n_test, seed))
@@ -92,6 +109,11 @@ def write_demo_data(out_dir: str | Path, n_train: int = 2000, n_test: int = 200,
         _write_jsonl(sharegpt, conversations)
         paths[f"alpaca_{split}"] = alpaca
         paths[f"sharegpt_{split}"] = sharegpt
+    seen = {ex["input"] for ex in splits["train"]}
+    pair_splits = {"train": splits["train"], "test": [ex for ex in splits["test"] if ex["input"] not in seen]}
+    for split, rows in pair_splits.items():
+        paths[f"pairwise_{split}"] = out / f"pairwise_{split}.jsonl"
+        _write_jsonl(paths[f"pairwise_{split}"], [to_pairwise(ex, rng) for ex in rows])
     prompts = out / "prompts_test.jsonl"
     _write_jsonl(prompts, [to_prompt(ex) for ex in splits["test"]])
     paths["prompts_test"] = prompts

@@ -1,5 +1,5 @@
 """Write the synthetic demo tasks (reverse / upper-case / repeat a word, add two numbers) as Alpaca and
-ShareGPT JSONL, with a held-out split."""
+ShareGPT JSONL, and as preference pairs for DPO (pairwise_{train,test}.jsonl), with a held-out split."""
 import argparse
 
 from mindspeed_llm.demo_data import write_demo_data

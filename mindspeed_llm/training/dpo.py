@@ -229,6 +229,14 @@ def build_reference(args: argparse.Namespace, cfg, resume: bool) -> list:
     except ConversionError as exc:
         raise UserError(f"reference model ({origin}) {directory}: {exc}") from None
     args.ref_model, args.refer_model_iter = str(directory), iteration
+    wrapped = freeze(args, chunks)
+    if torch.distributed.get_rank() == 0:
+        print(f"reference model for --stage dpo: {directory} ({layout.iter_dir_name(iteration)}), frozen", flush=True)
+    return wrapped
+
+
+def freeze(args: argparse.Namespace, chunks: list) -> list:
+    """The model chunks as a reference: eval mode, no gradients, wrapped for --bf16/--fp16 as the policy is."""
     wrapped = []
     for chunk in chunks:
         chunk.eval()
@@ -240,6 +248,4 @@ def build_reference(args: argparse.Namespace, cfg, resume: bool) -> list:
             chunk = Float16Module(chunk.config, chunk)
             chunk.eval()
         wrapped.append(chunk)
-    if torch.distributed.get_rank() == 0:
-        print(f"reference model for --stage dpo: {directory} ({layout.iter_dir_name(iteration)}), frozen", flush=True)
     return wrapped

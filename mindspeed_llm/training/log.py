@@ -134,9 +134,12 @@ def report_memory(iteration: int) -> None:
           f"max allocated: {stats[1]:.1f} | reserved: {stats[2]:.1f} | max reserved: {stats[3]:.1f}", flush=True)
 
 
-def validation_line(iteration: int, loss: float) -> str:
-    text = (f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | "
-            f"lm loss PPL: {math.exp(min(20.0, loss)):.6E} | ")
+def validation_line(iteration: int, loss: float, metrics: Optional[dict[str, float]] = None) -> str:
+    """Megatron's validation block: `KEY value: V | KEY PPL: exp(V) |` for `lm loss` and each extra metric
+    (Megatron prints a PPL for every loss-dict entry, meaningful or not; kept so log parsers match)."""
+    text = f" validation loss at iteration {iteration} | "
+    for key, value in {"lm loss": loss, **(metrics or {})}.items():
+        text += f"{key} value: {value:.6E} | {key} PPL: {math.exp(min(20.0, value)):.6E} | "
     bar = "-" * len(text)
     return f"{bar}\n{text}\n{bar}"
 

@@ -195,14 +195,18 @@ def evaluate(args: argparse.Namespace, model: list, data, iteration: int, device
     for m in model:
         m.eval()
     total = 0.0
+    sums: dict[str, float] = {}        # --stage dpo: rewards etc. (already DP means), summed over eval iterations
     with torch.no_grad():
         for _ in range(args.eval_iters):
             mb = next_micro_batches(args, data.valid_iter, args.num_microbatches, device)
             total += run_schedule(args, model, mb, forward_only=True, objective=objective)
+            for key, value in (objective.last_metrics if objective is not None else {}).items():
+                sums[key] = sums.get(key, 0.0) + value
     for m in model:
         m.train()
     if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
-        print(validation_line(iteration, total / args.eval_iters), flush=True)
+        metrics = {key: value / args.eval_iters for key, value in sums.items()}
+        print(validation_line(iteration, total / args.eval_iters, metrics), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,8 +358,9 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
             _exit_message(iteration)
             return finish()
     save()
-    if data.valid_iter is not None and iteration > 0 and not args.skip_train and \
-            not (args.eval_interval and iteration % args.eval_interval == 0):
+    # As Megatron: a final evaluation unless the loop just ran one; --skip-train evaluates the loaded weights.
+    if data.valid_iter is not None and (args.skip_train or (
+            iteration > 0 and not (args.eval_interval and iteration % args.eval_interval == 0))):
         evaluate(args, model, data, iteration, device, objective)
     return finish()
 
