@@ -232,6 +232,12 @@ def _foreach_scale(chunk_size: int, noop_flag: Any, tensor_lists: list, scale: f
         torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
 
 
+def compiled_fusions_supported() -> bool:
+    """Whether megatron-core's fused elementwise kernels (built with `torch.compile`) may be used: on CUDA and CPU;
+    not on Ascend, where they have not been verified (MindSpeed swaps in its own NPU kernels there)."""
+    return detect_platform().device_type in ("cuda", "cpu")
+
+
 def adapt_megatron_optimizer(optimizer: Any) -> None:
     """Where megatron-core fell back to torch (no Apex/TE): grad norms and scaling through torch's foreach kernels,
     and Adam/AdamW through torch's fused kernel on devices that have one (one launch for all parameters instead of

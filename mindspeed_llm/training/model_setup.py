@@ -11,7 +11,7 @@ import torch
 
 from mindspeed_llm.arguments import params_dtype
 from mindspeed_llm.errors import UserError
-from mindspeed_llm.platform import adapt_megatron_optimizer, notice
+from mindspeed_llm.platform import adapt_megatron_optimizer, compiled_fusions_supported, notice
 
 
 def checkpoint_args(load: Optional[str]) -> tuple[Optional[argparse.Namespace], str]:
@@ -102,7 +102,7 @@ def transformer_overrides(args: argparse.Namespace) -> dict[str, Any]:
         batch_p2p_comm=not bool(args.num_layers_per_virtual_pipeline_stage),
         # The fused kernels MindSpeed recipes ask for (same results as the default path, fewer passes).
         fused_rmsnorm=bool(args.use_fused_rmsnorm),
-        bias_activation_fusion=bool(args.use_fused_swiglu) and not args.no_bias_swiglu_fusion,
+        bias_activation_fusion=_fused_swiglu(args),
     )
     if args.variable_seq_lengths:
         out["moe_token_dispatcher_type"] = "alltoall"   # megatron refuses variable lengths with the default (MoE-only)
@@ -110,6 +110,16 @@ def transformer_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out.update(recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
                    recompute_num_layers=args.recompute_num_layers or 1)
     return out
+
+
+def _fused_swiglu(args: argparse.Namespace) -> bool:
+    if not args.use_fused_swiglu or args.no_bias_swiglu_fusion:
+        return False
+    if not compiled_fusions_supported():
+        notice("--use-fused-swiglu: megatron-core's compiled SwiGLU is not verified on this device; "
+               "SwiGLU runs unfused")
+        return False
+    return True
 
 
 def build_chunks(args: argparse.Namespace, cfg, lora: bool = True) -> list:
