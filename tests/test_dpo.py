@@ -5,6 +5,8 @@
   momentum, decay or clipping): (w0 - w1) / lr, compared with the transformers gradients carried through the
   project's HF -> Megatron converter.
 * TP2 (+SP), PP2 (fixed and dynamic padding, and interleaved) and DP2 losses and metrics equal TP1 for 3 steps.
+* Packed pairs (--reset-attention-mask: one THD row per micro-batch) give the losses, metrics and grad norms of
+  dynamic padding for 3 steps, sigmoid and IPO (+ pref-ftx), at TP1, TP2 (+SP), PP2 and DP2.
 * A resumed run (reference recorded in its checkpoint) continues exactly.
 Data: pairwise records written here, preprocessed with preprocess_data.py (AlpacaStylePairwiseHandler).
 """
@@ -29,6 +31,9 @@ LR = 1000.0
 LOSS_CASES = [("sigmoid", "sigmoid", 0.1, 0.5), ("hinge", "hinge", 0.0, 0.0), ("ipo", "ipo", 0.0, 0.3)]
 LORA = ["--lora-target-modules", "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "--lora-r", "8",
         "--lora-alpha", "16"]
+PACKED, DYNAMIC = ["--reset-attention-mask"], ["--no-pad-to-seq-lengths"]
+IPO = ["--dpo-loss-type", "ipo", "--pref-ftx", "0.3"]       # IPO's means use the per-segment token counts
+TP2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
 
@@ -104,6 +109,10 @@ def single(dpo_env) -> dict:
     plan = [{"name": name, "argv": sgd_step(env, kind, ls, ftx, root / f"sgd_{name}")}
             for name, kind, ls, ftx in LOSS_CASES]
     plan.append({"name": "tp1", "argv": dpo_flags(env, 3)})
+    plan += [{"name": "dynamic", "argv": dpo_flags(env, 3) + DYNAMIC},
+             {"name": "packed", "argv": dpo_flags(env, 3) + PACKED},
+             {"name": "ipo_dynamic", "argv": dpo_flags(env, 3) + DYNAMIC + IPO},
+             {"name": "ipo_packed", "argv": dpo_flags(env, 3) + PACKED + IPO}]
     # The converted reference's iteration named explicitly: the same reference as the tracker's.
     plan.append({"name": "refer_iter",
                  "argv": dpo_flags(env, 1) + ["--refer-model-iter", "1", "--lr-warmup-iters", "0"]})
@@ -126,17 +135,20 @@ def single(dpo_env) -> dict:
 @pytest.fixture(scope="module")
 def double(dpo_env) -> dict:
     """Two processes: TP2 with sequence parallelism, PP2 with fixed and dynamic padding, DP2 (distributed
-    optimizer), interleaved PP2, and MindSpeed-LLM's recipe."""
+    optimizer), interleaved PP2, packed pairs at TP2, PP2 and DP2, and MindSpeed-LLM's recipe."""
     env = dpo_env
     plan = [
-        {"name": "tp2", "argv": dpo_flags(env, 3, tp=2) + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]},
+        {"name": "tp2", "argv": dpo_flags(env, 3, tp=2) + TP2},
+        {"name": "tp2_packed", "argv": dpo_flags(env, 3, tp=2) + TP2 + PACKED},
+        {"name": "tp2_ipo_packed", "argv": dpo_flags(env, 3, tp=2) + TP2 + PACKED + IPO},
+        {"name": "pp2_packed", "argv": dpo_flags(env, 3, pp=2) + ["--pipeline-model-parallel-size", "2"] + PACKED},
+        {"name": "dp2_packed", "argv": dpo_flags(env, 3) + PACKED},
         {"name": "pp2", "argv": dpo_flags(env, 3, pp=2) + ["--pipeline-model-parallel-size", "2"]},
         {"name": "pp2_dynamic", "argv": dpo_flags(env, 3, pp=2) + ["--pipeline-model-parallel-size", "2",
                                                                    "--no-pad-to-seq-lengths"]},
         {"name": "dp2", "argv": dpo_flags(env, 3) + ["--use-distributed-optimizer"]},
         {"name": "vpp2", "argv": vpp_flags(env)},
-        {"name": "lora_tp2", "argv": dpo_flags(env, 3, tp=2) + LORA + ["--tensor-model-parallel-size", "2",
-                                                                        "--sequence-parallel"]},
+        {"name": "lora_tp2", "argv": dpo_flags(env, 3, tp=2) + LORA + TP2},
     ]
     recipe = mindspeed_recipe(env)
     if recipe is not None:
@@ -294,14 +306,30 @@ def test_rewards_are_not_trivial(single):
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", ["tp2", "pp2", "pp2_dynamic", "dp2", "vpp2"])
 def test_parallel_equals_single_process(single, double, name):
-    want, got = single["tp1"], double[name]
+    assert_same_run(double[name], single["tp1"], name)
+
+
+def assert_same_run(got: dict, want: dict, name: str, grad_norms: bool = False) -> None:
+    """3 steps of equal losses and DPO metrics (and grad norms), within 1e-5 relative."""
     assert len(got["losses"]) == len(want["losses"]) == 3
     for g, w in zip(got["losses"], want["losses"]):
         assert rel(g, w) < 1e-5, (name, got["losses"], want["losses"])
+    if grad_norms:
+        for g, w in zip(got["grad_norms"], want["grad_norms"]):
+            assert rel(g, w) < 1e-5, (name, got["grad_norms"], want["grad_norms"])
     assert len(got["metrics"]) == 3
     for gm, wm in zip(got["metrics"], want["metrics"]):
         for key in METRICS:
             assert abs(gm[key] - wm[key]) <= 1e-5 * max(abs(wm[key]), 1e-2), (name, key, gm[key], wm[key])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name,want", [("packed", "dynamic"), ("ipo_packed", "ipo_dynamic"), ("tp2_packed", "dynamic"),
+                                       ("tp2_ipo_packed", "ipo_dynamic"), ("pp2_packed", "dynamic"),
+                                       ("dp2_packed", "dynamic")])
+def test_packed_pairs_equal_padded(single, double, name, want):
+    """One THD row of the micro-batch's 2b sequences scores each pair as its padded rows do."""
+    assert_same_run({**single, **double}[name], single[want], name, grad_norms=True)
 
 
 @pytest.mark.distributed
@@ -444,5 +472,7 @@ def test_flag_errors(dpo_env):
         parse_train_args(argv + ["--dpo-loss-type", "hinge", "--dpo-label-smoothing", "0.1"])
     with pytest.raises(UserError, match="--ref-model"):
         parse_train_args(argv + ["--ref-model", str(dpo_env["root"] / "missing")])
+    with pytest.raises(UserError, match="--pack"):
+        parse_train_args(argv + ["--pack"])
     args = parse_train_args(argv + ["--dpo-loss-type", "ipo", "--pref-ftx", "0.2"])
     assert (args.stage, args.dpo_loss_type, args.pref_ftx, args.dpo_beta) == ("dpo", "ipo", 0.2, BETA)

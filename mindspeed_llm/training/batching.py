@@ -4,7 +4,8 @@ Batch modes (`batch_mode(args)`):
 * "fixed" (default): every micro-batch is padded to `--seq-length`.
 * "dynamic" (`--no-pad-to-seq-lengths`): padded to the longest sample rounded up to `--pad-to-multiple-of` (8).
 * "packed" (`--reset-attention-mask`, `--pack` data): rows are already `--seq-length`; segments travel as
-  cu_seqlens and attention never crosses them.
+  cu_seqlens and attention never crosses them. Pairwise data is packed here instead (`pack_sequences`): a
+  micro-batch of b pairs is one row of its 2b sequences, rounded up to `--pad-to-multiple-of`.
 
 Padding: input ids with the tokenizer's pad id, labels with -100, attention_mask with 0, on the right unless
 `padding_side="left"`.
@@ -71,7 +72,8 @@ class SFTCollator:
 
     Returns int64 tensors `input_ids`, `labels`, `attention_mask` of shape [b, L] (pairwise: 2b rows, all
     chosen then all rejected). Packed mode adds `position_ids` [b, L] int64, `cu_seqlens` (int32, flattened
-    boundaries with row offsets) and `max_seqlen` (0-d int64, the longest segment).
+    boundaries with row offsets) and `max_seqlen` (0-d int64, the longest segment); packed pairs are one row
+    [1, L] of 2b segments in the same order (`pack_sequences`).
     """
     mode: str
     seq_length: int
@@ -97,6 +99,8 @@ class SFTCollator:
         if "chosen_input_ids" in items[0]:
             items = [{k[len(side) + 1:]: v for k, v in it.items() if k.startswith(side)}
                      for side in ("chosen", "rejected") for it in items]
+            if self.mode == "packed":
+                return self.pack_sequences(items)
         length = self.padded_length(max(len(it["input_ids"]) for it in items))
         left = self.padding_side == "left"
         batch = {
@@ -112,6 +116,21 @@ class SFTCollator:
             cu = batch_cu_seqlens([it["cu_seqlens"] for it in items], length)
             batch["cu_seqlens"] = cu
             batch["max_seqlen"] = (cu[1:] - cu[:-1]).max().to(torch.int64)
+        return batch
+
+    def pack_sequences(self, items: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        """Unpacked samples back to back in one packed row (pairwise data is packed per micro-batch). The
+        padding up to `--pad-to-multiple-of` joins the last segment rather than forming its own, so there is
+        exactly one segment per sample; it only follows real tokens, which causal attention never lets see it."""
+        lengths = [len(it["input_ids"]) for it in items]
+        length = round_up(sum(lengths), self.pad_to_multiple_of)
+        starts = np.cumsum([0] + lengths[:-1])
+        cu = np.append(starts, length)
+        batch = {key: _pad_rows([np.concatenate([it[key] for it in items])], length, value, False)
+                 for key, value in (("input_ids", self.pad_token_id), ("labels", IGNORE_INDEX), ("attention_mask", 0))}
+        batch["position_ids"] = (torch.arange(length) - torch.from_numpy(np.repeat(starts, np.diff(cu))))[None]
+        batch["cu_seqlens"] = torch.from_numpy(cu).to(torch.int32)
+        batch["max_seqlen"] = torch.tensor(int(np.diff(cu).max()))
         return batch
 
 
@@ -288,7 +307,8 @@ def check_sidecar(prefix: str, args: Any, tokenizer: Any = None) -> dict | None:
 
     Compared: --prompt-type, --enable-thinking, --handler-name, --pack, the tokenizer (directory name of --tokenizer-name-or-path,
     and with `tokenizer` given: vocab size, eos and pad ids), --seq-length (when preprocessing had one),
-    packing (--pack data needs --reset-attention-mask and the reverse; --neat-pack must match) and
+    packing (--pack data needs --reset-attention-mask and the reverse, except for pairwise data, packed per
+    micro-batch; --neat-pack must match) and
     --is-pairwise-dataset. Raises ValueError with one line naming the flag and both values.
     """
     sidecar = read_sidecar(prefix)
@@ -343,7 +363,8 @@ def check_sidecar(prefix: str, args: Any, tokenizer: Any = None) -> dict | None:
     if packed and not reset:
         refuse("--reset-attention-mask", False, "--pack",
                "packed rows need --reset-attention-mask, or preprocess without --pack")
-    if reset and not packed:
+    pairwise = bool(getattr(args, "is_pairwise_dataset", False))
+    if reset and not packed and not pairwise:       # pairs are packed per micro-batch by the collator
         refuse("--reset-attention-mask", True, "no --pack", "preprocess with --pack --neat-pack, or drop the flag")
     neat = bool(getattr(args, "neat_pack", False))
     if packed and neat != bool(sidecar.get("neat_pack")):
@@ -354,7 +375,6 @@ def check_sidecar(prefix: str, args: Any, tokenizer: Any = None) -> dict | None:
         refuse("--seq-length", int(args.seq_length), int(seq), f"pass --seq-length {seq} or {rerun}")
 
     fields = sidecar.get("fields") or []
-    pairwise = bool(getattr(args, "is_pairwise_dataset", False))
     if fields and pairwise != any("chosen" in f for f in fields):
         refuse("--is-pairwise-dataset", pairwise, not pairwise, "pairwise data needs the pairwise flag and handler")
     return sidecar

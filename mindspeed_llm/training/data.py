@@ -54,7 +54,7 @@ def _loader(args: argparse.Namespace, dataset, consumed: int, collator) -> Itera
 class MicroBatches:
     """One iteration's model inputs and what the log needs about them."""
     inputs: list[dict]
-    seq_length: int               # what the pipeline schedule allocates per micro-batch (packed: b * L)
+    seq_length: int               # what the pipeline schedule allocates per micro-batch (packed: rows * L)
     micro_batch_size: int         # rows: 1 for packed (THD rows are flattened into one), 2 x mbs for pairs
     tokens: int                   # real (non-padding) tokens, this DP rank
     flop_terms: list[tuple[int, int, float]]   # (rows, length, attention density) per micro-batch
@@ -79,9 +79,8 @@ def next_micro_batches(args: argparse.Namespace, it: Iterator, count: int, devic
             density = 0.5
         terms.append((rows, length, density))
         inputs.append(get_batch(raw, device))
-    packed = args.reset_attention_mask
+    if args.reset_attention_mask:       # THD: the rows of a micro-batch are flattened into one
+        return MicroBatches(inputs, max(rows * length for rows, length, _ in terms), 1, tokens, terms)
     longest = max(t[1] for t in terms)
-    if packed:
-        return MicroBatches(inputs, longest * args.micro_batch_size, 1, tokens, terms)
     # Pairwise batches hold 2 x --micro-batch-size rows (chosen, then rejected); the schedule sizes by rows.
     return MicroBatches(inputs, longest, terms[0][0], tokens, terms)

@@ -2,6 +2,11 @@
 
 Batches. A micro-batch of b pairs is one [2b, L] batch: rows 0..b-1 are the chosen answers, rows b..2b-1 the
 rejected ones of the same pairs (`batching.SFTCollator`), so one forward pass scores both sides of a pair.
+With --reset-attention-mask it is one packed (THD) row of the 2b sequences back to back in the same order
+(chosen_1..chosen_b, rejected_1..rejected_b), attention inside each and positions restarting; its length is
+their sum rounded up to --pad-to-multiple-of (the padding joins the last segment), so it varies per micro-batch
+and the pipeline exchanges shapes (`variable_seq_lengths`). Everything below then works per segment
+(cu_seqlens boundaries) instead of per row.
 
 Log-probabilities. The model returns the per-token cross entropy of the shifted labels (vocab-parallel under
 TP), so a sequence's log-probability is minus its sum over the trained (answer) tokens. IPO uses the mean over
@@ -27,7 +32,7 @@ import argparse
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,10 +57,33 @@ def settings_from_args(args: argparse.Namespace) -> DPOSettings:
     return DPOSettings(args.dpo_beta, args.dpo_loss_type, args.dpo_label_smoothing, args.pref_ftx)
 
 
-def sequence_logps(per_token_nll: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of token log-probs over trained positions, number of those positions) per row, fp32 [rows]."""
+def sequence_logps(per_token_nll: torch.Tensor, loss_mask: torch.Tensor,
+                   bounds: Optional[Sequence[tuple[int, int]]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token log-probs over trained positions, number of those positions) per sequence, fp32.
+
+    One sequence per row, or with `bounds` (a packed [1, t] row's (start, end) per segment, from cu_seqlens) one
+    per segment; the last token of each segment has no target already (`shift_labels`)."""
     mask = loss_mask.float()
-    return -(per_token_nll.float() * mask).sum(-1), mask.sum(-1)
+    logps = -(per_token_nll.float() * mask)
+    if bounds is None:
+        return logps.sum(-1), mask.sum(-1)
+    logps, mask = logps.reshape(-1), mask.reshape(-1)
+    # Host bounds: sliced sums need no device-to-host copy and add in a fixed order (deterministic).
+    return (torch.stack([logps[a:b].sum() for a, b in bounds]), torch.stack([mask[a:b].sum() for a, b in bounds]))
+
+
+def scored_logps(per_token_nll: torch.Tensor, loss_mask: torch.Tensor, settings: DPOSettings,
+                 bounds: Optional[Sequence[tuple[int, int]]] = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor]:
+    """(what the loss compares: sums, or IPO's means over the trained tokens; the sums; the token counts)."""
+    sums, lengths = sequence_logps(per_token_nll, loss_mask, bounds)
+    return (sums / lengths.clamp(min=1) if settings.loss_type == "ipo" else sums), sums, lengths
+
+
+def segment_bounds(batch: dict) -> Optional[tuple]:
+    """The packed row's segments as host (start, end) pairs, or None for an unpacked batch."""
+    params = batch["packed_seq_params"]
+    return None if params is None else params.bounds
 
 
 def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -76,22 +104,19 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
     return losses, beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
 
 
-def pair_loss(nll: torch.Tensor, loss_mask: torch.Tensor, ref_logps: torch.Tensor,
-              settings: DPOSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_loss(nll: torch.Tensor, loss_mask: torch.Tensor, ref_logps: torch.Tensor, settings: DPOSettings,
+              bounds: Optional[Sequence[tuple[int, int]]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss over the micro-batch's pairs, the `METRICS` values as one fp32 vector).
 
-    `nll` and `loss_mask` are [2b, L] (chosen rows first); `ref_logps` [2b] are the reference's sequence
-    log-probs in the same form as the policy's (means for IPO)."""
-    logps, lengths = sequence_logps(nll, loss_mask)
-    if settings.loss_type == "ipo":
-        logps = logps / lengths.clamp(min=1)
+    `nll` and `loss_mask` are [2b, L] (chosen rows first), or a packed [1, t] row with `bounds` (2b segments,
+    chosen first); `ref_logps` [2b] are the reference's `scored_logps` in the same order."""
+    logps, sums, lengths = scored_logps(nll, loss_mask, settings, bounds)
     b = logps.shape[0] // 2
     losses, chosen_rewards, rejected_rewards = preference_loss(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:],
                                                                settings)
     if settings.ftx:
         # SFT term: token-mean NLL of each chosen answer (independent of the IPO averaging above).
-        sums, _ = sequence_logps(nll[:b], loss_mask[:b])
-        losses = losses - settings.ftx * sums / lengths[:b].clamp(min=1)
+        losses = losses - settings.ftx * sums[:b] / lengths[:b].clamp(min=1)
     metrics = torch.stack([chosen_rewards.mean(), rejected_rewards.mean(),
                            (chosen_rewards > rejected_rewards).float().mean(),
                            (chosen_rewards - rejected_rewards).mean(),
@@ -103,15 +128,13 @@ def pair_loss(nll: torch.Tensor, loss_mask: torch.Tensor, ref_logps: torch.Tenso
 # Schedule hooks
 # ---------------------------------------------------------------------------------------------------------------
 
-def _reference_loss_func(settings: DPOSettings, loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple:
-    logps, lengths = sequence_logps(output_tensor, loss_mask)
-    if settings.loss_type == "ipo":
-        logps = logps / lengths.clamp(min=1)
+def _reference_loss_func(settings: DPOSettings, batch: dict, output_tensor: torch.Tensor) -> tuple:
+    logps, _, _ = scored_logps(output_tensor, batch["loss_mask"], settings, segment_bounds(batch))
     return torch.zeros((), device=output_tensor.device), {"logps": logps.detach()}
 
 
 def _policy_loss_func(settings: DPOSettings, batch: dict, output_tensor: torch.Tensor) -> tuple:
-    loss, metrics = pair_loss(output_tensor, batch["loss_mask"], batch["ref_logps"], settings)
+    loss, metrics = pair_loss(output_tensor, batch["loss_mask"], batch["ref_logps"], settings, segment_bounds(batch))
     # clone: the schedule divides the returned loss in place by the number of micro-batches.
     return loss, {"lm loss": loss.detach().clone(), "dpo": metrics}
 
@@ -136,7 +159,7 @@ class DPOObjective:
 
         def step(data_iterator, model):
             batch = next(data_iterator)
-            return _model_forward(model, batch), partial(_reference_loss_func, self.settings, batch["loss_mask"])
+            return _model_forward(model, batch), partial(_reference_loss_func, self.settings, batch)
 
         ref = self.reference
         iterators = [iter(mb.inputs) for _ in ref]

@@ -318,7 +318,8 @@ def options_from_args(args: Any, sidecar: dict | None = None) -> SFTDataOptions:
     return SFTDataOptions(
         seq_length=int(args.seq_length),
         seed=int(getattr(args, "seed", 1234)),
-        packed=bool(getattr(args, "reset_attention_mask", False)),
+        # Pairwise samples stay unpacked here: the collator packs each micro-batch's pairs.
+        packed=bool(getattr(args, "reset_attention_mask", False)) and not getattr(args, "is_pairwise_dataset", False),
         neat_pack=bool(getattr(args, "neat_pack", False)),
         pairwise=bool(getattr(args, "is_pairwise_dataset", False)),
         shuffle=not getattr(args, "no_shuffle", False),

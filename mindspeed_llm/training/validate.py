@@ -87,13 +87,16 @@ def validate_train_args(args: argparse.Namespace) -> None:
         args.start_weight_decay = args.weight_decay
     if args.end_weight_decay is None:
         args.end_weight_decay = args.weight_decay
-    args.variable_seq_lengths = bool(args.no_pad_to_seq_lengths)
-    if args.no_pad_to_seq_lengths and args.log_throughput:
+    # Packed DPO rows are as long as their pairs: the pipeline exchanges each micro-batch's shape.
+    args.variable_seq_lengths = bool(args.no_pad_to_seq_lengths
+                                     or (args.reset_attention_mask and args.stage == "dpo"))
+    if args.variable_seq_lengths and args.log_throughput:
         args.log_throughput = False          # MindSpeed: throughput from --seq-length would be wrong here
 
 
 def validate_dpo_args(args: argparse.Namespace) -> None:
-    """`--stage dpo`: preference training (full-parameter or LoRA) on unpacked pairwise data."""
+    """`--stage dpo`: preference training (full-parameter or LoRA) on pairwise data, padded or packed per
+    micro-batch (--reset-attention-mask)."""
     if not args.is_pairwise_dataset:
         raise UserError("--stage dpo needs --is-pairwise-dataset (data from preprocess_data.py --handler-name "
                         "AlpacaStylePairwiseHandler or SharegptStylePairwiseHandler)")
@@ -103,8 +106,9 @@ def validate_dpo_args(args: argparse.Namespace) -> None:
         raise UserError(f"--dpo-label-smoothing {args.dpo_label_smoothing} must be between 0 and 0.5")
     if args.dpo_label_smoothing and args.dpo_loss_type != "sigmoid":
         raise UserError(f"--dpo-label-smoothing applies to --dpo-loss-type sigmoid, not {args.dpo_loss_type}")
-    if args.reset_attention_mask or args.pack or args.neat_pack:
-        raise UserError("--reset-attention-mask/--pack with --stage dpo: pairwise data is not packed; drop the flag")
+    if args.pack or args.neat_pack:
+        raise UserError("--pack/--neat-pack with --stage dpo: pairwise data is preprocessed unpacked; drop the flag "
+                        "(--reset-attention-mask packs each micro-batch's pairs at training time)")
     if args.calculate_per_token_loss:
         raise UserError("--calculate-per-token-loss with --stage dpo: the DPO loss is a mean over pairs, not tokens")
     if not args.load and not args.ref_model:
@@ -167,7 +171,7 @@ def validate_world(args: argparse.Namespace, world_size: int) -> None:
     if args.sequence_parallel:
         if args.seq_length % tp:
             raise UserError(f"--sequence-parallel: --seq-length {args.seq_length} must be divisible by TP {tp}")
-        if args.no_pad_to_seq_lengths and args.pad_to_multiple_of % tp:
+        if args.variable_seq_lengths and args.pad_to_multiple_of % tp:
             raise UserError(f"--sequence-parallel: --pad-to-multiple-of {args.pad_to_multiple_of} must be "
                             f"divisible by TP {tp}")
     if args.num_layers_per_virtual_pipeline_stage and pp > 1 and args.num_microbatches % pp:
