@@ -61,7 +61,7 @@ def batches(p: dict, steps: int, seed: int = 0) -> list[list[dict]]:
     return out
 
 
-# The kernel flags of MindSpeed's Qwen3 recipes: fused RMSNorm and SwiGLU (the others select what runs anyway).
+# The kernel flags of MindSpeed's Qwen3 recipes: fused RMSNorm, SwiGLU and RoPE (--use-flash-attn: SDPA anyway).
 KERNEL_FLAGS = ["--use-flash-attn", "--use-fused-rmsnorm", "--use-fused-swiglu", "--use-fused-rotary-pos-emb"]
 
 

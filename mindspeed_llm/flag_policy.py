@@ -49,6 +49,7 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "use_legacy_models", "check_for_nan_in_loss_and_grad", "lora_dropout", "lora_modules_to_save",
         "lora_ckpt_filter", "dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "pref_ftx", "ref_model",
         "refer_model_iter", "use_fused_rmsnorm", "use_fused_swiglu", "no_bias_swiglu_fusion",
+        "use_fused_rotary_pos_emb", "no_rope_fusion",
     }),
     "inference": frozenset(_MODEL | {
         "task", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "num_beams", "length_penalty",

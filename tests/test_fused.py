@@ -131,12 +131,14 @@ def test_kernel_flags_reach_the_layer_config():
 
     base = ["--data-path", "x", "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1",
             "--lr", "1e-5", "--seq-length", "8", "--is-instruction-dataset"]
-    fused = transformer_overrides(parse_train_args(base + ["--use-fused-rmsnorm", "--use-fused-swiglu"]))
+    fused = transformer_overrides(parse_train_args(base + ["--use-fused-rmsnorm", "--use-fused-swiglu",
+                                                           "--use-fused-rotary-pos-emb"]))
     plain = transformer_overrides(parse_train_args(base))
-    off = transformer_overrides(parse_train_args(base + ["--use-fused-swiglu", "--no-bias-swiglu-fusion"]))
-    assert fused["fused_rmsnorm"] and fused["bias_activation_fusion"]
-    assert not plain["fused_rmsnorm"] and not plain["bias_activation_fusion"]
-    assert not off["bias_activation_fusion"]
+    off = transformer_overrides(parse_train_args(base + ["--use-fused-swiglu", "--no-bias-swiglu-fusion",
+                                                         "--use-fused-rotary-pos-emb", "--no-rope-fusion"]))
+    assert fused["fused_rmsnorm"] and fused["bias_activation_fusion"] and fused["fused_rope"]
+    assert not plain["fused_rmsnorm"] and not plain["bias_activation_fusion"] and not plain["fused_rope"]
+    assert not off["bias_activation_fusion"] and not off["fused_rope"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

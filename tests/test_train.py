@@ -116,7 +116,7 @@ def test_reference_loss_matches_transformers(env, single):
 
 @pytest.mark.distributed
 def test_fused_kernels_equal_unfused(single):
-    """--use-fused-rmsnorm / --use-fused-swiglu compute the same losses and grad norms as the unfused layers."""
+    """--use-fused-rmsnorm / -swiglu / -rotary-pos-emb give the same losses and grad norms as the unfused layers."""
     assert_close(single["ref"]["losses"], single["ref_unfused"]["losses"], rel=1e-6)
     assert_close(single["ref"]["grad_norms"], single["ref_unfused"]["grad_norms"], rel=1e-6)
 

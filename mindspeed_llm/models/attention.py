@@ -5,7 +5,9 @@ batches (several samples concatenated in one row, `cu_seqlens` marking their sta
 earlier tokens of its own sample. Batches from `get_batch` carry `packed.PackedSegments` (host segment bounds,
 per-token positions): they run the kernel `packed.packed_kernel` picks (per-sample SDPA by default), and with
 `PackedRopeSelfAttention` RoPE is applied here from precomputed cos/sin instead of by megatron-core. Plain
-`PackedSeqParams` fall back to a block-diagonal mask built from `cu_seqlens` on the device.
+`PackedSeqParams` fall back to a block-diagonal mask built from `cu_seqlens` on the device. With
+`config.fused_rope` (`--use-fused-rotary-pos-emb`) unpacked batches get their RoPE here too (`RopeAngles`), from
+cos/sin computed once for all layers instead of in every layer.
 """
 from __future__ import annotations
 
@@ -23,16 +25,41 @@ from megatron.core.utils import divide
 from mindspeed_llm.models.packed import PackedSegments, apply_packed_rope, packed_attention, packed_rope_cos_sin
 
 
+@dataclasses.dataclass
+class RopeAngles:
+    """Passed to core attention in place of `packed_seq_params` for an unpacked (sbhd) batch whose RoPE core
+    attention applies: the model's angles [s, 1, 1, d]."""
+    freqs: torch.Tensor
+    qkv_format: str = "sbhd"
+
+
+_ROPE_COS_SIN: dict = {}
+
+
+def rope_cos_sin(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of `freqs` in `dtype`, computed once per angles tensor: megatron-core hands every layer the
+    same one (and, for a repeated length, every step), where its RoPE recomputes them in each layer."""
+    key = (dtype, freqs.device)
+    got = _ROPE_COS_SIN.get(key)
+    if got is None or got[0] is not freqs:
+        got = _ROPE_COS_SIN[key] = (freqs, torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
+    return got[1], got[2]
+
+
 class PackedRopeSelfAttention(SelfAttention):
-    """megatron-core `SelfAttention` that, for packed batches with precomputed positions, leaves RoPE to core
-    attention: megatron-core's THD RoPE splits by `cu_seqlens.tolist()` in every layer (a host sync each);
-    here cos/sin are gathered once per batch at the host-built positions. Everything else is unchanged."""
+    """megatron-core `SelfAttention` that leaves RoPE to core attention for packed batches with precomputed
+    positions (megatron-core's THD RoPE splits by `cu_seqlens.tolist()` in every layer, a host sync each; here
+    cos/sin are gathered once per batch at the host-built positions) and, with `config.fused_rope`, for unpacked
+    training batches (cos/sin once for all layers). Everything else is unchanged."""
 
     def forward(self, hidden_states, *args, rotary_pos_emb=None, packed_seq_params=None, **kwargs):
-        if (isinstance(packed_seq_params, PackedSegments) and isinstance(rotary_pos_emb, torch.Tensor)
-                and packed_seq_params.positions is not None and isinstance(self.core_attention, SDPAttention)):
-            packed_seq_params = dataclasses.replace(packed_seq_params, rope_freqs=rotary_pos_emb)
-            rotary_pos_emb = None
+        if isinstance(rotary_pos_emb, torch.Tensor) and isinstance(self.core_attention, SDPAttention):
+            if isinstance(packed_seq_params, PackedSegments) and packed_seq_params.positions is not None:
+                packed_seq_params = dataclasses.replace(packed_seq_params, rope_freqs=rotary_pos_emb)
+                rotary_pos_emb = None
+            elif (packed_seq_params is None and getattr(self.config, "fused_rope", False)
+                  and kwargs.get("inference_context") is None):
+                packed_seq_params, rotary_pos_emb = RopeAngles(rotary_pos_emb), None
         return super().forward(hidden_states, *args, rotary_pos_emb=rotary_pos_emb,
                                packed_seq_params=packed_seq_params, **kwargs)
 
@@ -78,6 +105,10 @@ class SDPAttention(MegatronModule):
             mask = _packed_mask(packed_seq_params, q.shape[2], k.shape[2], q.device)
             out = self._sdpa(q, k, v, mask, False, dropout)
             return out.squeeze(0).transpose(0, 1).reshape(query.shape[0], -1)
+        if isinstance(packed_seq_params, RopeAngles):
+            cos, sin = rope_cos_sin(packed_seq_params.freqs, query.dtype)
+            query = apply_packed_rope(query, cos, sin, self.config.rotary_interleaved)
+            key = apply_packed_rope(key, cos, sin, self.config.rotary_interleaved)
         # [s, b, n, hn] -> [b, n, s, hn]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         sq, sk = q.shape[2], k.shape[2]

@@ -21,10 +21,12 @@ from mindspeed_llm.models.attention import PackedRopeSelfAttention, SDPAttention
 
 @dataclass
 class LayerConfig(TransformerConfig):
-    """megatron-core's `TransformerConfig` plus the kernel choices of our layers (`--use-fused-rmsnorm`). Every
-    choice computes the same function as the default path; only the kernels differ."""
+    """megatron-core's `TransformerConfig` plus the kernel choices of our layers (`--use-fused-rmsnorm`,
+    `--use-fused-rotary-pos-emb`). Every choice computes the same function as the default path; only the kernels
+    differ."""
 
     fused_rmsnorm: bool = False
+    fused_rope: bool = False        # RoPE in core attention from cos/sin computed once (`attention.RopeAngles`)
 
 
 class RMSNorm(torch.nn.Module):

@@ -102,6 +102,7 @@ def transformer_overrides(args: argparse.Namespace) -> dict[str, Any]:
         batch_p2p_comm=not bool(args.num_layers_per_virtual_pipeline_stage),
         # The fused kernels MindSpeed recipes ask for (same results as the default path, fewer passes).
         fused_rmsnorm=bool(args.use_fused_rmsnorm),
+        fused_rope=bool(args.use_fused_rotary_pos_emb) and not args.no_rope_fusion,
         bias_activation_fusion=_fused_swiglu(args),
     )
     if args.variable_seq_lengths:
