@@ -6,7 +6,10 @@ is the real LF 0.9.5 code (tests/lf_reference.py: wheel installed with --no-deps
 run as LF runs it: load_dataset, align_dataset, `dataset.map(SupervisedDatasetProcessor.preprocess_dataset,
 batched=True, num_proc=workers)`. Timed from the file to the written dataset on both sides (ours: .bin/.idx, LF:
 its Arrow cache files), in wall seconds and in CPU seconds of all the side's processes; the check lines compare
-sample and token counts and the first samples' ids and labels.
+sample and token counts and the first samples' ids and labels. The ceiling line times the tokenizer alone on
+exactly the texts our encoder hands it (the Rust encode calls, nothing else): no implementation that makes those
+calls can beat LF by more than that line's ratio.
+Qwen's own vocabulary: build it with benchmarks/qwen_tokenizer.py and pass the folder with --tokenizer.
 Then JSONL files of two sizes (16x apart) check that preprocessing streams: peak RSS does not grow with input.
 
     python benchmarks/bench_preprocess.py [--records 20000] [--big-mb 512] [--tokenizer DIR] [--lf-site DIR]
@@ -76,6 +79,42 @@ def ours(data: Path, tokenizer_dir: str, workers: int, seq_length: int, prefix: 
     return summary.written / wall, summary.written / (lfr.cpu_seconds() - cpu_start)
 
 
+class _RecordingBackend:
+    """Stands in for a fast tokenizer's Rust backend and keeps the texts handed to `encode`."""
+
+    def __init__(self, backend):
+        self.backend, self.texts = backend, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
+
+    def encode(self, text: str, add_special_tokens: bool = True):
+        self.texts.append(text)
+        return self.backend.encode(text, add_special_tokens=add_special_tokens)
+
+
+def tokenizer_ceiling(data: Path, tokenizer_dir: str, seq_length: int) -> tuple[float, int]:
+    """(samples per CPU second, samples) of the tokenizer alone: the Rust encode calls our encoder makes for
+    every sample of `data`, timed with nothing else around them."""
+    from mindspeed_llm.data.encode import EncodeOptions, encode_record
+    from mindspeed_llm.data.handlers import build_handler
+    from mindspeed_llm.data.prompt_type import get_template
+    from mindspeed_llm.tokenizer import build_tokenizer
+
+    template = get_template("qwen3", enable_thinking=False)
+    tokenizer = build_tokenizer(tokenizer_dir, True, template, "PretrainedFromHF", seq_length)
+    spec = build_handler("AlpacaStyleInstructionHandler", {"system": "system"})
+    backend = tokenizer._tokenizer
+    recorder = tokenizer._tokenizer = _RecordingBackend(backend)
+    lines = data.read_text().splitlines()
+    for line in lines:
+        encode_record(json.loads(line), spec, template, tokenizer, EncodeOptions(seq_length), spec.output_fields)
+    start = lfr.cpu_seconds()
+    for text in recorder.texts:
+        backend.encode(text, add_special_tokens=False)
+    return len(lines) / (lfr.cpu_seconds() - start), len(recorder.texts)
+
+
 def same_output(prefix: Path, lf: dict) -> str:
     """Our written dataset against LF's counts and first samples, as one line starting "same" or "DIFFERENT"."""
     import numpy as np
@@ -122,7 +161,7 @@ def compare(data: Path, tokenizer_dir: str, seq_length: int, lf_worker: lfr.LFWo
     print(f"tokenizer {tokenizer_dir}, --seq-length = cutoff_len = {seq_length}")
     print(f"{'':>7} {'samples per wall second':^30} {'samples per CPU second':^30}")
     print(f"{'workers':>7}" + f" {'ours':>9} {'LF 0.9.5':>9} {'ratio':>9}" * 2)
-    checks = []
+    checks, lf_rates = [], []
     for workers in (1, 2):
         prefix = tmp / f"ours{workers}"
         wall, cpu = ours(data, tokenizer_dir, workers, seq_length, prefix)
@@ -132,7 +171,11 @@ def compare(data: Path, tokenizer_dir: str, seq_length: int, lf_worker: lfr.LFWo
         print(f"{workers:>7} {wall:>9.0f} {lf_wall:>9.0f} {wall / lf_wall:>8.2f}x"
               f" {cpu:>9.0f} {lf_cpu:>9.0f} {cpu / lf_cpu:>8.2f}x")
         checks.append(f"check, {workers} worker(s): {same_output(prefix, lf)}")
+        lf_rates.append(lf_cpu)
+    ceiling, calls = tokenizer_ceiling(data, tokenizer_dir, seq_length)
     print("\n".join(checks))
+    print(f"ceiling: the tokenizer alone on our encoder's {calls} encode calls: {ceiling:.0f} samples per CPU second"
+          f" = {ceiling / max(lf_rates):.2f}x LF's best per-CPU-second rate above")
 
 
 def main() -> None:
