@@ -131,8 +131,7 @@ def our_argv(p: dict, bf16: bool, lora: int = 0, fused: bool = True, dpo: bool =
         argv.append("--untie-embeddings-and-output-weights")
     if bf16:
         argv.append("--bf16")
-    if fused:
-        argv += KERNEL_FLAGS
+    argv += KERNEL_FLAGS if fused else ["--no-gradient-accumulation-fusion"]
     if lora:      # the adapters go on a base model: --load must name a directory (nothing is read from it here)
         argv += ["--lora-r", str(lora), "--lora-alpha", str(2 * lora), "--lora-target-modules", "linear_qkv",
                  "linear_proj", "linear_fc1", "linear_fc2", "--load", tempfile.mkdtemp(prefix="bench_lora_")]
@@ -289,7 +288,7 @@ def main() -> None:
                     help="packed rows (--reset-attention-mask) against the transformers loop on the same samples "
                          "unpacked (right-padded, attention inside each sample)")
     ap.add_argument("--unfused", action="store_true",
-                    help="also time our step without the recipes' kernel flags (megatron-core's unfused layers)")
+                    help="also time our step without the recipes' kernel flags and gradient-accumulation fusion")
     ap.add_argument("--child", choices=["full", "lora"], default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.dpo and (a.lora or a.packed):

@@ -49,7 +49,7 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "use_legacy_models", "check_for_nan_in_loss_and_grad", "lora_dropout", "lora_modules_to_save",
         "lora_ckpt_filter", "dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "pref_ftx", "ref_model",
         "refer_model_iter", "use_fused_rmsnorm", "use_fused_swiglu", "no_bias_swiglu_fusion",
-        "use_fused_rotary_pos_emb", "no_rope_fusion",
+        "use_fused_rotary_pos_emb", "no_rope_fusion", "no_gradient_accumulation_fusion",
     }),
     "inference": frozenset(_MODEL | {
         "task", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "num_beams", "length_penalty",
@@ -84,7 +84,7 @@ SPEED: dict[str, str] = {
     "use_fused_rmsnorm": "RMSNorm runs megatron-core's local (unfused torch) RMSNorm",
     "use_fused_swiglu": "SwiGLU runs as torch silu(x1) * x2 (megatron-core local MLP)",
     "use_fused_rotary_pos_emb": "rotary embeddings run megatron-core's unfused torch implementation",
-    "no_gradient_accumulation_fusion": "gradient-accumulation fusion is never used; " + _UNFUSED,
+    "no_gradient_accumulation_fusion": "only training accumulates weight gradients",
     "no_bias_swiglu_fusion": "bias/SwiGLU fusion is never used; " + _UNFUSED,
     "no_bias_dropout_fusion": "bias/dropout fusion is never used; " + _UNFUSED,
     "no_rope_fusion": "rope fusion is never used; " + _UNFUSED,

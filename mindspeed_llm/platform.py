@@ -27,7 +27,7 @@ __all__ = ["Platform", "detect_platform", "current_device", "resolve_backend", "
            "cpu_adapted", "init_distributed", "destroy_distributed", "notice", "COLLECTIVE_HELPERS",
            "comm_device", "device_tensor", "device_empty", "to_comm_device", "device_rng_state",
            "set_device_rng_state", "memory_stats", "pin_memory_available", "device_count",
-           "check_ranks_per_node"]
+           "check_ranks_per_node", "adapt_megatron_grad_accum_fusion"]
 
 _BACKEND_FOR = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 _CPU_ADAPTED = False
@@ -267,6 +267,54 @@ def _use_fused_kernel(opt: torch.optim.Optimizer) -> None:
     fused(opt.param_groups)
     # Saved param groups replace these on load; they must say fused too, so the step counters land on the device.
     opt.register_load_state_dict_pre_hook(lambda _opt, state: fused(state["param_groups"]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# megatron-core's gradient-accumulation fusion without Apex
+# --------------------------------------------------------------------------------------------------------------
+
+def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+    """Apex `wgrad_gemm_accum_fp32`: main_grad (fp32) += grad_output^T @ total_input as one GEMM, so the weight
+    gradient is never written out on its own and DDP's hook has nothing left to add. bf16/fp16 inputs accumulate
+    in fp32 inside the GEMM where torch has that kernel (CUDA); elsewhere the product is formed in the inputs' dtype
+    and added, as the unfused path does."""
+    if total_input.dtype == main_grad.dtype:
+        main_grad.addmm_(grad_output.t(), total_input)
+    elif _fp32_accumulating_gemm(main_grad.device, total_input.dtype):
+        torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=main_grad.dtype, out=main_grad)
+    else:
+        main_grad.add_(grad_output.t() @ total_input)
+
+
+def wgrad_gemm_accum_fp16(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+    """Apex `wgrad_gemm_accum_fp16`: the same with bf16/fp16 main grads (DDP without --grad-reduce-in-fp32)."""
+    main_grad.addmm_(grad_output.t().to(main_grad.dtype), total_input.to(main_grad.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _fp32_accumulating_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `addmm(out_dtype=float32)` runs for `dtype` on `device` and accumulates in place (checked once on
+    small exact values, so a kernel that is missing or mishandles the aliased output falls back)."""
+    g = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 4.0]], dtype=dtype, device=device)
+    x = torch.tensor([[2.0, 1.0, 0.0], [-1.0, 0.5, 3.0], [1.0, 1.0, 1.0]], dtype=dtype, device=device)
+    acc = torch.ones(2, 3, dtype=torch.float32, device=device)
+    try:
+        torch.addmm(acc, g.t(), x, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return bool(torch.equal(acc, 1 + g.float().t() @ x.float()))
+
+
+def adapt_megatron_grad_accum_fusion() -> None:
+    """Let megatron-core's linear layers take `gradient_accumulation_fusion` without Apex: its CUDA extension is
+    replaced by the two kernels above (Apex, when installed, is kept). Idempotent."""
+    from megatron.core.tensor_parallel import layers
+
+    if layers._grad_accum_fusion_available:
+        return
+    layers.fused_weight_gradient_mlp_cuda = types.SimpleNamespace(wgrad_gemm_accum_fp32=wgrad_gemm_accum_fp32,
+                                                                  wgrad_gemm_accum_fp16=wgrad_gemm_accum_fp16)
+    layers._grad_accum_fusion_available = True
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 REL = 1e-5
 # The recipes' kernel flags (in `model_flags`); without them the same model runs megatron-core's unfused path.
 FUSED_FLAGS = ("--use-fused-rmsnorm", "--use-fused-swiglu", "--use-fused-rotary-pos-emb", "--use-flash-attn")
+UNFUSED = ["--no-gradient-accumulation-fusion"]     # weight gradients formed on their own, then added by DDP
+
+
+def unfused(argv: list[str]) -> list[str]:
+    return [a for a in argv if a not in FUSED_FLAGS] + UNFUSED
 
 
 def launch(env: dict, name: str, plan: list[dict], nproc: int) -> dict:
@@ -42,8 +47,11 @@ def resume_plan(env: dict, tag: str, extra: list[str]) -> list[dict]:
 def single(env) -> dict:
     """One process: the TP1 PP1 DP1 reference (2 micro-batches of accumulation) and a plain-optimizer resume."""
     base = model_flags(env["hf"]) + train_flags(3) + ["--data-path", env["plain"], "--finetune"]
-    plan = [{"name": "ref", "argv": base + ["--load", str(env["ckpt"][(1, 1)])]},
-            {"name": "ref_unfused", "argv": [a for a in base if a not in FUSED_FLAGS] + ["--load", str(env["ckpt"][(1, 1)])]}]
+    load = ["--load", str(env["ckpt"][(1, 1)])]
+    # Tied embeddings: the output layer and the embedding add into one main grad (from random weights).
+    tied = [a for a in base if a not in ("--untie-embeddings-and-output-weights", "--finetune")]
+    plan = [{"name": "ref", "argv": base + load}, {"name": "ref_unfused", "argv": unfused(base) + load},
+            {"name": "tied", "argv": tied}, {"name": "tied_unfused", "argv": unfused(tied)}]
     plan += resume_plan(env, "plain", [])
     return launch(env, "single", plan, nproc=1)
 
@@ -115,10 +123,13 @@ def test_reference_loss_matches_transformers(env, single):
 
 
 @pytest.mark.distributed
-def test_fused_kernels_equal_unfused(single):
-    """--use-fused-rmsnorm / -swiglu / -rotary-pos-emb give the same losses and grad norms as the unfused layers."""
-    assert_close(single["ref"]["losses"], single["ref_unfused"]["losses"], rel=1e-6)
-    assert_close(single["ref"]["grad_norms"], single["ref_unfused"]["grad_norms"], rel=1e-6)
+@pytest.mark.parametrize("name", ["ref", "tied"])
+def test_fused_kernels_equal_unfused(single, name):
+    """--use-fused-rmsnorm / -swiglu / -rotary-pos-emb and gradient-accumulation fusion (on unless
+    --no-gradient-accumulation-fusion; 2 micro-batches per step) give the same losses and grad norms as the unfused
+    path, with untied and tied embeddings."""
+    assert_close(single[name]["losses"], single[f"{name}_unfused"]["losses"], rel=1e-6)
+    assert_close(single[name]["grad_norms"], single[f"{name}_unfused"]["grad_norms"], rel=1e-6)
 
 
 @pytest.mark.distributed

@@ -18,7 +18,7 @@ def model_flags(hf_dir: Path) -> list[str]:
             "--make-vocab-size-divisible-by 1 --padded-vocab-size 448 --hidden-dropout 0 --attention-dropout 0 "
             "--attention-softmax-in-fp32 --no-masked-softmax-fusion --transformer-impl local "
             "--use-flash-attn --use-fused-rmsnorm --use-fused-swiglu --use-fused-rotary-pos-emb "
-            "--no-gradient-accumulation-fusion --tokenizer-type PretrainedFromHF").split() + \
+            "--tokenizer-type PretrainedFromHF").split() + \
         ["--tokenizer-name-or-path", str(hf_dir)]
 
 

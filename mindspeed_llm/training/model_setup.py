@@ -11,7 +11,8 @@ import torch
 
 from mindspeed_llm.arguments import params_dtype
 from mindspeed_llm.errors import UserError
-from mindspeed_llm.platform import adapt_megatron_optimizer, compiled_fusions_supported, notice
+from mindspeed_llm.platform import (adapt_megatron_grad_accum_fusion, adapt_megatron_optimizer,
+                                    compiled_fusions_supported, notice)
 
 
 def checkpoint_args(load: Optional[str]) -> tuple[Optional[argparse.Namespace], str]:
@@ -104,6 +105,8 @@ def transformer_overrides(args: argparse.Namespace) -> dict[str, Any]:
         fused_rmsnorm=bool(args.use_fused_rmsnorm),
         fused_rope=bool(args.use_fused_rotary_pos_emb) and not args.no_rope_fusion,
         bias_activation_fusion=_fused_swiglu(args),
+        # Weight gradients accumulate straight into DDP's fp32 main grads (Megatron-LM's default).
+        gradient_accumulation_fusion=not args.no_gradient_accumulation_fusion,
     )
     if args.variable_seq_lengths:
         out["moe_token_dispatcher_type"] = "alltoall"   # megatron refuses variable lengths with the default (MoE-only)
@@ -130,10 +133,13 @@ def build_chunks(args: argparse.Namespace, cfg, lora: bool = True) -> list:
     from mindspeed_llm.models.lora import add_lora
     from mindspeed_llm.models.placement import parse_layer_list
 
+    overrides = transformer_overrides(args)
+    if overrides["gradient_accumulation_fusion"]:
+        adapt_megatron_grad_accum_fusion()
     chunks = build_model(cfg, params_dtype=params_dtype(args), num_layer_list=parse_layer_list(args.num_layer_list),
                          num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
                          sequence_parallel=args.sequence_parallel, seq_length=None,
-                         layer_spec=layer_spec(args, cfg), **transformer_overrides(args))
+                         layer_spec=layer_spec(args, cfg), **overrides)
     spec = lora_spec(args) if lora else None
     for c in chunks:
         if spec is not None:
