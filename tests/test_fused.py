@@ -1,6 +1,7 @@
 """The fused paths compute what the unfused ones do: RMSNorm through `F.rms_norm`, grouped-query SDPA without
-repeated K/V, megatron-core's optimizer on torch's foreach norm/scale and fused AdamW. (Whole training runs with
-and without the recipes' kernel flags are compared in tests/test_train.py.)"""
+repeated K/V, megatron-core's optimizer on torch's foreach norm/scale and fused AdamW, weight gradients accumulated
+into main grads without Apex, the block-wise cross entropy. (Whole training runs with and without the recipes'
+kernel flags are compared in tests/test_train.py.)"""
 from __future__ import annotations
 
 import importlib.util
@@ -176,3 +177,24 @@ def test_megatron_layers_take_grad_accum_fusion_without_apex():
     kernels = layers.fused_weight_gradient_mlp_cuda
     assert kernels.wgrad_gemm_accum_fp32 is platform.wgrad_gemm_accum_fp32
     assert kernels.wgrad_gemm_accum_fp16 is platform.wgrad_gemm_accum_fp16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_elements", [1 << 25, 37])
+def test_lean_cross_entropy_equals_fp32_cross_entropy(dtype, block_elements):
+    """Per-token loss and logits gradient equal F.cross_entropy on fp32 logits (blocks of 1 token and of all)."""
+    from mindspeed_llm.models.cross_entropy import vocab_parallel_cross_entropy
+
+    torch.manual_seed(0)
+    logits = (4 * torch.randn(6, 3, 50)).to(dtype).requires_grad_()        # [s, b, V]
+    target = torch.randint(0, 50, (6, 3))
+    grad = torch.rand(6, 3)
+    loss = vocab_parallel_cross_entropy(logits, target, None, block_elements=block_elements)
+    loss.backward(grad)
+    ref_logits = logits.detach().float().requires_grad_()
+    ref = F.cross_entropy(ref_logits.flatten(0, 1), target.flatten(), reduction="none").view(6, 3)
+    ref.backward(grad)
+    assert loss.dtype == torch.float32 and logits.grad.dtype == dtype
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 4e-3
+    torch.testing.assert_close(logits.grad.float(), ref_logits.grad, rtol=tol, atol=tol)
