@@ -2,7 +2,10 @@
 (sections `qwen3/...` and `v2.1.0/...`), with only paths, shapes and sizes edited for the tiny model."""
 from __future__ import annotations
 
+import os
 import re
+import stat
+import subprocess
 from pathlib import Path
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mindspeed_qwen3_recipes.md"
@@ -12,8 +15,10 @@ if not REFERENCE.is_file():
 # Dense Qwen3 recipes in scope: full and LoRA fine-tuning, generation, data and checkpoint conversion (no eval/DPO).
 IN_SCOPE = re.compile(r"^(qwen3|v2\.1\.0)/(tune_\w*_(full|lora)\w*|generate_\w+|data_convert_\w+|ckpt_convert_\w+)$")
 
+# --max-position-embeddings stays the recipe's (4096, 32768, 40960): a run setting that differs from the tiny
+# model's 512 as MindSpeed's values differ from the published Qwen3 configs' 40960.
 TINY_SHAPE = {"--num-layers": "4", "--hidden-size": "64", "--ffn-hidden-size": "128", "--num-attention-heads": "4",
-              "--num-query-groups": "2", "--kv-channels": "16", "--max-position-embeddings": "512",
+              "--num-query-groups": "2", "--kv-channels": "16",
               "--padded-vocab-size": "448", "--seq-length": "128"}
 SIZES = {"--tensor-model-parallel-size": "1", "--pipeline-model-parallel-size": "1", "--context-parallel-size": "1",
          "--target-tensor-parallel-size": "1", "--target-pipeline-parallel-size": "1", "--micro-batch-size": "2",
@@ -57,6 +62,21 @@ def edit(flags: list[list[str]], paths: dict[str, str], extra: dict[str, str] | 
             values = [paths[flag]]
         argv += [flag, *values]
     return argv
+
+
+def recipe_argv(script: Path, tmp_path: Path, entry: str = "posttrain_gpt.py") -> list[str]:
+    """The arguments one of our example recipes passes to `entry`, captured by a stand-in `torchrun`/`python`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    out = tmp_path / f"{script.stem}.args"
+    for name in ("torchrun", "python", "python3"):
+        fake = bin_dir / name
+        fake.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {out}\n')
+        fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, check=True, capture_output=True)
+    argv = out.read_text().splitlines()
+    return argv[argv.index(entry) + 1:]
 
 
 def tied(flags: list[list[str]]) -> bool:

@@ -1,10 +1,7 @@
 """posttrain_gpt.py flags and bad input: recipes parse, unknown flags are named, runtime errors are one line."""
 from __future__ import annotations
 
-import os
 import re
-import stat
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,24 +9,12 @@ import pytest
 from mindspeed_llm.arguments import parse_train_args
 from mindspeed_llm.errors import UserError
 from tests.conftest import REPO, run_cli
+from tests.recipes import recipe_argv
 from tests.train_fixtures import env, model_flags, train_flags  # noqa: F401  (env is a fixture)
 
 RECIPES = sorted((REPO / "examples" / "mcore" / "qwen3").glob("tune_qwen3_*_ptd.sh"))
 SIZES = {"0point6b": (28, 1024, True), "1point7b": (28, 2048, True), "4b": (36, 2560, True),
          "8b": (36, 4096, False), "14b": (40, 5120, False), "32b": (64, 5120, False)}
-
-
-def recipe_argv(script: Path, tmp_path: Path) -> list[str]:
-    """The arguments the recipe passes to posttrain_gpt.py, captured by a stand-in `torchrun`."""
-    fake = tmp_path / "bin" / "torchrun"
-    fake.parent.mkdir(exist_ok=True)
-    out = tmp_path / f"{script.stem}.args"
-    fake.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {out}\n')
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
-    subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, check=True, capture_output=True)
-    argv = out.read_text().splitlines()
-    return argv[argv.index("posttrain_gpt.py") + 1:]
 
 
 @pytest.mark.parametrize("script", RECIPES, ids=[p.stem for p in RECIPES])

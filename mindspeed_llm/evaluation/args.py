@@ -79,11 +79,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def _position_limit(args: argparse.Namespace) -> None:
     """MindSpeed-LLM's evaluate recipes pass --max-position-embeddings 32768 for Qwen3 checkpoints that record
-    40960. The value sets no weight shape (RoPE is computed per position), so the model keeps the checkpoint's
-    value and the flag bounds the prompt length instead (as --seq-length does; the smaller of the two wins)."""
+    40960: a run setting (`models.resolve.RUN_SETTINGS`) that bounds the prompt length, as --seq-length does; the
+    smaller of the two wins."""
     if "max_position_embeddings" not in args.explicit or args.max_position_embeddings is None:
         return
-    args.explicit = tuple(d for d in args.explicit if d != "max_position_embeddings")
     if args.seq_length is None or args.seq_length > args.max_position_embeddings:
         args.seq_length = args.max_position_embeddings
         args.limit_flag = "--max-position-embeddings"      # what the messages about long prompts name

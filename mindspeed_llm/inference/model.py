@@ -44,11 +44,11 @@ def build_and_load(args: argparse.Namespace, cfg: ModelConfig) -> torch.nn.Modul
     """This rank's GPTModel stage (eval mode, full-vocabulary logits) with its checkpoint shard loaded."""
     from mindspeed_llm.checkpoint.load import load_adapters, load_checkpoint
     from mindspeed_llm.models import build_model, parse_layer_list
-    from mindspeed_llm.models.resolve import model_args
+    from mindspeed_llm.models.resolve import weight_args
 
     layer_list = parse_layer_list(args.num_layer_list)
     chunks = build_model(cfg, params_dtype=params_dtype(args), num_layer_list=layer_list, parallel_output=False)
-    expected = model_args(cfg)
+    expected = weight_args(cfg)
     if layer_list:
         expected["num_layer_list"] = layer_list
     load_checkpoint(chunks, args.load, expected=expected, strict=not args.load_checkpoint_loosely)

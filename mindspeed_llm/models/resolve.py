@@ -4,10 +4,14 @@ Hugging Face config.json. Training, generation and both conversion directions re
 Precedence, as Megatron users expect it: a flag the user typed wins only when it agrees with the checkpoint (a
 disagreement is a one-line UserError naming the flag, the file and both values); the checkpoint's saved args and
 config.json fill what the user did not type (they must agree with each other); parser defaults fill the rest.
+
+Run settings (`RUN_SETTINGS`) are the exception: they size no weight and change no number the checkpoint's
+weights were trained with, so the typed value wins and a difference is one notice in the log.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from dataclasses import asdict
 from typing import Any, Collection, Optional
@@ -15,6 +19,7 @@ from typing import Any, Collection, Optional
 from mindspeed_llm.errors import UserError
 from mindspeed_llm.models.config import ModelConfig
 from mindspeed_llm.models.registry import family_for_config, get_family
+from mindspeed_llm.platform import notice
 
 _MISSING = object()
 
@@ -36,9 +41,17 @@ FIELDS: dict[str, tuple[str, str]] = {
     "rope_scaling_factor": ("rope_scaling_factor", "rope_scaling.factor"),
 }
 
-# Saved-args names of the resolved model: what a save records and what a load compares (see `model_args`).
+# Fields that describe the run, not the weights. max_position_embeddings: with RoPE no weight depends on it; it
+# bounds --seq-length and sizes the RoPE tables (MindSpeed's Qwen3 recipes pass 4096 or 32768 where the published
+# config.json records 40960, and the long-context recipes pass the sequence length). Every other field sizes a
+# weight (layers, widths, heads, groups, vocabulary, tying, q/k norm, q/k/v bias) or changes the numbers the
+# weights were trained with (norm eps, RoPE base and scaling), so those must agree.
+RUN_SETTINGS = frozenset({"max_position_embeddings"})
+
+# Saved-args names of the resolved model's weights and numerics: what a load compares (see `model_args`, which
+# records these and the run settings).
 MODEL_ARG_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                  "kv_channels", "padded_vocab_size", "max_position_embeddings", "norm_epsilon", "rotary_base",
+                  "kv_channels", "padded_vocab_size", "norm_epsilon", "rotary_base",
                   "untie_embeddings_and_output_weights", "qk_layernorm", "add_qkv_bias")
 
 
@@ -109,6 +122,17 @@ def _flag_values(args: argparse.Namespace, explicit: Collection[str]) -> dict[st
     return out
 
 
+_RUN_SETTING_EFFECT = {
+    "max_position_embeddings": "used as this run's position limit and RoPE table size; no weight depends on it",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _notice_once(message: str) -> None:
+    """Training, generation and each checkpoint load resolve the model; say a run-setting difference once."""
+    notice(message)
+
+
 def _show(field: str, value: Any) -> str:
     return f"{FIELDS[field][1] if field == 'tie_word_embeddings' else field} = {value}"
 
@@ -174,6 +198,8 @@ def resolve_model(args: Optional[argparse.Namespace] = None, explicit: Collectio
         for field, value in asdict(hf_cfg).items():
             if field not in FIELDS:
                 continue
+            if field in recorded and field in RUN_SETTINGS:
+                continue                    # the run that saved the checkpoint set it; config.json keeps its own
             if field in recorded and not same(recorded[field][0], value):
                 raise UserError(f"{saved_source} records {_show(field, recorded[field][0])} but {hf_source} has "
                                 f"{FIELDS[field][1]} = {value}; pass the config of the model this checkpoint came "
@@ -183,6 +209,10 @@ def resolve_model(args: Optional[argparse.Namespace] = None, explicit: Collectio
     for field, given in flags.items():
         if field in recorded and not same(given, recorded[field][0]):
             stored, source = recorded[field]
+            if field in RUN_SETTINGS:
+                _notice_once(f"{_flag_text(field, given)} differs from {source} ({_show(field, stored)}): "
+                             f"{_RUN_SETTING_EFFECT[field]}")
+                continue
             raise UserError(f"{_flag_text(field, given)} disagrees with {source}, which records "
                             f"{_show(field, stored)}; {_fix(field, stored)}")
     values = {k: v for k, (v, _) in recorded.items()}
@@ -232,13 +262,19 @@ def resolve_model(args: Optional[argparse.Namespace] = None, explicit: Collectio
 
 
 def model_args(cfg: ModelConfig) -> dict[str, Any]:
-    """Saved-args names -> values of `cfg`: what a save records and a load compares."""
+    """Saved-args names -> values of `cfg`: what a save records (a load compares the `MODEL_ARG_KEYS` among them,
+    see `weight_args`)."""
     return {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "ffn_hidden_size": cfg.ffn_hidden_size,
             "num_attention_heads": cfg.num_attention_heads, "num_query_groups": cfg.num_query_groups,
             "kv_channels": cfg.kv_channels, "padded_vocab_size": cfg.vocab_size,
             "max_position_embeddings": cfg.max_position_embeddings, "norm_epsilon": cfg.norm_epsilon,
             "rotary_base": cfg.rotary_base, "untie_embeddings_and_output_weights": not cfg.tie_word_embeddings,
             "qk_layernorm": cfg.qk_layernorm, "add_qkv_bias": cfg.add_qkv_bias}
+
+
+def weight_args(cfg: ModelConfig) -> dict[str, Any]:
+    """The saved args a checkpoint's weights depend on: what a load compares."""
+    return {key: value for key, value in model_args(cfg).items() if key in MODEL_ARG_KEYS}
 
 
 def record_model(args: argparse.Namespace, cfg: ModelConfig) -> None:

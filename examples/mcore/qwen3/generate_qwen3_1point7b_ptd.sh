@@ -48,7 +48,7 @@ torchrun $DISTRIBUTED_ARGS inference.py \
     --use-rotary-position-embeddings \
     --position-embedding-type rope \
     --rotary-base 1000000 \
-    --max-position-embeddings 40960 \
+    --max-position-embeddings 32768 \
     --seq-length ${SEQ_LENGTH} \
     --make-vocab-size-divisible-by 1 \
     --padded-vocab-size 151936 \

@@ -52,7 +52,7 @@ GPT_ARGS="
     --position-embedding-type rope \
     --use-rotary-position-embeddings \
     --rotary-base 1000000 \
-    --max-position-embeddings 40960 \
+    --max-position-embeddings 32768 \
     --untie-embeddings-and-output-weights \
     --make-vocab-size-divisible-by 1 \
     --padded-vocab-size 151936 \
