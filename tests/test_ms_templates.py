@@ -2,7 +2,8 @@
 
 Each expectation is written by hand from MindSpeed-LLM's entry (slots, default system, eos handling) and compared
 with what `encode_instruction` builds on the tiny Qwen-style tokenizer: the decoded ids and the decoded trained
-tokens (labels != -100).
+tokens (labels != -100). glm4_moe and deepseek4 are also compared token for token with MindSpeed-LLM HEAD's own
+entries (shared/reference/mindspeed_templates_head_extra.json beside the checkout).
 """
 import json
 import re
