@@ -2,17 +2,21 @@
 
 Each expectation is written by hand from MindSpeed-LLM's entry (slots, default system, eos handling) and compared
 with what `encode_instruction` builds on the tiny Qwen-style tokenizer: the decoded ids and the decoded trained
-tokens (labels != -100).
+tokens (labels != -100). glm4_moe and deepseek4 are also compared token for token with MindSpeed-LLM HEAD's own
+entries (shared/reference/mindspeed_templates_head_extra.json beside the checkout).
 """
 import json
+import re
 
 import pytest
+from transformers import AutoTokenizer
 
 from mindspeed_llm.data.encode import EncodeOptions, encode_instruction
 from mindspeed_llm.data.handlers import Conversation
 from mindspeed_llm.data.prompt_type import get_template
 from mindspeed_llm.data.templates import IGNORE_INDEX
 from mindspeed_llm.tokenizer import build_tokenizer
+from tests.conftest import REPO
 
 IM = "<|im_start|>{}\n{}<|im_end|>\n"
 TWO_TURNS = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
@@ -30,6 +34,11 @@ MAGISTRAL_SYSTEM = (
     "summary that reflects your reasoning and presents a clear final answer to the user. Don't mention that this is a "
     "summary.\n\nProblem:\n\n")
 EMPTY_THOUGHT = "<think>\n\n</think>\n\n"
+R1_USER = ("<|im_start|>user\nA conversation between User and Assistant. The user asks a question, and the Assistant "
+           "solves it. The assistant first thinks about the reasoning process in the mind and then provides the user "
+           "with the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> "
+           "</answer> tags, respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>"
+           "Put your final answer within \\\\boxed{{}}. {}<|im_end|>\n<|im_start|>assistant\n")
 
 # name, messages, system, expected full text, expected trained text ({eos}: the tokenizer's eos after the fix)
 CASES = [
@@ -45,13 +54,14 @@ CASES = [
     ("qwen_math_r1", TOOL_TURNS, "S",
      IM.format("system", "S") + IM.format("user", "Q") + "<|im_start|>assistant\nA<|im_end|>\n" + IM.format("tool", "R")
      + "<|im_start|>assistant\nB<|im_end|>", "A<|im_end|>B<|im_end|>"),
-    ("qwen_r1", TWO_TURNS[:2], "",
-     IM.format("system", "You are a helpful assistant.") + "<|im_start|>user\nA conversation between User and "
-     "Assistant. The user asks a question, and the Assistant solves it. The assistant first thinks about the reasoning "
-     "process in the mind and then provides the user with the answer. The reasoning process and answer are enclosed "
-     "within <think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process here "
-     "</think><answer> answer here </answer>. User: Q<|im_end|>\n<|im_start|>assistant\nA<|im_end|>",
-     "A<|im_end|>"),
+    # qwen_r1: the R1 instruction ends `</answer>Put your final answer within \\boxed{}. ` (two backslashes: the
+    # JSON text of MindSpeed-LLM's entry has four); tool results are `tool` turns as in qwen
+    ("qwen_r1", TOOL_TURNS, "",
+     IM.format("system", "You are a helpful assistant.") + R1_USER.format("Q") + "A<|im_end|>\n"
+     + IM.format("tool", "R") + "<|im_start|>assistant\nB<|im_end|>", "A<|im_end|>B<|im_end|>"),
+    ("qwen_r1", TWO_TURNS, "S",
+     IM.format("system", "S") + R1_USER.format("Q") + "A<|im_end|>\n" + R1_USER.format("Q2") + "B<|im_end|>",
+     "A<|im_end|>B<|im_end|>"),
     ("minicpm3", TWO_TURNS, "S",
      "S\n\nUser: Q\n\nAssistant:A{eos}User: Q2\n\nAssistant:B{eos}", "A{eos}B{eos}"),
     ("intern2", TWO_TURNS, "S",
@@ -59,6 +69,10 @@ CASES = [
      + IM.format("user", "Q2") + "<|im_start|>assistant\nB<|im_end|>\n", "A<|im_end|>\nB<|im_end|>\n"),
     ("hunyuan", TWO_TURNS, "", "You are a helpful assistant.QAQ2B", "AB"),
     ("trl", TWO_TURNS, "S", "SQAQ2B", "AB"),
+    # plm: MindSpeed-LLM's default system; no separator; a tool result renders with the user slot
+    ("plm", TOOL_TURNS, "",
+     IM.format("system", "You are a helpful assistant.") + IM.format("user", "Q") + "<|im_start|>assistant\n"
+     "A<|im_end|>\n" + IM.format("user", "R") + "<|im_start|>assistant\nB<|im_end|>\n", "A<|im_end|>\nB<|im_end|>\n"),
     ("plm", TWO_TURNS[:2], "S",
      IM.format("system", "S") + IM.format("user", "Q") + "<|im_start|>assistant\nA<|im_end|>\n", "A<|im_end|>\n"),
     ("magistral", TWO_TURNS[:2], "",
@@ -75,7 +89,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,messages,system,text,trained", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,messages,system,text,trained", CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_renders_as_mindspeed(tiny_qwen3, name, messages, system, text, trained):
     template = get_template(name)
     tok = build_tokenizer(str(tiny_qwen3), template=template)
@@ -297,7 +312,7 @@ def test_deepseek4_generation_prompt_and_truncation(tiny_qwen3):
     # LLaMA-Factory 0.9 truncation: a short answer is kept whole and the long prompt is cut
     long_turn = [{"role": "user", "content": "kalomi " * 60}, {"role": "assistant", "content": "A"}]
     text, trained, ids = _ds(tiny_qwen3, Conversation(long_turn, "", ""), seq_length=64)
-    assert trained == f"A{EOS}" and len(ids) == 64   # the answer is 23 tokens here; the old rule would keep 4
+    assert trained == f"A{EOS}" and len(ids) == 64   # the answer is 2 tokens; the old rule would keep 1
 
 
 def test_deepseek4_reasoning_effort_needs_thinking_on_the_command_line(tmp_path):
@@ -309,3 +324,112 @@ def test_deepseek4_reasoning_effort_needs_thinking_on_the_command_line(tmp_path)
     args = parse_preprocess_args(base + ["--reasoning-effort", "max", "--enable-thinking", "true",
                                          "--drop-thinking", "false"])
     assert (args.reasoning_effort, args.drop_thinking) == ("max", False)
+
+
+# ---- MindSpeed-LLM HEAD's own glm4_moe and deepseek4 entries --------------------------------------------------------
+HEAD_EXTRA = REPO.parent / "shared" / "reference" / "mindspeed_templates_head_extra.json"
+GLM_CONVERSATIONS = {  # system, messages: thoughts spelled with the full thought words, a call and its result
+    "plain": ("S", TWO_TURNS),
+    "thought": ("S", [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\nA"},
+                      {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "B"}]),
+    "call": ("", CALL_TURNS),
+}
+
+
+@pytest.fixture(scope="module")
+def head_entries() -> dict[str, dict]:
+    if not HEAD_EXTRA.is_file():
+        pytest.skip(f"{HEAD_EXTRA} is absent: MindSpeed-LLM HEAD's extra entries live in shared/reference beside the "
+                    "checkout")
+    return {entry["name"]: entry for entry in json.loads(HEAD_EXTRA.read_text(encoding="utf-8"))["templates"]}
+
+
+def mindspeed_slot_turns(entry: dict, messages: list[dict], system: str, thinking) -> list[tuple[list, list]]:
+    """(prompt pieces, answer pieces) per turn as MindSpeed-LLM renders a slot entry with string slots: the first
+    `{{content}}` of a slot replaced, a call's `{{name}}` and `{{arguments}}` taken from its JSON, no tool text for a
+    format other than `default`, and a ReasoningTemplate's empty thought (thought words with their newlines) added
+    to the prompt, or with thinking on to the answer, of every turn whose answer has none."""
+    def fill(key: str, content: str) -> list[str]:
+        slots = entry[key]["slots"]
+        assert all(isinstance(slot, str) for slot in slots)
+        return [slot.replace("{{content}}", content, 1) for slot in slots]
+
+    first, second = entry.get("thought_words", ["<think>\n", "\n</think>\n\n"])
+    reasoning = entry.get("template_class") == "ReasoningTemplate"
+    thought = re.compile(re.escape(first) + ".*?" + re.escape(second), re.DOTALL)
+    turns = []
+    for i in range(0, len(messages), 2):
+        question, answer = messages[i], messages[i + 1]
+        prompt = []
+        if i == 0:
+            prompt += entry["format_prefix"]["slots"] + (fill("format_system", system) if system else [])
+        prompt += fill("format_user" if question["role"] == "user" else "format_observation", question["content"])
+        content = answer["content"]
+        if answer["role"] == "function":
+            call = json.loads(content)
+            arguments = json.dumps(call["arguments"], ensure_ascii=False)
+            reply = [slot.replace("{{name}}", call["name"]).replace("{{arguments}}", arguments)
+                     for slot in entry["format_function"]["slots"]]
+        else:
+            if reasoning and thinking is False:
+                content = thought.sub("", content).lstrip("\n")
+            reply = fill("format_assistant", content)
+        if reasoning and first not in content and second not in content:
+            if thinking:
+                reply = [first + second] + reply
+            else:
+                prompt = prompt + [first + second]
+        turns.append((prompt, reply))
+    return turns
+
+
+@pytest.mark.parametrize("conversation", list(GLM_CONVERSATIONS))
+@pytest.mark.parametrize("thinking", [None, True, False], ids=["none", "true", "false"])
+def test_glm4_moe_tokens_as_mindspeed_head_entry(tiny_qwen3, head_entries, conversation, thinking):
+    """Our glm4_moe gives, token for token, what MindSpeed-LLM HEAD's entry defines: each slot piece tokenized on
+    its own, prompts masked, efficient eos (the later prompts' first label and one closing eos)."""
+    head = head_entries["glm4_moe"]
+    assert head["efficient_eos"] and "default_system" not in head
+    template = get_template("glm4_moe", enable_thinking=thinking)
+    assert (template.stop_words, template.format_prefix) == (head["stop_words"], head["format_prefix"]["slots"])
+    tok = build_tokenizer(str(tiny_qwen3), template=template)
+    system, messages = GLM_CONVERSATIONS[conversation]
+    ids, labels = [], []
+    for turn, (prompt, reply) in enumerate(mindspeed_slot_turns(head, messages, system, thinking)):
+        prompt_ids = [t for piece in prompt for t in tok.encode(piece, add_special_tokens=False)]
+        reply_ids = [t for piece in reply for t in tok.encode(piece, add_special_tokens=False)]
+        ids += prompt_ids + reply_ids
+        labels += ([tok.eos_token_id] if turn else [IGNORE_INDEX]) + [IGNORE_INDEX] * (len(prompt_ids) - 1) + reply_ids
+    ids, labels = ids + [tok.eos_token_id], labels + [tok.eos_token_id]
+    enc = encode_instruction(Conversation(messages, system, ""), template, tok, EncodeOptions())
+    assert tok.decode(enc.fields["input_ids"]) == tok.decode(ids)
+    assert (enc.fields["input_ids"], enc.fields["labels"]) == (ids, labels)
+
+
+@pytest.mark.parametrize("thinking", [None, True], ids=["chat", "thinking"])
+def test_deepseek4_tokens_as_mindspeed_head_entry(tiny_qwen3, head_entries, thinking):
+    """Our deepseek4 entry is MindSpeed-LLM HEAD's: its stop word (the end-of-sentence text) is added as one special
+    token without replacing the tokenizer's eos, and the thinking marks are its thought words. Each prompt and each
+    answer is one text; history reasoning is dropped."""
+    head = head_entries["deepseek4"]
+    assert (head["replace_eos"], head["efficient_eos"]) == (False, False)
+    (stop,), (opens, closes) = head["stop_words"], head["thought_words"]
+    template = get_template("deepseek4", enable_thinking=thinking)
+    assert (template.stop_words, list(template.thought_words)) == (head["stop_words"], head["thought_words"])
+    assert (template.replace_eos, template.efficient_eos) == (False, False)
+    tok = build_tokenizer(str(tiny_qwen3), template=template)
+    assert tok.eos_token == AutoTokenizer.from_pretrained(str(tiny_qwen3)).eos_token
+    stop_id = tok.convert_tokens_to_ids(stop)
+    assert stop in tok.all_special_tokens and stop_id != tok.unk_token_id
+
+    def encode(text: str) -> list[int]:   # the stop word is one id wherever it stands
+        pieces = [tok.encode(piece, add_special_tokens=False) for piece in text.split(stop)]
+        return [t for k, piece in enumerate(pieces) for t in ([stop_id] if k else []) + piece]
+
+    texts = [f"{BOS}S{U}Q{AS}{closes}", f"A{stop}"]   # the history answer: chat form, its reasoning dropped
+    texts += [f"{U}Q2{AS}{opens}", f"r2{closes}B{stop}"] if thinking else [f"{U}Q2{AS}{closes}", f"B{stop}"]
+    enc = encode_instruction(Conversation(DS_TURNS, "S", ""), template, tok, EncodeOptions())
+    ids = [t for text in texts for t in encode(text)]
+    labels = [label for k, text in enumerate(texts)
+              for label in (encode(text) if k % 2 else [IGNORE_INDEX] * len(encode(text)))]
+    assert (enc.fields["input_ids"], enc.fields["labels"]) == (ids, labels)
