@@ -119,6 +119,8 @@ def test_recipes_end_to_end(env, tmp_path):
     save = tmp_path / "tuned"
     proc = run_torchrun("posttrain_gpt.py", *_train_argv("qwen3/tune_qwen3_4b_4K_full_ptd", env, save), nproc=1)
     assert "--enable-thinking true: taken from" in proc.stdout + proc.stderr
+    # the recipe's --max-position-embeddings 32768 against the tiny config.json's 512: a run setting, said once
+    assert proc.stderr.count("--max-position-embeddings 32768 differs from") == 1, proc.stderr
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     gen = edit(RECIPES["qwen3/generate_qwen3_4b_ptd"][1], {"--load": str(save),
                                                            "--tokenizer-name-or-path": str(env["hf"])})
@@ -136,3 +138,5 @@ def test_recipes_end_to_end(env, tmp_path):
                                          "--lora-load": str(save), "--save-dir": str(merged),
                                          "--hf-cfg-dir": str(env["hf_tied"])}))
     assert "the scale alpha/r is the same" in proc.stderr and (merged / "config.json").is_file()
+    # trained with --max-position-embeddings 32768; the export keeps the model's own value
+    assert json.loads((merged / "config.json").read_text())["max_position_embeddings"] == 512
