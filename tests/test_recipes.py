@@ -134,7 +134,7 @@ def test_recipes_end_to_end(env, tmp_path):
     assert "--lora-fusion: accepted, no effect" in proc.stderr and "LoRA r=16 alpha=32" in proc.stdout
     script, flags = RECIPES["qwen3/ckpt_convert_qwen3_mcore2hf_lora"]
     merged = tmp_path / "lora_hf"
-    proc = run_cli(script, *edit(flags, {"--load-dir": str(env["hf_tied"] / "megatron_cache_tp1pp1ep1"),
+    proc = run_cli(script, *edit(flags, {"--load-dir": str(save / "megatron_cache_tp1pp1ep1"),
                                          "--lora-load": str(save), "--save-dir": str(merged),
                                          "--hf-cfg-dir": str(env["hf_tied"])}))
     assert "the scale alpha/r is the same" in proc.stderr and (merged / "config.json").is_file()

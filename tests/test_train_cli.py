@@ -82,8 +82,30 @@ def test_skip_nan_and_hf2mg_convert(env, tmp_path):
     proc = _run(env, "--lr", "1e30", "--clip-grad", "0", "--lr-warmup-iters", "0", "--train-iters", "3", "--skip-nan",
                 check=True)
     assert "number of nan iterations:   1" in proc.stdout and "number of skipped iterations:   1" in proc.stdout
+    hf_files = sorted(p.relative_to(env["hf"]) for p in Path(env["hf"]).rglob("*"))
     hf_args = ["--load", str(env["hf"]), "--enable-hf2mg-convert", "--model-type-hf", "qwen3",
-               "--mg-save-dir", str(tmp_path / "cache"), "--save", str(tmp_path / "out")]
+               "--save", str(tmp_path / "out")]
     proc = _run(env, *hf_args, check=True)
     assert "lm loss:" in proc.stdout and (tmp_path / "out" / "iter_0000002").is_dir()
-    assert (tmp_path / "cache" / "latest_checkpointed_iteration.txt").read_text() == "1"
+    # the converted model goes beside the run's checkpoints, never into the (maybe shared) HF directory
+    cache = tmp_path / "out" / "megatron_cache_tp1pp1ep1"
+    assert (cache / "latest_checkpointed_iteration.txt").read_text() == "1"
+    assert f"converted --load {env['hf']} to {cache}" in proc.stdout
+    assert sorted(p.relative_to(env["hf"]) for p in Path(env["hf"]).rglob("*")) == hf_files
+
+
+def test_hf2mg_cache_dir_choice(tmp_path, monkeypatch):
+    from mindspeed_llm.training.sft import hf2mg_cache_dir
+
+    hf = tmp_path / "qwen3_hf"
+    hf.mkdir()
+    argv = ["--load", str(hf), "--enable-hf2mg-convert", "--tensor-model-parallel-size", "2", "--data-path",
+            "/nonexistent/prefix", "--is-instruction-dataset", "--train-iters", "2", "--lr", "1e-4", "--seq-length",
+            "64"]
+    assert hf2mg_cache_dir(parse_train_args([*argv, "--mg-save-dir", str(tmp_path / "c")])) == str(tmp_path / "c")
+    assert hf2mg_cache_dir(parse_train_args([*argv, "--save", str(tmp_path / "s")])) == \
+        str(tmp_path / "s" / "megatron_cache_tp2pp1ep1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    where = Path(hf2mg_cache_dir(parse_train_args(argv)))
+    assert where.is_relative_to(tmp_path / "xdg" / "mindspeed_llm") and where.name == "megatron_cache_tp2pp1ep1"
+    assert not where.is_relative_to(hf)

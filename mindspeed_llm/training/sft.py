@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import random
@@ -77,8 +78,8 @@ def hf2mg(args: argparse.Namespace) -> str:
     if not any(Path(hf_dir).glob("*.safetensors")) and not any(Path(hf_dir).glob("*.bin")):
         raise UserError(f"--enable-hf2mg-convert: --load {hf_dir} has no *.safetensors; it must be a Hugging Face "
                         f"model directory (to resume from a Megatron save, drop --enable-hf2mg-convert)")
+    cache = hf2mg_cache_dir(args)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    cache = args.mg_save_dir or str(Path(hf_dir) / f"megatron_cache_tp{tp}pp{pp}ep1")
     # Rank 0 converts while the others wait in the broadcast: they learn whether it failed, and why.
     outcome: list = [None]
     failure: Optional[BaseException] = None
@@ -104,8 +105,24 @@ def hf2mg(args: argparse.Namespace) -> str:
             error.shared = True
             raise error
         raise RuntimeError(message)
+    if torch.distributed.get_rank() == 0:
+        print(f"--enable-hf2mg-convert: converted --load {hf_dir} to {cache} (TP{tp} PP{pp}; --mg-save-dir "
+              f"chooses where)", flush=True)
     args.load = cache
     return hf_dir
+
+
+def hf2mg_cache_dir(args: argparse.Namespace) -> str:
+    """Where `--enable-hf2mg-convert` writes the converted model: --mg-save-dir, else beside the run's checkpoints
+    under --save, else the user's cache directory. Never inside the HF directory, which may be read-only or shared."""
+    name = f"megatron_cache_tp{args.tensor_model_parallel_size}pp{args.pipeline_model_parallel_size}ep1"
+    if args.mg_save_dir:
+        return str(args.mg_save_dir)
+    if args.save:
+        return str(Path(args.save) / name)
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    source = hashlib.sha256(str(Path(args.load).resolve()).encode()).hexdigest()[:16]
+    return str(cache_home / "mindspeed_llm" / "hf2mg" / f"{Path(args.load).resolve().name}-{source}" / name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
