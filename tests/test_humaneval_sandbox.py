@@ -15,6 +15,8 @@ PROMPT = "def add(a, b):\n    \"\"\"Sum.\"\"\"\n"
 TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n"
 
 posix = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process groups from Linux /proc")
+needs_resource = pytest.mark.skipif(getattr(humaneval, "resource", None) is None,
+                                    reason="no resource limits without the resource module")
 
 
 def run(completion: str, timeout: float = 10.0) -> bool:
@@ -73,7 +75,7 @@ def test_a_timeout_fails_and_kills_the_whole_group(tmp_path):
     assert survivors(record) == []
 
 
-@pytest.mark.skipif(getattr(humaneval, "resource", None) is None, reason="no resource limits without the resource module")
+@needs_resource
 def test_resource_limits_stop_runaway_programs_only():
     # an address-space reservation over the limit (never touched, so harmless without the limit) fails ...
     assert not run(f"    import mmap\n    mmap.mmap(-1, {2 * humaneval.MEMORY_LIMIT_BYTES})\n    return a + b\n")
@@ -86,7 +88,7 @@ def test_resource_limits_stop_runaway_programs_only():
     assert run("    print('some output')\n    return a + b\n")
 
 
-@pytest.mark.skipif(getattr(humaneval, "resource", None) is None, reason="no resource limits without the resource module")
+@needs_resource
 def test_the_limits_are_hard_limits_the_program_cannot_raise():
     want = {"RLIMIT_AS": humaneval.MEMORY_LIMIT_BYTES, "RLIMIT_FSIZE": humaneval.FILE_SIZE_LIMIT_BYTES,
             "RLIMIT_CPU": 11}                                           # the timeout (10 s) rounded up, plus 1
