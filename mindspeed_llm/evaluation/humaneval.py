@@ -21,7 +21,7 @@ from mindspeed_llm.evaluation.items import GenerationItem, limit, read_jsonl
 
 try:
     import resource
-except ImportError:          # not on Windows: the program runs without resource limits
+except ImportError:          # absent on Windows: there the program runs without resource limits
     resource = None
 
 # human-eval's stop sequences: the completion ends where the next top-level statement begins
