@@ -485,3 +485,81 @@ def test_error_rows_count_blank_lines(tmp_path):
     (tmp_path / "g/test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n\n{"question": "q", "answer": "1"}\n')
     with pytest.raises(UserError, match=r"test.jsonl:3: the answer has no"):
         gen_tasks.load_gsm8k(tmp_path / "g", None, "en", cot=False)
+
+
+# ---- empty subject files and --max-new-tokens for option tasks, through the CLI --------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_mg(tiny_qwen3, tmp_path_factory) -> str:
+    return _convert(tiny_qwen3, tmp_path_factory.mktemp("tiny_mg") / "mg", 1, 1)
+
+
+def _evaluate(hf: Path, mg: str, results: Path, *flags: str, check: bool = True):
+    return run_cli("evaluation.py", "--load", mg, "--tokenizer-name-or-path", str(hf), "--distributed-backend",
+                   "gloo", "--no-chat-template", "--results-file", str(results), *flags, check=check)
+
+
+def test_an_empty_subject_file_is_named_and_all_empty_is_an_error(tiny_qwen3, tiny_mg, tmp_path):
+    paths = build_tasks(tmp_path / "data")
+    empty = paths["mmlu"] / "test" / "virology_test.csv"
+    empty.write_text("")
+    proc = _evaluate(tiny_qwen3, tiny_mg, tmp_path / "r.json", "--task", "mmlu", "--task-data-path",
+                     str(paths["mmlu"]))
+    warnings = [ln for ln in proc.stdout.splitlines() if "warning:" in ln]
+    assert len(warnings) == 1 and warnings[0].endswith(
+        f"warning: {empty}: empty, no questions; --task mmlu scores the other 2 of 3 subjects"), proc.stdout
+    summary = json.loads((tmp_path / "r.json").read_text())["tasks"]["mmlu"]
+    assert sorted(summary["subjects"]) == ["abstract_algebra", "anatomy"] and summary["total"] == 6
+    assert "--max-new-tokens" not in proc.stderr            # not typed: no notice
+
+    _csv(tmp_path / "none/a_test.csv", [])
+    (tmp_path / "none/b_test.csv").write_text("\n\n")
+    proc = _evaluate(tiny_qwen3, tiny_mg, tmp_path / "r2.json", "--task", "mmlu", "--task-data-path",
+                     str(tmp_path / "none"), check=False)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert errors[0] == (f"error: --task-data-path {tmp_path / 'none'}: all 2 subject files of --task mmlu are "
+                         f"empty (a_test.csv, b_test.csv)")
+    assert not (tmp_path / "r2.json").exists()
+
+
+def test_empty_subject_files_of_each_directory_benchmark(tmp_path, caplog):
+    paths = build_tasks(tmp_path)
+    (paths["ceval"] / "val/law_val.csv").write_text("id,question,A,B,C,D,answer,explanation\n")   # header only
+    _csv(paths["cmmlu"] / "test/law.csv", [], ["", "Question", "A", "B", "C", "D", "Answer"])
+    (paths["bbh"] / "bbh/navigate.json").write_text(json.dumps({"examples": []}))
+    (paths["agieval"] / "v1/sat-en.jsonl").write_text("")
+    with caplog.at_level("WARNING", logger="mindspeed_llm.evaluation"):
+        assert len(choice_tasks.load_ceval(paths["ceval"], None)) == 3
+        assert len(choice_tasks.load_cmmlu(paths["cmmlu"], None)) == 3
+        assert len(more_tasks.load_bbh(paths["bbh"], None, cot=False)) == 2
+        assert len(more_tasks.load_agieval(paths["agieval"], None)[0]) == 3
+    assert [r.getMessage().split(": empty")[0] for r in caplog.records] == \
+        [f"warning: {paths['ceval'] / 'val/law_val.csv'}", f"warning: {paths['cmmlu'] / 'test/law.csv'}",
+         f"warning: {paths['bbh'] / 'bbh/navigate.json'}", f"warning: {paths['agieval'] / 'v1/sat-en.jsonl'}"]
+    assert "--task agieval scores the other 2 of 3 subjects" in caplog.records[-1].getMessage()
+
+
+def test_max_new_tokens_is_a_notice_for_option_tasks_and_checked_for_generation(tiny_qwen3, tiny_mg, tmp_path):
+    from mindspeed_llm.evaluation.args import parse_args
+
+    base = ["--load", "x", "--tokenizer-name-or-path", "y", "--task-data-path", "d"]
+    assert parse_args(base + ["--task", "mmlu", "boolq", "--max-new-tokens", "0"]).max_new_tokens == 0
+    with pytest.raises(UserError, match=r"--max-new-tokens 0 must be at least 1 \(--task gsm8k generates\)"):
+        parse_args(base + ["--task", "mmlu", "gsm8k", "--max-new-tokens", "0"])
+
+    paths = build_tasks(tmp_path / "data")
+    # far more new tokens than the model has positions: option tasks generate nothing and run as without it
+    proc = _evaluate(tiny_qwen3, tiny_mg, tmp_path / "r.json", "--task", "mmlu", "boolq", "--task-data-path",
+                     str(paths["mmlu"]), str(paths["boolq"]), "--max-new-tokens", "100000")
+    notices = [ln for ln in proc.stderr.splitlines() if "--max-new-tokens" in ln]
+    assert notices == ["[mindspeed_llm] --max-new-tokens: accepted, no effect for --task mmlu, boolq: option answers "
+                       "are scored by the next token's log-probabilities; nothing is generated"], proc.stderr
+    tasks = json.loads((tmp_path / "r.json").read_text())["tasks"]
+    for task in ("mmlu", "boolq"):
+        _check_choice_task(tasks[task], tiny_qwen3, expected_prompts()[task], chat=False)
+    # a generation task still needs the room
+    proc = _evaluate(tiny_qwen3, tiny_mg, tmp_path / "r2.json", "--task", "gsm8k", "--task-data-path",
+                     str(paths["gsm8k"]), "--max-new-tokens", "100000", check=False)
+    assert proc.returncode == 2 and "error: --max-new-tokens 100000 leaves no room for a prompt" in proc.stderr
+    assert "no effect" not in proc.stderr

@@ -169,8 +169,8 @@ def _alpaca(spec: HandlerSpec, record: dict) -> Conversation:
             chosen, rejected = chosen[0], rejected[1] if isinstance(rejected, list) else chosen[1]
         if chosen is None or rejected is None:
             raise Skip("missing_chosen_or_rejected")
-        return Conversation(messages, system, chosen={"role": "assistant", "content": _text(chosen)},
-                            rejected={"role": "assistant", "content": _text(rejected)})
+        return _pairwise(messages, system, "", {"role": "assistant", "content": _text(chosen)},
+                         {"role": "assistant", "content": _text(rejected)})
     response = record.get(keys["response"])
     if isinstance(response, list):
         if len(response) != 1:
@@ -180,6 +180,16 @@ def _alpaca(spec: HandlerSpec, record: dict) -> Conversation:
         raise Skip("empty_response")
     messages.append({"role": "assistant", "content": _text(response)})
     return Conversation(messages, system)
+
+
+def _pairwise(messages: list[dict], system: str, tools: str, chosen: dict, rejected: dict) -> Conversation:
+    """A preference pair, unless it cannot teach a preference: identical answers give DPO a zero gradient,
+    and an empty rejected answer is a malformed record."""
+    if not rejected["content"].strip():
+        raise Skip("empty_rejected")
+    if chosen == rejected:
+        raise Skip("chosen_equals_rejected")
+    return Conversation(messages, system, tools, chosen=chosen, rejected=rejected)
 
 
 _EVEN_ROLES = ("user", "observation")
@@ -244,7 +254,7 @@ def _sharegpt(spec: HandlerSpec, record: dict) -> Conversation:
             role = role_of.get(ans.get(tags["role_tag"]), "assistant")
             answers.append({"role": role if role in _ODD_ROLES else "assistant",
                             "content": _text(ans.get(tags["content_tag"]))})
-        return Conversation(messages, system, tools, chosen=answers[0], rejected=answers[1])
+        return _pairwise(messages, system, tools, answers[0], answers[1])
     if len(messages) % 2 != 0:
         raise Skip("odd_message_count")
     return Conversation(messages, system, tools)

@@ -11,6 +11,8 @@ from mindspeed_llm.errors import UserError
 # Benchmarks implemented here; MindSpeed-LLM's other names are refused by name (see validate).
 TASKS = ("mmlu", "ceval", "cmmlu", "gsm8k", "boolq", "bbh", "agieval", "hellaswag", "human_eval")
 NOT_IMPLEMENTED = ("mmlu_ppl", "needlebench")
+# Answered by greedy generation up to --max-new-tokens; the others score option labels by the next token.
+GENERATION_TASKS = ("gsm8k", "bbh", "human_eval")
 
 
 def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
@@ -110,8 +112,10 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"--evaluation-batch-size {args.evaluation_batch_size} must be at least 1")
     if args.max_eval_samples is not None and args.max_eval_samples < 1:
         raise UserError(f"--max-eval-samples {args.max_eval_samples} must be at least 1")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    generating = [t for t in args.task if t in GENERATION_TASKS]
+    if generating and args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1 (--task {generating[0]} "
+                        f"generates)")
     if args.num_layers_per_virtual_pipeline_stage:
         raise UserError("--num-layers-per-virtual-pipeline-stage is not supported for evaluation; drop it "
                         "(convert the checkpoint without VPP)")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from mindspeed_llm.errors import UserError
-from mindspeed_llm.evaluation.items import ChoiceItem, check_answer, limit, read_csv
+from mindspeed_llm.evaluation.items import ChoiceItem, check_answer, check_subject_files, limit, read_csv
 
 LETTERS = ("A", "B", "C", "D")
 SHOTS = 5
@@ -31,17 +31,19 @@ def load_mmlu(root: Path, max_samples: Optional[int]) -> list[ChoiceItem]:
     """One item per test row: the first 5 dev rows of the subject as shots, then the question."""
     tests = _files(root, "_test.csv", "--task mmlu")
     devs = _dev_files(root)
-    items = []
+    items, counts = [], {}
     for path in tests:
         subject = path.name[:-len("_test.csv")]
         shots = ""
         if subject in devs:
             for n, row in read_csv(devs[subject], header=False, columns=6)[:SHOTS]:
                 shots += mmlu_block(row[0], row[1:5], check_answer(row[5], LETTERS, devs[subject], n))
-        rows = limit(read_csv(path, header=False, columns=6), max_samples)
-        for i, (n, row) in enumerate(rows):
+        rows = read_csv(path, header=False, columns=6)
+        counts[path] = len(rows)
+        for i, (n, row) in enumerate(limit(rows, max_samples)):
             items.append(ChoiceItem(subject, i, mmlu_header(subject) + shots + mmlu_block(row[0], row[1:5]),
                                     LETTERS, check_answer(row[5], LETTERS, path, n)))
+    check_subject_files(root, "mmlu", counts)
     return items
 
 
@@ -60,18 +62,20 @@ def load_ceval(root: Path, max_samples: Optional[int]) -> list[ChoiceItem]:
     names = _ceval_names(root)
     vals = _files(root, "_val.csv", "--task ceval")
     devs = _dev_files(root)
-    items = []
+    items, counts = [], {}
     for path in vals:
         subject = path.name[:-len("_val.csv")]
         shots = ""
         if subject in devs:
             for n, row in read_csv(devs[subject], header=True, columns=7)[:SHOTS]:
                 shots += ceval_block(row[1], row[2:6], check_answer(row[6], LETTERS, devs[subject], n))
-        rows = limit(read_csv(path, header=True, columns=7), max_samples)
+        rows = read_csv(path, header=True, columns=7)
+        counts[path] = len(rows)
         head = ceval_header(names.get(subject, subject.replace("_", " ")))
-        for i, (n, row) in enumerate(rows):
+        for i, (n, row) in enumerate(limit(rows, max_samples)):
             items.append(ChoiceItem(subject, i, head + shots + ceval_block(row[1], row[2:6]), LETTERS,
                                     check_answer(row[6], LETTERS, path, n)))
+    check_subject_files(root, "ceval", counts)
     return items
 
 
@@ -104,7 +108,7 @@ def load_cmmlu(root: Path, max_samples: Optional[int]) -> list[ChoiceItem]:
     tests = sorted(test_dir.glob("*.csv"))
     if not tests:
         raise UserError(f"--task-data-path {root}: test/ holds no .csv files")
-    items = []
+    items, counts = [], {}
     for path in tests:
         subject = path.stem
         shots = ""
@@ -112,10 +116,12 @@ def load_cmmlu(root: Path, max_samples: Optional[int]) -> list[ChoiceItem]:
         if dev.is_file():
             for n, row in read_csv(dev, header=True, columns=7)[:SHOTS]:
                 shots += cmmlu_block(row[1], row[2:6], check_answer(row[6], LETTERS, dev, n))
-        rows = limit(read_csv(path, header=True, columns=7), max_samples)
-        for i, (n, row) in enumerate(rows):
+        rows = read_csv(path, header=True, columns=7)
+        counts[path] = len(rows)
+        for i, (n, row) in enumerate(limit(rows, max_samples)):
             items.append(ChoiceItem(subject, i, cmmlu_header(subject.replace("_", " ")) + shots +
                                     cmmlu_block(row[1], row[2:6]), LETTERS, check_answer(row[6], LETTERS, path, n)))
+    check_subject_files(root, "cmmlu", counts)
     return items
 
 

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from mindspeed_llm.errors import UserError
+
+log = logging.getLogger("mindspeed_llm.evaluation")
 
 
 @dataclass
@@ -86,3 +89,19 @@ def check_answer(answer: str, labels: tuple[str, ...], path: Path, row: int) -> 
 
 def limit(items: list, max_samples: Optional[int]) -> list:
     return items if max_samples is None else items[:max_samples]
+
+
+def check_subject_files(root: Path, task: str, rows: dict[Path, int]) -> None:
+    """Given the number of rows read from each subject file of a benchmark directory: one warning line per empty
+    file (its subject would otherwise vanish from the results unnoticed); every file empty is an error."""
+    empty = [path for path, n in rows.items() if n == 0]
+    if not empty:
+        return
+    if len(empty) == len(rows):
+        names = ", ".join(p.name for p in empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+        raise UserError(f"--task-data-path {root}: all {len(rows)} subject files of --task {task} are empty "
+                        f"({names})")
+    scored = len(rows) - len(empty)
+    for path in empty:
+        log.warning(f"warning: {path}: empty, no questions; --task {task} scores the other {scored} of "
+                    f"{len(rows)} subjects")

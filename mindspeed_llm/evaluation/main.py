@@ -23,6 +23,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     engine = setup(args)
     try:
+        _max_new_tokens_notice(args)
         summaries = [run_task(engine, args, task, i) for i, task in enumerate(args.task)]
         if comm.world_rank() == 0:
             write_results(args.results_file, summaries)
@@ -30,6 +31,17 @@ def main(argv: Optional[list[str]] = None) -> None:
             dist.barrier()
     finally:
         destroy_distributed()
+
+
+def _max_new_tokens_notice(args: argparse.Namespace) -> None:
+    """A typed --max-new-tokens changes nothing for the choice tasks: say so once (rank 0)."""
+    from mindspeed_llm.evaluation.args import GENERATION_TASKS
+    from mindspeed_llm.platform import notice
+
+    choice = [t for t in args.task if t not in GENERATION_TASKS]
+    if "max_new_tokens" in args.explicit and choice:
+        notice(f"--max-new-tokens: accepted, no effect for --task {', '.join(choice)}: option answers are scored "
+               f"by the next token's log-probabilities; nothing is generated")
 
 
 def load_items(args: argparse.Namespace, task: str, index: int) -> list[Item]:
@@ -77,7 +89,9 @@ def encode(engine, items: list[Item], chat: bool) -> list[list[int]]:
             ids = builder.from_messages([{"role": "user", "content": item.prompt}])
         else:
             ids = list(engine.tokenizer.encode(item.prompt, add_special_tokens=False))
-        out.append(engine.fit(ids, f"{item.subject} item {item.index}"))
+        # an option question is scored by one forward pass of the prompt: no room is kept for new tokens
+        new_tokens = 0 if isinstance(item, ChoiceItem) else None
+        out.append(engine.fit(ids, f"{item.subject} item {item.index}", new_tokens))
     return out
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mindspeed_llm.errors import UserError
-from mindspeed_llm.evaluation.items import LINE, ChoiceItem, GenerationItem, limit, read_jsonl
+from mindspeed_llm.evaluation.items import LINE, ChoiceItem, GenerationItem, check_subject_files, limit, read_jsonl
 
 LETTERS = "ABCDEFGHIJ"
 # AGIEval's Chinese datasets (the rest are English); their prompts are in Chinese
@@ -38,11 +38,12 @@ def load_bbh(root: Path, max_samples: Optional[int], cot: bool) -> list[Generati
     files = sorted(p for p in _dir(root, "--task bbh").rglob("*.json"))
     if not files:
         raise UserError(f"--task-data-path {root}: no {{task}}.json files found (--task bbh)")
-    items = []
+    items, counts = [], {}
     for path in files:
         data = _read_json(path)
         if not isinstance(data, dict) or not isinstance(data.get("examples"), list):
             raise UserError(f"{path}: expected {{\"examples\": [{{\"input\": ..., \"target\": ...}}, ...]}}")
+        counts[path] = len(data["examples"])
         shots = _bbh_shots(root, path.stem) if cot else ""
         for i, ex in enumerate(limit(data["examples"], max_samples)):
             if not isinstance(ex, dict) or "input" not in ex or "target" not in ex:
@@ -50,6 +51,7 @@ def load_bbh(root: Path, max_samples: Optional[int], cot: bool) -> list[Generati
             tail = "A: Let's think step by step." if cot else "A:"
             items.append(GenerationItem(path.stem, i, f"{shots}Q: {ex['input']}\n{tail}", str(ex["target"]).strip(),
                                         {"cot": cot}))
+    check_subject_files(root, "bbh", counts)
     return items
 
 
@@ -82,11 +84,13 @@ def load_agieval(root: Path, max_samples: Optional[int]) -> tuple[list[ChoiceIte
     files = sorted(_dir(root, "--task agieval").rglob("*.jsonl"))
     if not files:
         raise UserError(f"--task-data-path {root}: no {{dataset}}.jsonl files found (--task agieval)")
-    items, skipped = [], 0
+    items, skipped, counts = [], 0, {}
     for path in files:
         zh = path.stem.startswith(AGIEVAL_ZH)
         kept = 0
-        for i, ex in enumerate(read_jsonl(path, ("question",))):
+        rows = read_jsonl(path, ("question",))
+        counts[path] = len(rows)
+        for i, ex in enumerate(rows):
             options, label = ex.get("options") or [], ex.get("label")
             if not options or not isinstance(label, str) or len(label) != 1:
                 skipped += 1
@@ -105,6 +109,7 @@ def load_agieval(root: Path, max_samples: Optional[int]) -> tuple[list[ChoiceIte
                 prompt = (f"Q: {passage}{ex['question']} Answer Choices: {choices}\n"
                           f"A: Among A through {labels[-1]}, the answer is")
             items.append(ChoiceItem(path.stem, i, prompt, labels, label))
+    check_subject_files(root, "agieval", counts)
     return items, skipped
 
 

@@ -34,19 +34,22 @@ class Engine:
     truncate: bool = False
     limit_flag: str = "--max-position-embeddings"     # what max_positions came from, for the messages
 
-    def fit(self, ids: list[int], where: str) -> list[int]:
-        """Make room for --max-new-tokens within the model's positions: cut from the left (--truncate-prompt,
-        with a warning) or refuse with an error naming the request."""
-        room = self.max_positions - self.max_new_tokens
+    def fit(self, ids: list[int], where: str, new_tokens: Optional[int] = None) -> list[int]:
+        """Make room for `new_tokens` (default --max-new-tokens; 0 for a prompt that is only scored) within the
+        model's positions: cut from the left (--truncate-prompt, with a warning) or refuse with an error naming
+        the request."""
+        reserve = self.max_new_tokens if new_tokens is None else new_tokens
+        room = self.max_positions - reserve
         if len(ids) <= room:
             return ids
         if room < 1:
             raise UserError(f"--max-new-tokens {self.max_new_tokens} leaves no room for a prompt within "
                             f"{self.limit_flag} {self.max_positions}")
         if not self.truncate:
-            raise UserError(f"{where}: the prompt has {len(ids)} tokens; with --max-new-tokens "
-                            f"{self.max_new_tokens} that exceeds {self.limit_flag} {self.max_positions}. "
-                            f"Shorten it, lower --max-new-tokens, or pass --truncate-prompt to keep its last "
+            with_new = f"; with --max-new-tokens {reserve} that" if reserve else ", which"
+            lower = ", lower --max-new-tokens," if reserve else ""
+            raise UserError(f"{where}: the prompt has {len(ids)} tokens{with_new} exceeds {self.limit_flag} "
+                            f"{self.max_positions}. Shorten it{lower} or pass --truncate-prompt to keep its last "
                             f"{room} tokens")
         if comm.world_rank() == 0:
             log.warning(f"{where}: prompt of {len(ids)} tokens cut to its last {room} (--truncate-prompt)")
