@@ -94,6 +94,14 @@ def test_skip_nan_and_hf2mg_convert(env, tmp_path):
     assert sorted(p.relative_to(env["hf"]) for p in Path(env["hf"]).rglob("*")) == hf_files
 
 
+def test_data_is_checked_before_the_model(env, tmp_path):
+    """A wrong --data-path is the first error: reported before the HF conversion, the build and the load."""
+    proc = _run(env, "--data-path", str(tmp_path / "missing"), "--load", str(env["hf"]), "--enable-hf2mg-convert",
+                "--model-type-hf", "qwen3", "--save", str(tmp_path / "out"))
+    assert "--data-path" in _error_line(proc) and "no dataset files" in proc.stderr
+    assert not (tmp_path / "out").exists()          # nothing converted
+
+
 def test_hf2mg_cache_dir_choice(tmp_path, monkeypatch):
     from mindspeed_llm.training.sft import hf2mg_cache_dir
 

@@ -19,11 +19,24 @@ class RunData:
     valid_iter: Optional[Iterator] = None
 
 
-def build_run_data(args: argparse.Namespace, tokenizer, consumed_samples: int) -> RunData:
-    from mindspeed_llm.training.batching import check_sidecar, make_collator
-    from mindspeed_llm.training.sft_dataset import build_sft_datasets, options_from_args, train_valid_test_num_samples
+def check_run_data(args: argparse.Namespace, tokenizer) -> Optional[dict]:
+    """What can be checked of --data-path without a model: the dataset files are all there and the sidecar agrees
+    with the flags and the tokenizer. Runs before the model is built and the checkpoint loaded, so a wrong path is
+    the first thing a run reports. Returns the sidecar (None for data without one)."""
+    from mindspeed_llm.training.batching import check_sidecar
+    from mindspeed_llm.training.sft_dataset import PAIRWISE_FIELDS, find_fields, options_from_args
 
     sidecar = check_sidecar(args.data_path, args, tokenizer)
+    find_fields(args.data_path, PAIRWISE_FIELDS if options_from_args(args, sidecar).pairwise else
+                ("input_ids", "labels"))
+    return sidecar
+
+
+def build_run_data(args: argparse.Namespace, tokenizer, consumed_samples: int, sidecar: Optional[dict]) -> RunData:
+    """Datasets and loaders over --data-path, whose `check_run_data` result is `sidecar`."""
+    from mindspeed_llm.training.batching import make_collator
+    from mindspeed_llm.training.sft_dataset import build_sft_datasets, options_from_args, train_valid_test_num_samples
+
     options = options_from_args(args, sidecar)
     if options.eos_token_id is None:
         options.eos_token_id = tokenizer.eos_token_id

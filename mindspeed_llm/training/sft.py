@@ -285,12 +285,13 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
     from mindspeed_llm.training import checkpointing as ckpt
     from mindspeed_llm.models.resolve import record_model
     from mindspeed_llm.training import model_setup
-    from mindspeed_llm.training.data import build_run_data, next_micro_batches
+    from mindspeed_llm.training.data import build_run_data, check_run_data, next_micro_batches
     from mindspeed_llm.training.log import TrainLog, flops_per_iteration, print_args
 
     start = time.time()
     init_run(args)
     tokenizer = build_tokenizer(args)
+    sidecar = check_run_data(args, tokenizer)        # data before the model: the quick checks first
     hf_dir = hf2mg(args) if args.enable_hf2mg_convert else None
     model_setup.check_model_flags(args)
     cfg = model_setup.model_config(args, len(tokenizer), hf_dir)
@@ -307,7 +308,7 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
     optimizer, scheduler = model_setup.build_optimizer(args, model)
     ckpt.load_training_state(args, loaded, optimizer, scheduler)
     iteration, consumed = loaded.iteration, loaded.consumed_samples
-    data = build_run_data(args, tokenizer, consumed)
+    data = build_run_data(args, tokenizer, consumed, sidecar)
     device = current_device()
     log = TrainLog(args, cfg)
     if torch.distributed.get_rank() == 0:
