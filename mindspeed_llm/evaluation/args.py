@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from mindspeed_llm import arguments as shared
-from mindspeed_llm.errors import UserError
+from mindspeed_llm.errors import OneLineArgumentParser, UserError
 
 # Benchmarks implemented here; MindSpeed-LLM's other names are refused by name (see validate).
 TASKS = ("mmlu", "ceval", "cmmlu", "gsm8k", "boolq", "bbh", "agieval", "hellaswag", "human_eval")
@@ -58,7 +58,7 @@ def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = shared.FlagParser(prog="evaluation.py", description="Benchmark a Megatron checkpoint (torchrun)",
+    p = OneLineArgumentParser(prog="evaluation.py", description="Benchmark a Megatron checkpoint (torchrun)",
                           allow_abbrev=False)
     shared.add_loaded_model_args(p)
     add_evaluation_args(p)

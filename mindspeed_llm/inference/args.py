@@ -6,7 +6,7 @@ from typing import Optional
 
 from mindspeed_llm import arguments as shared
 from mindspeed_llm import flag_policy
-from mindspeed_llm.errors import UserError
+from mindspeed_llm.errors import OneLineArgumentParser, UserError
 
 TASKS = ("greedy", "do_sample", "beam_search", "beam_search_with_sampling", "chat")
 DEFAULT_PROMPT = "how are you?"
@@ -53,7 +53,7 @@ def _add_missing(parser: argparse.ArgumentParser, *flags: tuple[str, dict]) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = shared.FlagParser(prog="inference.py", description="Generate with a Megatron checkpoint (torchrun)",
+    p = OneLineArgumentParser(prog="inference.py", description="Generate with a Megatron checkpoint (torchrun)",
                           allow_abbrev=False)
     shared.add_loaded_model_args(p)
     add_generation_args(p)
