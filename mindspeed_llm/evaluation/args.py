@@ -113,11 +113,6 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"--max-eval-samples {args.max_eval_samples} must be at least 1")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
-    if args.num_layers_per_virtual_pipeline_stage:
-        raise UserError("--num-layers-per-virtual-pipeline-stage is not supported for evaluation; drop it "
-                        "(convert the checkpoint without VPP)")
-    if args.context_parallel_size != 1:
-        raise UserError(f"--context-parallel-size {args.context_parallel_size}: evaluation supports only 1")
     if args.hf_chat_template and (args.prompt_type or args.no_chat_template):
         other = "--prompt-type" if args.prompt_type else "--no-chat-template"
         raise UserError(f"--hf-chat-template and {other} are mutually exclusive; pick one way to build prompts")

@@ -83,11 +83,6 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError("--tokenizer-name-or-path is required (the Hugging Face model or tokenizer directory)")
     if args.hf_chat_template and args.prompt_type:
         raise UserError("--hf-chat-template and --prompt-type are mutually exclusive; pick one way to build prompts")
-    if args.num_layers_per_virtual_pipeline_stage:
-        raise UserError("--num-layers-per-virtual-pipeline-stage is not supported for generation; drop it (convert "
-                        "the checkpoint without VPP)")
-    if args.context_parallel_size != 1:
-        raise UserError(f"--context-parallel-size {args.context_parallel_size}: generation supports only 1")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     if args.num_beams < 1:
