@@ -7,7 +7,7 @@ import json
 
 from mindspeed_llm import flag_policy
 from mindspeed_llm.data.templates import DEFAULT_TEMPLATES_PATH
-from mindspeed_llm.errors import OneLineArgumentParser
+from mindspeed_llm.errors import OneLineArgumentParser, UserError
 
 THINKING = {"true": True, "false": False, "none": None}
 
@@ -95,30 +95,16 @@ def parse_preprocess_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     apply_flag_policy("preprocess", parser, args)
     if args.reasoning_effort and args.enable_thinking is not True:
-        parser.error("--reasoning-effort requires --enable-thinking true")
+        raise UserError("--reasoning-effort requires --enable-thinking true")
     args.workers = max(args.workers, args.n_subs)
     if args.log_interval < 1:
-        build_preprocess_parser().error(f"--log-interval {args.log_interval} must be at least 1")
+        raise UserError(f"--log-interval {args.log_interval} must be at least 1")
     return args
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Megatron flag groups shared by posttrain_gpt.py and inference.py
 # ---------------------------------------------------------------------------------------------------------------
-
-class FlagParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are a `UserError` (one `error: ...` line via `logs.run_main`), so an
-    unknown or malformed flag is reported by name instead of a usage dump."""
-
-    def error(self, message: str):  # type: ignore[override]
-        from mindspeed_llm.errors import UserError
-
-        if message.startswith("unrecognized arguments:"):
-            flags = message.split(":", 1)[1].split()
-            message = (f"unrecognized argument(s): {' '.join(flags)}; this flag is not implemented (run "
-                       f"{self.prog} --help for the supported flags)")
-        raise UserError(message)
-
 
 def _on_off(g, name: str, default: bool, help: str) -> None:
     """`--name` / `--no-name` pair writing one destination."""
@@ -144,12 +130,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-query-groups", type=int, default=None)
     g.add_argument("--kv-channels", type=int, default=None, help="head dim (default hidden / heads)")
     g.add_argument("--qk-layernorm", action="store_true")
-    g.add_argument("--normalization", default="RMSNorm", choices=["RMSNorm"])
+    g.add_argument("--normalization", default="RMSNorm")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action="store_true")
     g.add_argument("--disable-bias-linear", action="store_true")
     g.add_argument("--add-qkv-bias", action="store_true")
-    g.add_argument("--position-embedding-type", default="rope", choices=["rope"])
+    g.add_argument("--position-embedding-type", default="rope")
     g.add_argument("--use-rotary-position-embeddings", action="store_true")
     g.add_argument("--rotary-base", type=float, default=10000.0)
     g.add_argument("--rotary-percent", type=float, default=1.0)
@@ -373,8 +359,8 @@ def add_mindspeed_spellings(parser: argparse.ArgumentParser) -> None:
                    help="the data at --data-path must be packed (preprocess_data.py --pack); checked against it")
 
 
-def build_train_parser() -> FlagParser:
-    p = FlagParser(prog="posttrain_gpt.py", description="Supervised fine-tuning on megatron-core (torchrun)",
+def build_train_parser() -> OneLineArgumentParser:
+    p = OneLineArgumentParser(prog="posttrain_gpt.py", description="Supervised fine-tuning on megatron-core (torchrun)",
                    allow_abbrev=False)
     add_model_args(p)
     add_parallel_args(p)

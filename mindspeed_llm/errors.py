@@ -14,7 +14,13 @@ class UserError(Exception):
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line (`error: argument --x: ...`) with exit status 2."""
+    """argparse whose usage errors are a `UserError` (printed by `logs.exit_status` as one
+    `error: argument --x: ... (see PROG --help)` line, exit status 2) instead of a usage dump."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(USER_ERROR_EXIT, f"error: {message} (see {self.prog} --help)\n")
+        if message.startswith("unrecognized arguments:"):
+            flags = message.split(":", 1)[1].strip()
+            message = f"unrecognized argument(s): {flags}; this flag is not implemented"
+        error = UserError(f"{message} (see {self.prog} --help)")
+        error.shared = True          # every rank parses the same command line
+        raise error

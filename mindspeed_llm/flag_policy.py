@@ -4,14 +4,16 @@ Every flag a parser accepts is exactly one of:
   implemented  -- the code reads it (`IMPLEMENTED`);
   notice       -- accepted, one line on stderr names it and says why it changes nothing on this device
                   (`NOTICE`; printed only when the flag is given);
-  error        -- only its default is honoured: any other value stops with an error naming it (`ERROR`).
+  error        -- only its default (or the `Allowed` values) is honoured: any other value stops with an error
+                  naming it (`ERROR`).
 tests/test_flag_policy.py enumerates every option of the four parsers and checks it is in one of these sets (and,
 for implemented ones, that some module reads it).
 """
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Iterable, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Union
 
 from mindspeed_llm.errors import UserError
 
@@ -23,8 +25,8 @@ _MODEL = {
     "group_query_attention", "num_query_groups", "kv_channels", "qk_layernorm", "norm_epsilon", "add_qkv_bias",
     "rotary_base", "rope_scaling_type", "rope_scaling_factor", "max_position_embeddings",
     "untie_embeddings_and_output_weights", "make_vocab_size_divisible_by", "padded_vocab_size", "bf16", "fp16",
-    "tensor_model_parallel_size", "pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage",
-    "num_layer_list", "context_parallel_size", "distributed_backend", "distributed_timeout_minutes", "load",
+    "tensor_model_parallel_size", "pipeline_model_parallel_size",
+    "num_layer_list", "distributed_backend", "distributed_timeout_minutes", "load",
     "load_checkpoint_loosely", "model_type_hf", "seed", "tokenizer_name_or_path", "tokenizer_not_use_fast",
     "seq_length", "prompt_type", "prompt_type_path", "enable_thinking", "trust_remote_code",
     "lora_target_modules", "lora_r", "lora_alpha", "lora_load",
@@ -32,8 +34,8 @@ _MODEL = {
 IMPLEMENTED: dict[str, frozenset[str]] = {
     "train": frozenset(_MODEL | {
         "swiglu", "disable_bias_linear", "hidden_dropout", "attention_dropout", "init_method_std", "sequence_parallel",
-        "expert_model_parallel_size", "use_distributed_optimizer", "save", "save_interval", "no_load_optim",
-        "no_load_rng", "no_save_optim", "no_save_rng", "finetune", "ckpt_format", "exit_on_missing_checkpoint",
+        "num_layers_per_virtual_pipeline_stage", "use_distributed_optimizer", "save", "save_interval",
+        "no_load_optim", "no_load_rng", "no_save_optim", "no_save_rng", "finetune", "exit_on_missing_checkpoint",
         "enable_hf2mg_convert", "mg_save_dir", "micro_batch_size", "global_batch_size", "train_iters", "stage",
         "exit_interval", "exit_duration_in_mins", "exit_signal_handler", "skip_nan", "calculate_per_token_loss",
         "recompute_granularity", "recompute_method", "recompute_num_layers", "skip_train", "optimizer", "lr",
@@ -46,7 +48,7 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "padded_samples", "full_shuffle_instruction_dataset", "cut_max_seqlen", "no_cut_token",
         "tokenizer_padding_side", "data_cache_path", "num_workers", "handler_name", "log_interval",
         "log_throughput", "eval_interval", "eval_iters", "tensorboard_dir", "tokenizer_type", "transformer_impl",
-        "use_legacy_models", "check_for_nan_in_loss_and_grad", "lora_dropout", "lora_modules_to_save",
+        "check_for_nan_in_loss_and_grad", "lora_dropout", "lora_modules_to_save",
         "lora_ckpt_filter", "dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "pref_ftx", "ref_model",
         "refer_model_iter", "use_fused_rmsnorm", "use_fused_swiglu", "no_bias_swiglu_fusion",
         "use_fused_rotary_pos_emb", "no_rope_fusion", "no_gradient_accumulation_fusion",
@@ -160,8 +162,17 @@ NOTICE["evaluation"] = {
     "norm_topk_prob": "dense models have no MoE router",
 }
 
-# --- error: only the default is honoured (why) ------------------------------------------------------------------
-_ERROR_COMMON = {
+# --- error: only the default (or the allowed values) is honoured (why) -------------------------------------------
+@dataclass(frozen=True)
+class Allowed:
+    """The values of a flag that are honoured, where more than its default is."""
+    values: tuple
+    why: str
+
+
+Rule = Union[str, Allowed]      # a str: only the default is honoured, for this reason
+
+_ERROR_COMMON: dict[str, Rule] = {
     "rotary_percent": "partial rotary embeddings are not implemented; only 1.0",
     "normalization": "only RMSNorm is implemented",
     "position_embedding_type": "only rope is implemented",
@@ -169,18 +180,22 @@ _ERROR_COMMON = {
     "hf_cfg_dir": "only convert_ckpt.py (mg -> hf) uses it",
     "enable_mg2hf_convert": "convert after training with convert_ckpt.py --load-model-type mg --save-model-type hf",
     "num_experts": "mixture-of-experts models are not implemented",
+    "context_parallel_size": "context parallelism is not implemented; use 1",
+    "ckpt_format": Allowed(("torch",), "only the 'torch' checkpoint format is implemented"),
+    "use_legacy_models": "only megatron-core models are implemented",
 }
-ERROR: dict[str, dict[str, str]] = {
+_VPP_LOADED = "convert the checkpoint without VPP and drop the flag"
+ERROR: dict[str, dict[str, Rule]] = {
     "train": {**_ERROR_COMMON,
+              "expert_model_parallel_size": "dense models only; use 1",
               "vocab_size": "use --padded-vocab-size",
               "map_keys": "a preprocess_data.py flag; the column mapping is fixed when the data is preprocessed",
               "log_params_norm": "parameter-norm logging is not implemented",
               "timing_log_level": "timers are not implemented",
               "log_timers_to_tensorboard": "timers are not implemented"},
     "inference": {**_ERROR_COMMON,
-                  "ckpt_format": "generation reads the 'torch' checkpoint format only",
+                  "num_layers_per_virtual_pipeline_stage": _VPP_LOADED,
                   "vocab_size": "use --padded-vocab-size",
-                  "use_legacy_models": "only megatron-core models are implemented",
                   "tokenizer_type": "only PretrainedFromHF is implemented",
                   "expert_model_parallel_size": "dense models only; use 1",
                   "enable_hf2mg_convert": "convert first with convert_ckpt.py, then pass the Megatron --load",
@@ -210,9 +225,10 @@ def apply(tool: str, parser: argparse.ArgumentParser, args: argparse.Namespace, 
           device: str, notice: Callable[[str], None]) -> None:
     """Errors for values we cannot honour, then one notice line per given no-effect flag."""
     defaults = {a.dest: a.default for a in parser._actions}
-    for dest, why in ERROR[tool].items():
+    for dest, rule in ERROR[tool].items():
         value = getattr(args, dest, None)
-        if dest in defaults and value != defaults[dest]:
+        allowed, why = (rule.values, rule.why) if isinstance(rule, Allowed) else ((defaults.get(dest),), rule)
+        if dest in defaults and value not in allowed:
             text = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
             shown = flag_name(dest, parser) if isinstance(value, bool) else f"{flag_name(dest, parser)} {text}".strip()
             raise UserError(f"{shown}: not supported by {parser.prog} ({why})")

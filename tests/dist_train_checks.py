@@ -21,7 +21,7 @@ def run_train(argv: list[str]) -> dict:
 
     result = train(parse_train_args(argv), keep_process_group=True)
     return {"losses": result.losses, "grad_norms": result.grad_norms, "iteration": result.iteration,
-            "metrics": result.metrics}
+            "metrics": result.metrics, "flops": result.flops}
 
 
 def packed_vs_unpacked(case: dict) -> dict:

@@ -15,6 +15,7 @@ from mindspeed_llm.data.encode import EncodeOptions, encode_instruction
 from mindspeed_llm.data.handlers import Conversation
 from mindspeed_llm.data.prompt_type import get_template
 from mindspeed_llm.data.templates import IGNORE_INDEX
+from mindspeed_llm.errors import UserError
 from mindspeed_llm.tokenizer import build_tokenizer
 from tests.conftest import REPO
 
@@ -319,7 +320,7 @@ def test_deepseek4_reasoning_effort_needs_thinking_on_the_command_line(tmp_path)
     from mindspeed_llm.arguments import parse_preprocess_args
 
     base = ["--input", "x.json", "--output-prefix", str(tmp_path / "o"), "--prompt-type", "deepseek4"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="--reasoning-effort requires --enable-thinking true"):
         parse_preprocess_args(base + ["--reasoning-effort", "max"])
     args = parse_preprocess_args(base + ["--reasoning-effort", "max", "--enable-thinking", "true",
                                          "--drop-thinking", "false"])

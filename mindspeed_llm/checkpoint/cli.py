@@ -62,9 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     compat.add_argument("--model-type", choices=["GPT"], default="GPT")
     compat.add_argument("--spec", nargs=2, metavar=("MODULE", "ATTR"), default=None)
     compat.add_argument("--transformer-impl", choices=["local"], default="local")
-    compat.add_argument("--target-expert-parallel-size", type=int, choices=[1], default=1)
+    compat.add_argument("--target-expert-parallel-size", type=int, default=1)
     compat.add_argument("--save-layer-by-layer", action="store_true", help="always on: conversion streams")
-    compat.add_argument("--make-vocab-size-divisible-by", type=int, choices=[1], default=1)
+    compat.add_argument("--make-vocab-size-divisible-by", type=int, default=1)
     return p
 
 

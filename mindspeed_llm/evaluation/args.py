@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from mindspeed_llm import arguments as shared
-from mindspeed_llm.errors import UserError
+from mindspeed_llm.errors import OneLineArgumentParser, UserError
 
 # Benchmarks implemented here; MindSpeed-LLM's other names are refused by name (see validate).
 TASKS = ("mmlu", "ceval", "cmmlu", "gsm8k", "boolq", "bbh", "agieval", "hellaswag", "human_eval")
@@ -60,7 +60,7 @@ def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = shared.FlagParser(prog="evaluation.py", description="Benchmark a Megatron checkpoint (torchrun)",
+    p = OneLineArgumentParser(prog="evaluation.py", description="Benchmark a Megatron checkpoint (torchrun)",
                           allow_abbrev=False)
     shared.add_loaded_model_args(p)
     add_evaluation_args(p)
@@ -116,11 +116,6 @@ def validate(args: argparse.Namespace) -> None:
     if generating and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1 (--task {generating[0]} "
                         f"generates)")
-    if args.num_layers_per_virtual_pipeline_stage:
-        raise UserError("--num-layers-per-virtual-pipeline-stage is not supported for evaluation; drop it "
-                        "(convert the checkpoint without VPP)")
-    if args.context_parallel_size != 1:
-        raise UserError(f"--context-parallel-size {args.context_parallel_size}: evaluation supports only 1")
     if args.hf_chat_template and (args.prompt_type or args.no_chat_template):
         other = "--prompt-type" if args.prompt_type else "--no-chat-template"
         raise UserError(f"--hf-chat-template and {other} are mutually exclusive; pick one way to build prompts")

@@ -6,7 +6,7 @@ from typing import Optional
 
 from mindspeed_llm import arguments as shared
 from mindspeed_llm import flag_policy
-from mindspeed_llm.errors import UserError
+from mindspeed_llm.errors import OneLineArgumentParser, UserError
 
 TASKS = ("greedy", "do_sample", "beam_search", "beam_search_with_sampling", "chat")
 DEFAULT_PROMPT = "how are you?"
@@ -53,7 +53,7 @@ def _add_missing(parser: argparse.ArgumentParser, *flags: tuple[str, dict]) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = shared.FlagParser(prog="inference.py", description="Generate with a Megatron checkpoint (torchrun)",
+    p = OneLineArgumentParser(prog="inference.py", description="Generate with a Megatron checkpoint (torchrun)",
                           allow_abbrev=False)
     shared.add_loaded_model_args(p)
     add_generation_args(p)
@@ -83,11 +83,6 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError("--tokenizer-name-or-path is required (the Hugging Face model or tokenizer directory)")
     if args.hf_chat_template and args.prompt_type:
         raise UserError("--hf-chat-template and --prompt-type are mutually exclusive; pick one way to build prompts")
-    if args.num_layers_per_virtual_pipeline_stage:
-        raise UserError("--num-layers-per-virtual-pipeline-stage is not supported for generation; drop it (convert "
-                        "the checkpoint without VPP)")
-    if args.context_parallel_size != 1:
-        raise UserError(f"--context-parallel-size {args.context_parallel_size}: generation supports only 1")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     if args.num_beams < 1:

@@ -45,9 +45,11 @@ def build_and_load(args: argparse.Namespace, cfg: ModelConfig) -> torch.nn.Modul
     from mindspeed_llm.checkpoint.load import load_adapters, load_checkpoint
     from mindspeed_llm.models import build_model, parse_layer_list
     from mindspeed_llm.models.resolve import weight_args
+    from mindspeed_llm.models.spec import layer_spec_for
 
     layer_list = parse_layer_list(args.num_layer_list)
-    chunks = build_model(cfg, params_dtype=params_dtype(args), num_layer_list=layer_list, parallel_output=False)
+    chunks = build_model(cfg, params_dtype=params_dtype(args), num_layer_list=layer_list, parallel_output=False,
+                         layer_spec=layer_spec_for(args.spec, cfg.qk_layernorm))
     expected = weight_args(cfg)
     if layer_list:
         expected["num_layer_list"] = layer_list

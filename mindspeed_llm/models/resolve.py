@@ -117,6 +117,8 @@ def _flag_values(args: argparse.Namespace, explicit: Collection[str]) -> dict[st
         elif field == "rope_scaling_factor":
             value = float(value) if getattr(args, "rope_scaling_type", None) == "llama3" else None
         out[field] = value
+    if "group_query_attention" in explicit and args.group_query_attention and "num_query_groups" not in out:
+        out["num_query_groups"] = 1      # Megatron: --group-query-attention alone keeps --num-query-groups' default 1
     if "rope_scaling_type" in explicit and "rope_scaling_factor" not in out and args.rope_scaling_type:
         raise UserError(f"--rope-scaling-type {args.rope_scaling_type} needs --rope-scaling-factor")
     return out
@@ -137,8 +139,10 @@ def _show(field: str, value: Any) -> str:
     return f"{FIELDS[field][1] if field == 'tie_word_embeddings' else field} = {value}"
 
 
-def _flag_text(field: str, value: Any) -> str:
+def _flag_text(field: str, value: Any, explicit: Collection[str]) -> str:
     dest = FIELDS[field][0]
+    if field == "num_query_groups" and dest not in explicit:
+        return "--group-query-attention without --num-query-groups (1 query group, as in Megatron)"
     if field == "tie_word_embeddings":
         return flag_name(dest)
     if isinstance(value, bool):
@@ -210,10 +214,10 @@ def resolve_model(args: Optional[argparse.Namespace] = None, explicit: Collectio
         if field in recorded and not same(given, recorded[field][0]):
             stored, source = recorded[field]
             if field in RUN_SETTINGS:
-                _notice_once(f"{_flag_text(field, given)} differs from {source} ({_show(field, stored)}): "
-                             f"{_RUN_SETTING_EFFECT[field]}")
+                _notice_once(f"{_flag_text(field, given, explicit)} differs from {source} "
+                             f"({_show(field, stored)}): {_RUN_SETTING_EFFECT[field]}")
                 continue
-            raise UserError(f"{_flag_text(field, given)} disagrees with {source}, which records "
+            raise UserError(f"{_flag_text(field, given, explicit)} disagrees with {source}, which records "
                             f"{_show(field, stored)}; {_fix(field, stored)}")
     values = {k: v for k, (v, _) in recorded.items()}
     values.update(flags)

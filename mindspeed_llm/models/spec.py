@@ -2,7 +2,9 @@
 and the `TransformerConfig` they read their kernel choices from."""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from mindspeed_llm.errors import UserError
 from mindspeed_llm.models.attention import PackedRopeSelfAttention, SDPAttention
 
 
@@ -78,3 +81,20 @@ def get_layer_spec(qk_layernorm: bool = True) -> ModuleSpec:
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def layer_spec_for(spec_flag: Optional[Sequence[str]], qk_layernorm: bool) -> ModuleSpec:
+    """The layer spec of a run: `--spec MODULE ATTR` when given (it must import; a callable is called) for a model
+    with q/k norm (the Qwen3 spec), else `get_layer_spec` for the config (other families keep the spec that
+    matches their config)."""
+    spec = get_layer_spec(qk_layernorm)
+    if not spec_flag:
+        return spec
+    module, attr = spec_flag
+    try:
+        given = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"--spec {module} {attr}: cannot import it ({exc})") from None
+    if callable(given) and not hasattr(given, "module"):
+        given = given()
+    return given if qk_layernorm else spec

@@ -9,19 +9,52 @@ from typing import Optional
 import torch
 
 
-def flops_per_iteration(cfg, terms: list[tuple[int, int, float]], swiglu: bool = True) -> float:
-    """Megatron's formula (fwd + bwd) summed over micro-batches (rows, length, attention density rho):
-    B*S*[12*L*h*ffn*g + 12*L*h^2*(1 + G/N + (S/h)*2*rho)*(kv*N/h) + 6*h*V], g = 1.5 with SwiGLU.
-    rho = 0.5 for causal attention; packed rows use 0.5 * sum(len_i^2) / S^2."""
-    L, h, ffn = cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size
-    N, G, kv, V = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels, cfg.vocab_size
-    g = 1.5 if swiglu else 1.0
-    total = 0.0
-    for rows, length, rho in terms:
-        per_token = (12 * L * h * ffn * g + 12 * L * h * h * (1 + G / N + (length / h) * 2 * rho) * (kv * N / h)
-                     + 6 * h * V)
-        total += rows * length * per_token
-    return total
+# The parallel linears of a transformer layer (megatron names) and the module names on their paths, which
+# --lora-modules-to-save may name to train them in full.
+_LAYER_LINEAR_PATHS = {"linear_qkv": ("decoder", "layers", "self_attention", "linear_qkv"),
+                       "linear_proj": ("decoder", "layers", "self_attention", "linear_proj"),
+                       "linear_fc1": ("decoder", "layers", "mlp", "linear_fc1"),
+                       "linear_fc2": ("decoder", "layers", "mlp", "linear_fc2")}
+
+
+def _layer_linear_shapes(cfg, swiglu: bool) -> dict[str, tuple[int, int]]:
+    """(input, output) features of each linear of one layer, over all TP ranks."""
+    h, ffn, N, G, kv = (cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads, cfg.num_query_groups,
+                        cfg.kv_channels)
+    return {"linear_qkv": (h, kv * (N + 2 * G)), "linear_proj": (kv * N, h),
+            "linear_fc1": (h, ffn * (2 if swiglu else 1)), "linear_fc2": (ffn, h)}
+
+
+def flops_per_token(cfg, length: int, rho: float, swiglu: bool = True, lora=None) -> float:
+    """Megatron's count of one token's training FLOPs (fwd + bwd) in a row of `length` with attention density rho.
+
+    A matmul with weights W costs 2|W| forward, 2|W| for the input gradient and 2|W| for the weight gradient:
+    6|W| for trained weights, 4|W| for frozen ones (`lora`, a `models.lora.LoraSpec`: the base is frozen except
+    --lora-modules-to-save; each adapter adds 6 r (in + out)). Attention scores and values cost 2 x 2 x length x
+    rho x kv x N forward and twice that backward (gradients of activations only). Without LoRA this is
+    12*L*h*ffn*g + 12*L*h^2*(1 + G/N + (S/h)*2*rho)*(kv*N/h) + 6*h*V (g = 1.5 with SwiGLU)."""
+    L, h, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
+    shapes = _layer_linear_shapes(cfg, swiglu)
+    saved = set(lora.modules_to_save) if lora is not None else set()
+    if cfg.tie_word_embeddings and saved & {"word_embeddings", "output_layer"}:
+        saved |= {"word_embeddings", "output_layer"}      # tied: one matrix, trained through either name
+
+    def trained(path: tuple[str, ...]) -> bool:
+        return lora is None or bool(saved & set(path))
+
+    matmuls = [(n_in * n_out * L, trained(_LAYER_LINEAR_PATHS[name])) for name, (n_in, n_out) in shapes.items()]
+    matmuls.append((h * V, trained(("output_layer",))))
+    flops = sum((6 if is_trained else 4) * weights for weights, is_trained in matmuls)
+    if lora is not None:
+        flops += 6 * L * sum(lora.r * (n_in + n_out) for name, (n_in, n_out) in shapes.items()
+                             if name in lora.targets)
+    return flops + 12 * L * length * rho * 2 * cfg.kv_channels * cfg.num_attention_heads
+
+
+def flops_per_iteration(cfg, terms: list[tuple[int, int, float]], swiglu: bool = True, lora=None) -> float:
+    """`flops_per_token` summed over micro-batches (rows, length, attention density rho): rho = 0.5 for causal
+    attention; packed rows use 0.5 * sum(len_i^2) / S^2."""
+    return sum(rows * length * flops_per_token(cfg, length, rho, swiglu, lora) for rows, length, rho in terms)
 
 
 class TrainLog:

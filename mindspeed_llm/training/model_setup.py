@@ -3,7 +3,6 @@ DDP wrapping with megatron-core's gradient hooks, the optimizer and the LR sched
 from __future__ import annotations
 
 import argparse
-import importlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -72,19 +71,9 @@ def layer_spec(args: argparse.Namespace, cfg):
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     from mindspeed_llm.models.placement import parse_layer_list, place_layers
-    from mindspeed_llm.models.spec import RMSNorm, get_layer_spec
+    from mindspeed_llm.models.spec import RMSNorm, layer_spec_for
 
-    spec = get_layer_spec(cfg.qk_layernorm)
-    if args.spec:
-        module, attr = args.spec
-        try:
-            given = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
-            raise UserError(f"--spec {module} {attr}: cannot import it ({exc})") from None
-        if callable(given) and not hasattr(given, "module"):
-            given = given()
-        if cfg.qk_layernorm:       # the Qwen3 spec; other families keep the spec matching their config
-            spec = given
+    spec = layer_spec_for(args.spec, cfg.qk_layernorm)
     placement = place_layers(cfg.num_layers, ps.get_pipeline_model_parallel_world_size(),
                              parse_layer_list(args.num_layer_list), args.num_layers_per_virtual_pipeline_stage)
     count = len(placement.layers[ps.get_pipeline_model_parallel_rank()][0])

@@ -274,6 +274,7 @@ class TrainResult:
     metrics: list[dict[str, float]] = field(default_factory=list)   # --stage dpo: rewards etc. (last stage)
     seconds: float = 0.0                                       # wall time of the iterations
     tokens: float = 0.0                                        # real tokens trained, all DP ranks
+    flops: float = 0.0                                         # FLOPs the log's TFLOP/s counts, all DP ranks
 
 
 def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainResult:
@@ -283,6 +284,7 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
 
     from mindspeed_llm.platform import current_device, destroy_distributed, device_tensor
     from mindspeed_llm.training import checkpointing as ckpt
+    from mindspeed_llm.models.lora import spec_from_args
     from mindspeed_llm.models.resolve import record_model
     from mindspeed_llm.training import model_setup
     from mindspeed_llm.training.data import build_run_data, check_run_data, next_micro_batches
@@ -298,6 +300,7 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
     record_model(args, cfg)          # saves record the model that ran (mg -> hf and later loads read it)
     print_args(args)
     chunks = model_setup.build_chunks(args, cfg)
+    lora = spec_from_args(args)      # after build_chunks: r and alpha are the ones the adapters got
     loaded = ckpt.load_model(args, chunks)
     objective = None
     if args.stage == "dpo":
@@ -350,7 +353,7 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
         if not (skipped or nan):
             scheduler.step(increment=args.global_batch_size)      # a skipped update does not advance the LR
         grad_norm = norm
-        stats = device_tensor([flops_per_iteration(cfg, mb.flop_terms, True), float(mb.tokens)],
+        stats = device_tensor([flops_per_iteration(cfg, mb.flop_terms, True, lora), float(mb.tokens)],
                               torch.float64, dp_group)
         torch.distributed.all_reduce(stats, group=dp_group)
         log.add(loss, skipped, nan, float(stats[0]), float(stats[1]), [t[2] for t in mb.flop_terms], metrics)
@@ -359,6 +362,7 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
             result.metrics.append(metrics)
         result.grad_norms.append(norm)
         result.tokens += float(stats[1])
+        result.flops += float(stats[0])
         if iteration % args.log_interval == 0:
             scale = optimizer.get_loss_scale()
             log.emit(iteration, consumed, optimizer.param_groups[0]["lr"],

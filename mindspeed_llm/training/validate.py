@@ -16,20 +16,10 @@ def _need(args: argparse.Namespace, name: str, why: str = "") -> None:
 
 def validate_train_args(args: argparse.Namespace) -> None:
     """Checks that need no world size; derived values (`params_dtype`, `data_path` as one prefix) are set here."""
-    if args.use_legacy_models:
-        raise UserError("--use-legacy-models: only megatron-core models are implemented; drop the flag")
     if args.stage == "dpo":
         validate_dpo_args(args)
     elif args.is_pairwise_dataset:
         raise UserError("--is-pairwise-dataset: pairwise (chosen/rejected) data trains with --stage dpo")
-    if args.ckpt_format != "torch":
-        raise UserError(f"--ckpt-format {args.ckpt_format}: only the 'torch' format is implemented; "
-                        "use --ckpt-format torch")
-    if args.context_parallel_size != 1:
-        raise UserError(f"--context-parallel-size {args.context_parallel_size}: context parallelism is not "
-                        "implemented; use 1 (sequence parallelism with --sequence-parallel is)")
-    if args.expert_model_parallel_size != 1:
-        raise UserError("--expert-model-parallel-size: dense models only; use 1")
     if args.bf16 and args.fp16:
         raise UserError("--bf16 and --fp16 are mutually exclusive")
     _need(args, "train_iters")
