@@ -30,7 +30,7 @@ def _error_lines(stderr: str) -> list[str]:
 @pytest.mark.parametrize("script", list(REQUIRED))
 def test_usage_error_is_one_line_with_exit_status_2(script, case):
     if case == "unknown flag":
-        extra, message = ["--bogus-flag", "1"], "unrecognized argument(s): --bogus-flag 1; this flag is not implemented"
+        extra, message = ["--bogus-flag", "1"], "unknown flag --bogus-flag"
     else:
         extra, message = MALFORMED.get(script, SEQ_LENGTH_NOT_INT)
     proc = run_cli(script, *REQUIRED[script], *extra, check=False)
@@ -39,14 +39,28 @@ def test_usage_error_is_one_line_with_exit_status_2(script, case):
         f"error: {message} (see {PROG.get(script, script)} --help)"], proc.stderr
 
 
+@pytest.mark.parametrize("script, typo, meant", [("posttrain_gpt.py", "--micro-batch-sze", "--micro-batch-size"),
+                                                ("preprocess_data.py", "--tokenizer-name-or-pth",
+                                                 "--tokenizer-name-or-path"),
+                                                ("inference.py", "--max-new-token", "--max-new-tokens")])
+def test_misspelled_flag_suggests_the_closest(script, typo, meant):
+    proc = run_cli(script, *REQUIRED[script], typo, "4", check=False)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"error: unknown flag {typo} (did you mean {meant}?) (see {script} --help)"], proc.stderr
+
+
+def test_stray_words_are_named_as_values_without_a_flag():
+    proc = run_cli("inference.py", *REQUIRED["inference.py"], "--load", "my", "ckpt", check=False)
+    assert proc.returncode == 2 and "unexpected argument(s) ckpt (a value without a flag" in proc.stderr
+
+
 # ---- under torchrun: every rank parses the same flags and reads the same files --------------------------------------
 
 @pytest.mark.distributed
 def test_usage_error_under_torchrun_is_printed_once():
     proc = run_torchrun("posttrain_gpt.py", "--bogus-flag", "1", check=False)
     assert _error_lines(proc.stderr) == [
-        "error: unrecognized argument(s): --bogus-flag 1; this flag is not implemented (see posttrain_gpt.py "
-        "--help)"], proc.stderr[-3000:]
+        "error: unknown flag --bogus-flag (see posttrain_gpt.py --help)"], proc.stderr[-3000:]
     assert re.search(r"exitcode\s*: 2 ", proc.stderr) and proc.returncode != 0, proc.stderr[-3000:]
 
 

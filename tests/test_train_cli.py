@@ -37,7 +37,7 @@ def test_all_sizes_have_recipes():
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--bogus-flag", "1"], "unrecognized argument(s): --bogus-flag"),
+    (["--bogus-flag", "1"], "unknown flag --bogus-flag"),
     (["--lora-target-modules", "q_proj"], "--lora-target-modules q_proj: unknown module"),
     (["--context-parallel-size", "2"], "--context-parallel-size 2"),
     (["--ckpt-format", "torch_dist"], "--ckpt-format torch_dist"),
