@@ -187,7 +187,9 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--load-checkpoint-loosely", action="store_true", help="load_state_dict(strict=False)")
     g.add_argument("--enable-hf2mg-convert", action="store_true", help="--load is an HF model dir; convert at start")
     g.add_argument("--model-type-hf", default=None, help="model family of the HF checkpoint (default: config.json)")
-    g.add_argument("--mg-save-dir", default=None, help="where --enable-hf2mg-convert writes (default under --load)")
+    g.add_argument("--mg-save-dir", default=None,
+                   help="where --enable-hf2mg-convert writes the converted model (default: SAVE/megatron_cache_*, "
+                        "else ~/.cache/mindspeed_llm/hf2mg; never inside --load)")
     g.add_argument("--hf-cfg-dir", default=None, help=argparse.SUPPRESS)
     g.add_argument("--params-dtype", default=None, help=argparse.SUPPRESS)
 

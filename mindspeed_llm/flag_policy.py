@@ -56,12 +56,12 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
     "inference": frozenset(_MODEL | {
         "task", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "num_beams", "length_penalty",
         "use_kv_cache", "hf_chat_template", "history_turns", "input_file", "output_file", "inference_batch_size",
-        "truncate_prompt",
+        "truncate_prompt", "enable_hf2mg_convert", "mg_save_dir",
     }),
     "evaluation": frozenset(_MODEL | {
         "task", "task_data_path", "evaluation_batch_size", "max_eval_samples", "no_chat_template", "eval_language",
         "chain_of_thought", "max_new_tokens", "results_file", "use_kv_cache", "truncate_prompt",
-        "hf_chat_template",
+        "hf_chat_template", "enable_hf2mg_convert", "mg_save_dir",
     }),
     "preprocess": frozenset({
         "input", "handler_name", "json_keys", "map_keys", "pack", "neat_pack", "prompt_type", "prompt_type_path",
@@ -198,8 +198,6 @@ ERROR: dict[str, dict[str, Rule]] = {
                   "vocab_size": "use --padded-vocab-size",
                   "tokenizer_type": "only PretrainedFromHF is implemented",
                   "expert_model_parallel_size": "dense models only; use 1",
-                  "enable_hf2mg_convert": "convert first with convert_ckpt.py, then pass the Megatron --load",
-                  "mg_save_dir": "convert first with convert_ckpt.py, then pass the Megatron --load",
                   "save": "generation saves no checkpoint", "save_interval": "generation saves no checkpoint",
                   "no_save_optim": "generation saves no checkpoint", "no_save_rng": "generation saves no checkpoint"},
     "preprocess": {},

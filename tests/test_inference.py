@@ -175,6 +175,9 @@ def cli_results(ckpts, tmp_path_factory) -> dict:
         {"name": "mismatch", "argv": base + ["--num-layers", "6", "--input-file", str(good), "--output-file",
                                              str(tmp / "mm_out.jsonl")]},
         {"name": "hf_dir", "argv": ["--load", str(ckpts["hf"])] + base[2:]},
+        {"name": "hf_convert", "argv": ["--load", str(ckpts["hf"]), "--enable-hf2mg-convert", "--mg-save-dir",
+                                        str(tmp / "converted")] + base[2:] +
+         ["--input-file", str(good), "--output-file", str(tmp / "conv_out.jsonl"), "--inference-batch-size", "2"]},
     ]
     (tmp / "cases.json").write_text(json.dumps(cases))
     run_cli("tests/infer_cli_cases.py", str(tmp / "cases.json"), str(tmp / "results.json"))
@@ -198,6 +201,16 @@ def test_batch_file_answers_match_transformers(cli_results, ckpts):
     for line in lines:
         assert line["response"] == tok.decode(line["response_token_ids"], skip_special_tokens=True)
         assert "<|im_end|>" not in line["response"] and "<|endoftext|>" not in line["response"]
+
+
+def test_enable_hf2mg_convert_generates_as_the_converted_checkpoint(cli_results, ckpts):
+    """inference.py --load HF_DIR --enable-hf2mg-convert converts at start-up (under --mg-save-dir, not into the HF
+    directory) and answers as the checkpoint convert_ckpt.py made."""
+    res = cli_results["hf_convert"]
+    assert res["rc"] == 0, res["stderr"]
+    assert (cli_results["dir"] / "conv_out.jsonl").read_text() == (cli_results["dir"] / "out.jsonl").read_text()
+    assert (cli_results["dir"] / "converted" / "latest_checkpointed_iteration.txt").is_file()
+    assert not list(Path(ckpts["hf"]).glob("megatron_cache*"))
 
 
 def test_default_tasks_then_chat(cli_results):

@@ -103,7 +103,7 @@ def test_data_is_checked_before_the_model(env, tmp_path):
 
 
 def test_hf2mg_cache_dir_choice(tmp_path, monkeypatch):
-    from mindspeed_llm.training.sft import hf2mg_cache_dir
+    from mindspeed_llm.checkpoint.startup import hf2mg_cache_dir
 
     hf = tmp_path / "qwen3_hf"
     hf.mkdir()

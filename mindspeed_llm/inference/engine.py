@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from mindspeed_llm.checkpoint.startup import convert_at_startup
 from mindspeed_llm.errors import UserError
 from mindspeed_llm.inference import comm
 from mindspeed_llm.inference.beam import beam_search
@@ -85,6 +86,8 @@ def setup(args: argparse.Namespace) -> Engine:
     init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, None,
                      backend=args.distributed_backend, seed=args.seed,
                      timeout_minutes=args.distributed_timeout_minutes)
+    if args.enable_hf2mg_convert:
+        convert_at_startup(args)          # --load now names the converted checkpoint
 
     def load():
         template = (get_template(args.prompt_type, args.prompt_type_path, enable_thinking=args.enable_thinking)

@@ -33,7 +33,8 @@ def read_checkpoint_args(load: str, flag: str = "--load") -> tuple[Optional[argp
     root = Path(load)
     if (root / "config.json").is_file() and not (root / layout.TRACKER).is_file():
         raise UserError(f"{flag} {load} is a Hugging Face model directory; convert it first (convert_ckpt.py "
-                        f"--load-model-type hf --save-model-type mg ...) and pass the output to {flag}")
+                        f"--load-model-type hf --save-model-type mg ...) and pass the output to {flag}, or add "
+                        f"--enable-hf2mg-convert to convert at start-up")
     try:
         return saved_args(root)
     except ConversionError as exc:     # the layout's messages name the converter's flag

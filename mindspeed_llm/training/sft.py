@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import os
 import random
@@ -17,6 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from mindspeed_llm.checkpoint.startup import convert_at_startup
 from mindspeed_llm.errors import UserError
 
 
@@ -66,63 +66,6 @@ def build_tokenizer(args: argparse.Namespace):
     return build(tok_path, use_fast=not args.tokenizer_not_use_fast, template=template,
                  tokenizer_type=args.tokenizer_type, seq_length=args.seq_length,
                  trust_remote_code=args.trust_remote_code)
-
-
-def hf2mg(args: argparse.Namespace) -> str:
-    """`--enable-hf2mg-convert`: rank 0 converts the HF model in --load to this run's TP/PP layout; every rank
-    then loads from the cache directory. Returns the HF directory (its config.json describes the model)."""
-    from mindspeed_llm.checkpoint.hf2mg import Hf2MgOptions, convert_hf_to_mg
-    from mindspeed_llm.models.placement import parse_layer_list
-
-    hf_dir = args.load
-    if not any(Path(hf_dir).glob("*.safetensors")) and not any(Path(hf_dir).glob("*.bin")):
-        raise UserError(f"--enable-hf2mg-convert: --load {hf_dir} has no *.safetensors; it must be a Hugging Face "
-                        f"model directory (to resume from a Megatron save, drop --enable-hf2mg-convert)")
-    cache = hf2mg_cache_dir(args)
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    # Rank 0 converts while the others wait in the broadcast: they learn whether it failed, and why.
-    outcome: list = [None]
-    failure: Optional[BaseException] = None
-    if torch.distributed.get_rank() == 0:
-        try:
-            convert_hf_to_mg(Hf2MgOptions(
-                load_dir=Path(hf_dir), save_dir=Path(cache), model_type_hf=args.model_type_hf, tp=tp, pp=pp,
-                num_layer_list=parse_layer_list(args.num_layer_list),
-                layers_per_vpp_stage=args.num_layers_per_virtual_pipeline_stage,
-                params_dtype="bf16" if args.bf16 else "fp16" if args.fp16 else None),
-                log=lambda msg: None)
-        except UserError as exc:
-            outcome[0] = ("user", f"--enable-hf2mg-convert: {exc}")
-        except BaseException as exc:      # a bug or a failed write: rank 0 re-raises it with its traceback
-            outcome[0], failure = ("bug", f"rank 0 failed converting --load {hf_dir}: {exc!r}"), exc
-    torch.distributed.broadcast_object_list(outcome, src=0)
-    if failure is not None:
-        raise failure
-    if outcome[0] is not None:
-        kind, message = outcome[0]
-        if kind == "user":
-            error = UserError(message)
-            error.shared = True
-            raise error
-        raise RuntimeError(message)
-    if torch.distributed.get_rank() == 0:
-        print(f"--enable-hf2mg-convert: converted --load {hf_dir} to {cache} (TP{tp} PP{pp}; --mg-save-dir "
-              f"chooses where)", flush=True)
-    args.load = cache
-    return hf_dir
-
-
-def hf2mg_cache_dir(args: argparse.Namespace) -> str:
-    """Where `--enable-hf2mg-convert` writes the converted model: --mg-save-dir, else beside the run's checkpoints
-    under --save, else the user's cache directory. Never inside the HF directory, which may be read-only or shared."""
-    name = f"megatron_cache_tp{args.tensor_model_parallel_size}pp{args.pipeline_model_parallel_size}ep1"
-    if args.mg_save_dir:
-        return str(args.mg_save_dir)
-    if args.save:
-        return str(Path(args.save) / name)
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    source = hashlib.sha256(str(Path(args.load).resolve()).encode()).hexdigest()[:16]
-    return str(cache_home / "mindspeed_llm" / "hf2mg" / f"{Path(args.load).resolve().name}-{source}" / name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,7 +237,7 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
     init_run(args)
     tokenizer = build_tokenizer(args)
     sidecar = check_run_data(args, tokenizer)        # data before the model: the quick checks first
-    hf_dir = hf2mg(args) if args.enable_hf2mg_convert else None
+    hf_dir = convert_at_startup(args) if args.enable_hf2mg_convert else None
     model_setup.check_model_flags(args)
     cfg = model_setup.model_config(args, len(tokenizer), hf_dir)
     record_model(args, cfg)          # saves record the model that ran (mg -> hf and later loads read it)
