@@ -166,8 +166,9 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--context-parallel-algo", default="megatron_cp_algo")
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--use-distributed-optimizer", action="store_true", help="shard optimizer state over DP")
-    g.add_argument("--distributed-backend", default="nccl", choices=["nccl", "gloo", "hccl", "mpi"],
-                   help="falls back to the device's backend (gloo on CPU) with a notice")
+    g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo", "hccl", "mpi"],
+                   help="default: the device's own (nccl on CUDA, hccl on Ascend, gloo on CPU); a typed one that "
+                        "the device lacks falls back to it with a notice")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
     g.add_argument("--local-rank", "--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 

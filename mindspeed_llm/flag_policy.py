@@ -233,5 +233,5 @@ def apply(tool: str, parser: argparse.ArgumentParser, args: argparse.Namespace, 
     for dest, why in NOTICE[tool].items():
         if dest in explicit and getattr(args, dest, None) != defaults.get(dest):
             kernel = "flash / memory-efficient kernels" if device == "cuda" else f"the {device} kernel"
-            notice(f"{flag_name(dest, parser)}: accepted, no effect on {device}: "
-                   f"{why.format(device=device, kernel=kernel)}")
+            where = f" on {device}" if "{" in why else ""      # only reasons that name the device depend on it
+            notice(f"{flag_name(dest, parser)}: accepted, no effect{where}: {why.format(device=device, kernel=kernel)}")

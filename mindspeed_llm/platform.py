@@ -44,8 +44,12 @@ class Platform:
 
 
 def notice(msg: str) -> None:
-    """One-line notice on stderr (rank 0 only when torch.distributed is up)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    """One-line notice on stderr, from rank 0 only (torchrun's RANK before torch.distributed is up: flag notices
+    come at parse time, on every rank)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_rank() != 0:
+            return
+    elif os.environ.get("RANK", "0") != "0":
         return
     print(f"[mindspeed_llm] {msg}", file=sys.stderr, flush=True)
 

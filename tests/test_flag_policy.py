@@ -122,5 +122,9 @@ def test_notice_is_one_line_per_given_flag(capsys):
         lines = [ln for ln in err if f"] {flag}:" in ln]
         assert len(lines) == 1 and "no effect on cpu" in lines[0], err
     assert "scaled_dot_product_attention" in next(ln for ln in err if "--use-flash-attn" in ln)
+    parse_train_args(TRAIN_MIN + ["--use-mcore-models"])
+    # device-independent reasons do not name the device
+    assert capsys.readouterr().err.strip().endswith("--use-mcore-models: accepted, no effect: models are always "
+                                                    "megatron-core")
     assert not any("--use-fused-rmsnorm" in ln for ln in err)      # not given: no notice
     assert args.no_pad_to_seq_lengths and args.variable_seq_lengths

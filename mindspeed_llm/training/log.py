@@ -178,9 +178,14 @@ def validation_line(iteration: int, loss: float, metrics: Optional[dict[str, flo
 
 
 def print_args(args: argparse.Namespace) -> None:
+    """Megatron's argument dump (rank 0), of the flags only: the parser's destinations, with the values the run
+    resolved (bookkeeping fields such as which flags were typed are left out)."""
+    from mindspeed_llm.arguments import build_train_parser
+
     if torch.distributed.get_rank() != 0:
         return
+    flags = {action.dest for action in build_train_parser()._actions if action.dest != "help"}
     print("------------------------ MindSpeed-LLM Arguments ------------------------", flush=True)
-    for key in sorted(vars(args)):
+    for key in sorted(k for k in vars(args) if k in flags):
         print(f"  {key} {'.' * (48 - len(key))} {getattr(args, key)}")
     print("-------------------- end of MindSpeed-LLM Arguments ---------------------", flush=True)
