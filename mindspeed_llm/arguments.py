@@ -331,6 +331,9 @@ def add_lora_args(parser: argparse.ArgumentParser, training: bool) -> None:
     g.add_argument("--lora-load", default=None,
                    help="LoRA checkpoint (adapters, and optimizer state to resume) on top of the --load base")
     if not training:
+        g.add_argument("--lora-ignore-base-mismatch", action="store_true",
+                       help="merge the --lora-load adapters even though --load is not the base they were trained "
+                            "on (by its weights' fingerprint)")
         return
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input (default 0)")
     g.add_argument("--lora-modules-to-save", nargs="+", default=None, metavar="MODULE",

@@ -56,12 +56,12 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
     "inference": frozenset(_MODEL | {
         "task", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "num_beams", "length_penalty",
         "use_kv_cache", "hf_chat_template", "history_turns", "input_file", "output_file", "inference_batch_size",
-        "truncate_prompt", "enable_hf2mg_convert", "mg_save_dir",
+        "truncate_prompt", "enable_hf2mg_convert", "mg_save_dir", "lora_ignore_base_mismatch",
     }),
     "evaluation": frozenset(_MODEL | {
         "task", "task_data_path", "evaluation_batch_size", "max_eval_samples", "no_chat_template", "eval_language",
         "chain_of_thought", "max_new_tokens", "results_file", "use_kv_cache", "truncate_prompt",
-        "hf_chat_template", "enable_hf2mg_convert", "mg_save_dir",
+        "hf_chat_template", "enable_hf2mg_convert", "mg_save_dir", "lora_ignore_base_mismatch",
     }),
     "preprocess": frozenset({
         "input", "handler_name", "json_keys", "map_keys", "pack", "neat_pack", "prompt_type", "prompt_type_path",
@@ -73,7 +73,7 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "load_model_type", "save_model_type", "load_dir", "save_dir", "model_type_hf", "target_tensor_parallel_size",
         "target_pipeline_parallel_size", "num_layer_list", "num_layers_per_virtual_pipeline_stage", "params_dtype",
         "hf_cfg_dir", "verify", "verify_threshold", "trust_remote_code", "lora_load", "lora_r", "lora_alpha",
-        "lora_target_modules", "save_lora_to_hf",
+        "lora_target_modules", "save_lora_to_hf", "lora_ignore_base_mismatch",
     }),
 }
 

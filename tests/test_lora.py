@@ -3,6 +3,7 @@ checkpoint, merge and PEFT export with convert_ckpt.py, generation with --lora-l
 the Hugging Face model: our exported adapter must load there and give our logits and our greedy answers."""
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -181,3 +182,160 @@ def test_lora_mistakes_are_one_line_errors(runs, env, tmp_path):
         "posttrain_gpt.py", *train, "--lora-target-modules", *TARGETS, "--lora-r", "8", "--lora-load", tmp / "tp1")
     generate = ["--tokenizer-name-or-path", str(env["hf"]), "--max-new-tokens", "2", "--prompt", "hi"]
     assert "is a LoRA save" in error("inference.py", "--load", tmp / "tp1", *generate)
+
+
+# --- the base a LoRA run is merged onto -----------------------------------------------------------------------
+# MindSpeed's LoRA recipes save without --lora-ckpt-filter: the run holds the frozen base too, in the training
+# dtype. Merging must take the frozen weights from the base named on the command line, and refuse another base.
+BASE_ITERS = 2
+
+
+def _train_on(env, hf: Path, base: Path, save: Path, *extra: str) -> None:
+    run_torchrun("posttrain_gpt.py", *model_flags(hf), *train_flags(BASE_ITERS), "--lr", "1e-2", "--data-path",
+                 env["plain"], "--load", str(base), "--save", str(save), "--finetune", "--bf16", *LORA, *extra,
+                 nproc=1)
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(env, tiny_model_factory, tmp_path_factory) -> dict:
+    """--bf16 LoRA runs (unfiltered saves) on the fp32 base and on a bf16 copy of it, and bases that are not
+    theirs: the same shape from another seed, and another hidden size (with a run of its own)."""
+    from mindspeed_llm.checkpoint.hf2mg import Hf2MgOptions, convert_hf_to_mg
+
+    tmp = tmp_path_factory.mktemp("lora_base")
+
+    def convert(hf: Path, out: Path, **kw) -> Path:
+        convert_hf_to_mg(Hf2MgOptions(load_dir=hf, save_dir=out, **kw), log=lambda m: None)
+        return out
+
+    out = {"tmp": tmp, "hf": env["hf"], "base": env["ckpt"][(1, 1)],
+           "base_bf16": convert(env["hf"], tmp / "base_bf16", params_dtype="bf16"),
+           "other_seed": convert(tiny_model_factory("qwen3", seed=99), tmp / "other_seed")}
+    _train_on(env, env["hf"], out["base"], tmp / "run")
+    _train_on(env, env["hf"], out["base_bf16"], tmp / "run_bf16")
+    narrow_hf = tiny_model_factory("qwen3", hidden_size=32, head_dim=8, intermediate_size=64)
+    narrow = model_flags(env["hf"])          # the same tokenizer as the preprocessed data
+    for flag, value in (("--hidden-size", "32"), ("--ffn-hidden-size", "64"), ("--kv-channels", "8")):
+        narrow[narrow.index(flag) + 1] = value
+    run_torchrun("posttrain_gpt.py", *narrow, *train_flags(2), "--data-path", env["plain"], "--load",
+                 str(convert(narrow_hf, tmp / "narrow_base")), "--save", str(tmp / "run_narrow"), *LORA, nproc=1)
+    return out
+
+
+def _merge(*args, check: bool = True):
+    return run_cli("convert_ckpt.py", "--load-model-type", "mg", "--save-model-type", "hf", *map(str, args),
+                   check=check)
+
+
+def _one_error(proc) -> str:
+    """The single `error:` line of a refused command (exit status 2, no traceback)."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return errors[0]
+
+
+def _hf_logits(model_dir: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()(IDS).logits
+
+
+def _hf_dtypes(model_dir: Path) -> set:
+    from safetensors import safe_open
+
+    dtypes = set()
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            dtypes |= {f.get_slice(k).get_dtype() for k in f.keys()}
+    return dtypes
+
+
+@pytest.mark.distributed
+def test_bf16_run_merges_onto_the_fp32_base_named(bf16_runs):
+    tmp, hf = bf16_runs["tmp"], bf16_runs["hf"]
+    _merge("--load-dir", bf16_runs["base"], "--lora-load", tmp / "run", "--save-dir", tmp / "merged",
+           "--hf-cfg-dir", hf)
+    _merge("--load-dir", bf16_runs["base"], "--lora-load", tmp / "run", "--save-dir", tmp / "peft",
+           "--save-lora-to-hf", "--hf-cfg-dir", hf)
+    assert _hf_dtypes(tmp / "merged") == {"F32"}
+    with torch.no_grad():
+        reference = _peft_model(hf, tmp / "peft")(IDS).logits
+    assert (reference - _hf_logits(hf)).abs().max() > 1e-2             # the adapters matter
+    assert (_hf_logits(tmp / "merged") - reference).abs().max() < 1e-5  # base + PEFT adapter, not the bf16 copy
+
+
+@pytest.mark.distributed
+def test_bf16_base_stays_bf16_when_merged(bf16_runs):
+    tmp = bf16_runs["tmp"]
+    proc = _merge("--load-dir", bf16_runs["base_bf16"], "--lora-load", tmp / "run_bf16", "--save-dir",
+                  tmp / "merged_bf16", "--hf-cfg-dir", bf16_runs["hf"])
+    assert "fingerprint" not in proc.stderr
+    assert _hf_dtypes(tmp / "merged_bf16") == {"BF16"}
+
+
+@pytest.mark.distributed
+def test_fingerprint_is_the_same_for_every_layout(bf16_runs, env):
+    from mindspeed_llm.checkpoint import layout
+    from mindspeed_llm.models import lora
+    from mindspeed_llm.models.placement import place_layers
+
+    recorded = argparse.Namespace(**_state(bf16_runs["tmp"] / "run")["args"])
+    assert recorded.lora_base_load == str(bf16_runs["base"]) and len(recorded.lora_base_fingerprint) == 12
+    for (tp, pp), root in env["ckpt"].items():
+        iter_dir = layout.iteration_dir(root)
+        placement = place_layers(4, pp)
+        total = sum(lora.fingerprint_share([(layout.load_rank_file(
+            iter_dir / layout.rank_dir_name(t, p, pp) / layout.FILE_NAME)["model"], placement.layers[p][0])], 4)
+            for t in range(tp) for p in range(pp))
+        assert lora.fingerprint_text(total) == recorded.lora_base_fingerprint, (tp, pp)
+    # the base in bf16 is the same base
+    assert _state(bf16_runs["tmp"] / "run_bf16")["args"]["lora_base_fingerprint"] == recorded.lora_base_fingerprint
+
+
+@pytest.mark.distributed
+def test_another_base_is_refused_unless_overridden(bf16_runs, tmp_path):
+    tmp, hf, other = bf16_runs["tmp"], bf16_runs["hf"], bf16_runs["other_seed"]
+    merge = ["--load-dir", other, "--lora-load", tmp / "run", "--save-dir", tmp_path / "out", "--hf-cfg-dir", hf]
+    line = _one_error(_merge(*merge, check=False))
+    assert str(other) in line and str(bf16_runs["base"]) in line and "--lora-ignore-base-mismatch" in line
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    proc = _merge(*merge, "--lora-ignore-base-mismatch")
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert len([ln for ln in proc.stderr.splitlines() if "warning:" in ln and str(other) in ln]) == 1
+
+    generate = ["inference.py", "--lora-load", str(tmp / "run"), "--tokenizer-name-or-path", str(hf),
+                "--max-new-tokens", "2", "--task", "greedy", "--prompt", "hi"]
+    line = _one_error(run_cli(*generate, "--load", str(other), check=False))
+    assert str(other) in line and str(bf16_runs["base"]) in line
+    proc = run_cli(*generate, "--load", str(other), "--lora-ignore-base-mismatch")
+    assert len([ln for ln in proc.stderr.splitlines() if "warning:" in ln and str(other) in ln]) == 1
+    proc = run_cli(*generate, "--load", str(bf16_runs["base"]))
+    assert "fingerprint" not in proc.stderr
+
+
+@pytest.mark.distributed
+def test_lora_save_without_fingerprint_still_merges(bf16_runs, tmp_path):
+    import shutil
+
+    from mindspeed_llm.checkpoint import layout
+
+    old = tmp_path / "old_run"
+    shutil.copytree(bf16_runs["tmp"] / "run", old)
+    (rank_file,) = old.glob(f"iter_*/mp_rank_00/{layout.FILE_NAME}")
+    state = layout.load_pt(rank_file)
+    state["args"] = {k: v for k, v in state["args"].items() if not k.startswith("lora_base_")}
+    torch.save(state, rank_file)
+    proc = _merge("--load-dir", bf16_runs["other_seed"], "--lora-load", old, "--save-dir", tmp_path / "out",
+                  "--hf-cfg-dir", bf16_runs["hf"])
+    notices = [ln for ln in proc.stderr.splitlines() if "records no fingerprint" in ln]
+    assert len(notices) == 1 and str(bf16_runs["other_seed"]) in notices[0]
+
+
+@pytest.mark.distributed
+def test_adapters_of_another_hidden_size_are_one_line_error(bf16_runs, tmp_path):
+    line = _one_error(_merge("--load-dir", bf16_runs["base"], "--lora-load", bf16_runs["tmp"] / "run_narrow",
+                             "--save-dir", tmp_path / "out", "--hf-cfg-dir", bf16_runs["hf"], check=False))
+    assert "--hidden-size 32" in line and str(bf16_runs["base"]) in line
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--save-lora-to-hf", action="store_true",
                       help="write only the adapters, as a PEFT adapter directory (adapter_model.safetensors, "
                            "adapter_config.json), instead of merged weights")
+    lora.add_argument("--lora-ignore-base-mismatch", action="store_true",
+                      help="merge or export the --lora-load adapters even though --load-dir is not the base they "
+                           "were trained on (by its weights' fingerprint)")
     # Accepted for compatibility with MindSpeed-LLM v1 recipes; they do not change the result.
     compat = p.add_argument_group("compatibility (accepted, no effect)")
     compat.add_argument("--tokenizer-model", default=None)
@@ -118,7 +121,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
             raise ConversionError("--hf-cfg-dir is only used by mg -> hf; drop it")
         lora_flags = [f for f, v in (("--lora-load", a.lora_load), ("--lora-r", a.lora_r),
                                      ("--lora-alpha", a.lora_alpha), ("--lora-target-modules", a.lora_target_modules),
-                                     ("--save-lora-to-hf", a.save_lora_to_hf)) if v]
+                                     ("--save-lora-to-hf", a.save_lora_to_hf),
+                                     ("--lora-ignore-base-mismatch", a.lora_ignore_base_mismatch)) if v]
         if lora_flags:
             raise ConversionError(f"{lora_flags[0]} is only used by mg -> hf (merging or exporting adapters); "
                                   f"hf -> mg converts the base model, and LoRA training adds the adapters")
@@ -144,7 +148,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
                                       pp=a.target_pipeline_parallel_size, num_layer_list=layer_list,
                                       layers_per_vpp_stage=a.num_layers_per_virtual_pipeline_stage,
                                       lora_load=a.lora_load, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
-                                      lora_target_modules=a.lora_target_modules, save_lora_to_hf=a.save_lora_to_hf))
+                                      lora_target_modules=a.lora_target_modules, save_lora_to_hf=a.save_lora_to_hf,
+                                      lora_ignore_base_mismatch=a.lora_ignore_base_mismatch))
         return _run_verify(a.save_dir, a.load_dir, a.model_type_hf, a.verify_threshold,
                            a.trust_remote_code) if a.verify else 0
     raise ConversionError(f"--load-model-type {a.load_model_type} --save-model-type {a.save_model_type}: this "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from mindspeed_llm.checkpoint import layout
 from mindspeed_llm.checkpoint.errors import ConversionError
@@ -28,34 +28,82 @@ def saved_args(load_dir: str | Path) -> tuple[argparse.Namespace, str]:
     return args, str(sorted(iter_dir.glob(f"mp_rank_*/{layout.FILE_NAME}"))[0])
 
 
-def check_args(saved: argparse.Namespace, expected: dict[str, Any], source: str) -> None:
+def check_args(saved: argparse.Namespace, expected: dict[str, Any], source: str,
+               adapters_for: Optional[str] = None) -> None:
     """Raise one line naming the first flag whose value differs from the checkpoint's saved args. Model-shape
-    keys (`models.resolve.MODEL_ARG_KEYS`) are compared where the checkpoint records them."""
+    keys (`models.resolve.MODEL_ARG_KEYS`) are compared where the checkpoint records them. `adapters_for`: the
+    base model `expected` describes, when `source` is a LoRA checkpoint whose adapters go onto it."""
     from mindspeed_llm.models.resolve import MODEL_ARG_KEYS, flag_name, same
 
     for key, value in expected.items():
         if value is None or key not in _CHECKED and not hasattr(saved, key):
             continue
         stored = getattr(saved, key, None)
+        flag = _CHECKED.get(key, flag_name(key))
         if key in MODEL_ARG_KEYS and key not in _CHECKED:
-            if stored is not None and not same(value, stored):
-                raise ConversionError(f"{flag_name(key)} {value} disagrees with {source}, which was saved with "
-                                      f"{stored}; the model built does not match the checkpoint")
+            differs = stored is not None and not same(value, stored)
+            advice = "the model built does not match the checkpoint"
+        else:
+            if key == "num_layer_list":
+                stored = str(stored) if stored else None
+                value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            differs = stored != value and not (stored is None and value in (False, "", 0))
+            advice = f"use {flag} {stored} or convert the checkpoint to the new layout"
+        if not differs:
             continue
-        if key == "num_layer_list":
-            stored = str(stored) if stored else None
-            value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-        if stored != value and not (stored is None and value in (False, "", 0)):
-            flag = _CHECKED.get(key, "--" + key.replace("_", "-"))
-            raise ConversionError(f"{flag} {value} disagrees with {source}, which was saved with {stored}; "
-                                  f"use {flag} {stored} or convert the checkpoint to the new layout")
+        if adapters_for is not None:
+            raise ConversionError(f"{source} was trained on a model with {flag} {stored}, but {adapters_for} has "
+                                  f"{value}: its adapters do not fit that model")
+        raise ConversionError(f"{flag} {value} disagrees with {source}, which was saved with {stored}; {advice}")
+
+
+def base_fingerprint(chunks: Sequence, state: dict[str, Any]) -> str:
+    """Collective over the model-parallel group: the fingerprint (`models.lora.fingerprint_share`) of the base
+    checkpoint `state` (this rank's file dict, as `load_checkpoint` returns it) loaded into `chunks`."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from mindspeed_llm.models import lora
+    from mindspeed_llm.platform import device_tensor
+
+    shares = [(state[key], [layer.layer_number - 1 for layer in chunk.decoder.layers])
+              for chunk, key in zip(chunks, layout.model_keys(len(chunks)))]
+    group = ps.get_model_parallel_group()
+    total = device_tensor([lora.fingerprint_share(shares, chunks[0].config.num_layers)], torch.int64, group)
+    torch.distributed.all_reduce(total, group=group)
+    return lora.fingerprint_text(int(total.item()))
+
+
+def check_lora_base(lora_args: Optional[argparse.Namespace], fingerprint: str, base: str, lora_dir: str,
+                    mismatch_ok: bool, notice: Callable[[str], None]) -> None:
+    """Refuse to put adapters onto a base other than the one they were trained on: `fingerprint` is that of
+    `base` (e.g. "--load-dir DIR"), the LoRA checkpoint's args record its own base's. --lora-ignore-base-mismatch
+    turns the error into a warning; a LoRA save that records no fingerprint gets a notice."""
+    recorded = getattr(lora_args, "lora_base_fingerprint", None)
+    if recorded is None:
+        notice(f"--lora-load {lora_dir} records no fingerprint of the base it was trained on (an older save): "
+               f"cannot check that {base} is that base")
+        return
+    if recorded == fingerprint:
+        return
+    trained_on = getattr(lora_args, "lora_base_load", None) or getattr(lora_args, "load", None)
+    what = (f"--lora-load {lora_dir} was trained on the base {trained_on} (fingerprint {recorded}), but {base} "
+            f"holds other weights (fingerprint {fingerprint})")
+    if mismatch_ok:
+        notice(f"warning: {what}; merging anyway (--lora-ignore-base-mismatch)")
+        return
+    error = ConversionError(f"{what}: pass the base the adapters were trained on, or --lora-ignore-base-mismatch "
+                            f"to merge them anyway")
+    error.shared = True      # every rank reached the same verdict
+    raise error
 
 
 def read_rank_state(load_dir: str | Path, num_chunks: int, expected: Optional[dict[str, Any]] = None,
-                    iteration: int | str | None = None) -> tuple[Path, dict[str, Any]]:
+                    iteration: int | str | None = None,
+                    adapters_for: Optional[str] = None) -> tuple[Path, dict[str, Any]]:
     """(path, dict) of this rank's `model_optim_rng.pt` under the checkpoint root `load_dir` (the tracker's
     iteration, or `iteration`); its saved args must agree with this run's TP and PP sizes and with `expected`
-    (see `check_args`)."""
+    (see `check_args`, also for `adapters_for`)."""
     from megatron.core import parallel_state as ps
 
     iter_dir = layout.iteration_dir(Path(load_dir)) if iteration is None else \
@@ -70,7 +118,7 @@ def read_rank_state(load_dir: str | Path, num_chunks: int, expected: Optional[di
     saved = state.get("args")
     if saved is not None:
         check_args(saved, {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-                           **(expected or {})}, str(iter_dir))
+                           **(expected or {})}, str(iter_dir), adapters_for)
     keys = layout.model_keys(num_chunks)
     missing = [k for k in keys if k not in state]
     if missing:
@@ -108,25 +156,29 @@ def _load_into(chunk, state: dict, strict: bool, where: str) -> None:
 
 
 def load_adapters(chunks: Sequence, lora_dir: str | Path, *, expected: Optional[dict[str, Any]] = None,
-                  merge_scale: Optional[float] = None) -> dict[str, Any]:
+                  merge_scale: Optional[float] = None, base: Optional[str] = None) -> dict[str, Any]:
     """--lora-load: this rank's LoRA checkpoint on top of the base weights already in `chunks`. Into the adapter
     modules of a LoRA model (`models.lora.add_lora`), or, with `merge_scale`, merged into the base weights of a
     plain model (generation). Every adapter the model has must be in the file, and nothing else of it may be
-    unknown to the model. Returns the file's dict (iteration, optimizer state, ... to resume from)."""
+    unknown to the model. `base` names the base in errors (e.g. "--load DIR"). Returns the file's dict
+    (iteration, optimizer state, ... to resume from)."""
     from mindspeed_llm.models import lora
 
-    path, state = read_rank_state(lora_dir, len(chunks), expected)
+    path, state = read_rank_state(lora_dir, len(chunks), expected, adapters_for=base)
     for chunk, key in zip(chunks, layout.model_keys(len(chunks))):
         saved = state[key]
         where = f"--lora-load {path}[{key}]"
         if merge_scale is not None:
             if not lora.has_adapters(saved):
                 raise ConversionError(f"{where} holds no LoRA adapters (no *{lora.A_SUFFIX} tensors)")
-            base = chunk.state_dict()
+            to_save = lora.saved_modules(getattr(state.get("args"), "lora_modules_to_save", None),
+                                         getattr(chunk, "share_embeddings_and_output_weights", False))
             try:
-                merged = lora.merge_adapters(base, saved, merge_scale)
+                merged = lora.merge_adapters(chunk.state_dict(), saved, merge_scale, to_save)
             except KeyError as exc:
                 raise ConversionError(f"{where}: {exc.args[0]} is missing; the adapters do not fit the model") from None
+            except ValueError as exc:
+                raise ConversionError(f"{where}: {exc}; the adapters do not fit the model") from None
             _load_into(chunk, merged, True, where)
             continue
         known = set(chunk.state_dict())

@@ -41,6 +41,7 @@ class Mg2HfOptions:
     lora_alpha: Optional[float] = None
     lora_target_modules: Optional[list[str]] = None
     save_lora_to_hf: bool = False
+    lora_ignore_base_mismatch: bool = False   # merge onto a base other than the one the adapters trained on
 
 
 def model_from_args(args: argparse.Namespace, model_type_hf: Optional[str] = None,
@@ -91,7 +92,7 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
     tp, pp = int(args.tensor_model_parallel_size), int(args.pipeline_model_parallel_size)
     placement = checkpoint_placement(args, cfg)
     keys = layout.model_keys(placement.vpp)
-    adapters = _adapter_source(opts, args, iter_dir, tp, pp) if opts is not None else None
+    adapters = _adapter_source(opts, args, iter_dir, cfg, placement) if opts is not None else None
     if adapters is not None:      # what was resolved (flags, else the LoRA checkpoint's args) is what is written
         opts.lora_r, opts.lora_alpha = adapters.spec.r, adapters.spec.alpha
 
@@ -108,7 +109,8 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
                     lora_shards = [_model_entry(state, keys[v], adapters.root / layout.rank_dir_name(t, p, pp),
                                                 placement.vpp) for t, state in enumerate(lora_states)]
                     if not opts.save_lora_to_hf:
-                        shards = [lora.merge_adapters(s, a, adapters.spec.scale) for s, a in zip(shards, lora_shards)]
+                        shards = [adapters.merge(s, a, iter_dir / layout.rank_dir_name(t, p, pp))
+                                  for t, (s, a) in enumerate(zip(shards, lora_shards))]
                 try:
                     for local, layer in enumerate(layers):
                         if lora_states is not None and opts.save_lora_to_hf:
@@ -148,6 +150,7 @@ class _Adapters:
     iter_dir: Optional[Path]          # None: the adapters are in the --load-dir rank files
     tp: int
     pp: int
+    to_save: set[str]                 # modules trained in full (`lora.saved_modules`), taken from the LoRA save
 
     def stage(self, p: int, base_states: list[dict]) -> list[dict]:
         if self.iter_dir is None:
@@ -155,10 +158,25 @@ class _Adapters:
         return [layout.load_rank_file(self.iter_dir / layout.rank_dir_name(t, p, self.pp) / layout.FILE_NAME)
                 for t in range(self.tp)]
 
+    def merge(self, base: dict, adapters: dict, rank_dir: Path) -> dict:
+        try:
+            return lora.merge_adapters(base, adapters, self.spec.scale, self.to_save)
+        except KeyError as exc:
+            raise ConversionError(f"{rank_dir}: tensor {exc.args[0]} is missing; the adapters of {self.root} do "
+                                  f"not fit this model") from None
+        except ValueError as exc:
+            raise ConversionError(f"{rank_dir}: {exc}; the adapters of {self.root} do not fit this model") from None
 
-def _adapter_source(opts: Mg2HfOptions, args: argparse.Namespace, iter_dir: Path, tp: int,
-                    pp: int) -> Optional[_Adapters]:
-    """The adapters to merge or export (None for a plain conversion). With --lora-load its layout must be the base's."""
+
+def _adapter_source(opts: Mg2HfOptions, args: argparse.Namespace, iter_dir: Path, cfg: ModelConfig,
+                    placement: Placement) -> Optional[_Adapters]:
+    """The adapters to merge or export (None for a plain conversion). With --lora-load its layout and model must
+    be the base's, and the base the one the adapters were trained on (by its fingerprint)."""
+    from mindspeed_llm.checkpoint.load import check_args, check_lora_base
+    from mindspeed_llm.models.resolve import model_args
+    from mindspeed_llm.platform import notice
+
+    tp, pp = int(args.tensor_model_parallel_size), int(args.pipeline_model_parallel_size)
     flags = argparse.Namespace(lora_target_modules=opts.lora_target_modules, lora_r=opts.lora_r,
                                lora_alpha=opts.lora_alpha)
     first = layout.load_rank_file(iter_dir / layout.rank_dir_name(0, 0, pp) / layout.FILE_NAME)
@@ -174,7 +192,8 @@ def _adapter_source(opts: Mg2HfOptions, args: argparse.Namespace, iter_dir: Path
             return None
         del first
         spec = lora.spec_from_args(flags, args, f"--load-dir {opts.load_dir}")
-        return _Adapters(spec, Path(opts.load_dir), None, tp, pp)
+        to_save = lora.saved_modules(getattr(args, "lora_modules_to_save", None), cfg.tie_word_embeddings)
+        return _Adapters(spec, Path(opts.load_dir), None, tp, pp, to_save)
     lora_iter = layout.iteration_dir(Path(opts.lora_load))
     lora_args = layout.read_args(lora_iter)
     source = f"--lora-load {opts.lora_load}"
@@ -184,6 +203,10 @@ def _adapter_source(opts: Mg2HfOptions, args: argparse.Namespace, iter_dir: Path
         if ours != theirs and (ours or theirs):
             raise ConversionError(f"{source} was saved with {flag} {theirs} but --load-dir {opts.load_dir} with "
                                   f"{ours}; the adapters must come from a run on that layout")
+    base = f"--load-dir {opts.load_dir}"
+    check_args(lora_args, model_args(cfg), source, adapters_for=base)
+    check_lora_base(lora_args, _files_fingerprint(iter_dir, cfg, placement, tp), base, str(opts.lora_load),
+                    opts.lora_ignore_base_mismatch, notice)
     if opts.save_lora_to_hf and getattr(lora_args, "lora_modules_to_save", None):
         raise ConversionError(f"--save-lora-to-hf: {source} also trained --lora-modules-to-save "
                               f"{' '.join(lora_args.lora_modules_to_save)} in full; a PEFT adapter holds adapters "
@@ -191,7 +214,25 @@ def _adapter_source(opts: Mg2HfOptions, args: argparse.Namespace, iter_dir: Path
     spec = lora.spec_from_args(flags, lora_args, source)
     if spec is None:
         raise ConversionError(f"{source}: its args name no LoRA target modules; pass --lora-target-modules")
-    return _Adapters(spec, Path(opts.lora_load), lora_iter, tp, pp)
+    to_save = lora.saved_modules(getattr(lora_args, "lora_modules_to_save", None), cfg.tie_word_embeddings)
+    return _Adapters(spec, Path(opts.lora_load), lora_iter, tp, pp, to_save)
+
+
+def _files_fingerprint(iter_dir: Path, cfg: ModelConfig, placement: Placement, tp: int) -> str:
+    """The base fingerprint (`models.lora.fingerprint_share`) of the checkpoint in `iter_dir`: only the rank files
+    of the stages that hold its first or last decoder layer are read."""
+    keys = layout.model_keys(placement.vpp)
+    ends = {0, cfg.num_layers - 1}
+    total = 0
+    for p in range(placement.pp):
+        if not ends & {layer for chunk in placement.layers[p] for layer in chunk}:
+            continue
+        for t in range(tp):
+            state = layout.load_rank_file(iter_dir / layout.rank_dir_name(t, p, placement.pp) / layout.FILE_NAME)
+            total += lora.fingerprint_share([(state[keys[v]], layers) for v, layers in enumerate(placement.layers[p])
+                                             if keys[v] in state], cfg.num_layers)
+            del state
+    return lora.fingerprint_text(total)
 
 
 def _inside(path: Path, directory: Path) -> bool:

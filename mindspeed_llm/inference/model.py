@@ -43,10 +43,11 @@ def read_checkpoint_args(load: str, flag: str = "--load") -> tuple[Optional[argp
 
 def build_and_load(args: argparse.Namespace, cfg: ModelConfig) -> torch.nn.Module:
     """This rank's GPTModel stage (eval mode, full-vocabulary logits) with its checkpoint shard loaded."""
-    from mindspeed_llm.checkpoint.load import load_adapters, load_checkpoint
+    from mindspeed_llm.checkpoint.load import base_fingerprint, check_lora_base, load_adapters, load_checkpoint
     from mindspeed_llm.models import build_model, parse_layer_list
     from mindspeed_llm.models.resolve import weight_args
     from mindspeed_llm.models.spec import layer_spec_for
+    from mindspeed_llm.platform import notice
 
     layer_list = parse_layer_list(args.num_layer_list)
     chunks = build_model(cfg, params_dtype=params_dtype(args), num_layer_list=layer_list, parallel_output=False,
@@ -54,14 +55,19 @@ def build_and_load(args: argparse.Namespace, cfg: ModelConfig) -> torch.nn.Modul
     expected = weight_args(cfg)
     if layer_list:
         expected["num_layer_list"] = layer_list
-    load_checkpoint(chunks, args.load, expected=expected, strict=not args.load_checkpoint_loosely)
+    base_state = load_checkpoint(chunks, args.load, expected=expected, strict=not args.load_checkpoint_loosely)
     spec = lora_spec(args)
     if spec is not None:
+        fingerprint = base_fingerprint(chunks, base_state)
+        del base_state
         # Adapters are merged into this rank's weight shards once (W + alpha/r * B @ A, fp32): the decode path
         # then runs the plain model at full speed.
-        load_adapters(chunks, args.lora_load, merge_scale=spec.scale,
-                      expected={**expected, "lora_r": spec.r, "lora_alpha": spec.alpha,
-                                "lora_target_modules": list(spec.targets)})
+        base = f"--load {args.load}"
+        lora_state = load_adapters(chunks, args.lora_load, merge_scale=spec.scale, base=base,
+                                   expected={**expected, "lora_r": spec.r, "lora_alpha": spec.alpha,
+                                             "lora_target_modules": list(spec.targets)})
+        check_lora_base(lora_state.get("args"), fingerprint, base, args.lora_load,
+                        args.lora_ignore_base_mismatch, notice)
     return chunks[0]
 
 

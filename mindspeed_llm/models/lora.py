@@ -9,14 +9,18 @@ layouts (interleaved QKV groups, [gate; up]) as W, which the family tables alrea
 
 State-dict names are PEFT's (as MindSpeed-LLM writes them): `X.base_layer.weight`, `X.lora_A.default.weight`,
 `X.lora_B.default.weight`. A base checkpoint (`X.weight`) loads into a wrapped model unchanged.
+
+A LoRA save records the base it trained on (`lora_base_load`) and a fingerprint of that base's weights
+(`lora_base_fingerprint`, see `fingerprint_share`), so that merging onto another base can be refused.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import zlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -178,9 +182,7 @@ def add_lora(chunk: nn.Module, spec: LoraSpec, seed: int) -> nn.Module:
     if unknown:
         raise UserError(f"--lora-modules-to-save {' '.join(unknown)}: no such module in the model (e.g. "
                         f"word_embeddings, output_layer, final_layernorm)")
-    to_save = set(spec.modules_to_save)
-    if getattr(chunk, "share_embeddings_and_output_weights", False) and to_save & {"word_embeddings", "output_layer"}:
-        to_save |= {"word_embeddings", "output_layer"}   # tied: the last stage's copy must train with the first's
+    to_save = saved_modules(spec.modules_to_save, getattr(chunk, "share_embeddings_and_output_weights", False))
     for name, param in chunk.named_parameters():
         parts = name.split(".")
         param.requires_grad = ".lora_A." in name or ".lora_B." in name or any(m in parts for m in to_save)
@@ -188,6 +190,20 @@ def add_lora(chunk: nn.Module, spec: LoraSpec, seed: int) -> nn.Module:
         chunk.embedding.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True)
                                               if torch.is_grad_enabled() and not out.requires_grad else out)
     return chunk
+
+
+def saved_modules(modules_to_save: Iterable[str], tied: bool) -> set[str]:
+    """The modules --lora-modules-to-save trains in full; with tied embeddings the last stage's copy of the
+    embedding (output_layer) trains with the first's."""
+    to_save = set(modules_to_save or ())
+    if tied and to_save & {"word_embeddings", "output_layer"}:
+        to_save |= {"word_embeddings", "output_layer"}
+    return to_save
+
+
+def is_trained(key: str, to_save: set[str]) -> bool:
+    """Whether state-dict entry `key` is trained by LoRA: an adapter, or part of a module of `to_save`."""
+    return key.endswith((A_SUFFIX, B_SUFFIX)) or bool(to_save.intersection(key.split(".")))
 
 
 def trainable_state(chunk: nn.Module) -> dict[str, torch.Tensor]:
@@ -204,22 +220,55 @@ def has_adapters(state: dict) -> bool:
     return any(k.endswith(A_SUFFIX) for k in state)
 
 
-def merge_adapters(state: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor],
-                   scale: float) -> dict[str, torch.Tensor]:
-    """A base-named megatron state dict with the adapters merged in: W + scale * B @ A per shard, in fp32, cast
-    back to W's dtype. Every other tensor of `adapters` (modules to save, the base weights of an unfiltered
-    LoRA save) replaces the base one, `X.base_layer.weight` read as `X.weight`. `state` may itself hold
-    adapters (an unfiltered save): pass it as both."""
+def merge_adapters(state: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], scale: float,
+                   to_save: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """A base-named megatron state dict with the adapters merged in: W + scale * B @ A per shard, the delta in
+    fp32, the sum cast back to W's dtype. Of the other tensors of `adapters` only those of the modules trained in
+    full (`to_save`, see `saved_modules`) replace the base ones, cast to the base's dtype: the frozen weights an
+    unfiltered LoRA save also holds are the training-dtype copy of the base, so `state` keeps its own. `state`
+    may itself hold adapters (an unfiltered save merged alone): pass it as both. Raises KeyError naming a
+    missing tensor and ValueError when an adapter's shape does not fit its weight."""
     out = {k.replace(BASE, "."): v for k, v in state.items() if not k.endswith((A_SUFFIX, B_SUFFIX))}
     for key, value in adapters.items():
-        if not key.endswith((A_SUFFIX, B_SUFFIX)):
-            out[key.replace(BASE, ".")] = value
+        if is_trained(key, to_save) and not key.endswith((A_SUFFIX, B_SUFFIX)):
+            name = key.replace(BASE, ".")
+            out[name] = value.to(out[name].dtype) if name in out else value
     for a_key in (k for k in adapters if k.endswith(A_SUFFIX)):
         module = a_key[:-len(A_SUFFIX)]
         b_key, w_key = module + B_SUFFIX, module + ".weight"
         if b_key not in adapters or w_key not in out:
             raise KeyError(b_key if b_key not in adapters else w_key)
-        w = out[w_key]
-        delta = adapters[b_key].float() @ adapters[a_key].float()
-        out[w_key] = (w.float() + scale * delta).to(w.dtype)
+        w, a, b = out[w_key], adapters[a_key], adapters[b_key]
+        if a.dim() != 2 or b.dim() != 2 or (b.shape[0], a.shape[1]) != tuple(w.shape) or b.shape[1] != a.shape[0]:
+            raise ValueError(f"{module}: adapters B {tuple(b.shape)} @ A {tuple(a.shape)} do not fit the weight "
+                             f"{tuple(w.shape)}")
+        out[w_key] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
     return out
+
+
+# --- the base fingerprint ----------------------------------------------------------------------------------------
+FINGERPRINT_MODULUS = 1 << 48
+_FINGERPRINTED = re.compile(r"^decoder\.layers\.(\d+)\..*\.(?:linear_qkv|linear_proj|linear_fc1|linear_fc2)"
+                            r"(?:\.base_layer)?\.weight$")
+
+
+def fingerprint_share(chunks: Iterable[tuple[dict[str, torch.Tensor], Sequence[int]]], num_layers: int) -> int:
+    """This shard's share of the base fingerprint. `chunks`: (state dict of one model chunk, global index of each
+    of its local decoder layers). The fingerprint covers the four linear weights of the first and the last
+    decoder layer: the sum, as integers, of the bit patterns of their values rounded to bf16. Integer sums add up
+    exactly in any order, and these weights are split over TP (and PP) ranks without overlap, so the shares of all
+    ranks sum to the same value for every layout; bf16 makes an fp32 base and its bf16 copy agree."""
+    wanted = {0, num_layers - 1}
+    total = 0
+    for state, global_layers in chunks:
+        for key, value in state.items():
+            match = _FINGERPRINTED.match(key)
+            if match and global_layers[int(match.group(1))] in wanted and isinstance(value, torch.Tensor):
+                bits = value.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
+                total += int(bits.sum(dtype=torch.int64))
+    return total % FINGERPRINT_MODULUS
+
+
+def fingerprint_text(total: int) -> str:
+    """The fingerprint of the summed shares of all ranks, as it is recorded and shown."""
+    return f"{total % FINGERPRINT_MODULUS:012x}"

@@ -289,6 +289,15 @@ def load_model(args: argparse.Namespace, chunks: list) -> Loaded:
     # (converted, or a full fine-tune with its own optimizer state) only gives the frozen weights.
     first_chunk = state.get(layout.model_keys(len(chunks))[0], {})
     weights_only = bool(args.lora_target_modules) and not lora.has_adapters(first_chunk)
+    if args.lora_target_modules:
+        # Saves record the base the adapters train on (a resumed unfiltered LoRA save: the one it recorded), so
+        # that merging them onto another base can be refused.
+        from mindspeed_llm.checkpoint.load import base_fingerprint
+
+        saved = state.get("args")
+        args.lora_base_load, args.lora_base_fingerprint = (
+            (str(load_dir), base_fingerprint(chunks, state)) if weights_only else
+            (getattr(saved, "lora_base_load", None), getattr(saved, "lora_base_fingerprint", None)))
     loaded = _resume_point(args, state, load_dir, weights_only)
     if args.lora_load:
         from mindspeed_llm.checkpoint.load import load_adapters
