@@ -29,3 +29,11 @@ def test_two_rank_run_logs_once(env, tmp_path):
     assert "explicit" not in keys and "micro_batch_size" in keys
     assert proc.stdout.count("- MindSpeed-LLM Arguments ---") == 1           # rank 0 only
     assert proc.stdout.count("--handler-name AlpacaStyleInstructionHandler: taken from") == 1
+
+
+def test_validation_line_gives_a_perplexity_to_losses_only():
+    from mindspeed_llm.training.log import validation_line
+
+    line = validation_line(40, 0.5, {"rewards/chosen": 1.25, "logps/chosen": -32.0, "rewards/accuracies": 0.75})
+    assert "lm loss value: 5.000000E-01 | lm loss PPL: 1.648721E+00 |" in line
+    assert "logps/chosen value: -3.200000E+01 |" in line and "PPL" not in line.split("lm loss PPL", 1)[1]

@@ -168,11 +168,14 @@ def report_memory(iteration: int) -> None:
 
 
 def validation_line(iteration: int, loss: float, metrics: Optional[dict[str, float]] = None) -> str:
-    """Megatron's validation block: `KEY value: V | KEY PPL: exp(V) |` for `lm loss` and each extra metric
-    (Megatron prints a PPL for every loss-dict entry, meaningful or not; kept so log parsers match)."""
+    """Megatron's validation block: `KEY value: V | KEY PPL: exp(V) |` for `lm loss` and each extra metric. A
+    perplexity means something only for a loss (a mean negative log-likelihood), so rewards, log-probabilities and
+    accuracies (DPO) get their value alone."""
     text = f" validation loss at iteration {iteration} | "
     for key, value in {"lm loss": loss, **(metrics or {})}.items():
-        text += f"{key} value: {value:.6E} | {key} PPL: {math.exp(min(20.0, value)):.6E} | "
+        text += f"{key} value: {value:.6E} | "
+        if key.endswith("loss"):
+            text += f"{key} PPL: {math.exp(min(20.0, value)):.6E} | "
     bar = "-" * len(text)
     return f"{bar}\n{text}\n{bar}"
 
