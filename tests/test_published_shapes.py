@@ -27,20 +27,13 @@ _COMMON = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attent
            "head_dim": 128, "hidden_act": "silu", "max_position_embeddings": 40960, "num_key_value_heads": 8,
            "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000, "torch_dtype": "bfloat16",
            "vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151645}
-PUBLISHED = {
-    "0point6b": {**_COMMON, "hidden_size": 1024, "intermediate_size": 3072, "num_attention_heads": 16,
-                 "num_hidden_layers": 28, "tie_word_embeddings": True},
-    "1point7b": {**_COMMON, "hidden_size": 2048, "intermediate_size": 6144, "num_attention_heads": 16,
-                 "num_hidden_layers": 28, "tie_word_embeddings": True},
-    "4b": {**_COMMON, "hidden_size": 2560, "intermediate_size": 9728, "num_attention_heads": 32,
-           "num_hidden_layers": 36, "tie_word_embeddings": True},
-    "8b": {**_COMMON, "hidden_size": 4096, "intermediate_size": 12288, "num_attention_heads": 32,
-           "num_hidden_layers": 36, "tie_word_embeddings": False},
-    "14b": {**_COMMON, "hidden_size": 5120, "intermediate_size": 17408, "num_attention_heads": 40,
-            "num_hidden_layers": 40, "tie_word_embeddings": False},
-    "32b": {**_COMMON, "hidden_size": 5120, "intermediate_size": 25600, "num_attention_heads": 64,
-            "num_hidden_layers": 64, "tie_word_embeddings": False},
-}
+# size: (hidden_size, intermediate_size, num_attention_heads, num_hidden_layers, tie_word_embeddings)
+_SHAPES = {"0point6b": (1024, 3072, 16, 28, True), "1point7b": (2048, 6144, 16, 28, True),
+           "4b": (2560, 9728, 32, 36, True), "8b": (4096, 12288, 32, 36, False), "14b": (5120, 17408, 40, 40, False),
+           "32b": (5120, 25600, 64, 64, False)}
+PUBLISHED = {size: {**_COMMON, **dict(zip(("hidden_size", "intermediate_size", "num_attention_heads",
+                                           "num_hidden_layers", "tie_word_embeddings"), shape))}
+             for size, shape in _SHAPES.items()}
 QWEN3_TOKENIZER_LEN = 151669
 SCRIPTS = sorted(p for p in (REPO / "examples" / "mcore" / "qwen3").glob("*_ptd.sh")
                  if p.stem.split("_")[0] in ("tune", "dpo", "generate", "evaluate"))
