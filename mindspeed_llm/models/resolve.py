@@ -308,6 +308,14 @@ def _moe_values(values: dict[str, Any], need) -> dict[str, Any]:
                 dense_layers=tuple(values.get("dense_layers") or ()))
 
 
+def require_dense(cfg: ModelConfig, source: str, what: str) -> ModelConfig:
+    """`cfg` itself; a mixture-of-experts model is one UserError naming `source` (conversion is what supports it)."""
+    if cfg.num_experts is not None:
+        raise UserError(f"{source} holds a mixture-of-experts model ({cfg.family}, {cfg.num_experts} experts): "
+                        f"{what} of MoE models is not implemented yet (convert_ckpt.py converts them)")
+    return cfg
+
+
 def model_args(cfg: ModelConfig) -> dict[str, Any]:
     """Saved-args names -> values of `cfg`: what a save records (a load compares the `MODEL_ARG_KEYS` among them,
     see `weight_args`)."""
