@@ -69,7 +69,8 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
     }),
     "convert": frozenset({
         "load_model_type", "save_model_type", "load_dir", "save_dir", "model_type_hf", "target_tensor_parallel_size",
-        "target_pipeline_parallel_size", "target_expert_parallel_size", "num_layer_list", "num_layers_per_virtual_pipeline_stage", "params_dtype",
+        "target_pipeline_parallel_size", "target_expert_parallel_size", "num_layer_list",
+        "num_layers_per_virtual_pipeline_stage", "params_dtype",
         "hf_cfg_dir", "verify", "verify_threshold", "trust_remote_code", "lora_load", "lora_r", "lora_alpha",
         "lora_target_modules", "save_lora_to_hf",
     }),

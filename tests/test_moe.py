@@ -113,7 +113,8 @@ def test_expert_layout_on_disk(moe_models, tmp_path):
     # PP stage 1 holds layers 2 (dense, local 0) and 3 (MoE, local 1)
     last = load_rank_file(mg / "iter_0000001" / "mp_rank_00_001_000" / layout.FILE_NAME, mmap=False)["model"]
     assert "decoder.layers.0.mlp.linear_fc1.weight" in last and "decoder.layers.0.mlp.router.weight" not in last
-    assert torch.equal(last["decoder.layers.0.mlp.linear_fc2.weight"], hf["model.layers.2.mlp.down_proj.weight"][:, :64])
+    down = hf["model.layers.2.mlp.down_proj.weight"]
+    assert torch.equal(last["decoder.layers.0.mlp.linear_fc2.weight"], down[:, :64])
     assert "decoder.layers.1.mlp.router.weight" in last and "decoder.layers.1.mlp.linear_fc1.weight" not in last
 
 

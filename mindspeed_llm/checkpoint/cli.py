@@ -147,7 +147,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         convert_mg_to_hf(Mg2HfOptions(load_dir=a.load_dir, save_dir=a.save_dir, hf_cfg_dir=a.hf_cfg_dir,
                                       model_type_hf=a.model_type_hf, tp=a.target_tensor_parallel_size,
                                       pp=a.target_pipeline_parallel_size, ep=a.target_expert_parallel_size,
-                                      num_layer_list=layer_list, layers_per_vpp_stage=a.num_layers_per_virtual_pipeline_stage,
+                                      num_layer_list=layer_list,
+                                      layers_per_vpp_stage=a.num_layers_per_virtual_pipeline_stage,
                                       lora_load=a.lora_load, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
                                       lora_target_modules=a.lora_target_modules, save_lora_to_hf=a.save_lora_to_hf))
         return _run_verify(a.save_dir, a.load_dir, a.model_type_hf, a.verify_threshold,

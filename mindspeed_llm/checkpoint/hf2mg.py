@@ -39,11 +39,12 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
     if tp < 1:
         raise ConversionError(f"--target-tensor-parallel-size must be >= 1, got {tp}")
     checks = [("num_attention_heads", cfg.num_attention_heads), ("num_key_value_heads (KV groups)",
-                                                                  cfg.num_query_groups), ("vocab_size", cfg.vocab_size)]
+                                                                  cfg.num_query_groups)]
     if any(not cfg.is_moe_layer(i) for i in range(cfg.num_layers)):
         checks.append(("intermediate_size", cfg.ffn_hidden_size))
     if cfg.num_experts is not None:       # experts are split over TP too (expert-TP size = TP)
         checks.append(("moe_intermediate_size", cfg.moe_ffn_hidden_size))
+    checks.append(("vocab_size", cfg.vocab_size))
     for name, value in checks:
         if value % tp:
             divisors = [d for d in range(1, value + 1) if value % d == 0 and cfg.num_query_groups % d == 0
@@ -136,9 +137,9 @@ def convert_hf_to_mg(opts: Hf2MgOptions, log: Callable[[str], None] = print) -> 
 def _write_rank(fam: Family, cfg: ModelConfig, src: SafetensorsSource, placement: Placement, opts: Hf2MgOptions,
                 p: int, t: int, e: int, dtype: Optional[torch.dtype], args: argparse.Namespace, tmp: Path,
                 progress: Callable[[int], None]) -> None:
-    """Build, save and drop one (PP stage, TP rank, EP rank) file. Every kept tensor is a compact copy in anonymous memory
-    and shards are unmapped after each layer, so memory is this rank's tensors plus the layer being split; the
-    tensors die when this function returns, before the next rank is built."""
+    """Build, save and drop one (PP stage, TP rank, EP rank) file. Every kept tensor is a compact copy in anonymous
+    memory and shards are unmapped after each layer, so memory is this rank's tensors plus the layer being split;
+    the tensors die when this function returns, before the next rank is built."""
     def finish(x: torch.Tensor) -> torch.Tensor:
         if dtype is not None and x.is_floating_point() and x.dtype != dtype:
             x = x.to(dtype)
@@ -160,7 +161,8 @@ def _write_rank(fam: Family, cfg: ModelConfig, src: SafetensorsSource, placement
 
 def _check_complete(fam: Family, cfg: ModelConfig, src: SafetensorsSource) -> None:
     """Every tensor the conversion will read exists (fail before writing anything)."""
-    names = [fam.embedding.hf, fam.final_norm.hf] + [n for i in range(cfg.num_layers) for n in fam.hf_layer_names(cfg, i)]
+    names = [fam.embedding.hf, fam.final_norm.hf] + [n for i in range(cfg.num_layers)
+                                                     for n in fam.hf_layer_names(cfg, i)]
     if cfg.untie_embeddings_and_output_weights:
         names.append(fam.output.hf)
     missing = [n for n in names if n not in src]
