@@ -71,7 +71,8 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
     }),
     "convert": frozenset({
         "load_model_type", "save_model_type", "load_dir", "save_dir", "model_type_hf", "target_tensor_parallel_size",
-        "target_pipeline_parallel_size", "num_layer_list", "num_layers_per_virtual_pipeline_stage", "params_dtype",
+        "target_pipeline_parallel_size", "target_expert_parallel_size", "num_layer_list",
+        "num_layers_per_virtual_pipeline_stage", "params_dtype",
         "hf_cfg_dir", "verify", "verify_threshold", "trust_remote_code", "lora_load", "lora_r", "lora_alpha",
         "lora_target_modules", "save_lora_to_hf", "lora_ignore_base_mismatch",
     }),
@@ -201,7 +202,8 @@ ERROR: dict[str, dict[str, Rule]] = {
                   "save": "generation saves no checkpoint", "save_interval": "generation saves no checkpoint",
                   "no_save_optim": "generation saves no checkpoint", "no_save_rng": "generation saves no checkpoint"},
     "preprocess": {},
-    "convert": {"target_expert_parallel_size": "dense models only; use 1",
+    "convert": {"moe_grouped_gemm": "the GroupedMLP expert layout (mlp.experts.weight1/weight2) is not "
+                                    "implemented; convert without it to the SequentialMLP layout (local_experts)",
                 "make_vocab_size_divisible_by": "the vocabulary keeps the HF checkpoint's rows; use 1"},
 }
 ERROR["evaluation"] = {

@@ -27,7 +27,7 @@ __all__ = ["Platform", "detect_platform", "current_device", "resolve_backend", "
            "cpu_adapted", "init_distributed", "destroy_distributed", "notice", "COLLECTIVE_HELPERS",
            "comm_device", "device_tensor", "device_empty", "to_comm_device", "device_rng_state",
            "set_device_rng_state", "memory_stats", "pin_memory_available", "device_count",
-           "check_ranks_per_node", "adapt_megatron_grad_accum_fusion"]
+           "check_ranks_per_node", "adapt_megatron_grad_accum_fusion", "adapt_megatron_moe"]
 
 _BACKEND_FOR = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 _CPU_ADAPTED = False
@@ -319,6 +319,16 @@ def adapt_megatron_grad_accum_fusion() -> None:
     layers.fused_weight_gradient_mlp_cuda = types.SimpleNamespace(wgrad_gemm_accum_fp32=wgrad_gemm_accum_fp32,
                                                                   wgrad_gemm_accum_fp16=wgrad_gemm_accum_fp16)
     layers._grad_accum_fusion_available = True
+
+
+def adapt_megatron_moe() -> None:
+    """megatron-core 0.16.1's MoE router calls `moe_utils.te_general_gemm`, which that module defines only when
+    Transformer Engine imports (a NameError on every device without TE, GPUs included): define it as None so the
+    router takes its torch matmul. Idempotent; TE's kernel is kept when it exists."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 # --------------------------------------------------------------------------------------------------------------

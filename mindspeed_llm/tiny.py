@@ -1,4 +1,4 @@
-"""Tiny Hugging Face model directories shaped like published Qwen3 (and Qwen2.5 / Llama-3) checkpoints.
+"""Tiny Hugging Face model directories shaped like published Qwen3 (and Qwen3-MoE / Qwen2.5 / Llama-3) checkpoints.
 
 The tests and the quickstart share this builder. It writes what a user downloads from the Hub:
 `config.json` spelled as the published checkpoints spell it, sharded `model-0000N-of-0000M.safetensors` with
@@ -81,7 +81,11 @@ QWEN3_CHAT_TEMPLATE = r"""
 {%- endif %}
 """.strip()
 
-ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama3": "LlamaForCausalLM"}
+ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3-moe": "Qwen3MoeForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "llama3": "LlamaForCausalLM"}
+# Qwen3-MoE shape defaults (8 experts, 2 per token, expert width 32, every layer MoE, renormalised top-k).
+MOE_DEFAULTS = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True,
+                "mlp_only_layers": (), "decoder_sparse_step": 1}
 
 
 def build_tokenizer(out_dir: str | Path, vocab_size: int = 400, family: str = "qwen3") -> Path:
@@ -119,8 +123,9 @@ def hf_config(family: str = "qwen3", *, vocab_size: int, num_layers: int = 4, hi
               num_attention_heads: int = 4, num_key_value_heads: int = 2, head_dim: int = 16,
               intermediate_size: int = 128, tie_word_embeddings: bool = False, max_position_embeddings: int = 512,
               rope_theta: float = 1000000.0, dtype: str = "float32", eos_token_id: int = 0,
-              bos_token_id: int | None = None) -> dict:
-    """config.json as the published checkpoints spell it (`rope_theta` at top level, `torch_dtype`)."""
+              bos_token_id: int | None = None, **moe) -> dict:
+    """config.json as the published checkpoints spell it (`rope_theta` at top level, `torch_dtype`, Qwen3-MoE's
+    `num_experts`); `moe` overrides `MOE_DEFAULTS` for "qwen3-moe"."""
     cfg = {
         "architectures": [ARCHITECTURES[family]],
         "attention_dropout": 0.0,
@@ -131,7 +136,7 @@ def hf_config(family: str = "qwen3", *, vocab_size: int, num_layers: int = 4, hi
         "initializer_range": 0.02,
         "intermediate_size": intermediate_size,
         "max_position_embeddings": max_position_embeddings,
-        "model_type": {"qwen3": "qwen3", "qwen2": "qwen2", "llama3": "llama"}[family],
+        "model_type": {"qwen3": "qwen3", "qwen3-moe": "qwen3_moe", "qwen2": "qwen2", "llama3": "llama"}[family],
         "num_attention_heads": num_attention_heads,
         "num_hidden_layers": num_layers,
         "num_key_value_heads": num_key_value_heads,
@@ -144,9 +149,13 @@ def hf_config(family: str = "qwen3", *, vocab_size: int, num_layers: int = 4, hi
         "use_cache": True,
         "vocab_size": vocab_size,
     }
-    if family == "qwen3":
+    if family in ("qwen3", "qwen3-moe"):
         cfg.update(attention_bias=False, head_dim=head_dim, max_window_layers=num_layers, sliding_window=None,
                    use_sliding_window=False)
+    if family == "qwen3-moe":
+        shape = {**MOE_DEFAULTS, **moe}
+        cfg.update(shape, mlp_only_layers=list(shape["mlp_only_layers"]), output_router_logits=False,
+                   router_aux_loss_coef=0.001)
     elif family == "qwen2":
         cfg.update(max_window_layers=num_layers, sliding_window=None, use_sliding_window=False)
     else:
@@ -192,6 +201,28 @@ def _random_state_dict(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _save_moe_weights(cfg: dict, out_dir: Path, seed: int, dtype: torch.dtype, max_shard_bytes: int) -> None:
+    """Random Qwen3-MoE weights written by transformers' own `save_pretrained`, so the files carry the names it
+    publishes (it keeps each layer's experts fused in memory and splits them per expert on save). Norms near 1;
+    the router at std 1/sqrt(hidden), so routing logits are O(1) and the top-k choice is clear-cut."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype",
+                                                                         "transformers_version")})
+    model = Qwen3MoeForCausalLM(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=g)
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * noise)
+            elif name.endswith("mlp.gate.weight"):
+                param.copy_(noise / math.sqrt(cfg["hidden_size"]))
+            else:
+                param.copy_(noise * cfg["initializer_range"])
+    model.to(dtype).save_pretrained(out_dir, max_shard_size=max_shard_bytes)
+
+
 def save_sharded_safetensors(state_dict: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> None:
     """Write `model-0000N-of-0000M.safetensors` shards and `model.safetensors.index.json`, as the Hub does."""
     from safetensors.torch import save_file
@@ -220,11 +251,12 @@ def build_tiny_model(out_dir: str | Path, family: str = "qwen3", *, tie_word_emb
                      num_layers: int = 4, hidden_size: int = 64, num_attention_heads: int = 4,
                      num_key_value_heads: int = 2, head_dim: int = 16, intermediate_size: int = 128,
                      dtype: str = "float32", seed: int = 1234, max_shard_bytes: int = 200_000,
-                     tokenizer_vocab_size: int = 400) -> Path:
+                     tokenizer_vocab_size: int = 400, **moe) -> Path:
     """Write a complete tiny HF model directory and return its path.
 
-    `family` is one of "qwen3", "qwen2" (QKV bias, no qk-norm) or "llama3". The model vocabulary is the
-    tokenizer's length rounded up to a multiple of 64, as published checkpoints pad theirs.
+    `family` is one of "qwen3", "qwen3-moe" (shape `moe` over `MOE_DEFAULTS`), "qwen2" (QKV bias, no qk-norm)
+    or "llama3". The model vocabulary is the tokenizer's length rounded up to a multiple of 64, as published
+    checkpoints pad theirs.
     """
     if family not in ARCHITECTURES:
         raise ValueError(f"family must be one of {sorted(ARCHITECTURES)}, got {family!r}")
@@ -244,14 +276,17 @@ def build_tiny_model(out_dir: str | Path, family: str = "qwen3", *, tie_word_emb
                         head_dim=head_dim, intermediate_size=intermediate_size,
                         tie_word_embeddings=tie_word_embeddings, dtype=dtype,
                         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-                        bos_token_id=tok.bos_token_id if family == "llama3" else None)
+                        bos_token_id=tok.bos_token_id if family == "llama3" else None, **moe)
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        if family == "qwen3-moe":
+            _save_moe_weights(cfg, tmp, seed, torch_dtype, max_shard_bytes)
+        else:
+            sd = {k: v.to(torch_dtype) for k, v in _random_state_dict(cfg, seed).items()}
+            save_sharded_safetensors(sd, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": [cfg["eos_token_id"], tok.pad_token_id],
                "pad_token_id": tok.pad_token_id, "do_sample": False, "transformers_version": "4.51.0"}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-        sd = {k: v.to(torch_dtype) for k, v in _random_state_dict(cfg, seed).items()}
-        save_sharded_safetensors(sd, tmp, max_shard_bytes)
         if out.exists():
             shutil.rmtree(out)
         tmp.chmod(0o755)

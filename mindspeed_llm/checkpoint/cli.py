@@ -30,9 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-dir", required=True, type=Path, help="HF model dir (hf) or Megatron checkpoint root (mg)")
     p.add_argument("--save-dir", required=True, type=Path, help="Megatron checkpoint root (mg) or HF output dir (hf)")
     p.add_argument("--model-type-hf", default=None,
-                   help="model family: qwen3, qwen25/qwen2, llama3/llama2 (default: from config.json architectures)")
+                   help="model family: qwen3, qwen3-moe, qwen25/qwen2, llama3/llama2 (default: from config.json "
+                        "architectures)")
     p.add_argument("--target-tensor-parallel-size", type=_positive, default=None, help="TP of the output (hf -> mg)")
     p.add_argument("--target-pipeline-parallel-size", type=_positive, default=None, help="PP of the output (hf -> mg)")
+    p.add_argument("--target-expert-parallel-size", type=_positive, default=None,
+                   help="EP of the output (hf -> mg, MoE models): expert e goes to EP rank e // (experts / EP)")
+    p.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="MoE experts in megatron-core's GroupedMLP layout (not implemented: an error)")
     p.add_argument("--num-layer-list", default=None, help="uneven PP: layers per stage, e.g. 7,21")
     p.add_argument("--num-layers-per-virtual-pipeline-stage", type=_positive, default=None,
                    help="VPP: layers per virtual chunk")
@@ -65,7 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     compat.add_argument("--model-type", choices=["GPT"], default="GPT")
     compat.add_argument("--spec", nargs=2, metavar=("MODULE", "ATTR"), default=None)
     compat.add_argument("--transformer-impl", choices=["local"], default="local")
-    compat.add_argument("--target-expert-parallel-size", type=int, default=1)
     compat.add_argument("--save-layer-by-layer", action="store_true", help="always on: conversion streams")
     compat.add_argument("--make-vocab-size-divisible-by", type=int, default=1)
     return p
@@ -128,6 +132,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
                                   f"hf -> mg converts the base model, and LoRA training adds the adapters")
         convert_hf_to_mg(Hf2MgOptions(load_dir=a.load_dir, save_dir=a.save_dir, model_type_hf=a.model_type_hf,
                                       tp=a.target_tensor_parallel_size or 1, pp=a.target_pipeline_parallel_size or 1,
+                                      ep=a.target_expert_parallel_size or 1,
                                       num_layer_list=layer_list,
                                       layers_per_vpp_stage=a.num_layers_per_virtual_pipeline_stage,
                                       params_dtype=a.params_dtype))
@@ -145,7 +150,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
             raise ConversionError("--verify on mg -> hf needs --hf-cfg-dir (the exported directory needs config.json)")
         convert_mg_to_hf(Mg2HfOptions(load_dir=a.load_dir, save_dir=a.save_dir, hf_cfg_dir=a.hf_cfg_dir,
                                       model_type_hf=a.model_type_hf, tp=a.target_tensor_parallel_size,
-                                      pp=a.target_pipeline_parallel_size, num_layer_list=layer_list,
+                                      pp=a.target_pipeline_parallel_size, ep=a.target_expert_parallel_size,
+                                      num_layer_list=layer_list,
                                       layers_per_vpp_stage=a.num_layers_per_virtual_pipeline_stage,
                                       lora_load=a.lora_load, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
                                       lora_target_modules=a.lora_target_modules, save_lora_to_hf=a.save_lora_to_hf,

@@ -18,7 +18,7 @@ from mindspeed_llm.models.config import DTYPES, ModelConfig, read_hf_config
 from mindspeed_llm.models.family import Family
 from mindspeed_llm.models.placement import Placement, place_layers
 from mindspeed_llm.models.registry import get_family
-from mindspeed_llm.models.resolve import resolve_model
+from mindspeed_llm.models.resolve import model_args, resolve_model
 
 
 @dataclass
@@ -28,6 +28,7 @@ class Hf2MgOptions:
     model_type_hf: Optional[str] = None
     tp: int = 1
     pp: int = 1
+    ep: int = 1
     num_layer_list: Optional[list[int]] = None
     layers_per_vpp_stage: Optional[int] = None
     params_dtype: Optional[str] = None
@@ -38,8 +39,12 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
     if tp < 1:
         raise ConversionError(f"--target-tensor-parallel-size must be >= 1, got {tp}")
     checks = [("num_attention_heads", cfg.num_attention_heads), ("num_key_value_heads (KV groups)",
-                                                                  cfg.num_query_groups),
-              ("intermediate_size", cfg.ffn_hidden_size), ("vocab_size", cfg.vocab_size)]
+                                                                  cfg.num_query_groups)]
+    if any(not cfg.is_moe_layer(i) for i in range(cfg.num_layers)):
+        checks.append(("intermediate_size", cfg.ffn_hidden_size))
+    if cfg.num_experts is not None:       # experts are split over TP too (expert-TP size = TP)
+        checks.append(("moe_intermediate_size", cfg.moe_ffn_hidden_size))
+    checks.append(("vocab_size", cfg.vocab_size))
     for name, value in checks:
         if value % tp:
             divisors = [d for d in range(1, value + 1) if value % d == 0 and cfg.num_query_groups % d == 0
@@ -48,26 +53,35 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
                                   f"of {divisors[:8]}")
 
 
+def check_expert_parallel(cfg: ModelConfig, ep: int) -> None:
+    """EP ranks hold equal whole sets of experts; a dense model has none to spread."""
+    if ep == 1:
+        return
+    if cfg.num_experts is None:
+        raise ConversionError(f"--target-expert-parallel-size {ep}: {cfg.family} is a dense model (no experts); "
+                              f"use 1")
+    if cfg.num_experts % ep:
+        divisors = [d for d in range(1, cfg.num_experts + 1) if cfg.num_experts % d == 0]
+        raise ConversionError(f"--target-expert-parallel-size {ep} does not divide num_experts={cfg.num_experts}; "
+                              f"choose one of {divisors[:8]}")
+
+
 def checkpoint_args(hf_cfg: dict, fam: Family, cfg: ModelConfig, opts: Hf2MgOptions, placement: Placement,
                     iter_dir: Path) -> argparse.Namespace:
     """The `args` namespace stored in every rank file (MindSpeed v2 composition, with correct GQA fields)."""
     ns: dict = {k: v for k, v in hf_cfg.items() if isinstance(v, (int, float, str, bool, list))}
+    ns.update(model_args(cfg))
     ns.update(
-        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_query_groups,
-        num_query_groups=cfg.num_query_groups,
+        num_key_value_heads=cfg.num_query_groups,
         group_query_attention=cfg.num_query_groups != cfg.num_attention_heads,
-        kv_channels=cfg.kv_channels, vocab_size=cfg.vocab_size, padded_vocab_size=cfg.vocab_size,
-        max_position_embeddings=cfg.max_position_embeddings, norm_epsilon=cfg.norm_epsilon,
-        rotary_base=cfg.rotary_base, tie_word_embeddings=cfg.tie_word_embeddings,
+        vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_word_embeddings,
         rope_scaling_type="llama3" if cfg.rope_scaling_factor is not None else None,
         rope_scaling_factor=cfg.rope_scaling_factor, torch_dtype=cfg.torch_dtype,
-        untie_embeddings_and_output_weights=cfg.untie_embeddings_and_output_weights,
         seq_length=4096, global_batch_size=64, add_position_embedding=True, use_rotary_position_embeddings=True,
-        position_embedding_type="rope", add_bias_linear=False, add_qkv_bias=cfg.add_qkv_bias,
-        gradient_accumulation_fusion=False, normalization="RMSNorm", swiglu=True, qk_layernorm=cfg.qk_layernorm,
+        position_embedding_type="rope", add_bias_linear=False,
+        gradient_accumulation_fusion=False, normalization="RMSNorm", swiglu=True,
         tokenizer_type="PretrainedFromHF", qkv_type="unpack", fc_type="gate_up_down",
-        tensor_model_parallel_size=opts.tp, pipeline_model_parallel_size=opts.pp, expert_model_parallel_size=1,
+        tensor_model_parallel_size=opts.tp, pipeline_model_parallel_size=opts.pp, expert_model_parallel_size=opts.ep,
         expert_tensor_parallel_size=opts.tp, noop_layers="", moe_grouped_gemm=False, moe_tp_extend_ep=False,
         mla_mm_split=False, mtp_num_layers=0, transformer_impl="local", model_type_hf=fam.name,
         load_model_type="hf", load_dir=str(opts.load_dir), save_dir=str(iter_dir), hf_path=str(opts.load_dir),
@@ -89,6 +103,7 @@ def convert_hf_to_mg(opts: Hf2MgOptions, log: Callable[[str], None] = print) -> 
                         model_type_hf=opts.model_type_hf)
     fam = get_family(cfg.family)
     check_tensor_parallel(cfg, opts.tp)
+    check_expert_parallel(cfg, opts.ep)
     placement = place_layers(cfg.num_layers, opts.pp, opts.num_layer_list, opts.layers_per_vpp_stage)
     dtype = DTYPES[opts.params_dtype] if opts.params_dtype else None
     if dtype is not None and cfg.torch_dtype and DTYPES.get(cfg.torch_dtype) not in (None, dtype):
@@ -104,25 +119,27 @@ def convert_hf_to_mg(opts: Hf2MgOptions, log: Callable[[str], None] = print) -> 
             start = time.time()
             for p in range(opts.pp):
                 for t in range(opts.tp):
-                    _write_rank(fam, cfg, src, placement, opts, p, t, dtype, args, tmp,
-                                lambda layer, p=p, t=t: log(f"[hf2mg] pp {p + 1}/{opts.pp} tp {t + 1}/{opts.tp}: "
-                                                            f"layer {layer + 1}/{cfg.num_layers} "
-                                                            f"({time.time() - start:.1f}s)"))
+                    for e in range(opts.ep):
+                        where = f"pp {p + 1}/{opts.pp} tp {t + 1}/{opts.tp}" + (f" ep {e + 1}/{opts.ep}"
+                                                                               if opts.ep > 1 else "")
+                        _write_rank(fam, cfg, src, placement, opts, p, t, e, dtype, args, tmp,
+                                    lambda layer, where=where: log(f"[hf2mg] {where}: layer {layer + 1}/"
+                                                                   f"{cfg.num_layers} ({time.time() - start:.1f}s)"))
             final = layout.publish_iteration(tmp, save_dir, 1)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    log(f"[hf2mg] wrote {final} (TP {opts.tp}, PP {opts.pp}"
+    log(f"[hf2mg] wrote {final} (TP {opts.tp}, PP {opts.pp}{f', EP {opts.ep}' if opts.ep > 1 else ''}"
         f"{f', VPP {placement.vpp}' if placement.vpp > 1 else ''}) in {time.time() - start:.1f}s")
     return final
 
 
 def _write_rank(fam: Family, cfg: ModelConfig, src: SafetensorsSource, placement: Placement, opts: Hf2MgOptions,
-                p: int, t: int, dtype: Optional[torch.dtype], args: argparse.Namespace, tmp: Path,
+                p: int, t: int, e: int, dtype: Optional[torch.dtype], args: argparse.Namespace, tmp: Path,
                 progress: Callable[[int], None]) -> None:
-    """Build, save and drop one (PP stage, TP rank) file. Every kept tensor is a compact copy in anonymous memory
-    and shards are unmapped after each layer, so memory is this rank's tensors plus the layer being split; the
-    tensors die when this function returns, before the next rank is built."""
+    """Build, save and drop one (PP stage, TP rank, EP rank) file. Every kept tensor is a compact copy in anonymous
+    memory and shards are unmapped after each layer, so memory is this rank's tensors plus the layer being split;
+    the tensors die when this function returns, before the next rank is built."""
     def finish(x: torch.Tensor) -> torch.Tensor:
         if dtype is not None and x.is_floating_point() and x.dtype != dtype:
             x = x.to(dtype)
@@ -133,17 +150,19 @@ def _write_rank(fam: Family, cfg: ModelConfig, src: SafetensorsSource, placement
         progress(layer)
 
     models = {key: chunk_state_dict(fam, cfg, src, t, opts.tp, layers, first=placement.is_first(p, v),
-                                    last=placement.is_last(p, v), on_layer=on_layer, finish=finish)
+                                    last=placement.is_last(p, v), ep_rank=e, ep=opts.ep, on_layer=on_layer,
+                                    finish=finish)
               for v, (key, layers) in enumerate(zip(layout.model_keys(placement.vpp), placement.layers[p]))}
     src.release()
-    layout.save_rank_file(tmp, layout.rank_dir_name(t, p, opts.pp), layout.checkpoint_state(args, models))
+    layout.save_rank_file(tmp, layout.rank_dir_name(t, p, opts.pp, e, opts.ep), layout.checkpoint_state(args, models))
     del models
     layout.release_freed_memory()
 
 
 def _check_complete(fam: Family, cfg: ModelConfig, src: SafetensorsSource) -> None:
     """Every tensor the conversion will read exists (fail before writing anything)."""
-    names = [fam.embedding.hf, fam.final_norm.hf] + [n for i in range(cfg.num_layers) for n in fam.hf_layer_names(i)]
+    names = [fam.embedding.hf, fam.final_norm.hf] + [n for i in range(cfg.num_layers)
+                                                     for n in fam.hf_layer_names(cfg, i)]
     if cfg.untie_embeddings_and_output_weights:
         names.append(fam.output.hf)
     missing = [n for n in names if n not in src]

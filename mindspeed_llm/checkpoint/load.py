@@ -110,15 +110,15 @@ def read_rank_state(load_dir: str | Path, num_chunks: int, expected: Optional[di
         Path(load_dir) / layout.iter_dir_name(iteration)
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    path = iter_dir / layout.rank_dir_name(tp_rank, pp_rank, pp) / layout.FILE_NAME
+    ep_rank, ep = ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
+    sizes = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "expert_model_parallel_size": ep}
+    path = iter_dir / layout.rank_dir_name(tp_rank, pp_rank, pp, ep_rank, ep) / layout.FILE_NAME
     if not path.is_file():
-        saved = layout.read_args(iter_dir)
-        check_args(saved, {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}, str(iter_dir))
+        check_args(layout.read_args(iter_dir), sizes, str(iter_dir))
     state = layout.load_rank_file(path, mmap=False)
     saved = state.get("args")
     if saved is not None:
-        check_args(saved, {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-                           **(expected or {})}, str(iter_dir), adapters_for)
+        check_args(saved, {**sizes, **(expected or {})}, str(iter_dir), adapters_for)
     keys = layout.model_keys(num_chunks)
     missing = [k for k in keys if k not in state]
     if missing:

@@ -32,6 +32,7 @@ class Mg2HfOptions:
     # Parallel flags given on the command line; they must agree with the checkpoint's saved args when set.
     tp: Optional[int] = None
     pp: Optional[int] = None
+    ep: Optional[int] = None
     num_layer_list: Optional[list[int]] = None
     layers_per_vpp_stage: Optional[int] = None
     # LoRA: adapters from --lora-load (or inside --load-dir: an unfiltered LoRA save), merged into the weights,
@@ -62,6 +63,7 @@ def _check_flags(args: argparse.Namespace, opts: Mg2HfOptions) -> None:
     saved = {
         "--target-tensor-parallel-size": (opts.tp, args.tensor_model_parallel_size),
         "--target-pipeline-parallel-size": (opts.pp, args.pipeline_model_parallel_size),
+        "--target-expert-parallel-size": (opts.ep, expert_parallel_size(args)),
         "--num-layer-list": (opts.num_layer_list, parse_layer_list(getattr(args, "num_layer_list", None))),
         "--num-layers-per-virtual-pipeline-stage": (opts.layers_per_vpp_stage,
                                                     getattr(args, "num_layers_per_virtual_pipeline_stage", None)),
@@ -70,6 +72,11 @@ def _check_flags(args: argparse.Namespace, opts: Mg2HfOptions) -> None:
         if given is not None and given != stored:
             raise ConversionError(f"{flag} {given} disagrees with the checkpoint, which was saved with {stored}; "
                                   f"drop the flag (mg -> hf reads the layout from the checkpoint) or fix --load-dir")
+
+
+def expert_parallel_size(args: argparse.Namespace) -> int:
+    """EP of a checkpoint from its saved args (1 when not recorded: a dense or EP-1 save)."""
+    return int(getattr(args, "expert_model_parallel_size", None) or 1)
 
 
 def checkpoint_placement(args: argparse.Namespace, cfg: ModelConfig) -> Placement:
@@ -90,21 +97,26 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
     source = str(sorted(iter_dir.glob(f"mp_rank_*/{layout.FILE_NAME}"))[0])
     fam, cfg = model_from_args(args, model_type_hf, hf_cfg_dir, source=source)
     tp, pp = int(args.tensor_model_parallel_size), int(args.pipeline_model_parallel_size)
+    ep = expert_parallel_size(args)
     placement = checkpoint_placement(args, cfg)
     keys = layout.model_keys(placement.vpp)
-    adapters = _adapter_source(opts, args, iter_dir, cfg, placement) if opts is not None else None
+    adapters = _adapter_source(opts, args, iter_dir, cfg, placement, ep) if opts is not None else None
     if adapters is not None:      # what was resolved (flags, else the LoRA checkpoint's args) is what is written
         opts.lora_r, opts.lora_alpha = adapters.spec.r, adapters.spec.alpha
 
     def generate():
         start = time.time()
         for p in range(pp):
-            states = [layout.load_rank_file(iter_dir / layout.rank_dir_name(t, p, pp) / layout.FILE_NAME)
-                      for t in range(tp)]
+            # expert_states[e][t]: the rank file of (TP t, EP e); EP rank 0's files hold every non-expert tensor.
+            expert_states = [[layout.load_rank_file(iter_dir / layout.rank_dir_name(t, p, pp, e, ep) / layout.FILE_NAME)
+                              for t in range(tp)] for e in range(ep)]
+            states = expert_states[0]
             lora_states = adapters.stage(p, states) if adapters is not None else None
             for v, layers in enumerate(placement.layers[p]):
-                shards = [_model_entry(state, keys[v], iter_dir / layout.rank_dir_name(t, p, pp), placement.vpp)
-                          for t, state in enumerate(states)]
+                expert_shards = [[_model_entry(state, keys[v], iter_dir / layout.rank_dir_name(t, p, pp, e, ep),
+                                               placement.vpp) for t, state in enumerate(tp_states)]
+                                 for e, tp_states in enumerate(expert_states)]
+                shards = expert_shards[0]
                 if lora_states is not None:
                     lora_shards = [_model_entry(state, keys[v], adapters.root / layout.rank_dir_name(t, p, pp),
                                                 placement.vpp) for t, state in enumerate(lora_states)]
@@ -118,7 +130,7 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
                             log(f"[mg2hf] layer {layer + 1}/{cfg.num_layers} ({time.time() - start:.1f}s)")
                             yield layer, tensors
                             continue
-                        tensors = merge_layer(fam, cfg, shards, local, layer)
+                        tensors = merge_layer(fam, cfg, shards, local, layer, expert_shards)
                         if layer == 0:
                             tensors.update(merge_embedding(fam, cfg, shards))
                         if layer == cfg.num_layers - 1:
@@ -129,7 +141,7 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
                 except MissingKey as exc:
                     raise ConversionError(f"{iter_dir / layout.rank_dir_name(0, p, pp)}: tensor {exc.args[0]} is "
                                           f"missing ({keys[v]}); the checkpoint does not match its saved args") from None
-            del states, shards, lora_states
+            del states, expert_states, shards, expert_shards, lora_states
             layout.release_freed_memory()
 
     return fam, cfg, generate()
@@ -169,18 +181,21 @@ class _Adapters:
 
 
 def _adapter_source(opts: Mg2HfOptions, args: argparse.Namespace, iter_dir: Path, cfg: ModelConfig,
-                    placement: Placement) -> Optional[_Adapters]:
+                    placement: Placement, ep: int = 1) -> Optional[_Adapters]:
     """The adapters to merge or export (None for a plain conversion). With --lora-load its layout and model must
     be the base's, and the base the one the adapters were trained on (by its fingerprint)."""
     from mindspeed_llm.checkpoint.load import check_args, check_lora_base
-    from mindspeed_llm.models.resolve import model_args
+    from mindspeed_llm.models.resolve import weight_args
     from mindspeed_llm.platform import notice
 
     tp, pp = int(args.tensor_model_parallel_size), int(args.pipeline_model_parallel_size)
     flags = argparse.Namespace(lora_target_modules=opts.lora_target_modules, lora_r=opts.lora_r,
                                lora_alpha=opts.lora_alpha)
-    first = layout.load_rank_file(iter_dir / layout.rank_dir_name(0, 0, pp) / layout.FILE_NAME)
+    first = layout.load_rank_file(iter_dir / layout.rank_dir_name(0, 0, pp, 0, ep) / layout.FILE_NAME)
     first = next((v for k, v in first.items() if k.startswith("model") and isinstance(v, dict)), {})
+    if ep > 1 and (opts.lora_load is not None or lora.has_adapters(first)):
+        raise ConversionError(f"--load-dir {opts.load_dir} was saved with expert parallel size {ep}: merging or "
+                              f"exporting LoRA adapters of a MoE model is not implemented")
     if lora.has_adapters(first) and not any(lora.BASE in k for k in first):
         raise ConversionError(f"--load-dir {opts.load_dir} holds LoRA adapters only (saved with --lora-ckpt-filter): "
                               f"pass the base model's checkpoint as --load-dir and this one as --lora-load")
@@ -204,7 +219,7 @@ def _adapter_source(opts: Mg2HfOptions, args: argparse.Namespace, iter_dir: Path
             raise ConversionError(f"{source} was saved with {flag} {theirs} but --load-dir {opts.load_dir} with "
                                   f"{ours}; the adapters must come from a run on that layout")
     base = f"--load-dir {opts.load_dir}"
-    check_args(lora_args, model_args(cfg), source, adapters_for=base)
+    check_args(lora_args, weight_args(cfg), source, adapters_for=base)
     check_lora_base(lora_args, _files_fingerprint(iter_dir, cfg, placement, tp), base, str(opts.lora_load),
                     opts.lora_ignore_base_mismatch, notice)
     if opts.save_lora_to_hf and getattr(lora_args, "lora_modules_to_save", None):

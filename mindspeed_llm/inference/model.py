@@ -18,10 +18,11 @@ def resolve_model_config(args: argparse.Namespace, saved: Optional[argparse.Name
     """Flags + the checkpoint's saved args (read from `source`) -> ModelConfig (`models.resolve.resolve_model`)."""
     from mindspeed_llm.explicit import explicit_of
     from mindspeed_llm.inference.args import build_parser
-    from mindspeed_llm.models.resolve import resolve_model
+    from mindspeed_llm.models.resolve import require_dense, resolve_model
 
-    return resolve_model(args, explicit_of(args, build_parser()), saved=saved, saved_source=source,
-                         tokenizer_len=tokenizer_len)
+    cfg = resolve_model(args, explicit_of(args, build_parser()), saved=saved, saved_source=source,
+                        tokenizer_len=tokenizer_len)
+    return require_dense(cfg, source or "--load", "generation and evaluation")
 
 
 def read_checkpoint_args(load: str, flag: str = "--load") -> tuple[Optional[argparse.Namespace], str]:

@@ -5,11 +5,23 @@ from typing import Any, Optional
 
 import torch
 from megatron.core.models import gpt as megatron_gpt
+from megatron.core.transformer.transformer_block import LayerNormImpl, TransformerBlockSubmodules
 
 from mindspeed_llm.models.config import ModelConfig, transformer_config
 from mindspeed_llm.models.cross_entropy import vocab_parallel_cross_entropy
-from mindspeed_llm.models.placement import PlacementError, place_layers
+from mindspeed_llm.models.placement import Placement, PlacementError, place_layers
 from mindspeed_llm.models.spec import get_layer_spec
+
+
+def _chunk_spec(cfg: ModelConfig, placement: Placement, p: int, v: int):
+    """Our layer spec for chunk v of pipeline stage p: one spec for every layer, or with a MoE model whose
+    config keeps some dense layers, the MoE or dense spec of each of the chunk's layers."""
+    layers = placement.layers[p][v]
+    if cfg.num_experts is None or not any(i in cfg.dense_layers for i in layers):
+        return get_layer_spec(cfg.qk_layernorm, moe=cfg.num_experts is not None)
+    specs = {moe: get_layer_spec(cfg.qk_layernorm, moe=moe) for moe in (False, True)}
+    return TransformerBlockSubmodules(layer_specs=[specs[cfg.is_moe_layer(i)] for i in layers],
+                                      layer_norm=LayerNormImpl)
 
 
 class GPTModel(megatron_gpt.GPTModel):
@@ -34,7 +46,7 @@ def build_model(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
     """
     from megatron.core import parallel_state as ps
 
-    from mindspeed_llm.platform import current_device, detect_platform
+    from mindspeed_llm.platform import adapt_megatron_moe, current_device, detect_platform
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -45,16 +57,18 @@ def build_model(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
                          f"the parallel state's {ps.get_virtual_pipeline_model_parallel_world_size()}; pass it to "
                          f"init_distributed(virtual_pipeline_model_parallel_size=...)")
     config_overrides.setdefault("use_cpu_initialization", detect_platform().is_cpu)
+    if cfg.num_experts is not None:
+        adapt_megatron_moe()
+        config_overrides.setdefault("expert_model_parallel_size", ps.get_expert_model_parallel_world_size())
     config = transformer_config(cfg, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                 virtual_pipeline_model_parallel_size=vpp, num_layer_list=num_layer_list,
                                 params_dtype=params_dtype, sequence_parallel=sequence_parallel, **config_overrides)
-    spec = layer_spec if layer_spec is not None else get_layer_spec(cfg.qk_layernorm)
     p = ps.get_pipeline_model_parallel_rank()
     chunks = []
     for v in range(placement.vpp):
         model = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=layer_spec if layer_spec is not None else _chunk_spec(cfg, placement, p, v),
             vocab_size=cfg.vocab_size,
             max_sequence_length=seq_length or cfg.max_position_embeddings,
             pre_process=placement.is_first(p, v),

@@ -34,11 +34,24 @@ class ModelConfig:
     add_qkv_bias: bool
     rope_scaling_factor: Optional[float] = None      # Llama-3.x "llama3" rope scaling
     torch_dtype: Optional[str] = None
+    # Mixture of experts (None: a dense model). Routed experts per MoE layer, experts per token, each expert's
+    # SwiGLU width, whether the top-k weights are renormalised to sum to 1, the load-balancing loss weight, and
+    # the layers that keep a dense MLP (of ffn_hidden_size) instead.
+    num_experts: Optional[int] = None
+    moe_router_topk: Optional[int] = None
+    moe_ffn_hidden_size: Optional[int] = None
+    norm_topk_prob: bool = False
+    moe_aux_loss_coeff: float = 0.0
+    dense_layers: tuple[int, ...] = ()
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def untie_embeddings_and_output_weights(self) -> bool:
         return not self.tie_word_embeddings
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether global layer `layer` has a routed-experts MLP."""
+        return self.num_experts is not None and layer not in self.dense_layers
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,7 +92,29 @@ def _rope_scaling_factor(cfg: dict) -> Optional[float]:
     raise ConfigError(f"config.json rope scaling type {kind!r} is not supported (supported: default, llama3)")
 
 
-def model_config_from_hf(cfg: dict, family: str, *, qk_layernorm: bool, add_qkv_bias: bool) -> ModelConfig:
+def _moe_fields(cfg: dict, num_layers: int, need) -> dict[str, Any]:
+    """The MoE fields of a Qwen-MoE-style config.json. Published configs say `num_experts`; transformers >= 5
+    saves `num_local_experts`. Layer i is MoE unless it is in `mlp_only_layers` or (i+1) is not a multiple of
+    `decoder_sparse_step` (transformers' Qwen3MoeDecoderLayer)."""
+    experts = cfg.get("num_experts", cfg.get("num_local_experts"))
+    if experts is None:
+        need("num_experts")
+    if int(experts) < 1:
+        raise ConfigError(f"config.json has num_experts = {experts}; a MoE model needs at least one expert")
+    if int(need("num_experts_per_tok")) == 1 and cfg.get("norm_topk_prob"):
+        raise ConfigError("config.json sets num_experts_per_tok = 1 with norm_topk_prob = true, which megatron-core's "
+                          "router cannot compute (top-1 needs the softmax over all experts first)")
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    mlp_only = {int(i) for i in cfg.get("mlp_only_layers") or ()}
+    return dict(num_experts=int(experts), moe_router_topk=int(need("num_experts_per_tok")),
+                moe_ffn_hidden_size=int(need("moe_intermediate_size")),
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                moe_aux_loss_coeff=float(cfg.get("router_aux_loss_coef", 0.0)),
+                dense_layers=tuple(i for i in range(num_layers) if i in mlp_only or (i + 1) % step))
+
+
+def model_config_from_hf(cfg: dict, family: str, *, qk_layernorm: bool, add_qkv_bias: bool,
+                         moe: bool = False) -> ModelConfig:
     def need(key: str) -> Any:
         if key not in cfg:
             raise ConfigError(f"config.json has no {key!r}; it is required for a {family} model")
@@ -92,9 +127,10 @@ def model_config_from_hf(cfg: dict, family: str, *, qk_layernorm: bool, add_qkv_
     hidden = int(need("hidden_size"))
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     head_dim = cfg.get("head_dim") or hidden // heads
+    num_layers = int(need("num_hidden_layers"))
     return ModelConfig(
         family=family,
-        num_layers=int(need("num_hidden_layers")),
+        num_layers=num_layers,
         hidden_size=hidden,
         ffn_hidden_size=int(need("intermediate_size")),
         num_attention_heads=heads,
@@ -109,6 +145,7 @@ def model_config_from_hf(cfg: dict, family: str, *, qk_layernorm: bool, add_qkv_
         add_qkv_bias=add_qkv_bias,
         rope_scaling_factor=_rope_scaling_factor(cfg),
         torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+        **(_moe_fields(cfg, num_layers, need) if moe else {}),
     )
 
 
@@ -118,6 +155,25 @@ def pipeline_layout(num_layer_list: list[int]) -> list[list[str]]:
     stages[0] = ["embedding"] + stages[0]
     stages[-1] = stages[-1] + ["loss"]
     return stages
+
+
+def moe_config(cfg: ModelConfig) -> dict[str, Any]:
+    """megatron-core MoE fields that compute transformers' Qwen3-MoE routing: softmax over all experts, top-k,
+    and with norm_topk_prob the k weights renormalised. megatron's default (top-k of the logits, then softmax
+    over those k) equals the renormalised weights; `moe_router_pre_softmax` (softmax over all experts, then
+    top-k, no renormalisation) equals norm_topk_prob = false. Experts are SequentialMLP on the `allgather`
+    token dispatcher; the expert-parallel size comes from the parallel state (`build.build_model`)."""
+    return dict(
+        num_moe_experts=cfg.num_experts,
+        moe_router_topk=cfg.moe_router_topk,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not cfg.norm_topk_prob,
+        moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        moe_token_dispatcher_type="allgather",
+        moe_grouped_gemm=False,
+    )
 
 
 def transformer_config(cfg: ModelConfig, *, tensor_model_parallel_size: int = 1,
@@ -160,6 +216,8 @@ def transformer_config(cfg: ModelConfig, *, tensor_model_parallel_size: int = 1,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         sequence_parallel=sequence_parallel and tensor_model_parallel_size > 1,
     )
+    if cfg.num_experts is not None:
+        kwargs.update(moe_config(cfg))
     if num_layer_list:
         kwargs["pipeline_model_parallel_layout"] = pipeline_layout(num_layer_list)
     elif virtual_pipeline_model_parallel_size:

@@ -6,7 +6,7 @@ and export all read these tables, so a QKV or gate/up layout is written once, he
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Protocol, Sequence, Union
 
 import torch
@@ -165,8 +165,28 @@ class GatedMLP:
 
 Rule = Union[Replicated, ColumnSplit, FusedQKV, GatedMLP]
 
+
+@dataclass(frozen=True)
+class PerExpert:
+    """`rule` once per routed expert. Its names hold `{expert}` (the HF expert index e) and `{local}` (the index j
+    of that expert among the megatron-core SequentialMLP `local_experts` of its expert-parallel rank): expert e
+    lives on EP rank e // E_loc as local expert e % E_loc, E_loc = num_experts / EP (MindSpeed's layout). Each
+    expert is split over TP as `rule` says, as megatron-core splits a local expert over the expert-TP group."""
+
+    rule: Rule
+
+    def expand(self, cfg: ModelConfig, ep_rank: int, ep: int) -> list[Rule]:
+        """The concrete rules of the experts on EP rank `ep_rank` of `ep`."""
+        local = cfg.num_experts // ep
+        return [replace(self.rule, **{f.name: getattr(self.rule, f.name).format(expert=ep_rank * local + j, local=j)
+                                      for f in fields(self.rule) if isinstance(getattr(self.rule, f.name), str)})
+                for j in range(local)]
+
+
 MG_LAYER_PREFIX = "decoder.layers.{}."
 HF_LAYER_PREFIX = "model.layers.{}."
+# megatron-core names of a dense MLP's weights: a MoE layer has the family's `moe_mlp` in their place.
+DENSE_MLP_PREFIX = "mlp.linear_fc"
 
 
 @dataclass(frozen=True)
@@ -182,12 +202,29 @@ class Family:
     embedding: Rule = ColumnSplit("embedding.word_embeddings.weight", "model.embed_tokens.weight")
     final_norm: Rule = Replicated("decoder.final_layernorm.weight", "model.norm.weight")
     output: Rule = ColumnSplit("output_layer.weight", "lm_head.weight")
+    # A mixture-of-experts family: the router and `PerExpert` rules that replace the dense MLP in MoE layers.
+    moe_mlp: tuple[Union[Rule, PerExpert], ...] = ()
 
     def config(self, hf_config: dict) -> ModelConfig:
         """HF config.json (as a dict) -> ModelConfig."""
         return model_config_from_hf(hf_config, self.name, qk_layernorm=self.qk_layernorm,
-                                    add_qkv_bias=self.add_qkv_bias)
+                                    add_qkv_bias=self.add_qkv_bias, moe=bool(self.moe_mlp))
 
-    def hf_layer_names(self, layer: int) -> list[str]:
+    def layer_rules(self, cfg: ModelConfig, layer: int) -> tuple[Rule, ...]:
+        """Rules of global layer `layer` whose tensors every expert-parallel rank holds (all of a dense layer)."""
+        if not cfg.is_moe_layer(layer):
+            return self.layer
+        return (tuple(r for r in self.layer if not r.mg.startswith(DENSE_MLP_PREFIX))
+                + tuple(r for r in self.moe_mlp if not isinstance(r, PerExpert)))
+
+    def expert_rules(self, cfg: ModelConfig, layer: int, ep_rank: int = 0, ep: int = 1) -> list[Rule]:
+        """Rules of the routed experts of layer `layer` that EP rank `ep_rank` of `ep` holds (none: dense layer)."""
+        if not cfg.is_moe_layer(layer):
+            return []
+        return [x for r in self.moe_mlp if isinstance(r, PerExpert) for x in r.expand(cfg, ep_rank, ep)]
+
+    def hf_layer_names(self, cfg: ModelConfig, layer: int) -> list[str]:
+        """Every HF tensor name of global layer `layer`."""
         prefix = HF_LAYER_PREFIX.format(layer)
-        return [prefix + n for rule in self.layer for n in rule.hf_names()]
+        rules = [*self.layer_rules(cfg, layer), *self.expert_rules(cfg, layer)]
+        return [prefix + n for rule in rules for n in rule.hf_names()]

@@ -1,5 +1,6 @@
-"""Qwen3 dense: GQA with per-head RMSNorm on q and k, SwiGLU, RMSNorm, RoPE; tied or untied embeddings."""
-from mindspeed_llm.models.family import Family, FusedQKV, GatedMLP, Replicated, RowSplit
+"""Qwen3 dense (GQA with per-head RMSNorm on q and k, SwiGLU, RMSNorm, RoPE; tied or untied embeddings) and
+Qwen3-MoE (the same attention, routed SwiGLU experts)."""
+from mindspeed_llm.models.family import Family, FusedQKV, GatedMLP, PerExpert, Replicated, RowSplit
 
 QWEN3 = Family(
     name="qwen3",
@@ -16,5 +17,23 @@ QWEN3 = Family(
         Replicated("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
         GatedMLP("mlp.linear_fc1.weight", gate="mlp.gate_proj.weight", up="mlp.up_proj.weight"),
         RowSplit("mlp.linear_fc2.weight", "mlp.down_proj.weight"),
+    ),
+)
+
+# Qwen3-MoE: Qwen3's attention; each MoE layer has a router (`mlp.gate`, no bias) and per-expert SwiGLU MLPs,
+# published as `mlp.experts.{e}.{gate,up,down}_proj` (megatron-core: TopKRouter and SequentialMLP local experts).
+# Layers listed in mlp_only_layers keep Qwen3's dense MLP.
+QWEN3_MOE = Family(
+    name="qwen3-moe",
+    architectures=("Qwen3MoeForCausalLM",),
+    aliases=("qwen3-moe", "qwen3_moe"),
+    qk_layernorm=True,
+    layer=QWEN3.layer,
+    moe_mlp=(
+        Replicated("mlp.router.weight", "mlp.gate.weight"),
+        PerExpert(GatedMLP("mlp.experts.local_experts.{local}.linear_fc1.weight",
+                           gate="mlp.experts.{expert}.gate_proj.weight", up="mlp.experts.{expert}.up_proj.weight")),
+        PerExpert(RowSplit("mlp.experts.local_experts.{local}.linear_fc2.weight",
+                           "mlp.experts.{expert}.down_proj.weight")),
     ),
 )

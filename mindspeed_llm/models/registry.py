@@ -7,9 +7,9 @@ from mindspeed_llm.models.config import ConfigError, ModelConfig, read_hf_config
 from mindspeed_llm.models.family import Family
 from mindspeed_llm.models.llama import LLAMA
 from mindspeed_llm.models.qwen2 import QWEN2
-from mindspeed_llm.models.qwen3 import QWEN3
+from mindspeed_llm.models.qwen3 import QWEN3, QWEN3_MOE
 
-FAMILIES: tuple[Family, ...] = (QWEN3, QWEN2, LLAMA)
+FAMILIES: tuple[Family, ...] = (QWEN3, QWEN3_MOE, QWEN2, LLAMA)
 
 
 def family_names() -> list[str]:

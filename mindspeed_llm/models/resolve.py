@@ -39,6 +39,12 @@ FIELDS: dict[str, tuple[str, str]] = {
     "qk_layernorm": ("qk_layernorm", "(family) q/k norm"),
     "add_qkv_bias": ("add_qkv_bias", "(family) q/k/v bias"),
     "rope_scaling_factor": ("rope_scaling_factor", "rope_scaling.factor"),
+    "num_experts": ("num_experts", "num_experts"),
+    "moe_router_topk": ("moe_router_topk", "num_experts_per_tok"),
+    "moe_ffn_hidden_size": ("moe_ffn_hidden_size", "moe_intermediate_size"),
+    "norm_topk_prob": ("norm_topk_prob", "norm_topk_prob"),
+    "moe_aux_loss_coeff": ("moe_aux_loss_coeff", "router_aux_loss_coef"),
+    "dense_layers": ("moe_layer_freq", "mlp_only_layers/decoder_sparse_step"),
 }
 
 # Fields that describe the run, not the weights. max_position_embeddings: with RoPE no weight depends on it; it
@@ -46,13 +52,15 @@ FIELDS: dict[str, tuple[str, str]] = {
 # config.json records 40960, and the long-context recipes pass the sequence length). Every other field sizes a
 # weight (layers, widths, heads, groups, vocabulary, tying, q/k norm, q/k/v bias) or changes the numbers the
 # weights were trained with (norm eps, RoPE base and scaling), so those must agree.
-RUN_SETTINGS = frozenset({"max_position_embeddings"})
+# moe_aux_loss_coeff only weighs the load-balancing loss of a training run.
+RUN_SETTINGS = frozenset({"max_position_embeddings", "moe_aux_loss_coeff"})
 
 # Saved-args names of the resolved model's weights and numerics: what a load compares (see `model_args`, which
 # records these and the run settings).
 MODEL_ARG_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                   "kv_channels", "padded_vocab_size", "norm_epsilon", "rotary_base",
-                  "untie_embeddings_and_output_weights", "qk_layernorm", "add_qkv_bias")
+                  "untie_embeddings_and_output_weights", "qk_layernorm", "add_qkv_bias", "num_experts",
+                  "moe_router_topk", "moe_ffn_hidden_size", "norm_topk_prob")
 
 
 def flag_name(dest: str) -> str:
@@ -85,7 +93,14 @@ def _saved_values(saved: argparse.Namespace) -> dict[str, Any]:
         "max_position_embeddings": get("max_position_embeddings"),
         "norm_epsilon": get("norm_epsilon", "rms_norm_eps"), "rotary_base": get("rotary_base", "rope_theta"),
         "qk_layernorm": get("qk_layernorm"), "add_qkv_bias": get("add_qkv_bias"),
+        "num_experts": get("num_experts", "num_local_experts"),
     }
+    if out["num_experts"] is not None:
+        out.update(moe_router_topk=get("moe_router_topk", "num_experts_per_tok"),
+                   moe_ffn_hidden_size=get("moe_ffn_hidden_size", "moe_intermediate_size"),
+                   norm_topk_prob=bool(get("norm_topk_prob")),
+                   moe_aux_loss_coeff=get("moe_aux_loss_coeff", "router_aux_loss_coef"),
+                   dense_layers=_dense_layers(saved, out["num_layers"]))
     groups = get("num_query_groups", "num_key_value_heads")
     if groups is None and out["num_attention_heads"] is not None and not getattr(saved, "group_query_attention", 0):
         groups = out["num_attention_heads"]       # saved without GQA: one KV group per head
@@ -101,6 +116,23 @@ def _saved_values(saved: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None or k == "rope_scaling_factor"}
 
 
+def _dense_layers(saved: argparse.Namespace, num_layers: Optional[int]) -> Optional[tuple[int, ...]]:
+    """The layers without experts, from MoE saved args: MindSpeed's `first_k_dense_replace` k with
+    `moe_layer_freq` f (layer i is MoE iff i >= k and i % f == 0; -1/-1 makes every layer MoE), else megatron's
+    `moe_layer_freq` (an int f: layer i is MoE iff i % f == 0; or a 0/1 list per layer). Unrecorded: all MoE."""
+    if num_layers is None:
+        return None
+    freq = getattr(saved, "moe_layer_freq", None)
+    first_k = getattr(saved, "first_k_dense_replace", None)
+    if isinstance(freq, (list, tuple)):
+        return tuple(i for i, moe in enumerate(freq) if not moe)
+    if first_k is not None:
+        f = int(freq or 1)
+        return tuple(i for i in range(num_layers) if not (i >= int(first_k) and i % f == 0))
+    f = int(freq or 1)
+    return tuple(i for i in range(num_layers) if i % f)
+
+
 def _flag_values(args: argparse.Namespace, explicit: Collection[str]) -> dict[str, Any]:
     """ModelConfig field -> value, for the model flags the user typed."""
     out: dict[str, Any] = {}
@@ -112,8 +144,10 @@ def _flag_values(args: argparse.Namespace, explicit: Collection[str]) -> dict[st
             if not value:
                 continue            # --no-... does not exist: only the untie switch can be typed
             value = False
-        elif field in ("qk_layernorm", "add_qkv_bias") and not value:
+        elif field in ("qk_layernorm", "add_qkv_bias", "norm_topk_prob") and not value:
             continue
+        elif field == "dense_layers":
+            continue            # no flag sets the MoE layer pattern; it comes from the checkpoint or config.json
         elif field == "rope_scaling_factor":
             value = float(value) if getattr(args, "rope_scaling_type", None) == "llama3" else None
         out[field] = value
@@ -126,6 +160,7 @@ def _flag_values(args: argparse.Namespace, explicit: Collection[str]) -> dict[st
 
 _RUN_SETTING_EFFECT = {
     "max_position_embeddings": "used as this run's position limit and RoPE table size; no weight depends on it",
+    "moe_aux_loss_coeff": "used as this run's load-balancing loss weight; no weight depends on it",
 }
 
 
@@ -239,7 +274,9 @@ def resolve_model(args: Optional[argparse.Namespace] = None, explicit: Collectio
     rope_type = default("rope_scaling_type")
     qk_norm = bool(values.get("qk_layernorm", default("qk_layernorm", False)))
     qkv_bias = bool(values.get("add_qkv_bias", default("add_qkv_bias", False)))
-    family = fam.name if fam is not None else ("qwen3" if qk_norm else "qwen2" if qkv_bias else "llama3")
+    num_experts = values.get("num_experts")
+    family = fam.name if fam is not None else ("qwen3-moe" if num_experts and qk_norm else "qwen3" if qk_norm
+                                               else "qwen2" if qkv_bias else "llama3")
     torch_dtype = (hf.get("torch_dtype") or hf.get("dtype")) if hf is not None else None
     if torch_dtype is None and saved is not None:
         torch_dtype = getattr(saved, "torch_dtype", None) or getattr(saved, "dtype", None)
@@ -262,7 +299,25 @@ def resolve_model(args: Optional[argparse.Namespace] = None, explicit: Collectio
         rope_scaling_factor=values.get("rope_scaling_factor",
                                        default("rope_scaling_factor") if rope_type == "llama3" else None),
         torch_dtype=torch_dtype if isinstance(torch_dtype, str) else None,
+        **(_moe_values(values, need) if num_experts else {}),
     )
+
+
+def _moe_values(values: dict[str, Any], need) -> dict[str, Any]:
+    """The MoE fields of the resolved model (every one that sizes a weight must be recorded somewhere)."""
+    return dict(num_experts=int(values["num_experts"]), moe_router_topk=int(need("moe_router_topk")),
+                moe_ffn_hidden_size=int(need("moe_ffn_hidden_size")),
+                norm_topk_prob=bool(values.get("norm_topk_prob", False)),
+                moe_aux_loss_coeff=float(values.get("moe_aux_loss_coeff") or 0.0),
+                dense_layers=tuple(values.get("dense_layers") or ()))
+
+
+def require_dense(cfg: ModelConfig, source: str, what: str) -> ModelConfig:
+    """`cfg` itself; a mixture-of-experts model is one UserError naming `source` (conversion is what supports it)."""
+    if cfg.num_experts is not None:
+        raise UserError(f"{source} holds a mixture-of-experts model ({cfg.family}, {cfg.num_experts} experts): "
+                        f"{what} of MoE models is not implemented yet (convert_ckpt.py converts them)")
+    return cfg
 
 
 def model_args(cfg: ModelConfig) -> dict[str, Any]:
@@ -273,7 +328,18 @@ def model_args(cfg: ModelConfig) -> dict[str, Any]:
             "kv_channels": cfg.kv_channels, "padded_vocab_size": cfg.vocab_size,
             "max_position_embeddings": cfg.max_position_embeddings, "norm_epsilon": cfg.norm_epsilon,
             "rotary_base": cfg.rotary_base, "untie_embeddings_and_output_weights": not cfg.tie_word_embeddings,
-            "qk_layernorm": cfg.qk_layernorm, "add_qkv_bias": cfg.add_qkv_bias}
+            "qk_layernorm": cfg.qk_layernorm, "add_qkv_bias": cfg.add_qkv_bias, **_moe_args(cfg)}
+
+
+def _moe_args(cfg: ModelConfig) -> dict[str, Any]:
+    """Saved-args names of the MoE fields (all None for a dense model); `moe_layer_freq` in megatron's form: 1
+    when every layer is MoE, else a 0/1 list per layer."""
+    if cfg.num_experts is None:
+        return {"num_experts": None, "moe_router_topk": None, "moe_ffn_hidden_size": None, "norm_topk_prob": None}
+    pattern = [int(cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
+    return {"num_experts": cfg.num_experts, "moe_router_topk": cfg.moe_router_topk,
+            "moe_ffn_hidden_size": cfg.moe_ffn_hidden_size, "norm_topk_prob": cfg.norm_topk_prob,
+            "moe_aux_loss_coeff": cfg.moe_aux_loss_coeff, "moe_layer_freq": 1 if all(pattern) else pattern}
 
 
 def weight_args(cfg: ModelConfig) -> dict[str, Any]:

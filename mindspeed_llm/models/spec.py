@@ -14,6 +14,8 @@ from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
@@ -54,11 +56,18 @@ class RMSNorm(torch.nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def get_layer_spec(qk_layernorm: bool = True) -> ModuleSpec:
+def get_layer_spec(qk_layernorm: bool = True, moe: bool = False) -> ModuleSpec:
     """RMSNorm -> self-attention (fused QKV, optional per-head q/k RMSNorm, RoPE, SDPA or the packed varlen kernel,
     out proj) -> residual ->
-    RMSNorm -> SwiGLU MLP (fused gate+up, down) -> residual."""
+    RMSNorm -> SwiGLU MLP (fused gate+up, down) -> residual.
+
+    With `moe` the MLP is megatron-core's MoELayer: its TopKRouter and SwiGLU local experts (SequentialMLP of
+    column/row-parallel linears, the only expert module that needs neither Transformer Engine nor grouped_gemm)."""
     qk_norm = RMSNorm if qk_layernorm else IdentityOp
+    dense_mlp = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    mlp = (ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=ModuleSpec(module=SequentialMLP,
+                                                                                   submodules=dense_mlp)))
+           if moe else ModuleSpec(module=MLP, submodules=dense_mlp))
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -76,8 +85,7 @@ def get_layer_spec(qk_layernorm: bool = True) -> ModuleSpec:
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                                linear_fc2=RowParallelLinear)),
+            mlp=mlp,
             mlp_bda=get_bias_dropout_add,
         ),
     )

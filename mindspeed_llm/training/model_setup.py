@@ -32,15 +32,15 @@ def model_config(args: argparse.Namespace, tokenizer_len: int, hf_dir: Optional[
     from mindspeed_llm.arguments import build_train_parser
     from mindspeed_llm.explicit import explicit_of
     from mindspeed_llm.models.config import read_hf_config
-    from mindspeed_llm.models.resolve import resolve_model
+    from mindspeed_llm.models.resolve import require_dense, resolve_model
 
     saved, source = checkpoint_args(args.load)
     hf = read_hf_config(hf_dir) if hf_dir is not None else None
     cfg = resolve_model(args, explicit_of(args, build_train_parser()), saved=saved, saved_source=source,
                         hf=hf, hf_source=str(Path(hf_dir) / "config.json") if hf_dir else "",
                         tokenizer_len=tokenizer_len)
-    return _check_seq_length(args, cfg, str(Path(hf_dir) / "config.json") if hf_dir else
-                             (source or "the flags"))
+    where = str(Path(hf_dir) / "config.json") if hf_dir else (source or "the flags")
+    return _check_seq_length(args, require_dense(cfg, where, "training"), where)
 
 
 def _check_seq_length(args: argparse.Namespace, cfg, source: str):
