@@ -70,7 +70,6 @@ def _first_to_report(message: str) -> bool:
     try:
         from torch.distributed import TCPStore      # here: only a torchrun worker needs torch for this
 
-
         store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                          timeout=timedelta(seconds=_STORE_TIMEOUT_S))
         digest = hashlib.sha1(message.encode()).hexdigest()
