@@ -317,7 +317,36 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
         g.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
     g = parser.add_argument_group("recognised, not implemented (an error when given)")
     g.add_argument("--enable-mg2hf-convert", action="store_true", default=None, help=argparse.SUPPRESS)
-    g.add_argument("--num-experts", type=int, default=None, help=argparse.SUPPRESS)
+
+
+MOE_SPEED_FLAGS = ("moe-permutation-async-comm", "moe-alltoall-overlap-comm", "moe-permute-fusion",
+                   "moe-fb-overlap", "moe-grouped-gemm")
+
+
+def add_moe_args(parser: argparse.ArgumentParser) -> None:
+    """MindSpeed-LLM's mixture-of-experts flags (Qwen3-MoE recipes). Unset shape values come from the checkpoint
+    or config.json; `flag_policy` says which kernel switches have no effect."""
+    g = parser.add_argument_group("mixture of experts")
+    g.add_argument("--num-experts", type=int, default=None, help="routed experts per MoE layer")
+    g.add_argument("--moe-router-topk", type=int, default=None, help="experts per token")
+    g.add_argument("--moe-ffn-hidden-size", "--moe-intermediate-size", dest="moe_ffn_hidden_size", type=int,
+                   default=None, help="each expert's FFN size (--moe-intermediate-size: older spelling)")
+    g.add_argument("--norm-topk-prob", action="store_true", help="renormalise the top-k routing weights")
+    g.add_argument("--moe-router-load-balancing-type", default="aux_loss",
+                   choices=["aux_loss", "none", "softmax_topk"],
+                   help="aux_loss: Switch load-balancing loss; none / softmax_topk (MindSpeed: same routing, "
+                        "no aux loss)")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
+                   help="weight of the load-balancing loss (default: the checkpoint's, else config.json's)")
+    g.add_argument("--moe-layer-freq", type=int, default=None, help="MindSpeed: with --first-k-dense-replace, "
+                   "which layers are MoE; checked against the model")
+    g.add_argument("--first-k-dense-replace", type=int, default=None, help="MindSpeed: leading dense layers")
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--moe-token-dispatcher-type", default="allgather", choices=["allgather", "alltoall", "alltoall_seq"],
+                   help="megatron-core token dispatcher (alltoall_seq runs as alltoall)")
+    for name in MOE_SPEED_FLAGS:
+        g.add_argument(f"--{name}", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--moe-zero-memory", default=None, help=argparse.SUPPRESS)
 
 
 def add_lora_args(parser: argparse.ArgumentParser, training: bool) -> None:
@@ -351,6 +380,7 @@ def add_loaded_model_args(parser: argparse.ArgumentParser) -> None:
     add_parallel_args(parser)
     add_checkpoint_args(parser)
     add_speed_args(parser)
+    parser.add_argument("--num-experts", type=int, default=None, help=argparse.SUPPRESS)   # refused: MoE runs train
     add_lora_args(parser, training=False)
     add_tokenizer_args(parser)
     add_template_args(parser)
@@ -377,6 +407,7 @@ def build_train_parser() -> OneLineArgumentParser:
     add_data_args(p)
     add_logging_args(p)
     add_speed_args(p)
+    add_moe_args(p)
     add_lora_args(p, training=True)
     add_tokenizer_args(p)
     add_template_args(p)

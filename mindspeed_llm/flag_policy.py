@@ -52,6 +52,9 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "lora_ckpt_filter", "dpo_beta", "dpo_loss_type", "dpo_label_smoothing", "pref_ftx", "ref_model",
         "refer_model_iter", "use_fused_rmsnorm", "use_fused_swiglu", "no_bias_swiglu_fusion",
         "use_fused_rotary_pos_emb", "no_rope_fusion", "no_gradient_accumulation_fusion",
+        "expert_model_parallel_size", "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "norm_topk_prob",
+        "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_layer_freq", "first_k_dense_replace",
+        "moe_token_dispatcher_type",
     }),
     "inference": frozenset(_MODEL | {
         "task", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "num_beams", "length_penalty",
@@ -106,7 +109,7 @@ SPEED: dict[str, str] = {
     "use_fused_ring_attention_update": "ring attention (context parallelism) is not used; CP is 1",
     "use_cp_send_recv_overlap": "context parallelism is not used; CP is 1",
     "npu_deterministic": "an Ascend determinism switch; on {device} use --seed (kernels follow torch defaults)",
-    "use_fused_moe_token_permute_and_unpermute": "dense models have no MoE token permutation",
+    "use_fused_moe_token_permute_and_unpermute": "tokens are permuted by megatron-core's torch implementation",
     "attention_mask_type": "the mask follows the data: causal, or per sample with --reset-attention-mask",
 }
 _COMMON_NOTICE = {
@@ -124,7 +127,16 @@ NOTICE: dict[str, dict[str, str]] = {
               "dataloader_type": "samples are drawn by the resumable data-parallel sampler (single)",
               "lora_fusion": "the adapter runs as two rank-r matmuls beside the base GEMM (no fused LoRA kernel)",
               "lora_register_forward_hook": "under LoRA the embedding output always requires grad, so recomputed "
-                                            "layers give adapter gradients"},
+                                            "layers give adapter gradients",
+              "moe_permutation_async_comm": "an Ascend overlap of permutation and communication; the token "
+                                            "dispatcher communicates synchronously (same results)",
+              "moe_alltoall_overlap_comm": "an Ascend overlap of the expert all-to-all; the token dispatcher "
+                                           "communicates synchronously (same results)",
+              "moe_permute_fusion": "tokens are permuted by megatron-core's torch implementation",
+              "moe_fb_overlap": "an Ascend forward/backward overlap; the schedule runs them in turn (same results)",
+              "moe_zero_memory": "an Ascend activation-memory saving; activations are kept (same results)",
+              "moe_grouped_gemm": "experts run as megatron-core's SequentialMLP (per-expert GEMMs, no grouped_gemm "
+                                  "kernel; same results); checkpoints keep the local_experts layout"},
     "inference": {**SPEED, **_COMMON_NOTICE,
                   "swiglu": "the MLP follows the model family (--model-type-hf / checkpoint)",
                   "disable_bias_linear": "linear biases follow the model family (--model-type-hf / checkpoint)",
@@ -180,7 +192,6 @@ _ERROR_COMMON: dict[str, Rule] = {
     "params_dtype": "select the dtype with --bf16 or --fp16",
     "hf_cfg_dir": "only convert_ckpt.py (mg -> hf) uses it",
     "enable_mg2hf_convert": "convert after training with convert_ckpt.py --load-model-type mg --save-model-type hf",
-    "num_experts": "mixture-of-experts models are not implemented",
     "context_parallel_size": "context parallelism is not implemented; use 1",
     "ckpt_format": Allowed(("torch",), "only the 'torch' checkpoint format is implemented"),
     "use_legacy_models": "only megatron-core models are implemented",
@@ -188,13 +199,15 @@ _ERROR_COMMON: dict[str, Rule] = {
 _VPP_LOADED = "convert the checkpoint without VPP and drop the flag"
 ERROR: dict[str, dict[str, Rule]] = {
     "train": {**_ERROR_COMMON,
-              "expert_model_parallel_size": "dense models only; use 1",
+              "expert_tensor_parallel_size": "the experts are split over TP like the dense MLP (expert TP = "
+                                             "--tensor-model-parallel-size); leave it out",
               "vocab_size": "use --padded-vocab-size",
               "map_keys": "a preprocess_data.py flag; the column mapping is fixed when the data is preprocessed",
               "log_params_norm": "parameter-norm logging is not implemented",
               "timing_log_level": "timers are not implemented",
               "log_timers_to_tensorboard": "timers are not implemented"},
     "inference": {**_ERROR_COMMON,
+                  "num_experts": "generation of mixture-of-experts models is not implemented",
                   "num_layers_per_virtual_pipeline_stage": _VPP_LOADED,
                   "vocab_size": "use --padded-vocab-size",
                   "tokenizer_type": "only PretrainedFromHF is implemented",

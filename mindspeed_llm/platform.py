@@ -324,11 +324,26 @@ def adapt_megatron_grad_accum_fusion() -> None:
 def adapt_megatron_moe() -> None:
     """megatron-core 0.16.1's MoE router calls `moe_utils.te_general_gemm`, which that module defines only when
     Transformer Engine imports (a NameError on every device without TE, GPUs included): define it as None so the
-    router takes its torch matmul. Idempotent; TE's kernel is kept when it exists."""
+    router takes its torch matmul; and the alltoall dispatcher's split sizes as lists of ints. Idempotent; TE's kernel
+    is kept when it exists."""
+    from megatron.core.tensor_parallel import mappings
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    # The alltoall dispatcher passes its split sizes as tensors / numpy arrays, which gloo's all_to_all_single
+    # binding rejects (TypeError); every backend takes them as lists of ints.
+    forward = mappings._AllToAll.forward
+    if not getattr(forward, "__mindspeed_int_splits__", False):
+        def int_splits(ctx, group, input_, output_split_sizes, input_split_sizes):
+            return forward(ctx, group, input_, _int_list(output_split_sizes), _int_list(input_split_sizes))
+
+        int_splits.__mindspeed_int_splits__ = True
+        mappings._AllToAll.forward = staticmethod(int_splits)
+
+
+def _int_list(sizes: Any) -> Optional[list[int]]:
+    return None if sizes is None else [int(n) for n in (sizes.tolist() if hasattr(sizes, "tolist") else sizes)]
 
 
 # --------------------------------------------------------------------------------------------------------------

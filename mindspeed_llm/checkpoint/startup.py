@@ -16,21 +16,21 @@ from mindspeed_llm.models.placement import parse_layer_list
 
 
 def convert_at_startup(args: argparse.Namespace) -> str:
-    """`--enable-hf2mg-convert`: rank 0 converts the HF model in --load to this run's TP/PP layout; every rank
+    """`--enable-hf2mg-convert`: rank 0 converts the HF model in --load to this run's TP/PP/EP layout; every rank
     then loads from the cache directory. Returns the HF directory (its config.json describes the model)."""
     hf_dir = args.load
     if not any(Path(hf_dir).glob("*.safetensors")) and not any(Path(hf_dir).glob("*.bin")):
         raise UserError(f"--enable-hf2mg-convert: --load {hf_dir} has no *.safetensors; it must be a Hugging Face "
                         f"model directory (to resume from a Megatron save, drop --enable-hf2mg-convert)")
     cache = hf2mg_cache_dir(args)
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
     # Rank 0 converts while the others wait in the broadcast: they learn whether it failed, and why.
     outcome: list = [None]
     failure: Optional[BaseException] = None
     if torch.distributed.get_rank() == 0:
         try:
             convert_hf_to_mg(Hf2MgOptions(
-                load_dir=Path(hf_dir), save_dir=Path(cache), model_type_hf=args.model_type_hf, tp=tp, pp=pp,
+                load_dir=Path(hf_dir), save_dir=Path(cache), model_type_hf=args.model_type_hf, tp=tp, pp=pp, ep=ep,
                 num_layer_list=parse_layer_list(args.num_layer_list),
                 layers_per_vpp_stage=args.num_layers_per_virtual_pipeline_stage,
                 params_dtype="bf16" if args.bf16 else "fp16" if args.fp16 else None),
@@ -50,7 +50,7 @@ def convert_at_startup(args: argparse.Namespace) -> str:
             raise error
         raise RuntimeError(message)
     if torch.distributed.get_rank() == 0:
-        print(f"--enable-hf2mg-convert: converted --load {hf_dir} to {cache} (TP{tp} PP{pp}; --mg-save-dir "
+        print(f"--enable-hf2mg-convert: converted --load {hf_dir} to {cache} (TP{tp} PP{pp} EP{ep}; --mg-save-dir "
               f"chooses where)", flush=True)
     args.load = cache
     return hf_dir
@@ -59,7 +59,8 @@ def convert_at_startup(args: argparse.Namespace) -> str:
 def hf2mg_cache_dir(args: argparse.Namespace) -> str:
     """Where `--enable-hf2mg-convert` writes the converted model: --mg-save-dir, else beside the run's checkpoints
     under --save, else the user's cache directory. Never inside the HF directory, which may be read-only or shared."""
-    name = f"megatron_cache_tp{args.tensor_model_parallel_size}pp{args.pipeline_model_parallel_size}ep1"
+    name = (f"megatron_cache_tp{args.tensor_model_parallel_size}pp{args.pipeline_model_parallel_size}"
+            f"ep{args.expert_model_parallel_size}")
     if args.mg_save_dir:
         return str(args.mg_save_dir)
     if getattr(args, "save", None):

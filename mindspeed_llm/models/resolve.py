@@ -100,7 +100,7 @@ def _saved_values(saved: argparse.Namespace) -> dict[str, Any]:
                    moe_ffn_hidden_size=get("moe_ffn_hidden_size", "moe_intermediate_size"),
                    norm_topk_prob=bool(get("norm_topk_prob")),
                    moe_aux_loss_coeff=get("moe_aux_loss_coeff", "router_aux_loss_coef"),
-                   dense_layers=_dense_layers(saved, out["num_layers"]))
+                   dense_layers=dense_layers(saved, out["num_layers"]))
     groups = get("num_query_groups", "num_key_value_heads")
     if groups is None and out["num_attention_heads"] is not None and not getattr(saved, "group_query_attention", 0):
         groups = out["num_attention_heads"]       # saved without GQA: one KV group per head
@@ -116,7 +116,7 @@ def _saved_values(saved: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None or k == "rope_scaling_factor"}
 
 
-def _dense_layers(saved: argparse.Namespace, num_layers: Optional[int]) -> Optional[tuple[int, ...]]:
+def dense_layers(saved: argparse.Namespace, num_layers: Optional[int]) -> Optional[tuple[int, ...]]:
     """The layers without experts, from MoE saved args: MindSpeed's `first_k_dense_replace` k with
     `moe_layer_freq` f (layer i is MoE iff i >= k and i % f == 0; -1/-1 makes every layer MoE), else megatron's
     `moe_layer_freq` (an int f: layer i is MoE iff i % f == 0; or a 0/1 list per layer). Unrecorded: all MoE."""

@@ -1,8 +1,9 @@
 """Training checkpoints in the conversion layout (`--ckpt-format torch`), with optimizer, scheduler, RNG state
 and consumed samples, so that a run resumed without `--finetune` continues exactly.
 
-    SAVE/iter_0000004/mp_rank_TT[_PPP]/model_optim_rng.pt   written by the DP-rank-0 rank of each TP/PP slot
-    SAVE/iter_0000004/mp_rank_TT[_PPP]/distrib_optim.pt     with --use-distributed-optimizer (gathered over DP)
+    SAVE/iter_0000004/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt  written by the first (expert-)DP rank of each
+                                                                 TP/PP/EP slot (_EEE: the EP rank, EP > 1)
+    SAVE/iter_0000004/mp_rank_TT[_PPP][_EEE]/distrib_optim.pt    with --use-distributed-optimizer (gathered over DP)
     SAVE/latest_checkpointed_iteration.txt                   replaced last
 
 Every rank writes into one temporary iteration directory; only when all of them succeeded does rank 0 rename
@@ -87,7 +88,8 @@ def _rank_dir() -> str:
     from mindspeed_llm.checkpoint import layout
 
     return layout.rank_dir_name(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                                ps.get_pipeline_model_parallel_world_size())
+                                ps.get_pipeline_model_parallel_world_size(), ps.get_expert_model_parallel_rank(),
+                                ps.get_expert_model_parallel_world_size())
 
 
 def _inner_optimizers(optimizer) -> list:
@@ -180,7 +182,8 @@ def save_checkpoint(args: argparse.Namespace, iteration: int, model: list, optim
     if box[0] is None:
         raise UserError(f"cannot create a checkpoint directory under --save {save_dir}" + (f": {error}" if error else ""))
     tmp = Path(box[0])
-    writer = ps.get_data_parallel_rank() == 0
+    # One writer per TP/PP/EP slot: the expert-data-parallel group's first rank (the DP group's without EP).
+    writer = ps.get_expert_data_parallel_rank() == 0
     rank_dir = tmp / _rank_dir()
     ok = True
     try:

@@ -150,6 +150,25 @@ class TrainLog:
             self.writer.close()
 
 
+def tracks_load_balancing_loss(config) -> bool:
+    """Whether the routers of a model with megatron-core TransformerConfig `config` add (and log) the aux loss."""
+    return (getattr(config, "num_moe_experts", None) is not None
+            and config.moe_router_load_balancing_type == "aux_loss" and config.moe_aux_loss_coeff > 0)
+
+
+def load_balancing_loss(cfg, num_microbatches: int) -> float:
+    """Megatron's `load_balancing_loss` of the iteration just run: megatron-core's MoE tracker (each router's aux
+    loss without its coefficient, from the `ModelConfig` `cfg`'s MoE layers) reduced over the pipeline and data-parallel ranks, summed over the MoE layers,
+    divided by their number and by the micro-batch count; the tracker is cleared. Collective: every rank calls it."""
+    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+    totals: dict[str, torch.Tensor] = {}
+    track_moe_metrics(loss_scale=1.0 / num_microbatches, iteration=0, total_loss_dict=totals, force_initialize=True,
+                      track_names=["load_balancing_loss"], num_layers=cfg.num_layers,
+                      moe_layer_freq=[int(cfg.is_moe_layer(i)) for i in range(cfg.num_layers)])
+    return float(totals["load_balancing_loss"])
+
+
 def report_memory(iteration: int) -> None:
     """Megatron's memory line, on every rank with DP rank 0 (accelerator memory from the device layer; the
     process's resident set on the CPU)."""

@@ -32,7 +32,7 @@ def model_config(args: argparse.Namespace, tokenizer_len: int, hf_dir: Optional[
     from mindspeed_llm.arguments import build_train_parser
     from mindspeed_llm.explicit import explicit_of
     from mindspeed_llm.models.config import read_hf_config
-    from mindspeed_llm.models.resolve import require_dense, resolve_model
+    from mindspeed_llm.models.resolve import resolve_model
 
     saved, source = checkpoint_args(args.load)
     hf = read_hf_config(hf_dir) if hf_dir is not None else None
@@ -40,7 +40,37 @@ def model_config(args: argparse.Namespace, tokenizer_len: int, hf_dir: Optional[
                         hf=hf, hf_source=str(Path(hf_dir) / "config.json") if hf_dir else "",
                         tokenizer_len=tokenizer_len)
     where = str(Path(hf_dir) / "config.json") if hf_dir else (source or "the flags")
-    return _check_seq_length(args, require_dense(cfg, where, "training"), where)
+    return _check_seq_length(args, _check_moe(args, cfg, where), where)
+
+
+def _check_moe(args: argparse.Namespace, cfg, source: str):
+    """What this run can do with a mixture-of-experts model (full SFT), and the MoE flags against the model."""
+    ep = args.expert_model_parallel_size
+    if cfg.num_experts is None:
+        if ep != 1:
+            raise UserError(f"--expert-model-parallel-size {ep}: {source} holds a dense model (no experts); use 1")
+        return cfg
+    for unsupported, given in (("--lora-target-modules", args.lora_target_modules), ("--stage dpo", args.stage == "dpo")):
+        if given:
+            raise UserError(f"{unsupported}: {source} holds a mixture-of-experts model ({cfg.num_experts} experts); "
+                            f"LoRA and DPO of MoE models are not implemented (full fine-tuning with --stage sft is)")
+    check_expert_split(cfg.num_experts, ep, source)
+    if args.moe_layer_freq is not None or args.first_k_dense_replace is not None:
+        from mindspeed_llm.models.resolve import dense_layers
+
+        typed = dense_layers(argparse.Namespace(moe_layer_freq=args.moe_layer_freq,
+                                                first_k_dense_replace=args.first_k_dense_replace), cfg.num_layers)
+        if tuple(typed) != tuple(cfg.dense_layers):
+            raise UserError(f"--moe-layer-freq {args.moe_layer_freq} --first-k-dense-replace "
+                            f"{args.first_k_dense_replace} make layers {list(typed)} dense, but {source} has dense "
+                            f"layers {list(cfg.dense_layers)}; drop the flags or match the model")
+    return cfg
+
+
+def check_expert_split(num_experts: int, ep: int, source: str) -> None:
+    if ep < 1 or num_experts % ep:
+        raise UserError(f"--expert-model-parallel-size {ep} does not divide the {num_experts} experts of {source}; "
+                        f"use a divisor of {num_experts}")
 
 
 def _check_seq_length(args: argparse.Namespace, cfg, source: str):
@@ -71,13 +101,17 @@ def layer_spec(args: argparse.Namespace, cfg):
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     from mindspeed_llm.models.placement import parse_layer_list, place_layers
-    from mindspeed_llm.models.spec import RMSNorm, layer_spec_for
+    from mindspeed_llm.models.spec import RMSNorm, get_layer_spec, layer_spec_for
 
-    spec = layer_spec_for(args.spec, cfg.qk_layernorm)
     placement = place_layers(cfg.num_layers, ps.get_pipeline_model_parallel_world_size(),
                              parse_layer_list(args.num_layer_list), args.num_layers_per_virtual_pipeline_stage)
-    count = len(placement.layers[ps.get_pipeline_model_parallel_rank()][0])
-    return TransformerBlockSubmodules(layer_specs=[spec] * count, layer_norm=RMSNorm)
+    layers = placement.layers[ps.get_pipeline_model_parallel_rank()][0]
+    if cfg.num_experts is not None:      # MindSpeed's qwen3 spec builds the MoE MLP where the model has experts
+        specs = {moe: get_layer_spec(cfg.qk_layernorm, moe=moe) for moe in (False, True)}
+        return TransformerBlockSubmodules(layer_specs=[specs[cfg.is_moe_layer(i)] for i in layers],
+                                          layer_norm=RMSNorm)
+    spec = layer_spec_for(args.spec, cfg.qk_layernorm)
+    return TransformerBlockSubmodules(layer_specs=[spec] * len(layers), layer_norm=RMSNorm)
 
 
 def transformer_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -105,6 +139,24 @@ def transformer_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def moe_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The MoE TransformerConfig fields that training flags choose: the token dispatcher and the load-balancing
+    loss. MindSpeed's `softmax_topk` routes as transformers does (softmax over all experts, top-k, renormalised
+    with norm_topk_prob), which the family's router settings already compute, and adds no aux loss."""
+    out: dict[str, Any] = {"moe_router_load_balancing_type":
+                           "aux_loss" if args.moe_router_load_balancing_type == "aux_loss" else "none"}
+    if args.moe_aux_loss_coeff is not None:
+        out["moe_aux_loss_coeff"] = float(args.moe_aux_loss_coeff)
+    dispatcher = args.moe_token_dispatcher_type
+    if dispatcher == "alltoall_seq":
+        notice("--moe-token-dispatcher-type alltoall_seq: megatron-core 0.16 has no alltoall_seq dispatcher; "
+               "running alltoall (same routing and results)")
+        dispatcher = "alltoall"
+    if not args.variable_seq_lengths:
+        out["moe_token_dispatcher_type"] = dispatcher
+    return out
+
+
 def _fused_swiglu(args: argparse.Namespace) -> bool:
     if not args.use_fused_swiglu or args.no_bias_swiglu_fusion:
         return False
@@ -123,6 +175,8 @@ def build_chunks(args: argparse.Namespace, cfg, lora: bool = True) -> list:
     from mindspeed_llm.models.placement import parse_layer_list
 
     overrides = transformer_overrides(args)
+    if cfg.num_experts is not None:
+        overrides.update(moe_overrides(args))
     if overrides["gradient_accumulation_fusion"]:
         adapt_megatron_grad_accum_fusion()
     chunks = build_model(cfg, params_dtype=params_dtype(args), num_layer_list=parse_layer_list(args.num_layer_list),

@@ -50,7 +50,8 @@ def init_run(args: argparse.Namespace) -> None:
         vpp = vpp if vpp > 1 else None
     init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, vpp,
                      backend=args.distributed_backend, seed=args.seed,
-                     timeout_minutes=args.distributed_timeout_minutes)
+                     timeout_minutes=args.distributed_timeout_minutes,
+                     expert_model_parallel_size=args.expert_model_parallel_size)
     set_seed(args.seed)
 
 
@@ -231,7 +232,8 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
     from mindspeed_llm.models.resolve import record_model
     from mindspeed_llm.training import model_setup
     from mindspeed_llm.training.data import build_run_data, check_run_data, next_micro_batches
-    from mindspeed_llm.training.log import TrainLog, flops_per_iteration, print_args
+    from mindspeed_llm.training.log import (TrainLog, flops_per_iteration, load_balancing_loss, print_args,
+                                            tracks_load_balancing_loss)
 
     start = time.time()
     init_run(args)
@@ -286,6 +288,8 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
         mb = next_micro_batches(args, data.train_iter, args.num_microbatches, device)
         loss, skipped, nan, norm = train_step(args, model, optimizer, mb, objective)
         metrics = objective.last_metrics if objective is not None else {}
+        if tracks_load_balancing_loss(chunks[0].config):
+            metrics = {"load_balancing_loss": load_balancing_loss(cfg, args.num_microbatches)}
         iteration += 1
         consumed += args.global_batch_size
         if nan and not args.skip_nan:

@@ -71,6 +71,10 @@ def validate_train_args(args: argparse.Namespace) -> None:
         raise UserError("--recompute-granularity full needs --recompute-method uniform or block")
     if args.tensor_model_parallel_size < 1 or args.pipeline_model_parallel_size < 1:
         raise UserError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be at least 1")
+    if args.num_experts is not None:
+        from mindspeed_llm.training.model_setup import check_expert_split
+
+        check_expert_split(args.num_experts, args.expert_model_parallel_size, "--num-experts")
     if args.tensor_model_parallel_size == 1:
         args.sequence_parallel = False       # Megatron switches SP off at TP=1
     if args.start_weight_decay is None:
@@ -149,6 +153,12 @@ def validate_world(args: argparse.Namespace, world_size: int) -> None:
                         f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp}; launch "
                         f"a multiple of {tp * pp}")
     dp = world_size // (tp * pp)
+    ep = args.expert_model_parallel_size
+    if ep < 1 or dp % ep:
+        raise UserError(f"--expert-model-parallel-size {ep} x --tensor-model-parallel-size {tp} x "
+                        f"--pipeline-model-parallel-size {pp} does not fit {world_size} processes: expert "
+                        f"parallelism splits the {dp} data-parallel ranks of each TP/PP slot, so EP must divide "
+                        f"{dp}")
     args.data_parallel_size = dp
     args.world_size = world_size
     if args.global_batch_size is None:
