@@ -63,7 +63,8 @@ def single(moe) -> dict:
 
 @pytest.fixture(scope="module")
 def double(moe) -> dict:
-    """Two processes: EP2 (DP2), EP2 with the alltoall dispatcher (as alltoall_seq), DP2 without EP, TP2 (+SP),
+    """Two processes: EP2 (DP2), EP2 with the alltoall dispatcher (as alltoall_seq) and with the distributed
+    optimizer, DP2 without EP, TP2 (+SP),
     EP2 converted at start-up, and 4 iterations straight vs 2 + resume at EP2."""
     root = moe["root"]
     run = train_argv(moe, 3, "--finetune")
@@ -74,6 +75,7 @@ def double(moe) -> dict:
         {"name": "ep2", "argv": run + ep2 + ["--load", str(moe["ckpt"]["ep2"])]},
         {"name": "ep2_alltoall", "argv": run + ep2 + ["--load", str(moe["ckpt"]["ep2"]),
                                                       "--moe-token-dispatcher-type", "alltoall_seq"]},
+        {"name": "ep2_distopt", "argv": run + ep2 + ["--load", str(moe["ckpt"]["ep2"]), "--use-distributed-optimizer"]},
         {"name": "dp2", "argv": run + ["--load", str(moe["ckpt"]["ep1"])]},
         {"name": "tp2", "argv": run + ["--load", str(moe["ckpt"]["tp2"]), "--tensor-model-parallel-size", "2",
                                        "--sequence-parallel"]},
@@ -122,7 +124,7 @@ def test_first_loss_matches_transformers(moe, single):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["ep2", "ep2_alltoall", "dp2", "tp2", "ep2_hf2mg"])
+@pytest.mark.parametrize("name", ["ep2", "ep2_alltoall", "ep2_distopt", "dp2", "tp2", "ep2_hf2mg"])
 def test_parallel_runs_equal_single_process(single, double, name):
     """Losses, grad norms and the logged load-balancing loss of EP2 / TP2 / DP2 runs equal the one-process run."""
     ref = single["ref"]
