@@ -10,6 +10,7 @@ import torch
 
 from mindspeed_llm.arguments import params_dtype
 from mindspeed_llm.errors import UserError
+from mindspeed_llm.training.validate import check_expert_split
 from mindspeed_llm.platform import (adapt_megatron_grad_accum_fusion, adapt_megatron_optimizer,
                                     compiled_fusions_supported, notice)
 
@@ -65,12 +66,6 @@ def _check_moe(args: argparse.Namespace, cfg, source: str):
                             f"{args.first_k_dense_replace} make layers {list(typed)} dense, but {source} has dense "
                             f"layers {list(cfg.dense_layers)}; drop the flags or match the model")
     return cfg
-
-
-def check_expert_split(num_experts: int, ep: int, source: str) -> None:
-    if ep < 1 or num_experts % ep:
-        raise UserError(f"--expert-model-parallel-size {ep} does not divide the {num_experts} experts of {source}; "
-                        f"use a divisor of {num_experts}")
 
 
 def _check_seq_length(args: argparse.Namespace, cfg, source: str):

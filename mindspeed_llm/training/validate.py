@@ -72,8 +72,6 @@ def validate_train_args(args: argparse.Namespace) -> None:
     if args.tensor_model_parallel_size < 1 or args.pipeline_model_parallel_size < 1:
         raise UserError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be at least 1")
     if args.num_experts is not None:
-        from mindspeed_llm.training.model_setup import check_expert_split
-
         check_expert_split(args.num_experts, args.expert_model_parallel_size, "--num-experts")
     if args.tensor_model_parallel_size == 1:
         args.sequence_parallel = False       # Megatron switches SP off at TP=1
@@ -177,3 +175,9 @@ def validate_world(args: argparse.Namespace, world_size: int) -> None:
     if args.num_layers_per_virtual_pipeline_stage and pp > 1 and args.num_microbatches % pp:
         raise UserError(f"interleaved pipeline: the number of micro-batches {args.num_microbatches} "
                         f"(--global-batch-size / (--micro-batch-size x DP)) must be a multiple of PP {pp}")
+
+
+def check_expert_split(num_experts: int, ep: int, source: str) -> None:
+    if ep < 1 or num_experts % ep:
+        raise UserError(f"--expert-model-parallel-size {ep} does not divide the {num_experts} experts of {source}; "
+                        f"use a divisor of {num_experts}")
