@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch
 from mindspeed_llm.checkpoint.hf2mg import Hf2MgOptions, convert_hf_to_mg
 from tests.conftest import run_cli, run_torchrun
 from tests.test_convert import convert, hf_tensors
+from tests.train_fixtures import transformers_first_loss
 
 REL = 1e-5
 # The recipe's MoE flags (tune_qwen3_30b_a3b_4K_full_ptd), shapes left to the checkpoint.
@@ -103,24 +103,9 @@ def lb_losses(out: dict) -> list[float]:
 def test_first_loss_matches_transformers(moe, single):
     """The first iteration's lm loss (aux loss not included, as Megatron reports it) is Qwen3MoeForCausalLM's
     token-mean cross entropy per micro-batch, averaged over the 2 micro-batches."""
-    from transformers import AutoModelForCausalLM
-
-    from mindspeed_llm.training.sft_dataset import SFTDataOptions, build_sft_datasets
-
-    ds = build_sft_datasets(moe["data"], "100,0,0", [12, 0, 0], SFTDataOptions(seq_length=128, seed=42))[0]
-    model = AutoModelForCausalLM.from_pretrained(moe["hf"], dtype=torch.float32)
-    assert type(model).__name__ == "Qwen3MoeForCausalLM"
-    means = []
-    with torch.no_grad():
-        for mb in range(2):
-            total, count = 0.0, 0
-            for i in range(2 * mb, 2 * mb + 2):
-                ids, labels = torch.tensor(ds[i]["input_ids"])[None], torch.tensor(ds[i]["labels"])[None]
-                logits = model(ids).logits[0, :-1]
-                total += float(torch.nn.functional.cross_entropy(logits, labels[0, 1:], reduction="sum"))
-                count += int((labels[0, 1:] != -100).sum())
-            means.append(total / count)
-    assert_close(single["ref"]["losses"][:1], [sum(means) / 2])
+    loss, model_class = transformers_first_loss(moe["hf"], moe["data"])
+    assert model_class == "Qwen3MoeForCausalLM"
+    assert_close(single["ref"]["losses"][:1], [loss])
 
 
 @pytest.mark.distributed

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import run_torchrun
-from tests.train_fixtures import env, model_flags, train_flags  # noqa: F401  (env is a fixture)
+from tests.train_fixtures import env, model_flags, train_flags, transformers_first_loss  # noqa: F401  (env)
 
 REPO = Path(__file__).resolve().parents[1]
 REL = 1e-5
@@ -103,23 +103,8 @@ def final_weights(save: Path, iteration: int) -> dict[str, torch.Tensor]:
 @pytest.mark.distributed
 def test_reference_loss_matches_transformers(env, single):
     """First-iteration loss of our TP1 model equals the transformers model on the same micro-batches."""
-    from transformers import AutoModelForCausalLM
-
-    from mindspeed_llm.training.sft_dataset import SFTDataOptions, build_sft_datasets
-
-    ds = build_sft_datasets(env["plain"], "100,0,0", [12, 0, 0], SFTDataOptions(seq_length=128, seed=42))[0]
-    model = AutoModelForCausalLM.from_pretrained(env["hf"], dtype=torch.float32)
-    means = []
-    with torch.no_grad():
-        for mb in range(2):                         # GBS 4 = 2 micro-batches of 2 at DP=1
-            total, count = 0.0, 0
-            for i in range(2 * mb, 2 * mb + 2):
-                ids, labels = torch.tensor(ds[i]["input_ids"])[None], torch.tensor(ds[i]["labels"])[None]
-                logits = model(ids).logits[0, :-1]
-                total += float(torch.nn.functional.cross_entropy(logits, labels[0, 1:], reduction="sum"))
-                count += int((labels[0, 1:] != -100).sum())
-            means.append(total / count)
-    assert_close(single["ref"]["losses"][:1], [sum(means) / 2], rel=1e-5)
+    loss, _ = transformers_first_loss(env["hf"], env["plain"])
+    assert_close(single["ref"]["losses"][:1], [loss], rel=1e-5)
 
 
 @pytest.mark.distributed

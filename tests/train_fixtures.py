@@ -49,3 +49,26 @@ def env(tmp_path_factory, tiny_qwen3) -> dict:
         convert_hf_to_mg(Hf2MgOptions(load_dir=tiny_qwen3, save_dir=ckpts[(tp, pp)], tp=tp, pp=pp), log=lambda m: None)
     return {"root": root, "hf": tiny_qwen3, "plain": str(root / "plain" / "alpaca"),
             "pack": str(root / "pack" / "alpaca"), "ckpt": ckpts}
+
+
+def transformers_first_loss(hf_dir, data_prefix: str) -> tuple[float, str]:
+    """(loss, model class name) of the first iteration as `transformers` computes it: token-mean cross entropy of
+    each of the 2 micro-batches of 2 samples (GBS 4 at DP 1, the data's sample order for seed 42), averaged."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mindspeed_llm.training.sft_dataset import SFTDataOptions, build_sft_datasets
+
+    ds = build_sft_datasets(data_prefix, "100,0,0", [12, 0, 0], SFTDataOptions(seq_length=128, seed=42))[0]
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    means = []
+    with torch.no_grad():
+        for mb in range(2):
+            total, count = 0.0, 0
+            for i in range(2 * mb, 2 * mb + 2):
+                ids, labels = torch.tensor(ds[i]["input_ids"])[None], torch.tensor(ds[i]["labels"])[None]
+                logits = model(ids).logits[0, :-1]
+                total += float(torch.nn.functional.cross_entropy(logits, labels[0, 1:], reduction="sum"))
+                count += int((labels[0, 1:] != -100).sum())
+            means.append(total / count)
+    return sum(means) / 2, type(model).__name__

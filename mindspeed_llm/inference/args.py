@@ -5,7 +5,6 @@ import argparse
 from typing import Optional
 
 from mindspeed_llm import arguments as shared
-from mindspeed_llm import flag_policy
 from mindspeed_llm.errors import OneLineArgumentParser, UserError
 
 TASKS = ("greedy", "do_sample", "beam_search", "beam_search_with_sampling", "chat")

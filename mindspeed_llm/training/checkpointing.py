@@ -261,8 +261,6 @@ class Loaded:
 def load_model(args: argparse.Namespace, chunks: list) -> Loaded:
     """Load weights into this rank's unwrapped chunks (before DDP/optimizer exist, so the optimizer's fp32
     main params start from these weights). Decides whether the run resumes or starts a fine-tune."""
-    from megatron.core import parallel_state as ps
-
     from mindspeed_llm.checkpoint import layout
     from mindspeed_llm.checkpoint.load import load_checkpoint
 

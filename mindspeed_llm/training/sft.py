@@ -9,7 +9,6 @@ import random
 import signal
 import time
 from functools import partial
-from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Optional
 
