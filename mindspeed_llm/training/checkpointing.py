@@ -180,7 +180,7 @@ def save_checkpoint(args: argparse.Namespace, iteration: int, model: list, optim
     if box[0] is None:
         raise UserError(f"cannot create a checkpoint directory under --save {save_dir}" + (f": {error}" if error else ""))
     tmp = Path(box[0])
-    writer = ps.get_data_parallel_rank() == 0
+    writer = ps.get_data_parallel_rank(with_context_parallel=True) == 0    # CP ranks hold the same weights
     rank_dir = tmp / _rank_dir()
     ok = True
     try:

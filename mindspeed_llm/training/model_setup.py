@@ -96,6 +96,7 @@ def transformer_overrides(args: argparse.Namespace) -> dict[str, Any]:
         bias_activation_fusion=_fused_swiglu(args),
         # Weight gradients accumulate straight into DDP's fp32 main grads (Megatron-LM's default).
         gradient_accumulation_fusion=not args.no_gradient_accumulation_fusion,
+        context_parallel_algo=args.context_parallel_algo,
     )
     if args.variable_seq_lengths:
         out["moe_token_dispatcher_type"] = "alltoall"   # megatron refuses variable lengths with the default (MoE-only)
