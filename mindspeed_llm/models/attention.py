@@ -7,7 +7,8 @@ per-token positions): they run the kernel `packed.packed_kernel` picks (per-samp
 `PackedRopeSelfAttention` RoPE is applied here from precomputed cos/sin instead of by megatron-core. Plain
 `PackedSeqParams` fall back to a block-diagonal mask built from `cu_seqlens` on the device. With
 `config.fused_rope` (`--use-fused-rotary-pos-emb`) unpacked batches get their RoPE here too (`RopeAngles`), from
-cos/sin computed once for all layers instead of in every layer.
+cos/sin computed once for all layers instead of in every layer. With context parallelism (CP > 1) the
+unpacked path hands the local q/k/v to the algorithm `--context-parallel-algo` names (`context_parallel`).
 """
 from __future__ import annotations
 
