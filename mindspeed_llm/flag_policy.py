@@ -55,6 +55,7 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "expert_model_parallel_size", "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "norm_topk_prob",
         "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_layer_freq", "first_k_dense_replace",
         "moe_token_dispatcher_type",
+        "context_parallel_size", "context_parallel_algo",
     }),
     "inference": frozenset(_MODEL | {
         "task", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "num_beams", "length_penalty",
@@ -106,8 +107,8 @@ SPEED: dict[str, str] = {
     "reuse_fp32_param": "an Ascend memory optimisation; {device} keeps separate fp32 main parameters",
     "use_ascend_mc2": _ASCEND, "use_ascend_coc": _ASCEND, "coc_fused_kernel": _ASCEND, "coc_mode": _ASCEND,
     "coc_parallel_num": _ASCEND, "use_mc2": _ASCEND, "shape_order": _ASCEND,
-    "use_fused_ring_attention_update": "ring attention (context parallelism) is not used; CP is 1",
-    "use_cp_send_recv_overlap": "context parallelism is not used; CP is 1",
+    "use_fused_ring_attention_update": "ring attention merges its blocks with unfused torch log-sum-exp updates",
+    "use_cp_send_recv_overlap": "ring attention all-gathers K/V over the CP group (no send/recv to overlap)",
     "npu_deterministic": "an Ascend determinism switch; on {device} use --seed (kernels follow torch defaults)",
     "use_fused_moe_token_permute_and_unpermute": "tokens are permuted by megatron-core's torch implementation",
     "attention_mask_type": "the mask follows the data: causal, or per sample with --reset-attention-mask",
@@ -120,7 +121,7 @@ _COMMON_NOTICE = {
     "local_rank": "the local rank comes from torchrun's LOCAL_RANK",
 }
 NOTICE: dict[str, dict[str, str]] = {
-    "train": {**{k: v for k, v in SPEED.items() if k not in IMPLEMENTED["train"]}, **_COMMON_NOTICE,
+    "train": {**{k: v for k, v in {**SPEED, **_COMMON_NOTICE}.items() if k not in IMPLEMENTED["train"]},
               "reset_position_ids": "positions always restart per sample in packed rows",
               "no_shared_storage": "every rank reads --data-path and --load itself; nothing is staged per node",
               "workers": "a preprocess_data.py flag; --data-path is already preprocessed",
@@ -198,7 +199,7 @@ _ERROR_COMMON: dict[str, Rule] = {
 }
 _VPP_LOADED = "convert the checkpoint without VPP and drop the flag"
 ERROR: dict[str, dict[str, Rule]] = {
-    "train": {**_ERROR_COMMON,
+    "train": {**{k: v for k, v in _ERROR_COMMON.items() if k not in IMPLEMENTED["train"]},
               "expert_tensor_parallel_size": "the experts are split over TP like the dense MLP (expert TP = "
                                              "--tensor-model-parallel-size); leave it out",
               "vocab_size": "use --padded-vocab-size",

@@ -367,6 +367,7 @@ def _redirect_device(fn):
     def wrapper(*args, **kwargs):
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
+        kwargs.pop("pin_memory", None)      # staging for a host-to-device copy that does not happen here
         return fn(*args, **kwargs)
 
     wrapper.__mindspeed_cpu__ = True
@@ -438,7 +439,7 @@ _MEGATRON_MODULES = (
     "megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads", "megatron.core.optimizer.grad_scaler",
     "megatron.core.optimizer.distrib_optimizer", "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.distributed.finalize_model_grads", "megatron.core.models.gpt.gpt_model",
-    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.moe.moe_utils", "megatron.core.models.common.embeddings.rope_utils",
 )
 
 

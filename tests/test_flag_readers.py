@@ -32,10 +32,11 @@ def test_group_query_attention_alone_is_one_query_group():
 
 
 @pytest.mark.parametrize("parse,argv,message", [
-    (parse_train_args, TRAIN_MIN + ["--context-parallel-size", "2"],
-     "--context-parallel-size 2: not supported by posttrain_gpt.py (context parallelism is not implemented; use 1)"),
-    (parse_train_args, TRAIN_MIN + ["--expert-model-parallel-size", "2"],
-     "--expert-model-parallel-size 2: not supported by posttrain_gpt.py (dense models only; use 1)"),
+    (parse_train_args, TRAIN_MIN + ["--context-parallel-size", "2", "--context-parallel-algo", "hybrid_cp_algo"],
+     "--context-parallel-algo hybrid_cp_algo: not implemented; use one of ulysses_cp_algo, megatron_cp_algo"),
+    (parse_train_args, TRAIN_MIN + ["--expert-tensor-parallel-size", "2"],
+     "--expert-tensor-parallel-size 2: not supported by posttrain_gpt.py (the experts are split over TP like the "
+     "dense MLP (expert TP = --tensor-model-parallel-size); leave it out)"),
     (parse_train_args, TRAIN_MIN + ["--use-legacy-models"],
      "--use-legacy-models: not supported by posttrain_gpt.py (only megatron-core models are implemented)"),
     (parse_train_args, TRAIN_MIN + ["--normalization", "LayerNorm"],

@@ -39,7 +39,7 @@ def test_all_sizes_have_recipes():
 @pytest.mark.parametrize("extra,message", [
     (["--bogus-flag", "1"], "unknown flag --bogus-flag"),
     (["--lora-target-modules", "q_proj"], "--lora-target-modules q_proj: unknown module"),
-    (["--context-parallel-size", "2"], "--context-parallel-size 2"),
+    (["--context-parallel-size", "3"], "--seq-length 64 must be divisible by 2 x --context-parallel-size = 6"),
     (["--ckpt-format", "torch_dist"], "--ckpt-format torch_dist"),
     (["--neat-pack"], "--neat-pack requires --reset-attention-mask"),
     (["--bf16", "--fp16"], "mutually exclusive"),

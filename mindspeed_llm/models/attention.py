@@ -7,7 +7,8 @@ per-token positions): they run the kernel `packed.packed_kernel` picks (per-samp
 `PackedRopeSelfAttention` RoPE is applied here from precomputed cos/sin instead of by megatron-core. Plain
 `PackedSeqParams` fall back to a block-diagonal mask built from `cu_seqlens` on the device. With
 `config.fused_rope` (`--use-fused-rotary-pos-emb`) unpacked batches get their RoPE here too (`RopeAngles`), from
-cos/sin computed once for all layers instead of in every layer.
+cos/sin computed once for all layers instead of in every layer. With context parallelism (CP > 1) the
+unpacked path hands the local q/k/v to the algorithm `--context-parallel-algo` names (`context_parallel`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
+from mindspeed_llm.models.context_parallel import cp_attention
 from mindspeed_llm.models.packed import PackedSegments, apply_packed_rope, packed_attention, packed_rope_cos_sin
 
 
@@ -71,9 +73,6 @@ class SDPAttention(MegatronModule):
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  cp_comm_type: Optional[str] = None, pg_collection=None, **_unused):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise NotImplementedError("context parallelism needs Transformer Engine attention; use "
-                                      "--context-parallel-size 1 with the local spec")
         from megatron.core import parallel_state
 
         tp = parallel_state.get_tensor_model_parallel_world_size() if pg_collection is None else pg_collection.tp.size()
@@ -83,6 +82,14 @@ class SDPAttention(MegatronModule):
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        # With CP > 1 the local q/k/v are this rank's sequence chunks; `--context-parallel-algo` picks how they
+        # attend over the whole sequence.
+        self.context_parallel = None
+        if config.context_parallel_size > 1:
+            group = parallel_state.get_context_parallel_group() if pg_collection is None else pg_collection.cp
+            self.context_parallel = cp_attention(getattr(config, "context_parallel_algo", "megatron_cp_algo"), group,
+                                                 self.heads_per_partition, self.groups_per_partition,
+                                                 self.softmax_scale)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,
@@ -91,6 +98,9 @@ class SDPAttention(MegatronModule):
             raise NotImplementedError("attention_bias is not supported by SDPAttention")
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         dropout = self.dropout_p if self.training else 0.0
+        if self.context_parallel is not None and packed_seq_params is not None \
+                and not isinstance(packed_seq_params, RopeAngles):
+            raise NotImplementedError("context parallelism runs unpacked (sbhd) batches only")
         if isinstance(packed_seq_params, PackedSegments) and packed_seq_params.qkv_format == "thd":
             q, k = query, key
             if packed_seq_params.rope_freqs is not None:
@@ -109,6 +119,10 @@ class SDPAttention(MegatronModule):
             cos, sin = rope_cos_sin(packed_seq_params.freqs, query.dtype)
             query = apply_packed_rope(query, cos, sin, self.config.rotary_interleaved)
             key = apply_packed_rope(key, cos, sin, self.config.rotary_interleaved)
+        if self.context_parallel is not None:
+            if attention_mask is not None or mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+                raise NotImplementedError("context parallelism runs causal attention without a mask only")
+            return self.context_parallel(query, key, value, dropout)
         # [s, b, n, hn] -> [b, n, s, hn]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         sq, sk = q.shape[2], k.shape[2]

@@ -57,6 +57,8 @@ def build_model(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
                          f"the parallel state's {ps.get_virtual_pipeline_model_parallel_world_size()}; pass it to "
                          f"init_distributed(virtual_pipeline_model_parallel_size=...)")
     config_overrides.setdefault("use_cpu_initialization", detect_platform().is_cpu)
+    # megatron-core's RoPE reads it to cover the whole sequence, then slices this CP rank's chunks
+    config_overrides.setdefault("context_parallel_size", ps.get_context_parallel_world_size())
     if cfg.num_experts is not None:
         adapt_megatron_moe()
         config_overrides.setdefault("expert_model_parallel_size", ps.get_expert_model_parallel_world_size())

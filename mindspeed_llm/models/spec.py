@@ -32,6 +32,7 @@ class LayerConfig(TransformerConfig):
 
     fused_rmsnorm: bool = False
     fused_rope: bool = False        # RoPE in core attention from cos/sin computed once (`attention.RopeAngles`)
+    context_parallel_algo: str = "megatron_cp_algo"     # with CP > 1: `context_parallel.CP_ATTENTION`
 
 
 class RMSNorm(torch.nn.Module):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mindspeed_llm.errors import UserError
+from mindspeed_llm.models.context_parallel import context_parallel_group, split_batch_for_cp
 
 from mindspeed_llm.training.loss import IGNORE_INDEX, loss_mask_from_labels, shift_labels
 from mindspeed_llm.data.preprocess import SIDECAR_SUFFIX
@@ -246,6 +247,8 @@ def get_batch(batch: dict[str, torch.Tensor], device: torch.device | str | None 
       tokens under a causal mask, so None is returned and attention runs as plain causal (SDPA is_causal /
       flash); pad positions compute garbage that the loss mask removes. A dense mask is built only for left
       padding;
+    * with a context-parallel group of N ranks (`cp_group`, else megatron-core's), unpacked tensors are this
+      rank's chunks i and 2N-1-i of 2N along the sequence, [b, L/N] (`models.context_parallel`);
     * `packed_seq_params`: None, or for packed batches a THD `PackedSeqParams` whose cu_seqlens index the
       micro-batch flattened row after row. Packed tensors are therefore returned as [1, b * L], position
       ids restarting at 0 in each segment, and `attention_mask` None.
@@ -265,10 +268,11 @@ def get_batch(batch: dict[str, torch.Tensor], device: torch.device | str | None 
     mask = batch["attention_mask"]
     right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all()) if mask.shape[1] > 1 else True
     b, length = tokens.shape
-    return {"tokens": to(tokens), "labels": to(labels), "loss_mask": to(loss_mask_from_labels(labels)),
-            "position_ids": to(torch.arange(length, dtype=torch.int64).expand(b, length).contiguous()),
-            "attention_mask": None if right_padded else to(padding_attention_mask(mask)),
-            "packed_seq_params": None}
+    inputs = {"tokens": to(tokens), "labels": to(labels), "loss_mask": to(loss_mask_from_labels(labels)),
+              "position_ids": to(torch.arange(length, dtype=torch.int64).expand(b, length).contiguous()),
+              "attention_mask": None if right_padded else to(padding_attention_mask(mask)),
+              "packed_seq_params": None}
+    return split_batch_for_cp(inputs, cp_group if cp_group is not None else context_parallel_group())
 
 
 # ---------------------------------------------------------------------------------------------------------------

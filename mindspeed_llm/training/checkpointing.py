@@ -182,7 +182,8 @@ def save_checkpoint(args: argparse.Namespace, iteration: int, model: list, optim
     if box[0] is None:
         raise UserError(f"cannot create a checkpoint directory under --save {save_dir}" + (f": {error}" if error else ""))
     tmp = Path(box[0])
-    # One writer per TP/PP/EP slot: the expert-data-parallel group's first rank (the DP group's without EP).
+    # One writer per TP/PP/EP slot: the expert-data-parallel group's first rank (that group also spans the DP and
+    # CP ranks, which hold the same weights).
     writer = ps.get_expert_data_parallel_rank() == 0
     rank_dir = tmp / _rank_dir()
     ok = True

@@ -67,21 +67,39 @@ def masked_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.
     return total / count.clamp(min=1)
 
 
-def sft_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, per_token: bool = False) -> tuple:
+def sft_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, per_token: bool = False,
+                  cp_group: torch.distributed.ProcessGroup | None = None) -> tuple:
     """Loss function for megatron-core schedules: `partial(sft_loss_func, loss_mask)` from the forward step.
 
     `output_tensor` is the model's per-token loss [b, s] (labels already shifted). Returns
     mean mode: (loss, {"lm loss": loss}) -- the 2-tuple the schedule divides by the number of micro-batches;
     per-token mode: (sum, count, {"lm loss": tensor([sum, count])}) -- with
     `config.calculate_per_token_loss = True` so the schedule does not divide.
+
+    With a context-parallel `cp_group` each rank holds part of every sequence: the reported values cover the whole
+    micro-batch (sums and counts all-reduced over CP). In mean mode the returned loss is the whole micro-batch's
+    mean, differentiable in this rank's tokens only; the schedule multiplies it by CP and DDP averages gradients
+    over DP x CP, so the update equals CP 1's. In per-token mode the local sum is returned: gradients are summed
+    over DP x CP and divided by the token count over DP x CP (`finalize_model_grads`).
     """
+    total, count = masked_sum_and_count(output_tensor, loss_mask)
+    whole_total, whole_count = _sum_over_cp(total, count, cp_group)
     if per_token:
-        total, count = masked_sum_and_count(output_tensor, loss_mask)
-        return total, count.int(), {"lm loss": torch.stack([total.detach().clone(), count.to(total.dtype)])}
-    loss = masked_mean(output_tensor, loss_mask)
+        return total, count.int(), {"lm loss": torch.stack([whole_total, whole_count.to(total.dtype)])}
+    # The other CP ranks' sums enter as constants: each rank's gradient is that of its own tokens.
+    loss = (total + (whole_total - total.detach())) / whole_count.clamp(min=1)
     # clone: the schedule divides the returned loss in place by the number of micro-batches, and a plain
     # detach() shares that storage, which would halve the reported value at 2 micro-batches.
     return loss, {"lm loss": loss.detach().clone()}
+
+
+def _sum_over_cp(total: torch.Tensor, count: torch.Tensor,
+                 cp_group: torch.distributed.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss sum, token count) over the context-parallel group, detached; the local values without one."""
+    pair = torch.stack([total.detach().clone(), count.to(total.dtype)])
+    if cp_group is not None and torch.distributed.get_world_size(cp_group) > 1:
+        torch.distributed.all_reduce(pair, group=cp_group)
+    return pair[0], pair[1].round().long()
 
 
 def reported_loss(reports: Sequence[torch.Tensor], per_token: bool,

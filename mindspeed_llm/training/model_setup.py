@@ -51,10 +51,13 @@ def _check_moe(args: argparse.Namespace, cfg, source: str):
         if ep != 1:
             raise UserError(f"--expert-model-parallel-size {ep}: {source} holds a dense model (no experts); use 1")
         return cfg
-    for unsupported, given in (("--lora-target-modules", args.lora_target_modules), ("--stage dpo", args.stage == "dpo")):
+    cp = args.context_parallel_size
+    for unsupported, given in (("--lora-target-modules", args.lora_target_modules),
+                               ("--stage dpo", args.stage == "dpo"), (f"--context-parallel-size {cp}", cp > 1)):
         if given:
             raise UserError(f"{unsupported}: {source} holds a mixture-of-experts model ({cfg.num_experts} experts); "
-                            f"LoRA and DPO of MoE models are not implemented (full fine-tuning with --stage sft is)")
+                            f"LoRA, DPO and context parallelism of MoE models are not implemented (full fine-tuning "
+                            f"with --stage sft and --context-parallel-size 1 is)")
     check_expert_split(cfg.num_experts, ep, source)
     if args.moe_layer_freq is not None or args.first_k_dense_replace is not None:
         from mindspeed_llm.models.resolve import dense_layers
@@ -125,6 +128,7 @@ def transformer_overrides(args: argparse.Namespace) -> dict[str, Any]:
         bias_activation_fusion=_fused_swiglu(args),
         # Weight gradients accumulate straight into DDP's fp32 main grads (Megatron-LM's default).
         gradient_accumulation_fusion=not args.no_gradient_accumulation_fusion,
+        context_parallel_algo=args.context_parallel_algo,
     )
     if args.variable_seq_lengths:
         out["moe_token_dispatcher_type"] = "alltoall"   # megatron refuses variable lengths with the default (MoE-only)

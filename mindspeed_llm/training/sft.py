@@ -50,7 +50,8 @@ def init_run(args: argparse.Namespace) -> None:
     init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, vpp,
                      backend=args.distributed_backend, seed=args.seed,
                      timeout_minutes=args.distributed_timeout_minutes,
-                     expert_model_parallel_size=args.expert_model_parallel_size)
+                     expert_model_parallel_size=args.expert_model_parallel_size,
+                     context_parallel_size=args.context_parallel_size)
     set_seed(args.seed)
 
 
@@ -73,12 +74,13 @@ def build_tokenizer(args: argparse.Namespace):
 # ---------------------------------------------------------------------------------------------------------------
 
 def forward_step(per_token: bool, data_iterator, model):
+    from mindspeed_llm.models.context_parallel import context_parallel_group
     from mindspeed_llm.training.loss import sft_loss_func
 
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
                    packed_seq_params=batch["packed_seq_params"])
-    return output, partial(sft_loss_func, batch["loss_mask"], per_token=per_token)
+    return output, partial(sft_loss_func, batch["loss_mask"], per_token=per_token, cp_group=context_parallel_group())
 
 
 def run_schedule(args: argparse.Namespace, model: list, mb, forward_only: bool, objective=None) -> Optional[float]:

@@ -7,6 +7,7 @@ import os
 from mindspeed_llm.checkpoint.layout import TRACKER
 from mindspeed_llm.errors import UserError
 from mindspeed_llm.models import lora
+from mindspeed_llm.models.context_parallel import CP_ATTENTION
 
 
 def _need(args: argparse.Namespace, name: str, why: str = "") -> None:
@@ -75,6 +76,7 @@ def validate_train_args(args: argparse.Namespace) -> None:
         check_expert_split(args.num_experts, args.expert_model_parallel_size, "--num-experts")
     if args.tensor_model_parallel_size == 1:
         args.sequence_parallel = False       # Megatron switches SP off at TP=1
+    validate_context_parallel(args)
     if args.start_weight_decay is None:
         args.start_weight_decay = args.weight_decay
     if args.end_weight_decay is None:
@@ -84,6 +86,34 @@ def validate_train_args(args: argparse.Namespace) -> None:
                                      or (args.reset_attention_mask and args.stage == "dpo"))
     if args.variable_seq_lengths and args.log_throughput:
         args.log_throughput = False          # MindSpeed: throughput from --seq-length would be wrong here
+
+
+def validate_context_parallel(args: argparse.Namespace) -> None:
+    """--context-parallel-size N > 1 splits unpacked, right-padded SFT batches into 2N chunks (2 per rank)."""
+    cp = args.context_parallel_size
+    if cp < 1:
+        raise UserError(f"--context-parallel-size {cp} must be at least 1")
+    if cp == 1:
+        return
+    if args.context_parallel_algo not in CP_ATTENTION:
+        raise UserError(f"--context-parallel-algo {args.context_parallel_algo}: not implemented; use one of "
+                        f"{', '.join(CP_ATTENTION)}")
+    refused = (("--reset-attention-mask", args.reset_attention_mask, "packed rows are not split across CP ranks"),
+               ("--stage dpo", args.stage == "dpo", "DPO sequence log-probs are not summed across CP ranks"),
+               ("--tokenizer-padding-side left", args.tokenizer_padding_side == "left",
+                "CP attention is causal without a padding mask"),
+               ("--use-distributed-optimizer", args.use_distributed_optimizer,
+                "its state is not saved across CP ranks"))
+    for flag, given, why in refused:
+        if given:
+            raise UserError(f"{flag} cannot be used with --context-parallel-size {cp} ({why})")
+    if args.no_pad_to_seq_lengths:
+        if args.pad_to_multiple_of % (2 * cp):
+            raise UserError(f"--pad-to-multiple-of {args.pad_to_multiple_of} must be divisible by 2 x "
+                            f"--context-parallel-size = {2 * cp} (each CP rank holds 2 of 2 x CP chunks)")
+    elif args.seq_length % (2 * cp):
+        raise UserError(f"--seq-length {args.seq_length} must be divisible by 2 x --context-parallel-size = {2 * cp} "
+                        f"(each CP rank holds 2 of 2 x CP chunks)")
 
 
 def validate_dpo_args(args: argparse.Namespace) -> None:
@@ -145,18 +175,18 @@ def adopt_data_flags(args: argparse.Namespace) -> list[str]:
 
 def validate_world(args: argparse.Namespace, world_size: int) -> None:
     """DP size, micro-batch count and sequence-parallel divisibility, once the world size is known."""
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if world_size % (tp * pp):
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    if world_size % (tp * pp * cp):
         raise UserError(f"{world_size} processes (torchrun --nproc_per_node x --nnodes) is not a multiple of "
-                        f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp}; launch "
-                        f"a multiple of {tp * pp}")
-    dp = world_size // (tp * pp)
+                        f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} x "
+                        f"--context-parallel-size {cp}; launch a multiple of {tp * pp * cp}")
+    dp = world_size // (tp * pp * cp)
     ep = args.expert_model_parallel_size
     if ep < 1 or dp % ep:
         raise UserError(f"--expert-model-parallel-size {ep} x --tensor-model-parallel-size {tp} x "
-                        f"--pipeline-model-parallel-size {pp} does not fit {world_size} processes: expert "
-                        f"parallelism splits the {dp} data-parallel ranks of each TP/PP slot, so EP must divide "
-                        f"{dp}")
+                        f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp} does not fit "
+                        f"{world_size} processes: expert parallelism splits the {dp} data-parallel ranks of each "
+                        f"TP/PP/CP slot, so EP must divide {dp}")
     args.data_parallel_size = dp
     args.world_size = world_size
     if args.global_batch_size is None:
@@ -164,7 +194,7 @@ def validate_world(args: argparse.Namespace, world_size: int) -> None:
     if args.global_batch_size % (args.micro_batch_size * dp):
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
                         f"{args.micro_batch_size} x data-parallel size {dp} (= {world_size} processes / "
-                        f"(TP {tp} x PP {pp}))")
+                        f"(TP {tp} x PP {pp} x CP {cp}))")
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
     if args.sequence_parallel:
         if args.seq_length % tp:

@@ -1,0 +1,79 @@
+"""torchrun script (2 processes): context-parallel core attention against full causal attention, then training runs.
+
+Usage: torchrun --nproc_per_node 2 tests/dist_cp_checks.py PLAN.json OUT.json
+PLAN.json: [{"name", "argv"}, ...] training runs (tests/dist_train_checks.py `run_train`).
+OUT.json (written by the last rank): {"attention": {case: max relative error}, "errors": {case: message},
+name: {"losses", "grad_norms", ...}}.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.dist_train_checks import run_train  # noqa: E402
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def attention_case(algo: str, heads: int, groups: int, seq: int = 16, batch: int = 2, dim: int = 8) -> float:
+    """The CP module on this rank's zig-zag chunks against full causal SDPA (forward and q/k/v gradients)."""
+    from mindspeed_llm.models.context_parallel import cp_attention, split_batch_for_cp, context_parallel_group
+
+    group = context_parallel_group()
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(seq, batch, n, dim, generator=gen, dtype=torch.float64)
+               for n in (heads, groups, groups))
+    grad_out = torch.randn(seq, batch, heads * dim, generator=gen, dtype=torch.float64)
+    full = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*(x.permute(1, 2, 0, 3) for x in full), is_causal=True,
+                                         enable_gqa=heads != groups, scale=dim ** -0.5)
+    ref = ref.permute(2, 0, 1, 3).reshape(seq, batch, -1)
+    ref.backward(grad_out)
+
+    def mine(x: torch.Tensor) -> torch.Tensor:      # [s, ...] -> this rank's chunks, through the batch split
+        flat = x.transpose(0, 1).reshape(x.shape[1], seq, -1)
+        got = split_batch_for_cp({"tokens": flat, "labels": flat, "loss_mask": flat, "position_ids": flat,
+                                  "attention_mask": None, "packed_seq_params": None}, group)["tokens"]
+        return got.reshape(x.shape[1], -1, *x.shape[2:]).transpose(0, 1).contiguous()
+
+    local = [mine(x).requires_grad_() for x in (q, k, v)]
+    module = cp_attention(algo, group, heads, groups, dim ** -0.5)
+    out = module(*local, 0.0)
+    out.backward(mine(grad_out))
+    errs = [rel_err(out, mine(ref))] + [rel_err(x.grad, mine(f.grad)) for x, f in zip(local, full)]
+    return max(errs)
+
+
+def main() -> None:
+    from mindspeed_llm.errors import UserError
+    from mindspeed_llm.models.context_parallel import context_parallel_group, cp_attention
+    from mindspeed_llm.platform import init_distributed
+
+    plan = json.loads(Path(sys.argv[1]).read_text())
+    init_distributed(context_parallel_size=2)
+    out: dict = {"attention": {}, "errors": {}}
+    for algo, heads, groups in (("ulysses_cp_algo", 4, 2), ("ulysses_cp_algo", 4, 1), ("ulysses_cp_algo", 6, 3),
+                                ("megatron_cp_algo", 4, 2), ("megatron_cp_algo", 4, 1)):
+        out["attention"][f"{algo}_{heads}q{groups}kv"] = attention_case(algo, heads, groups)
+    try:
+        cp_attention("ulysses_cp_algo", context_parallel_group(), 3, 1, 1.0)
+    except UserError as exc:
+        out["errors"]["ulysses_3_heads"] = str(exc)
+    for case in plan:
+        out[case["name"]] = run_train(case["argv"])
+    if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+        Path(sys.argv[2]).write_text(json.dumps(out))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""--context-parallel-size 2 (Ulysses and ring) on the tiny Qwen3 model: the core-attention modules equal full
+causal attention, and 3 training iterations give the CP 1 losses and grad norms; bad CP set-ups are one error line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mindspeed_llm.arguments import parse_train_args
+from mindspeed_llm.errors import UserError
+from mindspeed_llm.models.context_parallel import kv_repeats_for_ulysses
+from tests.conftest import run_cli, run_torchrun
+from tests.test_train import assert_close, unfused
+from tests.train_fixtures import env, model_flags, train_flags  # noqa: F401  (env is a fixture)
+
+TRAIN_MIN = ["--data-path", "/nonexistent/prefix", "--is-instruction-dataset", "--train-iters", "1", "--lr", "1e-4",
+             "--seq-length", "64"]
+
+
+@pytest.fixture(scope="module")
+def cp_runs(env) -> dict:
+    base = model_flags(env["hf"]) + train_flags(3) + ["--finetune", "--data-path", env["plain"],
+                                                      "--load", str(env["ckpt"][(1, 1)])]
+    cp2 = ["--context-parallel-size", "2", "--context-parallel-algo"]
+    plan = [{"name": "cp1", "argv": base},       # DP 2: the CP 1 reference
+            {"name": "ulysses", "argv": base + cp2 + ["ulysses_cp_algo"]},
+            {"name": "ulysses_unfused", "argv": unfused(base) + cp2 + ["ulysses_cp_algo"]},
+            {"name": "ring", "argv": base + cp2 + ["megatron_cp_algo"]}]
+    plan_file, out_file = env["root"] / "cp_plan.json", env["root"] / "cp_out.json"
+    plan_file.write_text(json.dumps(plan))
+    run_torchrun("tests/dist_cp_checks.py", str(plan_file), str(out_file), nproc=2)
+    return json.loads(out_file.read_text())
+
+
+@pytest.mark.distributed
+def test_cp_attention_equals_full_attention(cp_runs):
+    """Output and q/k/v gradients of each rank's chunks, fp64, incl. KV heads repeated for Ulysses (1 or 3 KV heads
+    over 2 ranks)."""
+    assert len(cp_runs["attention"]) == 5
+    for case, err in cp_runs["attention"].items():
+        assert err < 1e-10, (case, err)
+    assert "3 attention heads" in cp_runs["errors"]["ulysses_3_heads"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["ulysses", "ulysses_unfused", "ring"])
+def test_cp2_training_equals_cp1(cp_runs, name):
+    """Fused RoPE (core attention, `RopeAngles`) and megatron-core's RoPE both take this rank's zig-zag angles."""
+    assert_close(cp_runs[name]["losses"], cp_runs["cp1"]["losses"], rel=1e-5)
+    assert_close(cp_runs[name]["grad_norms"], cp_runs["cp1"]["grad_norms"], rel=1e-5)
+
+
+def test_kv_repeats_for_ulysses():
+    assert kv_repeats_for_ulysses(8, 2, 2) == 1
+    assert kv_repeats_for_ulysses(32, 2, 16) == 8       # the 30B 256K recipe: 2 local KV heads over CP 16
+    assert kv_repeats_for_ulysses(6, 3, 2) == 2
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--context-parallel-size", "3"], "--seq-length 64 must be divisible by 2 x --context-parallel-size = 6"),
+    (["--context-parallel-size", "2", "--no-pad-to-seq-lengths", "--pad-to-multiple-of", "6"],
+     "--pad-to-multiple-of 6 must be divisible by 2 x --context-parallel-size = 4"),
+    (["--context-parallel-size", "2", "--reset-attention-mask"],
+     "--reset-attention-mask cannot be used with --context-parallel-size 2"),
+    (["--context-parallel-size", "2", "--context-parallel-algo", "hybrid_cp_algo"],
+     "--context-parallel-algo hybrid_cp_algo: not implemented"),
+])
+def test_bad_cp_setups_are_named(extra, message):
+    with pytest.raises(UserError) as err:
+        parse_train_args(TRAIN_MIN + extra)
+    assert message in str(err.value)
+
+
+def test_cli_refuses_indivisible_sequence(tmp_path):
+    proc = run_cli("posttrain_gpt.py", *TRAIN_MIN, "--context-parallel-size", "3", check=False)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "--context-parallel-size = 6" in lines[0]
