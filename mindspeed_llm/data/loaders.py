@@ -10,8 +10,9 @@ import glob
 import json
 import os
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Union
 
 from mindspeed_llm.errors import UserError
 
@@ -116,16 +117,77 @@ def _iter_json(path: Path) -> Iterator[tuple[dict, float]]:
         offset = 0
         for lineno, raw in enumerate(f, 1):
             offset += len(raw)
-            line = _decode(raw, path, lineno)
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}")
-            yield record, offset / size
+            record = _json_line(raw, path, lineno)
+            if record is not None:
+                yield record, offset / size
+
+
+def _json_line(raw: bytes, path: Path, lineno: int) -> dict | None:
+    """One line of a JSON-lines file as a record; None for a blank line."""
+    line = _decode(raw, path, lineno)
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}")
+    return record
+
+
+def _is_json_lines(path: Path) -> bool:
+    if FORMATS[path.suffix.lower()] != "json":
+        return False
+    with path.open("rb") as f:
+        return f.read(4096).lstrip()[:1] != b"["
+
+
+@dataclass
+class JsonLinesChunk:
+    """Consecutive lines of a JSON-lines file, not yet decoded: a worker process decodes them, so the reading
+    process only splits lines, and raw bytes are cheaper to send between processes than decoded records."""
+    path: Path
+    first_line: int  # 1-based number of lines[0]
+    lines: list[bytes]
+
+    def records(self) -> list[dict]:
+        out = []
+        for lineno, raw in enumerate(self.lines, self.first_line):
+            record = _json_line(raw, self.path, lineno)
+            if record is not None:
+                out.append(record)
+        return out
+
+
+RecordChunk = Union[JsonLinesChunk, list]
+
+
+def chunk_records(chunk: RecordChunk) -> list[dict]:
+    """The records of a chunk from `iter_record_chunks`."""
+    return chunk.records() if isinstance(chunk, JsonLinesChunk) else chunk
+
+
+def iter_record_chunks(files: list[Path], size: int, progress: Progress | None = None) -> Iterator[RecordChunk]:
+    """The records of every file in order, in chunks of `size` (records, or lines of a JSON-lines file, blank
+    ones included); read through `chunk_records`. Unlike `iter_records`, a JSON-lines file is only split
+    into lines here: malformed lines are reported when their chunk is decoded."""
+    progress = progress if progress is not None else Progress()
+    progress.total = float(sum(f.stat().st_size for f in files))
+    for path in files:
+        if not _is_json_lines(path):
+            start, in_file = progress.done, Progress()
+            records = iter_records([path], in_file)
+            while chunk := list(islice(records, size)):
+                progress.done = start + in_file.done
+                yield chunk
+            continue
+        with path.open("rb") as f:
+            first_line = 1
+            while lines := list(islice(f, size)):
+                progress.done += sum(map(len, lines))
+                yield JsonLinesChunk(path, first_line, lines)
+                first_line += len(lines)
 
 
 class _Utf8Reader:
