@@ -116,9 +116,7 @@ def _iter_json(path: Path) -> Iterator[tuple[dict, float]]:
     """JSON lines, or one JSON array decoded element by element without reading the whole file."""
     size = max(path.stat().st_size, 1)
     with path.open("rb") as f:
-        first = f.read(4096).lstrip()[:1]
-        f.seek(0)
-        if first == b"[":
+        if _holds_json_array(f):
             yield from _iter_json_array(_Utf8Reader(f, path), path, size)
             return
         offset = 0
@@ -154,11 +152,19 @@ def _json_line(raw: bytes, path: Path, lineno: int) -> dict | None:
     return record
 
 
+def _holds_json_array(f) -> bool:
+    """Whether the binary file `f` (a .json/.jsonl file) holds one JSON array rather than JSON lines; `f` is left
+    at its start."""
+    first = f.read(4096).lstrip()[:1]
+    f.seek(0)
+    return first == b"["
+
+
 def _is_json_lines(path: Path) -> bool:
     if FORMATS[path.suffix.lower()] != "json":
         return False
     with path.open("rb") as f:
-        return f.read(4096).lstrip()[:1] != b"["
+        return not _holds_json_array(f)
 
 
 @dataclass
