@@ -15,7 +15,6 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import timedelta
-from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +22,8 @@ import numpy as np
 
 from mindspeed_llm.data.encode import EncodeOptions, encode_record
 from mindspeed_llm.data.handlers import HandlerSpec, Skip, build_handler, check_columns
-from mindspeed_llm.data.loaders import Progress, first_record, iter_records, resolve_inputs
+from mindspeed_llm.data.loaders import (Progress, RecordChunk, chunk_records, first_record, iter_record_chunks,
+                                        resolve_inputs)
 from mindspeed_llm.data.prompt_type import get_template
 from mindspeed_llm.data.writer import IndexedWriter, output_name, pack_dataset
 from mindspeed_llm.errors import UserError
@@ -69,27 +69,38 @@ def _init_worker(args) -> None:
                    json_keys=args.json_keys)
 
 
-def _encode_chunk(records: list[dict]) -> list:
-    out = []
+@dataclass
+class EncodedChunk:
+    """A chunk of records encoded: per field, its samples' ids back to back in one int32 array and their lengths
+    (a few arrays are far cheaper to send between processes than one list per sample)."""
+    ids: dict[str, np.ndarray]
+    lengths: dict[str, np.ndarray]
+    read: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    truncated: int = 0
+    supervised: int = 0
+
+
+def _encode_chunk(chunk: RecordChunk) -> EncodedChunk:
     w = _WORKER
+    records = chunk_records(chunk)
+    ids: dict[str, list[int]] = {}
+    lengths: dict[str, list[int]] = {}
+    out = EncodedChunk({}, {}, read=len(records))
     for record in records:
         try:
             enc = encode_record(record, w["spec"], w["template"], w["tokenizer"], w["opts"], w["json_keys"])
         except Skip as skip:
-            out.append(skip.reason)
+            out.skipped[skip.reason] += 1
             continue
-        # int32 arrays: the format's dtype, and far cheaper to send back to the main process than int lists
-        enc.fields = {k: np.asarray(v, dtype=np.int32) for k, v in enc.fields.items()}
-        out.append(enc)
+        for name, values in enc.fields.items():
+            ids.setdefault(name, []).extend(values)
+            lengths.setdefault(name, []).append(len(values))
+        out.truncated += enc.truncated
+        out.supervised += enc.supervised
+    out.ids = {name: np.array(values, dtype=np.int32) for name, values in ids.items()}
+    out.lengths = {name: np.array(values, dtype=np.int64) for name, values in lengths.items()}
     return out
-
-
-def _chunks(records: Iterator[dict], size: int) -> Iterator[list[dict]]:
-    while True:
-        chunk = list(islice(records, size))
-        if not chunk:
-            return
-        yield chunk
 
 
 # ---- main side -----------------------------------------------------------------------------------------
@@ -143,6 +154,8 @@ def run(args) -> Summary:
     if args.cache_dir or args.overwrite_cache:
         log.info("note: --cache-dir/--overwrite-cache: preprocessing streams its input and keeps no cache, "
                  "so there is nothing to reuse or overwrite")
+    # One text per Rust call and --workers processes: the tokenizer's own thread pool would only add overhead.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _init_worker(args)  # in the main process too: fails fast on a bad tokenizer or template
     tokenizer = _WORKER["tokenizer"]
 
@@ -193,7 +206,7 @@ def run(args) -> Summary:
     return summary
 
 
-def _bounded_imap(pool, chunks: Iterator[list[dict]], window: int) -> Iterator[list]:
+def _bounded_imap(pool, chunks: Iterator[RecordChunk], window: int) -> Iterator[EncodedChunk]:
     """Ordered results with at most `window` chunks in flight (`Pool.imap` would read the whole input ahead)."""
     pending: deque = deque()
     for chunk in chunks:
@@ -206,7 +219,7 @@ def _bounded_imap(pool, chunks: Iterator[list[dict]], window: int) -> Iterator[l
 
 def _encode_all(args, files, writer: IndexedWriter, summary: Summary) -> None:
     progress = Progress()
-    records = iter_records(files, progress)
+    chunks = iter_record_chunks(files, CHUNK, progress)
     start = time.time()
     logged_at = 0
     next_log = args.log_interval
@@ -215,25 +228,24 @@ def _encode_all(args, files, writer: IndexedWriter, summary: Summary) -> None:
         # Forked workers inherit `_WORKER` as `run` set it up; loading the tokenizer again in each costs a
         # noticeable share of a worker's CPU on a dataset of some thousand records.
         pool = mp.get_context("fork").Pool(args.workers)
-        results = _bounded_imap(pool, _chunks(records, CHUNK), window=2 * args.workers)
+        results = _bounded_imap(pool, chunks, window=2 * args.workers)
     else:
-        results = map(_encode_chunk, _chunks(records, CHUNK))
+        results = map(_encode_chunk, chunks)
     try:
         for chunk in results:
-            for item in chunk:
-                summary.read += 1
-                if isinstance(item, str):
-                    summary.skipped[item] += 1
-                else:
-                    writer.add(item.fields)
-                    summary.written += 1
-                    summary.truncated += item.truncated
-                    summary.tokens += len(next(iter(item.fields.values())))
-                    summary.supervised_tokens += item.supervised
-                if summary.read >= next_log:
-                    next_log += args.log_interval
-                    _log_progress(summary, progress, start)
-                    logged_at = summary.read
+            summary.read += chunk.read
+            summary.skipped.update(chunk.skipped)
+            if chunk.lengths:
+                writer.add_many(chunk.ids, chunk.lengths)
+                first_field = next(iter(chunk.lengths.values()))
+                summary.written += len(first_field)
+                summary.tokens += int(first_field.sum())
+            summary.truncated += chunk.truncated
+            summary.supervised_tokens += chunk.supervised
+            if summary.read >= next_log:
+                next_log = (summary.read // args.log_interval + 1) * args.log_interval
+                _log_progress(summary, progress, start)
+                logged_at = summary.read
     finally:
         if pool is not None:
             pool.terminate()

@@ -17,8 +17,10 @@ merges never cross a message boundary.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
+import os
 import re
 import weakref
 from dataclasses import dataclass, field
@@ -157,8 +159,9 @@ class ChatTemplate:
 
     def remove_thought(self, content: str) -> str:
         """Drops thoughts spelled with the full thought words (newlines included); others stay."""
-        pattern = re.compile(f"{re.escape(self.thought_words[0])}(.*?){re.escape(self.thought_words[1])}", re.DOTALL)
-        return re.sub(pattern, "", content).lstrip("\n")
+        if self.thought_words[0] not in content:  # nothing to drop (most answers): skip the regex
+            return content.lstrip("\n")
+        return _thought_pattern(*self.thought_words).sub("", content).lstrip("\n")
 
     def encode_multiturn(self, tokenizer, messages: list[dict], system: str = "", tools: str = ""
                          ) -> list[tuple[list[int], list[int]]]:
@@ -219,31 +222,97 @@ class ChatTemplate:
         return [IGNORE_INDEX] * length
 
 
-_ENCODE_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> {(vocab len, text): ids}
+@functools.lru_cache(maxsize=None)
+def _thought_pattern(open_word: str, close_word: str) -> re.Pattern:
+    return re.compile(f"{re.escape(open_word)}(.*?){re.escape(close_word)}", re.DOTALL)
+
+
 _CACHE_MAX_CHARS, _CACHE_MAX_ENTRIES = 512, 50_000
 
 
-def encode_text(tokenizer, text: str) -> list[int]:
-    """`tokenizer.encode(text, add_special_tokens=False)`; for fast tokenizers straight through the Rust
-    backend, which gives the same ids at half the per-call cost. Short texts (system prompts, fixed slot text,
-    empty think blocks) repeat across samples and are remembered."""
-    cache = _ENCODE_CACHES.get(tokenizer)
-    if cache is None:
-        cache = _ENCODE_CACHES[tokenizer] = {}
-    key = (len(tokenizer), text)  # the length changes when tokens are added
-    ids = cache.get(key)
-    if ids is not None:
+class _TextEncoder:
+    """`encode_text` for one tokenizer, as long as its length stays the same (it changes when tokens are added).
+
+    A fast tokenizer is called through its Rust backend, which gives the same ids as `tokenizer.encode` at a
+    fraction of the per-call cost: with `encode_batch_fast` (no offsets) where the backend has it and runs
+    serially, and ASCII text skips the normalizer when that is a Unicode normalization form (a no-op on ASCII)
+    by going through a second backend that shares the model and added tokens but has no normalizer.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.vocab_size = len(tokenizer)
+        self.cache: dict[str, list[int]] = {}  # short texts: system prompts, slot text, empty think blocks
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self.backend = backend if backend is not None and hasattr(backend, "encode_batch") else None
+        self.ascii_backend = _without_normalizer(self.backend) if self.backend is not None else None
+        self.batch_fast = (self.backend is not None and hasattr(self.backend, "encode_batch_fast")
+                           and not _tokenizers_parallel())
+
+    def encode(self, tokenizer, text: str) -> list[int]:
+        ids = self.cache.get(text)
+        if ids is None:
+            ids = self._encode_uncached(tokenizer, text)
+            if len(text) <= _CACHE_MAX_CHARS:
+                if len(self.cache) >= _CACHE_MAX_ENTRIES:
+                    self.cache.clear()
+                self.cache[text] = ids
         return list(ids)
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch"):
-        ids = backend.encode(text, add_special_tokens=False).ids
-    else:
-        ids = tokenizer.encode(text, add_special_tokens=False)
-    if len(text) <= _CACHE_MAX_CHARS:
-        if len(cache) >= _CACHE_MAX_ENTRIES:
-            cache.clear()
-        cache[key] = ids
-    return list(ids)
+
+    def _encode_uncached(self, tokenizer, text: str) -> list[int]:
+        if self.backend is None:
+            return tokenizer.encode(text, add_special_tokens=False)
+        backend = self.ascii_backend if self.ascii_backend is not None and text.isascii() else self.backend
+        if self.batch_fast:
+            return backend.encode_batch_fast([text], add_special_tokens=False)[0].ids
+        return backend.encode(text, add_special_tokens=False).ids
+
+
+def _tokenizers_parallel() -> bool:
+    """Whether the Rust batch calls would hand work to a thread pool (the `tokenizers` library's default), which
+    costs more than it saves on one text and makes forked processes warn."""
+    value = os.environ.get("TOKENIZERS_PARALLELISM")
+    return value is None or value.strip().lower() not in ("", "off", "false", "f", "no", "n", "0")
+
+
+def _without_normalizer(backend):
+    """A backend that encodes ASCII text as `backend` does, minus its normalizer; None when that would not hold
+    or the normalizer already does nothing."""
+    from tokenizers import Tokenizer, normalizers
+
+    # the Unicode normalization forms leave ASCII text as it is
+    if not isinstance(backend.normalizer, (normalizers.NFC, normalizers.NFD, normalizers.NFKC, normalizers.NFKD)):
+        return None
+    clone = Tokenizer(backend.model)  # the model (vocabulary, merges, BPE cache) is shared, not copied
+    for part in ("pre_tokenizer", "post_processor"):
+        if getattr(backend, part) is not None:
+            setattr(clone, part, getattr(backend, part))
+    added = backend.get_added_tokens_decoder()
+    for token_id in sorted(added):
+        token = added[token_id]
+        (clone.add_special_tokens if token.special else clone.add_tokens)([token])
+    clone.encode_special_tokens = backend.encode_special_tokens
+    if backend.truncation is not None:
+        clone.enable_truncation(**backend.truncation)
+    if backend.padding is not None:
+        clone.enable_padding(**backend.padding)
+    return clone if _added_tokens(clone) == _added_tokens(backend) else None
+
+
+def _added_tokens(backend) -> dict[int, tuple]:
+    return {i: (t.content, t.special, t.normalized, t.lstrip, t.rstrip, t.single_word)
+            for i, t in backend.get_added_tokens_decoder().items()}
+
+
+_ENCODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> _TextEncoder
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """`tokenizer.encode(text, add_special_tokens=False)`, the same ids at less cost (see `_TextEncoder`).
+    Short texts repeat across samples and are remembered."""
+    encoder = _ENCODERS.get(tokenizer)
+    if encoder is None or encoder.vocab_size != len(tokenizer):
+        encoder = _ENCODERS[tokenizer] = _TextEncoder(tokenizer)
+    return encoder.encode(tokenizer, text)
 
 
 def infer_seqlen(source_len: int, target_len: int, cutoff: int) -> tuple[int, int]:
