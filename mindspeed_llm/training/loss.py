@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mindspeed_llm.data.templates import IGNORE_INDEX
+from mindspeed_llm.platform import to_comm_device
 
 
 def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,6 +99,7 @@ def _sum_over_cp(total: torch.Tensor, count: torch.Tensor,
     """(loss sum, token count) over the context-parallel group, detached; the local values without one."""
     pair = torch.stack([total.detach().clone(), count.to(total.dtype)])
     if cp_group is not None and torch.distributed.get_world_size(cp_group) > 1:
+        pair = to_comm_device(pair, cp_group)       # the loss lives on the compute device already: no copy there
         torch.distributed.all_reduce(pair, group=cp_group)
     return pair[0], pair[1].round().long()
 
