@@ -16,9 +16,9 @@ DATA=${WORK}/data
 SFT_DIR=${WORK}/ckpt_sft
 LORA_DIR=${WORK}/ckpt_lora
 SEQ_LENGTH=128
-TRAIN_ITERS=${TRAIN_ITERS:-500}
+TRAIN_ITERS=${TRAIN_ITERS:-450}
 LORA_ITERS=${LORA_ITERS:-300}
-# Distinct training questions: 500 iterations x 32 see each about twice, so held-out answers need the rule.
+# Distinct training questions: 450 iterations x 32 see each about twice, so held-out answers need the rule.
 TRAIN_EXAMPLES=${TRAIN_EXAMPLES:-8000}
 # Two CPU processes share the host (gloo); on accelerators each process needs a device of its own.
 read -r DEVICE_TYPE DEVICES < <(python -c "from mindspeed_llm.platform import detect_platform, device_count
