@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 # The arguments are short sequences written one symbol at a time, separated by spaces: the tiny byte-level BPE
 # tokenizer then gives every letter or digit a token of its own (`a`, ` a`), so reversing, capitalising, copying
@@ -20,7 +20,7 @@ DIGITS = "0123456789"
 MIN_SYMBOLS, MAX_SYMBOLS = 3, 6
 
 
-def _spaced(symbols: str) -> str:
+def _spaced(symbols: Iterable[str]) -> str:
     return " ".join(symbols)
 
 
