@@ -1,8 +1,8 @@
 #!/bin/bash
 # DPO on the demo's preference pairs (chosen = the right answer, rejected = another task's answer for the same
-# word, or a sum off by 1-3), with validation on 64 held-out pairs whose words and sums never occur in training.
-# About a minute on 2 CPU cores: the held-out rewards/accuracies goes from 0 (policy = reference: every pair ties)
-# to about 0.8 after 80 iterations (the `add` pairs, a quarter, stay near chance).
+# letters, or digits left unsorted, sorted downwards or missing one), with validation on 64 held-out pairs whose
+# arguments never occur in training. About a minute on 2 CPU cores: the held-out rewards/accuracies goes from 0
+# (policy = reference: every pair ties) to about 0.98 after 80 iterations.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

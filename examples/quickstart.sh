@@ -1,9 +1,10 @@
 #!/bin/bash
-# The whole pipeline on an embedded default: a tiny Qwen3-shaped model and the synthetic demo tasks, all made
-# here. About 10-14 minutes on 2 CPU cores (gloo); on a GPU (NPU) machine the same commands run on CUDA/NCCL
-# (Ascend/HCCL), one process per device: TP=1 on one device, TP=2 on two or more (the model has 2 KV heads).
+# The whole pipeline on an embedded default: a tiny Qwen3-shaped model and the synthetic demo tasks (reverse,
+# capitalise or repeat spaced letters, sort spaced digits), all made here. Under 10 minutes on 2 CPU cores (gloo);
+# on a GPU (NPU) machine the same commands run on CUDA/NCCL (Ascend/HCCL), one process per device: TP=1 on one
+# device, TP=2 on two or more (the model has 2 KV heads).
 #   tiny HF model + demo data -> preprocess -> convert HF->Megatron at that TP -> held-out accuracy before
-#   (inference.py answers, and evaluation.py on the same tasks in BIG-Bench-Hard's layout)
+#   (inference.py answers, and evaluation.py on the same prompts in BIG-Bench-Hard's layout: the same score)
 #   -> fine-tune -> held-out accuracy after -> convert back to HF -> LoRA on the fine-tuned model -> held-out
 #   accuracy with the adapters -> merged HF weights and a PEFT adapter
 set -euo pipefail
@@ -15,8 +16,10 @@ DATA=${WORK}/data
 SFT_DIR=${WORK}/ckpt_sft
 LORA_DIR=${WORK}/ckpt_lora
 SEQ_LENGTH=128
-TRAIN_ITERS=${TRAIN_ITERS:-600}
+TRAIN_ITERS=${TRAIN_ITERS:-450}
 LORA_ITERS=${LORA_ITERS:-300}
+# Distinct training questions: 450 iterations x 32 see each about twice, so held-out answers need the rule.
+TRAIN_EXAMPLES=${TRAIN_EXAMPLES:-8000}
 # Two CPU processes share the host (gloo); on accelerators each process needs a device of its own.
 read -r DEVICE_TYPE DEVICES < <(python -c "from mindspeed_llm.platform import detect_platform, device_count
 print(detect_platform().device_type, device_count())")
@@ -30,16 +33,17 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1  # as the Megatron recipes set it
 rm -rf "${WORK}" && mkdir -p "${WORK}"
 echo "== 1. tiny Qwen3-shaped model (4 layers, hidden 128, GQA 4/2) and demo data"
 python tools/make_tiny_model.py --out "${HF_DIR}" --hidden-size 128 --head-dim 32 --intermediate-size 384
-python tools/make_demo_data.py --out "${DATA}/raw"
+python tools/make_demo_data.py --out "${DATA}/raw" --n-train ${TRAIN_EXAMPLES}
 
+# The training questions are asked as evaluation.py asks BBH questions ("Q: ...\nA:" as the user turn), as are
+# the held-out requests of inference.py: both then score the same prompts.
 echo "== 2. preprocess: alpaca records, qwen3 template -> Megatron indexed dataset"
 python preprocess_data.py \
-    --input "${DATA}/raw/alpaca_train.jsonl,${DATA}/raw/alpaca_bbh_train.jsonl" \
+    --input "${DATA}/raw/alpaca_bbh_train.jsonl" \
     --tokenizer-name-or-path "${HF_DIR}" \
     --output-prefix "${DATA}/alpaca" \
     --handler-name AlpacaStyleInstructionHandler \
     --prompt-type qwen3 \
-    --map-keys '{"system": "system"}' \
     --seq-length ${SEQ_LENGTH} \
     --workers 2 \
     --log-interval 1000
@@ -54,13 +58,14 @@ python convert_ckpt.py \
 GENERATE_ARGS=(
     --tokenizer-name-or-path "${HF_DIR}" --tensor-model-parallel-size ${TP}
     --prompt-type qwen3 --seq-length ${SEQ_LENGTH} --max-new-tokens 16
-    --input-file "${DATA}/raw/prompts_test.jsonl" --distributed-backend nccl
+    --input-file "${DATA}/raw/prompts_test.jsonl" --inference-batch-size 8 --distributed-backend nccl
 )
-# evaluation.py on the held-out tasks written in BIG-Bench-Hard's layout (exact match of the greedy answer)
+# evaluation.py on the held-out prompts written in BIG-Bench-Hard's layout (exact match of the greedy answer),
+# in batches of inference.py's size and order: the same answers, so the same score
 EVAL_ARGS=(
     --tokenizer-name-or-path "${HF_DIR}" --tensor-model-parallel-size ${TP} --prompt-type qwen3
     --seq-length ${SEQ_LENGTH} --max-new-tokens 16 --task bbh --task-data-path "${DATA}/raw/bbh"
-    --distributed-backend nccl
+    --evaluation-batch-size 8 --distributed-backend nccl
 )
 echo "== 4. held-out answers before fine-tuning (inference.py, then evaluation.py)"
 torchrun --nproc_per_node ${NPROC} --master_port ${MASTER_PORT} inference.py --load "${MG_DIR}" \
@@ -101,11 +106,15 @@ torchrun --nproc_per_node ${NPROC} --master_port ${MASTER_PORT} evaluation.py --
     "${EVAL_ARGS[@]}" --results-file "${WORK}/eval_after.json"
 python tools/score_demo.py "${WORK}/answers_before.jsonl" --label "held-out accuracy before"
 python tools/score_demo.py "${WORK}/answers_after.jsonl" --label "held-out accuracy after "
-head -n 3 "${WORK}/answers_after.jsonl" | python -c "
+python -c "
 import json, sys
-for line in sys.stdin:
+shown = set()
+for line in open(sys.argv[1], encoding='utf-8'):
     r = json.loads(line)
-    print(f\"  {r['messages'][-1]['content']!r} -> {r['response']!r} (expected {r['expected']!r})\")"
+    if r['task'] not in shown:  # one sample answer per task
+        shown.add(r['task'])
+        print(f\"  {r['messages'][-1]['content']!r} -> {r['response']!r} (expected {r['expected']!r})\")" \
+    "${WORK}/answers_after.jsonl"
 
 echo "== 7. convert the fine-tuned checkpoint back to Hugging Face"
 python convert_ckpt.py \

@@ -1,7 +1,7 @@
 """The project's own demo data: synthetic instruction tasks a tiny model can learn on a CPU in minutes.
 
-Every record is generated from a seeded RNG, so the same call always writes the same files. Tasks:
-reverse a word, add two small numbers, upper-case a word, and repeat a word twice. The held-out split
+Every record is generated from a seeded RNG, so the same call always writes the same files. Tasks, on 3 to 6
+spaced symbols: reverse letters, write them in capitals, repeat them twice, sort digits. The held-out split
 draws from the same generator after the training records, so no (task, argument) pair is shared. Preference
 pairs (for DPO) take the correct answer as chosen and a plausible wrong one as rejected.
 """
@@ -10,28 +10,37 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
-SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "po", "si", "de", "fu", "ba", "ve", "zo", "hi", "gu", "wa"]
+# The arguments are short sequences written one symbol at a time, separated by spaces: the tiny byte-level BPE
+# tokenizer then gives every letter or digit a token of its own (`a`, ` a`), so reversing, capitalising, copying
+# or sorting is an operation on tokens that a tiny model can learn, not a question of how a word was split.
+LETTERS = "abcdefghijklmnop"
+DIGITS = "0123456789"
+MIN_SYMBOLS, MAX_SYMBOLS = 3, 6
+
+
+def _spaced(symbols: Iterable[str]) -> str:
+    return " ".join(symbols)
+
+
+def _sorted_digits(arg: str) -> str:
+    return _spaced(sorted(arg.split()))
+
 
 # Each task: (name, instruction wording, solver). The instruction names the task, the input holds the argument.
 TASKS: dict[str, tuple[str, Callable[[str], str]]] = {
-    "reverse": ("Reverse the letters of the word.", lambda w: w[::-1]),
-    "upper": ("Write the word in capital letters.", lambda w: w.upper()),
-    "double": ("Repeat the word twice, separated by a space.", lambda w: f"{w} {w}"),
-    "add": ("Add the two numbers.", lambda s: str(sum(int(x) for x in s.split("+")))),
+    "reverse": ("Reverse the letters.", lambda s: _spaced(s.split()[::-1])),
+    "upper": ("Write the letters in capitals.", lambda s: s.upper()),
+    "double": ("Repeat the letters twice.", lambda s: f"{s} {s}"),
+    "sort": ("Sort the digits.", _sorted_digits),
 }
 SYSTEM_PROMPT = "You are a careful assistant. Answer with the result only."
 
 
-def _word(rng: random.Random) -> str:
-    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))
-
-
 def _argument(task: str, rng: random.Random) -> str:
-    if task == "add":
-        return f"{rng.randint(0, 49)}+{rng.randint(0, 49)}"
-    return _word(rng)
+    alphabet = DIGITS if task == "sort" else LETTERS
+    return _spaced(rng.choice(alphabet) for _ in range(rng.randint(MIN_SYMBOLS, MAX_SYMBOLS)))
 
 
 def generate_examples(n: int, seed: int = 1234, tasks: tuple[str, ...] = tuple(TASKS)) -> Iterator[dict]:
@@ -54,11 +63,13 @@ def to_alpaca(example: dict) -> dict:
 
 
 def wrong_answer(example: dict, rng: random.Random) -> str:
-    """A plausible wrong answer: another word task applied to the same word, or a sum off by 1 to 3."""
-    if example["task"] == "add":
-        total, delta = int(example["output"]), rng.choice([-3, -2, -1, 1, 2, 3])
-        return str(total + delta if total + delta >= 0 else total - delta)
-    others = [t for t in TASKS if t not in ("add", example["task"])]
+    """A plausible wrong answer: another letter task applied to the same letters; for digits, the input left
+    unsorted, sorted in descending order, or sorted with its largest digit lost."""
+    if example["task"] == "sort":
+        digits = example["output"].split()
+        candidates = [example["input"], _spaced(digits[::-1]), _spaced(digits[:-1])]
+        return rng.choice([c for c in candidates if c != example["output"]])
+    others = [t for t in TASKS if t not in ("sort", example["task"])]
     return TASKS[rng.choice(others)][1](example["input"])
 
 
@@ -88,9 +99,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def write_demo_data(out_dir: str | Path, n_train: int = 2000, n_test: int = 200, seed: int = 1234) -> dict[str, Path]:
     """Write alpaca_{train,test}.jsonl, sharegpt_{train,test}.jsonl (2-3 turns each), prompts_test.jsonl
     (held-out requests for inference.py, with the expected answers) under `out_dir`; and the tasks in
-    BIG-Bench-Hard's layout for evaluation.py: bbh/demo_{task}.json (held out) and alpaca_bbh_train.jsonl (a
-    quarter of the training examples asked the way evaluation.py asks BBH questions); and preference pairs
-    pairwise_{train,test}.jsonl, the held-out pairs keeping only arguments (words, sums) absent from training."""
+    BIG-Bench-Hard's layout for evaluation.py: bbh/demo_{task}.json (held out) and alpaca_bbh_train.jsonl (the
+    training examples asked the way evaluation.py asks BBH questions, as prompts_test.jsonl asks them too); and
+    preference pairs pairwise_{train,test}.jsonl, the held-out pairs keeping only arguments absent from training."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     examples = list(generate_examples(n_train + n_test, seed))
@@ -115,10 +126,12 @@ def write_demo_data(out_dir: str | Path, n_train: int = 2000, n_test: int = 200,
         paths[f"pairwise_{split}"] = out / f"pairwise_{split}.jsonl"
         _write_jsonl(paths[f"pairwise_{split}"], [to_pairwise(ex, rng) for ex in rows])
     prompts = out / "prompts_test.jsonl"
-    _write_jsonl(prompts, [to_prompt(ex) for ex in splits["test"]])
+    # in the order evaluation.py reads bbh/demo_{task}.json (files by name): equal prompts then share batches too
+    by_task = sorted(splits["test"], key=lambda ex: ex["task"])
+    _write_jsonl(prompts, [to_prompt(ex) for ex in by_task])
     paths["prompts_test"] = prompts
     paths["alpaca_bbh_train"] = out / "alpaca_bbh_train.jsonl"
-    _write_jsonl(paths["alpaca_bbh_train"], [to_bbh_alpaca(ex) for ex in splits["train"][::4]])
+    _write_jsonl(paths["alpaca_bbh_train"], [to_bbh_alpaca(ex) for ex in splits["train"]])
     paths["bbh"] = out / "bbh"
     paths["bbh"].mkdir(exist_ok=True)
     for task in TASKS:
@@ -134,17 +147,20 @@ def bbh_input(example: dict) -> str:
     return f"{example['instruction']}\n{example['input']}"
 
 
+def bbh_question(example: dict) -> str:
+    """The user turn evaluation.py makes of a BBH example without chain of thought: `Q: input\nA:`."""
+    return f"Q: {bbh_input(example)}\nA:"
+
+
 def to_bbh_alpaca(example: dict) -> dict:
-    """The example as evaluation.py asks a BBH question without chain of thought (`Q: input\nA:` as the user
-    turn, no system text), in Alpaca form."""
-    return {"instruction": f"Q: {example['instruction']}", "input": f"{example['input']}\nA:",
-            "output": example["output"]}
+    """The example as evaluation.py asks a BBH question (one user turn, no system text), in Alpaca form."""
+    return {"instruction": bbh_question(example), "input": "", "output": example["output"]}
 
 
 def to_prompt(example: dict) -> dict:
-    """A held-out request for `inference.py --input-file`, carrying the expected answer and task name."""
-    return {"messages": [{"role": "system", "content": SYSTEM_PROMPT},
-                         {"role": "user", "content": f"{example['instruction']}\n{example['input']}"}],
+    """A held-out request for `inference.py --input-file`, carrying the expected answer and task name. It is the
+    user turn evaluation.py makes of the same example in bbh/ (no system text), so both score the same prompts."""
+    return {"messages": [{"role": "user", "content": bbh_question(example)}],
             "expected": example["output"], "task": example["task"]}
 
 

@@ -1,5 +1,6 @@
-"""Write the synthetic demo tasks (reverse / upper-case / repeat a word, add two numbers) as Alpaca and
-ShareGPT JSONL, and as preference pairs for DPO (pairwise_{train,test}.jsonl), with a held-out split."""
+"""Write the synthetic demo tasks (reverse / capitalise / repeat spaced letters, sort spaced digits) as Alpaca and
+ShareGPT JSONL, as preference pairs for DPO (pairwise_{train,test}.jsonl), and as BIG-Bench-Hard-layout files for
+evaluation.py, with a held-out split."""
 import argparse
 
 from mindspeed_llm.demo_data import write_demo_data
