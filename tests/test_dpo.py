@@ -320,7 +320,9 @@ def assert_same_run(got: dict, want: dict, name: str, grad_norms: bool = False) 
     assert len(got["metrics"]) == 3
     for gm, wm in zip(got["metrics"], want["metrics"]):
         for key in METRICS:
-            assert abs(gm[key] - wm[key]) <= 1e-5 * max(abs(wm[key]), 1e-2), (name, key, gm[key], wm[key])
+            # A reward is beta x a difference of log-probs of tens of nats: its fp32 rounding is ~1e-7 x those tens
+            # whatever its own size, hence the 0.1 floor (1e-6 absolute).
+            assert abs(gm[key] - wm[key]) <= 1e-5 * max(abs(wm[key]), 1e-1), (name, key, gm[key], wm[key])
 
 
 @pytest.mark.distributed
