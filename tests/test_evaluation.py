@@ -277,20 +277,22 @@ def runs(tiny_qwen3, tmp_path_factory) -> dict:
 
 
 def _oracle_scores(hf: Path, prompts: list[list[int]], labels: tuple[str, ...]) -> list[list[float]]:
-    """transformers: log p(first token of each label | prompt), one prompt at a time (no padding)."""
+    """transformers: per label, log p(first token | prompt) of its spelling "L" or " L" (the likelier), one prompt at
+    a time (no padding). A spelling whose first token another label's spelling shares (a vocabulary that splits " A"
+    into " " + "A") tells nothing apart and is not scored."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(hf))
-    # the tiny vocabulary splits " A" into " " + "A": the spaced spellings share their first token, so only
-    # the bare label is scored (the rule the evaluation applies)
-    assert len({tok.encode(" " + lab, add_special_tokens=False)[0] for lab in labels}) == 1
-    ids = [tok.encode(lab, add_special_tokens=False)[0] for lab in labels]
+    firsts = [[tok.encode(text, add_special_tokens=False)[0] for text in (lab, " " + lab)] for lab in labels]
+    ids = [sorted({i for i in mine if all(i not in theirs for theirs in firsts[:n] + firsts[n + 1:])})
+           for n, mine in enumerate(firsts)]
+    assert all(ids)
     model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
     out = []
     with torch.no_grad():
         for p in prompts:
             logp = torch.log_softmax(model(torch.tensor([p])).logits[0, -1].float(), dim=-1)
-            out.append([float(logp[i]) for i in ids])
+            out.append([max(float(logp[i]) for i in label_ids) for label_ids in ids])
     return out
 
 
