@@ -213,10 +213,17 @@ def test_inference_seq_length_above_max_position_embeddings(infer_results):
     _infer_error(infer_results["seq_above_max"], "--seq-length 1024", "--max-position-embeddings 512")
 
 
-@pytest.mark.parametrize("name", ["greedy", "do_sample", "beam_search", "default", "chat", "batch"])
+@pytest.mark.parametrize("name", ["greedy", "do_sample", "beam_search", "default", "batch"])
 def test_prompt_longer_than_seq_length_is_refused(infer_results, name):
     _infer_error(infer_results[name], "--seq-length 32", "--truncate-prompt")
     assert not (infer_results["dir"] / "out.jsonl").exists()
+
+
+def test_chat_turn_longer_than_seq_length_is_said_and_the_chat_goes_on(infer_results):
+    res = infer_results["chat"]
+    assert res["rc"] == 0, res["stderr"][-2000:]
+    said = [ln for ln in res["stdout"].splitlines() if ln.startswith("[chat input: the prompt has")]
+    assert len(said) == 1 and "--seq-length 32" in said[0] and "--truncate-prompt" in said[0], res["stdout"][-2000:]
 
 
 def test_truncate_prompt_keeps_the_last_tokens_within_seq_length(infer_results):
