@@ -10,12 +10,28 @@ any mismatch raises (non-zero exit). A "lora" case adds our adapter modules, loa
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+CASE_LINE = re.compile(r"CASE (\S+) rank (\d+): max-abs \S+ (OK|FAIL)")
+
+
+def assert_cases_ok(stdout: str, cases: list[dict], ranks: int | None = None) -> None:
+    """Every case reported OK (by `ranks` ranks when given). Read with a regex over the whole output: two ranks'
+    lines can arrive interleaved without their newlines."""
+    reports: dict[str, list[str]] = {}
+    for name, _, verdict in CASE_LINE.findall(stdout):
+        reports.setdefault(name, []).append(verdict)
+    for case in cases:
+        got = reports.get(case["name"], [])
+        assert got and all(v == "OK" for v in got) and (ranks is None or len(got) == ranks), \
+            (case["name"], stdout[-3000:])
 
 
 def pipeline_forward(chunks, ids: torch.Tensor, pos: torch.Tensor):

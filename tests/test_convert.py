@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from mindspeed_llm.checkpoint import cli, layout
 from tests.conftest import REPO, run_cli, run_torchrun
+from tests.dist_logits import assert_cases_ok
 
 LAYOUTS = {
     "tp1pp1": [],
@@ -201,10 +202,7 @@ def test_logits_match_transformers_under_torchrun(families, tmp_path):
     cases_file = tmp_path / "cases.json"
     cases_file.write_text(json.dumps(families))
     proc = run_torchrun("tests/dist_logits.py", str(cases_file))
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CASE")]
-    for case in families:
-        hits = [ln for ln in lines if ln.startswith(f"CASE {case['name']} ")]
-        assert hits and all(ln.endswith("OK") for ln in hits), (case["name"], proc.stdout[-3000:])
+    assert_cases_ok(proc.stdout, families)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli, run_torchrun
+from tests.dist_logits import assert_cases_ok
 from tests.train_fixtures import env, model_flags, train_flags  # noqa: F401  (env is a fixture)
 
 pytest.importorskip("peft", reason="peft is the LoRA reference (pip install -e '.[test]')")
@@ -130,10 +131,7 @@ def test_exports_match_peft_and_our_unmerged_logits(runs, tmp_path):
              for n, layout in (("tp2", (2, 1)), ("pp2", (1, 2)))]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     proc = run_torchrun("tests/dist_logits.py", str(tmp_path / "cases.json"))
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CASE")]
-    for case in cases:
-        hits = [ln for ln in lines if ln.startswith(f"CASE {case['name']} ")]
-        assert hits and all(ln.endswith("OK") for ln in hits), proc.stdout[-2000:]
+    assert_cases_ok(proc.stdout, cases)
 
 
 @pytest.mark.distributed

@@ -12,6 +12,7 @@ from mindspeed_llm.checkpoint import layout
 from mindspeed_llm.checkpoint.layout import load_rank_file
 from mindspeed_llm.models import family_for_config
 from tests.conftest import run_cli, run_torchrun
+from tests.dist_logits import assert_cases_ok
 from tests.test_convert import convert, hf_tensors
 
 # "routed": every layer MoE, top-k renormalised (norm_topk_prob, as Qwen3-30B-A3B); "mixed": layer 2 keeps a
@@ -139,10 +140,7 @@ def test_logits_match_transformers_at_ep2_and_tp2_under_torchrun(moe_models, tmp
     cases_file = tmp_path / "cases.json"
     cases_file.write_text(json.dumps(cases))
     proc = run_torchrun("tests/dist_logits.py", str(cases_file))
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CASE")]
-    for case in cases:
-        hits = [ln for ln in lines if ln.startswith(f"CASE {case['name']} ")]
-        assert len(hits) == 2 and all(ln.endswith("OK") for ln in hits), (case["name"], proc.stdout[-3000:])
+    assert_cases_ok(proc.stdout, cases, ranks=2)
 
 
 def test_bad_input_errors(moe_models, tiny_qwen3, capsys, tmp_path):
