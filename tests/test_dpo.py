@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import REPO, run_cli, run_torchrun
-from tests.train_fixtures import model_flags, train_flags
+from tests.train_fixtures import launch_plan, model_flags, train_flags
 
 SEQ = 64
 BETA = 0.1
@@ -96,10 +96,7 @@ def sgd_step(env: dict, loss_type: str, smoothing: float, ftx: float, save: Path
 
 
 def launch(env: dict, name: str, plan: list[dict], nproc: int) -> dict:
-    plan_file, out_file = env["root"] / f"{name}_plan.json", env["root"] / f"{name}_out.json"
-    plan_file.write_text(json.dumps(plan))
-    run_torchrun("tests/dist_train_checks.py", str(plan_file), str(out_file), nproc=nproc)
-    return json.loads(out_file.read_text())
+    return launch_plan(env["root"], name, plan, nproc)
 
 
 @pytest.fixture(scope="module")

@@ -3,16 +3,15 @@ grad norms, the first loss is transformers' Qwen3MoeForCausalLM loss, the load-b
 trained, resume at EP2 is exact, the EP2 save converts back to HF, and bad EP sizes are one error line."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
 from mindspeed_llm.checkpoint.hf2mg import Hf2MgOptions, convert_hf_to_mg
-from tests.conftest import run_cli, run_torchrun
+from tests.conftest import run_cli
 from tests.test_convert import convert, hf_tensors
-from tests.train_fixtures import transformers_first_loss
+from tests.train_fixtures import launch_plan, transformers_first_loss
 
 REL = 1e-5
 # The recipe's MoE flags (tune_qwen3_30b_a3b_4K_full_ptd), shapes left to the checkpoint.
@@ -49,10 +48,7 @@ def moe(tiny_model_factory, tmp_path_factory) -> dict:
 
 
 def launch(moe: dict, name: str, plan: list[dict], nproc: int) -> dict:
-    plan_file, out_file = moe["root"] / f"{name}_plan.json", moe["root"] / f"{name}_out.json"
-    plan_file.write_text(json.dumps(plan))
-    run_torchrun("tests/dist_train_checks.py", str(plan_file), str(out_file), nproc=nproc)
-    return json.loads(out_file.read_text())
+    return launch_plan(moe["root"], name, plan, nproc)
 
 
 @pytest.fixture(scope="module")

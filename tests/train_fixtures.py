@@ -72,3 +72,16 @@ def transformers_first_loss(hf_dir, data_prefix: str) -> tuple[float, str]:
                 count += int((labels[0, 1:] != -100).sum())
             means.append(total / count)
     return sum(means) / 2, type(model).__name__
+
+
+def launch_plan(root, name: str, plan: list[dict], nproc: int) -> dict:
+    """Run the configurations of `plan` in one torchrun launch of tests/dist_train_checks.py (files under `root`);
+    returns its results by name."""
+    import json
+
+    from tests.conftest import run_torchrun
+
+    plan_file, out_file = root / f"{name}_plan.json", root / f"{name}_out.json"
+    plan_file.write_text(json.dumps(plan))
+    run_torchrun("tests/dist_train_checks.py", str(plan_file), str(out_file), nproc=nproc)
+    return json.loads(out_file.read_text())
