@@ -18,15 +18,15 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.mappings import all_to_all, gather_from_sequence_parallel_region
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from mindspeed_llm.errors import UserError
 
+
 def context_parallel_group() -> Optional[torch.distributed.ProcessGroup]:
     """megatron-core's CP group when the parallel state exists and has more than one CP rank, else None."""
-    from megatron.core import parallel_state as ps
-
     if not ps.model_parallel_is_initialized() or ps.get_context_parallel_world_size() == 1:
         return None
     return ps.get_context_parallel_group()
