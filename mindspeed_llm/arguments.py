@@ -306,7 +306,7 @@ SPEED_FLAGS = ("use-flash-attn", "use-fused-rmsnorm", "use-fused-swiglu", "use-f
                "use-deter-comp", "reuse-fp32-param", "use-mc2", "no-async-tensor-model-parallel-allreduce",
                "use-fused-moe-token-permute-and-unpermute", "no-create-attention-mask-in-dataloader",
                "npu-deterministic", "use-cp-send-recv-overlap")
-SPEED_VALUE_FLAGS = ("attention-mask-type", "coc-mode", "coc-parallel-num", "shape-order")
+SPEED_VALUE_FLAGS = ("attention-mask-type", "cp-attention-mask-type", "coc-mode", "coc-parallel-num", "shape-order")
 
 
 def add_speed_args(parser: argparse.ArgumentParser) -> None:

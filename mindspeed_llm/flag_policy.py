@@ -112,6 +112,8 @@ SPEED: dict[str, str] = {
     "npu_deterministic": "an Ascend determinism switch; on {device} use --seed (kernels follow torch defaults)",
     "use_fused_moe_token_permute_and_unpermute": "tokens are permuted by megatron-core's torch implementation",
     "attention_mask_type": "the mask follows the data: causal, or per sample with --reset-attention-mask",
+    "cp_attention_mask_type": "(MindSpeed's older name of --attention-mask-type) the mask follows the data: "
+                              "causal, or per sample with --reset-attention-mask",
 }
 _COMMON_NOTICE = {
     "use_mcore_models": "models are always megatron-core",

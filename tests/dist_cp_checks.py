@@ -1,4 +1,5 @@
-"""torchrun script (2 processes): context-parallel core attention against full causal attention, then training runs.
+"""torchrun script (2 processes): context-parallel core attention against full causal attention (unpacked, and
+packed rows split per sample), then training runs.
 
 Usage: torchrun --nproc_per_node 2 tests/dist_cp_checks.py PLAN.json OUT.json
 PLAN.json: [{"name", "argv"}, ...] training runs (tests/dist_train_checks.py `run_train`).
@@ -52,6 +53,42 @@ def attention_case(algo: str, heads: int, groups: int, seq: int = 16, batch: int
     return max(errs)
 
 
+def packed_attention_case(algo: str, heads: int, groups: int, lengths: tuple = (5, 11, 3, 13),
+                          dim: int = 8) -> float:
+    """The CP module on this rank's part of a packed row (every sample padded and split zig-zag) against
+    attention inside each sample of the whole row (forward and q/k/v gradients at the real tokens)."""
+    from mindspeed_llm.models.context_parallel import (context_parallel_group, cp_attention, packed_cp_layout,
+                                                       split_packed_batch_for_cp)
+    from mindspeed_llm.models.packed import packed_attention, packed_seq_params
+
+    group = context_parallel_group()
+    cu = torch.tensor((0, *torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
+    total = int(cu[-1])
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(total, n, dim, generator=gen, dtype=torch.float64) for n in (heads, groups, groups))
+    grad_out = torch.randn(total, heads * dim, generator=gen, dtype=torch.float64)
+    full = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = packed_attention(*full, packed_seq_params(cu, max(lengths)), dim ** -0.5, kernel="dense")
+    ref.reshape(total, -1).backward(grad_out)
+
+    _, params = split_packed_batch_for_cp({"tokens": torch.zeros(1, total, dtype=torch.int64)}, {"tokens": 0}, cu,
+                                          group, 1)
+    source = torch.from_numpy(packed_cp_layout(cu, group.size(), group.rank(), 2 * group.size())[0])
+    real = source >= 0
+
+    def mine(x: torch.Tensor) -> torch.Tensor:      # this rank's rows of the padded row, zeros for padding
+        out = x[source.clamp(min=0)].clone()
+        out[~real] = 0
+        return out
+
+    local = [mine(x).requires_grad_() for x in (q, k, v)]
+    out = cp_attention(algo, group, heads, groups, dim ** -0.5).forward_packed(*local, params, 0.0)
+    out.backward(mine(grad_out))
+    errs = [rel_err(out[real], mine(ref.reshape(total, -1))[real])]
+    errs += [rel_err(x.grad[real], mine(f.grad)[real]) for x, f in zip(local, full)]
+    return max(errs)
+
+
 def main() -> None:
     from mindspeed_llm.errors import UserError
     from mindspeed_llm.models.context_parallel import context_parallel_group, cp_attention
@@ -63,6 +100,8 @@ def main() -> None:
     for algo, heads, groups in (("ulysses_cp_algo", 4, 2), ("ulysses_cp_algo", 4, 1), ("ulysses_cp_algo", 6, 3),
                                 ("megatron_cp_algo", 4, 2), ("megatron_cp_algo", 4, 1)):
         out["attention"][f"{algo}_{heads}q{groups}kv"] = attention_case(algo, heads, groups)
+    for algo, heads, groups in (("ulysses_cp_algo", 4, 2), ("ulysses_cp_algo", 4, 1), ("megatron_cp_algo", 4, 2)):
+        out["attention"][f"packed_{algo}_{heads}q{groups}kv"] = packed_attention_case(algo, heads, groups)
     try:
         cp_attention("ulysses_cp_algo", context_parallel_group(), 3, 1, 1.0)
     except UserError as exc:

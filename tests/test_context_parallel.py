@@ -26,6 +26,13 @@ def cp_runs(env) -> dict:
             {"name": "ulysses", "argv": base + cp2 + ["ulysses_cp_algo"]},
             {"name": "ulysses_unfused", "argv": unfused(base) + cp2 + ["ulysses_cp_algo"]},
             {"name": "ring", "argv": base + cp2 + ["megatron_cp_algo"]}]
+    packed = model_flags(env["hf"]) + train_flags(3, seq=256) + [
+        "--finetune", "--data-path", env["pack"], "--load", str(env["ckpt"][(1, 1)]), "--reset-attention-mask",
+        "--neat-pack", "--attention-mask-type", "general"]
+    plan += [{"name": "packed_cp1", "argv": packed},
+             {"name": "packed_ulysses", "argv": packed + cp2 + ["ulysses_cp_algo", "--cp-attention-mask-type",
+                                                                 "general"]},
+             {"name": "packed_ring", "argv": unfused(packed) + cp2 + ["megatron_cp_algo"]}]
     plan_file, out_file = env["root"] / "cp_plan.json", env["root"] / "cp_out.json"
     plan_file.write_text(json.dumps(plan))
     run_torchrun("tests/dist_cp_checks.py", str(plan_file), str(out_file), nproc=2)
@@ -36,7 +43,7 @@ def cp_runs(env) -> dict:
 def test_cp_attention_equals_full_attention(cp_runs):
     """Output and q/k/v gradients of each rank's chunks, fp64, incl. KV heads repeated for Ulysses (1 or 3 KV heads
     over 2 ranks)."""
-    assert len(cp_runs["attention"]) == 5
+    assert len(cp_runs["attention"]) == 8
     for case, err in cp_runs["attention"].items():
         assert err < 1e-10, (case, err)
     assert "3 attention heads" in cp_runs["errors"]["ulysses_3_heads"]
@@ -50,6 +57,15 @@ def test_cp2_training_equals_cp1(cp_runs, name):
     assert_close(cp_runs[name]["grad_norms"], cp_runs["cp1"]["grad_norms"], rel=1e-5)
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["packed_ulysses", "packed_ring"])
+def test_cp2_packed_training_equals_cp1(cp_runs, name):
+    """Packed rows (--reset-attention-mask --neat-pack): every sample padded and split zig-zag over the CP ranks,
+    attention inside each sample, positions restarting per sample."""
+    assert_close(cp_runs[name]["losses"], cp_runs["packed_cp1"]["losses"], rel=1e-5)
+    assert_close(cp_runs[name]["grad_norms"], cp_runs["packed_cp1"]["grad_norms"], rel=1e-5)
+
+
 def test_kv_repeats_for_ulysses():
     assert kv_repeats_for_ulysses(8, 2, 2) == 1
     assert kv_repeats_for_ulysses(32, 2, 16) == 8       # the 30B 256K recipe: 2 local KV heads over CP 16
@@ -60,8 +76,6 @@ def test_kv_repeats_for_ulysses():
     (["--context-parallel-size", "3"], "--seq-length 64 must be divisible by 2 x --context-parallel-size = 6"),
     (["--context-parallel-size", "2", "--no-pad-to-seq-lengths", "--pad-to-multiple-of", "6"],
      "--pad-to-multiple-of 6 must be divisible by 2 x --context-parallel-size = 4"),
-    (["--context-parallel-size", "2", "--reset-attention-mask"],
-     "--reset-attention-mask cannot be used with --context-parallel-size 2"),
     (["--context-parallel-size", "2", "--context-parallel-algo", "hybrid_cp_algo"],
      "--context-parallel-algo hybrid_cp_algo: not implemented"),
 ])

@@ -8,7 +8,8 @@ per-token positions): they run the kernel `packed.packed_kernel` picks (per-samp
 `PackedSeqParams` fall back to a block-diagonal mask built from `cu_seqlens` on the device. With
 `config.fused_rope` (`--use-fused-rotary-pos-emb`) unpacked batches get their RoPE here too (`RopeAngles`), from
 cos/sin computed once for all layers instead of in every layer. With context parallelism (CP > 1) the
-unpacked path hands the local q/k/v to the algorithm `--context-parallel-algo` names (`context_parallel`).
+local q/k/v (unpacked, or packed rows split per sample) go to the algorithm `--context-parallel-algo` names
+(`context_parallel`).
 """
 from __future__ import annotations
 
@@ -99,14 +100,17 @@ class SDPAttention(MegatronModule):
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         dropout = self.dropout_p if self.training else 0.0
         if self.context_parallel is not None and packed_seq_params is not None \
-                and not isinstance(packed_seq_params, RopeAngles):
-            raise NotImplementedError("context parallelism runs unpacked (sbhd) batches only")
+                and not isinstance(packed_seq_params, RopeAngles) \
+                and not (isinstance(packed_seq_params, PackedSegments) and packed_seq_params.cp_bounds):
+            raise NotImplementedError("context parallelism runs unpacked batches or rows split by get_batch only")
         if isinstance(packed_seq_params, PackedSegments) and packed_seq_params.qkv_format == "thd":
             q, k = query, key
             if packed_seq_params.rope_freqs is not None:
                 cos, sin = packed_rope_cos_sin(packed_seq_params, packed_seq_params.rope_freqs, q.dtype)
                 q = apply_packed_rope(q, cos, sin, self.config.rotary_interleaved)
                 k = apply_packed_rope(k, cos, sin, self.config.rotary_interleaved)
+            if self.context_parallel is not None:
+                return self.context_parallel.forward_packed(q, k, value, packed_seq_params, dropout)
             out = packed_attention(q, k, value, packed_seq_params, self.softmax_scale, dropout)
             return out.reshape(query.shape[0], -1)
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":

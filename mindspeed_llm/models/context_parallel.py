@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
@@ -23,6 +24,7 @@ from megatron.core.tensor_parallel.mappings import all_to_all, gather_from_seque
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from mindspeed_llm.errors import UserError
+from mindspeed_llm.models.packed import PackedSegments, packed_attention
 
 
 def context_parallel_group() -> Optional[torch.distributed.ProcessGroup]:
@@ -46,6 +48,67 @@ def split_batch_for_cp(inputs: dict[str, Any], cp_group: Optional[torch.distribu
     keys = ("tokens", "labels", "loss_mask", "position_ids")
     split = get_batch_on_this_cp_rank({k: inputs[k] for k in keys}, cp_group)
     return {**inputs, **split}
+
+
+def packed_cp_unit(cp: int, tp: int) -> int:
+    """Every packed sample is padded to a multiple of lcm(2, TP) x CP (MindSpeed's `pad_data`): 2 x CP chunks,
+    and each rank's share of the row stays divisible by TP for sequence parallelism."""
+    return math.lcm(2, tp) * cp
+
+
+def packed_cp_layout(cu_seqlens: torch.Tensor, cp: int, rank: int, unit: int) -> tuple[np.ndarray, np.ndarray,
+                                                                                       np.ndarray]:
+    """Where this rank's tokens of a packed row come from when every sample is padded to a multiple of `unit`
+    and cut into 2 x CP chunks, rank r keeping chunks r and 2CP-1-r of every sample (THD zig-zag).
+
+    Returns (source index into the row, -1 for padding; offset of each token in its padded sample; padded
+    cu_seqlens of the whole row), host int64 arrays."""
+    cu = cu_seqlens.to("cpu", torch.int64).numpy()
+    lengths = np.diff(cu)
+    padded = -(-lengths // unit) * unit
+    chunk = padded // (2 * cp)
+    sources, offsets = [], []
+    for start, length, c in zip(cu[:-1], lengths, chunk):
+        offset = np.concatenate((np.arange(rank * c, (rank + 1) * c),
+                                 np.arange((2 * cp - 1 - rank) * c, (2 * cp - rank) * c)))
+        offsets.append(offset)
+        sources.append(np.where(offset < length, start + offset, -1))
+    return np.concatenate(sources), np.concatenate(offsets), np.concatenate(([0], np.cumsum(padded)))
+
+
+def split_packed_batch_for_cp(inputs: dict[str, torch.Tensor], fill: dict[str, int], cu_seqlens: torch.Tensor,
+                              cp_group: torch.distributed.ProcessGroup, tp: int,
+                              device: torch.device | str | None = None) -> tuple[dict[str, torch.Tensor],
+                                                                                 PackedSegments]:
+    """This CP rank's part of a packed row: `inputs` [1, t] host tensors (labels already shifted) -> [1, t_local]
+    with padding `fill[key]` (the keys of `fill`), and the `PackedSegments` of the local tokens (local `bounds`
+    and positions, `cp_bounds` of the padded samples in the whole row) on `device`."""
+    cp, rank = cp_group.size(), cp_group.rank()
+    source, offset, padded_cu = packed_cp_layout(cu_seqlens, cp, rank, packed_cp_unit(cp, tp))
+    index = torch.from_numpy(np.maximum(source, 0))
+    is_pad = torch.from_numpy(source < 0)
+    local = {key: inputs[key][:, index].masked_fill(is_pad, value) for key, value in fill.items()}
+    local["position_ids"] = torch.from_numpy(offset)[None]
+    local_cu = (padded_cu // cp).tolist()
+    full_cu = padded_cu.tolist()
+    dev = torch.device(device) if device is not None else cu_seqlens.device
+    cu_dev = torch.from_numpy(padded_cu).to(torch.int32).to(dev)
+    max_len = int(np.diff(padded_cu).max())
+    params = PackedSegments(qkv_format="thd", cu_seqlens_q=cu_dev, cu_seqlens_kv=cu_dev, max_seqlen_q=max_len,
+                            max_seqlen_kv=max_len, cp_group=cp_group, bounds=tuple(zip(local_cu[:-1], local_cu[1:])),
+                            positions=local["position_ids"][0].to(dev),
+                            cp_bounds=tuple(zip(full_cu[:-1], full_cu[1:])))
+    return local, params
+
+
+def _full_sequence_params(params: PackedSegments) -> PackedSegments:
+    """`params` over the whole padded row (`cp_bounds`), for attention after the Ulysses all-to-all."""
+    full = params.cache.get("cp_full")
+    if full is None:
+        full = params.cache["cp_full"] = PackedSegments(
+            qkv_format="thd", cu_seqlens_q=params.cu_seqlens_q, cu_seqlens_kv=params.cu_seqlens_kv,
+            max_seqlen_q=params.max_seqlen_q, max_seqlen_kv=params.max_seqlen_kv, bounds=params.cp_bounds)
+    return full
 
 
 def _zigzag_to_sequence(x: torch.Tensor, cp: int) -> torch.Tensor:
@@ -86,21 +149,43 @@ class UlyssesAttention(torch.nn.Module):
         self.kv_repeats = kv_repeats_for_ulysses(heads, groups, cp)
         self.gqa = heads != groups * self.kv_repeats
 
-    def _seq_to_heads(self, x: torch.Tensor) -> torch.Tensor:
-        s, b, n, d = x.shape
-        parts = x.reshape(s, b, self.cp, n // self.cp, d).permute(2, 0, 1, 3, 4).contiguous()
-        return _zigzag_to_sequence(all_to_all(self.group, parts), self.cp)     # [s*N, b, n/N, d]
+    def _all_to_all_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[s/N, ..., n, d] sequence-split -> [N, s/N, ..., n/N, d]: every rank's tokens, this rank's heads."""
+        parts = x.reshape(*x.shape[:-2], self.cp, x.shape[-2] // self.cp, x.shape[-1])
+        return all_to_all(self.group, parts.movedim(-3, 0).contiguous())
+
+    def _all_to_all_back(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of `_all_to_all_heads`: [N, s/N, ..., n/N, d] -> [s/N, ..., n*d]."""
+        out = all_to_all(self.group, x.contiguous())
+        return out.movedim(0, -3).flatten(-3)
+
+    def _repeat_kv(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kv_repeats == 1:
+            return key, value
+        return key.repeat_interleave(self.kv_repeats, dim=-2), value.repeat_interleave(self.kv_repeats, dim=-2)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> torch.Tensor:
-        if self.kv_repeats > 1:
-            key, value = (x.repeat_interleave(self.kv_repeats, dim=2) for x in (key, value))
-        q, k, v = (self._seq_to_heads(x).permute(1, 2, 0, 3) for x in (query, key, value))   # [b, n/N, s, d]
+        key, value = self._repeat_kv(key, value)
+        q, k, v = (_zigzag_to_sequence(self._all_to_all_heads(x), self.cp).permute(1, 2, 0, 3)
+                   for x in (query, key, value))                                        # [b, n/N, s, d]
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale,
                                              enable_gqa=self.gqa)
-        out = _sequence_to_zigzag(out.permute(2, 0, 1, 3), self.cp).contiguous()        # [N, s/N, b, n/N, d]
-        out = all_to_all(self.group, out)                                               # [N heads, s/N, b, n/N, d]
-        s_local, b = out.shape[1], out.shape[2]
-        return out.permute(1, 2, 0, 3, 4).reshape(s_local, b, -1)
+        return self._all_to_all_back(_sequence_to_zigzag(out.permute(2, 0, 1, 3), self.cp))
+
+    def forward_packed(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, params: PackedSegments,
+                       dropout: float) -> torch.Tensor:
+        """THD q [t/N, np, hn], k/v [t/N, ng, hn], every sample split zig-zag (`split_packed_batch_for_cp`):
+        the all-to-all, each sample put back in order, causal attention inside each sample, and back."""
+        key, value = self._repeat_kv(key, value)
+        full = _full_sequence_params(params)
+
+        def to_sequence(x: torch.Tensor) -> torch.Tensor:
+            parts = self._all_to_all_heads(x)                                           # [N, t/N, n/N, d]
+            return torch.cat([_zigzag_to_sequence(parts[:, a:b], self.cp) for a, b in params.bounds])
+
+        out = packed_attention(*(to_sequence(x) for x in (query, key, value)), full, self.softmax_scale, dropout)
+        zigzag = torch.cat([_sequence_to_zigzag(out[a:b], self.cp) for a, b in full.bounds], dim=1)
+        return self._all_to_all_back(zigzag)
 
 
 def _block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
@@ -138,10 +223,25 @@ class RingAttention(torch.nn.Module):
         self.groups = groups
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> torch.Tensor:
+        k_all, v_all = (gather_from_sequence_parallel_region(x, group=self.group) for x in (key, value))
+        return self._attend(query, k_all, v_all, dropout)
+
+    def forward_packed(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, params: PackedSegments,
+                       dropout: float) -> torch.Tensor:
+        """THD q [t/N, np, hn], k/v [t/N, ng, hn], every sample split zig-zag (`split_packed_batch_for_cp`):
+        the ring schedule runs per sample over that sample's chunks of every rank."""
+        t_local = query.shape[0]
+        k_all, v_all = (gather_from_sequence_parallel_region(x, group=self.group).view(self.cp, t_local, *x.shape[1:])
+                        for x in (key, value))
+        outs = [self._attend(query[a:b].unsqueeze(1), *(x[:, a:b].flatten(0, 1).unsqueeze(1) for x in (k_all, v_all)),
+                             dropout) for a, b in params.bounds]
+        return torch.cat(outs).squeeze(1)
+
+    def _attend(self, query: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, dropout: float) -> torch.Tensor:
+        """q [s/N, b, np, hn] of this rank against k/v [s, b, ng, hn], rank j's block at [j s/N, (j+1) s/N)."""
         s_local, b, n, d = query.shape
         rank, half = self.group.rank(), s_local // 2
         q = query.permute(1, 2, 0, 3).reshape(b, self.groups, n // self.groups, s_local, d)
-        k_all, v_all = (gather_from_sequence_parallel_region(x, group=self.group) for x in (key, value))
         out = lse = None
         for step in range(self.cp):
             j = (rank - step) % self.cp

@@ -34,12 +34,15 @@ class PackedSegments(PackedSeqParams):
     """megatron-core `PackedSeqParams` (THD) plus what the host precomputed for this micro-batch.
 
     `bounds`: (start, end) of every segment as host ints; `positions`: [t] int64 on the device, restarting at 0
-    in each segment; `rope_freqs`: the model's RoPE angles [max_s, 1, 1, d], set per layer by
+    in each segment; `cp_bounds`: with context parallelism, (start, end) of every segment (padded to a multiple
+    of 2 x CP) in the whole sequence, while `bounds` and `positions` cover this rank's part of each segment
+    (`context_parallel.split_packed_batch_for_cp`); `rope_freqs`: the model's RoPE angles [max_s, 1, 1, d], set per layer by
     `PackedRopeSelfAttention` when RoPE is left to core attention; `cache`: per-batch tensors shared by all layers
     (dense mask, cos/sin), kept across `dataclasses.replace` copies.
     """
     bounds: tuple = ()
     positions: Optional[torch.Tensor] = None
+    cp_bounds: tuple = ()
     rope_freqs: Optional[torch.Tensor] = None
     cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 

@@ -18,9 +18,11 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from megatron.core import parallel_state
 
 from mindspeed_llm.errors import UserError
-from mindspeed_llm.models.context_parallel import context_parallel_group, split_batch_for_cp
+from mindspeed_llm.models.context_parallel import (context_parallel_group, split_batch_for_cp,
+                                                   split_packed_batch_for_cp)
 
 from mindspeed_llm.training.loss import IGNORE_INDEX, loss_mask_from_labels, shift_labels
 from mindspeed_llm.data.preprocess import SIDECAR_SUFFIX
@@ -225,6 +227,11 @@ def build_packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int,
     return packed_seq_params(cu_seqlens, int(max_seqlen), cp_group, device)
 
 
+def _tp_size() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() \
+        else 1
+
+
 def padding_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Dense [b, 1, L, L] bool mask, True = masked (Megatron convention): the causal upper triangle and the
     padding key columns. The diagonal stays open so padding rows never softmax over nothing (NaN)."""
@@ -248,7 +255,8 @@ def get_batch(batch: dict[str, torch.Tensor], device: torch.device | str | None 
       flash); pad positions compute garbage that the loss mask removes. A dense mask is built only for left
       padding;
     * with a context-parallel group of N ranks (`cp_group`, else megatron-core's), unpacked tensors are this
-      rank's chunks i and 2N-1-i of 2N along the sequence, [b, L/N] (`models.context_parallel`);
+      rank's chunks i and 2N-1-i of 2N along the sequence, [b, L/N]; packed rows are cut the same way per
+      sample, each sample padded to a multiple of 2N (lcm(2, TP) x N), [1, t/N] (`models.context_parallel`);
     * `packed_seq_params`: None, or for packed batches a THD `PackedSeqParams` whose cu_seqlens index the
       micro-batch flattened row after row. Packed tensors are therefore returned as [1, b * L], position
       ids restarting at 0 in each segment, and `attention_mask` None.
@@ -257,10 +265,17 @@ def get_batch(batch: dict[str, torch.Tensor], device: torch.device | str | None 
         return t.to(device, non_blocking=True) if device is not None else t
 
     tokens = batch["input_ids"]
+    group = cp_group if cp_group is not None else context_parallel_group()
     if "cu_seqlens" in batch:
         cu = batch["cu_seqlens"]
         tokens = tokens.reshape(1, -1)
         labels = shift_labels(batch["labels"].reshape(1, -1), cu)
+        if group is not None and group.size() > 1:
+            local, params = split_packed_batch_for_cp({"tokens": tokens, "labels": labels}, {"tokens": 0,
+                                                      "labels": IGNORE_INDEX}, cu, group, _tp_size(), device)
+            return {"tokens": to(local["tokens"]), "labels": to(local["labels"]),
+                    "loss_mask": to(loss_mask_from_labels(local["labels"])),
+                    "position_ids": to(local["position_ids"]), "attention_mask": None, "packed_seq_params": params}
         return {"tokens": to(tokens), "labels": to(labels), "loss_mask": to(loss_mask_from_labels(labels)),
                 "position_ids": to(batch["position_ids"].reshape(1, -1)), "attention_mask": None,
                 "packed_seq_params": build_packed_seq_params(cu, int(batch["max_seqlen"]), cp_group, device)}
@@ -272,7 +287,7 @@ def get_batch(batch: dict[str, torch.Tensor], device: torch.device | str | None 
               "position_ids": to(torch.arange(length, dtype=torch.int64).expand(b, length).contiguous()),
               "attention_mask": None if right_padded else to(padding_attention_mask(mask)),
               "packed_seq_params": None}
-    return split_batch_for_cp(inputs, cp_group if cp_group is not None else context_parallel_group())
+    return split_batch_for_cp(inputs, group)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -82,14 +82,17 @@ def validate_train_args(args: argparse.Namespace) -> None:
     if args.end_weight_decay is None:
         args.end_weight_decay = args.weight_decay
     # Packed DPO rows are as long as their pairs: the pipeline exchanges each micro-batch's shape.
+    # Packed rows split across CP ranks are padded per sample (`context_parallel.split_packed_batch_for_cp`).
     args.variable_seq_lengths = bool(args.no_pad_to_seq_lengths
-                                     or (args.reset_attention_mask and args.stage == "dpo"))
+                                     or (args.reset_attention_mask and (args.stage == "dpo"
+                                                                        or args.context_parallel_size > 1)))
     if args.variable_seq_lengths and args.log_throughput:
         args.log_throughput = False          # MindSpeed: throughput from --seq-length would be wrong here
 
 
 def validate_context_parallel(args: argparse.Namespace) -> None:
-    """--context-parallel-size N > 1 splits unpacked, right-padded SFT batches into 2N chunks (2 per rank)."""
+    """--context-parallel-size N > 1 splits right-padded SFT batches into 2N chunks (2 per rank), packed rows
+    per sample."""
     cp = args.context_parallel_size
     if cp < 1:
         raise UserError(f"--context-parallel-size {cp} must be at least 1")
@@ -98,8 +101,7 @@ def validate_context_parallel(args: argparse.Namespace) -> None:
     if args.context_parallel_algo not in CP_ATTENTION:
         raise UserError(f"--context-parallel-algo {args.context_parallel_algo}: not implemented; use one of "
                         f"{', '.join(CP_ATTENTION)}")
-    refused = (("--reset-attention-mask", args.reset_attention_mask, "packed rows are not split across CP ranks"),
-               ("--stage dpo", args.stage == "dpo", "DPO sequence log-probs are not summed across CP ranks"),
+    refused = (("--stage dpo", args.stage == "dpo", "DPO sequence log-probs are not summed across CP ranks"),
                ("--tokenizer-padding-side left", args.tokenizer_padding_side == "left",
                 "CP attention is causal without a padding mask"),
                ("--use-distributed-optimizer", args.use_distributed_optimizer,
@@ -107,6 +109,8 @@ def validate_context_parallel(args: argparse.Namespace) -> None:
     for flag, given, why in refused:
         if given:
             raise UserError(f"{flag} cannot be used with --context-parallel-size {cp} ({why})")
+    if args.reset_attention_mask:
+        return      # every packed sample is padded to a multiple of 2 x CP when the row is split
     if args.no_pad_to_seq_lengths:
         if args.pad_to_multiple_of % (2 * cp):
             raise UserError(f"--pad-to-multiple-of {args.pad_to_multiple_of} must be divisible by 2 x "
