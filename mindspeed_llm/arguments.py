@@ -164,6 +164,8 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sequence-parallel", action="store_true", help="switched off automatically at TP=1")
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--context-parallel-algo", default="megatron_cp_algo")
+    g.add_argument("--ulysses-degree-in-cp", type=int, default=None,
+                   help="hybrid_cp_algo: Ulysses inside groups of this many CP ranks, ring across the groups")
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--use-distributed-optimizer", action="store_true", help="shard optimizer state over DP")
     g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo", "hccl", "mpi"],
@@ -306,7 +308,7 @@ SPEED_FLAGS = ("use-flash-attn", "use-fused-rmsnorm", "use-fused-swiglu", "use-f
                "use-deter-comp", "reuse-fp32-param", "use-mc2", "no-async-tensor-model-parallel-allreduce",
                "use-fused-moe-token-permute-and-unpermute", "no-create-attention-mask-in-dataloader",
                "npu-deterministic", "use-cp-send-recv-overlap")
-SPEED_VALUE_FLAGS = ("attention-mask-type", "cp-attention-mask-type", "coc-mode", "coc-parallel-num", "shape-order")
+SPEED_VALUE_FLAGS = ("attention-mask-type", "cp-attention-mask-type", "cp-window-size", "coc-mode", "coc-parallel-num", "shape-order")
 
 
 def add_speed_args(parser: argparse.ArgumentParser) -> None:

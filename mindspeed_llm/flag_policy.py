@@ -55,7 +55,7 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "expert_model_parallel_size", "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "norm_topk_prob",
         "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_layer_freq", "first_k_dense_replace",
         "moe_token_dispatcher_type",
-        "context_parallel_size", "context_parallel_algo",
+        "context_parallel_size", "context_parallel_algo", "ulysses_degree_in_cp",
     }),
     "inference": frozenset(_MODEL | {
         "task", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "num_beams", "length_penalty",
@@ -109,6 +109,7 @@ SPEED: dict[str, str] = {
     "coc_parallel_num": _ASCEND, "use_mc2": _ASCEND, "shape_order": _ASCEND,
     "use_fused_ring_attention_update": "ring attention merges its blocks with unfused torch log-sum-exp updates",
     "use_cp_send_recv_overlap": "ring attention all-gathers K/V over the CP group (no send/recv to overlap)",
+    "cp_window_size": "ring attention all-gathers K/V over the CP group in one step (no double ring to window)",
     "npu_deterministic": "an Ascend determinism switch; on {device} use --seed (kernels follow torch defaults)",
     "use_fused_moe_token_permute_and_unpermute": "tokens are permuted by megatron-core's torch implementation",
     "attention_mask_type": "the mask follows the data: causal, or per sample with --reset-attention-mask",

@@ -530,12 +530,14 @@ def adapt_megatron_for_cpu() -> None:
 def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                      virtual_pipeline_model_parallel_size: Optional[int] = None, *,
                      backend: Optional[str] = None, seed: int = 1234, timeout_minutes: int = 30,
-                     context_parallel_size: int = 1, expert_model_parallel_size: int = 1) -> Platform:
+                     context_parallel_size: int = 1, expert_model_parallel_size: int = 1,
+                     ulysses_degree_in_cp: Optional[int] = None) -> Platform:
     """Initialise torch.distributed from the torchrun environment and megatron-core's parallel state.
 
     Works without torchrun too (a world of one). Applies the CPU adaptation when no accelerator is present,
     binds the rank to its local accelerator otherwise, and seeds megatron's model-parallel RNG tracker.
     Calling it again with different sizes re-creates the parallel groups (the process group is kept).
+    `ulysses_degree_in_cp` (hybrid_cp_algo) also splits the CP groups into Ulysses and ring groups.
     """
     from megatron.core import parallel_state, tensor_parallel
 
@@ -577,6 +579,9 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
         expert_model_parallel_size=expert_model_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
+    from mindspeed_llm.models.context_parallel import build_hybrid_cp_groups   # the models import this module
+
+    build_hybrid_cp_groups(ulysses_degree_in_cp if context_parallel_size > 1 else None)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
     return plat
 

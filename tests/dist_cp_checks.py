@@ -1,7 +1,8 @@
-"""torchrun script (2 processes): context-parallel core attention against full causal attention (unpacked, and
+"""torchrun script (2 or 4 processes): context-parallel core attention against full causal attention (unpacked, and
 packed rows split per sample), then training runs.
 
-Usage: torchrun --nproc_per_node 2 tests/dist_cp_checks.py PLAN.json OUT.json
+Usage: torchrun --nproc_per_node N tests/dist_cp_checks.py PLAN.json OUT.json [CP]
+CP (default 2) sets the size the attention cases run at; CP 4 adds hybrid_cp_algo with Ulysses degree 2.
 PLAN.json: [{"name", "argv"}, ...] training runs (tests/dist_train_checks.py `run_train`).
 OUT.json (written by the last rank): {"attention": {case: max relative error}, "errors": {case: message},
 name: {"losses", "grad_norms", ...}}.
@@ -95,17 +96,20 @@ def main() -> None:
     from mindspeed_llm.platform import init_distributed
 
     plan = json.loads(Path(sys.argv[1]).read_text())
-    init_distributed(context_parallel_size=2)
+    cp = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+    init_distributed(context_parallel_size=cp, ulysses_degree_in_cp=2 if cp == 4 else None)
     out: dict = {"attention": {}, "errors": {}}
-    for algo, heads, groups in (("ulysses_cp_algo", 4, 2), ("ulysses_cp_algo", 4, 1), ("ulysses_cp_algo", 6, 3),
-                                ("megatron_cp_algo", 4, 2), ("megatron_cp_algo", 4, 1)):
-        out["attention"][f"{algo}_{heads}q{groups}kv"] = attention_case(algo, heads, groups)
-    for algo, heads, groups in (("ulysses_cp_algo", 4, 2), ("ulysses_cp_algo", 4, 1), ("megatron_cp_algo", 4, 2)):
-        out["attention"][f"packed_{algo}_{heads}q{groups}kv"] = packed_attention_case(algo, heads, groups)
-    try:
-        cp_attention("ulysses_cp_algo", context_parallel_group(), 3, 1, 1.0)
-    except UserError as exc:
-        out["errors"]["ulysses_3_heads"] = str(exc)
+    algos = ("ulysses_cp_algo", "megatron_cp_algo") + (("hybrid_cp_algo",) if cp == 4 else ())
+    for algo in algos:
+        for heads, groups in ((4, 2), (4, 1)):
+            out["attention"][f"{algo}_{heads}q{groups}kv"] = attention_case(algo, heads, groups)
+            out["attention"][f"packed_{algo}_{heads}q{groups}kv"] = packed_attention_case(algo, heads, groups)
+    if cp == 2:
+        out["attention"]["ulysses_cp_algo_6q3kv"] = attention_case("ulysses_cp_algo", 6, 3)
+        try:
+            cp_attention("ulysses_cp_algo", context_parallel_group(), 3, 1, 1.0)
+        except UserError as exc:
+            out["errors"]["ulysses_3_heads"] = str(exc)
     for case in plan:
         out[case["name"]] = run_train(case["argv"])
     if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:

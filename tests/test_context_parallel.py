@@ -43,7 +43,7 @@ def cp_runs(env) -> dict:
 def test_cp_attention_equals_full_attention(cp_runs):
     """Output and q/k/v gradients of each rank's chunks, fp64, incl. KV heads repeated for Ulysses (1 or 3 KV heads
     over 2 ranks)."""
-    assert len(cp_runs["attention"]) == 8
+    assert len(cp_runs["attention"]) == 9
     for case, err in cp_runs["attention"].items():
         assert err < 1e-10, (case, err)
     assert "3 attention heads" in cp_runs["errors"]["ulysses_3_heads"]
@@ -55,6 +55,60 @@ def test_cp2_training_equals_cp1(cp_runs, name):
     """Fused RoPE (core attention, `RopeAngles`) and megatron-core's RoPE both take this rank's zig-zag angles."""
     assert_close(cp_runs[name]["losses"], cp_runs["cp1"]["losses"], rel=1e-5)
     assert_close(cp_runs[name]["grad_norms"], cp_runs["cp1"]["grad_norms"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def cp4_runs(env) -> dict:
+    """One 4-process launch: attention cases at CP 4 (hybrid included), and training at CP 1 (DP 4) against
+    CP 2 x TP 2 with the distributed optimizer (Ulysses, ring; a save and resume) and CP 4 hybrid (Ulysses
+    degree 2), on packed and unpacked data."""
+    one_sample = ["--micro-batch-size", "1"]      # GBS 4 over DP 4
+    plain = model_flags(env["hf"]) + train_flags(3) + ["--finetune", "--data-path", env["plain"]] + one_sample
+    packed = model_flags(env["hf"]) + train_flags(3, seq=256) + [
+        "--finetune", "--data-path", env["pack"], "--reset-attention-mask", "--neat-pack"] + one_sample
+    tp1, tp2 = ["--load", str(env["ckpt"][(1, 1)])], ["--load", str(env["ckpt"][(2, 1)])]
+    cp2_tp2 = tp2 + ["--context-parallel-size", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                     "--use-distributed-optimizer", "--context-parallel-algo"]
+    hybrid = tp1 + ["--context-parallel-size", "4", "--context-parallel-algo", "hybrid_cp_algo",
+                    "--ulysses-degree-in-cp", "2"]
+    saved = str(env["root"] / "cp2_tp2_half")
+    plan = [{"name": "packed_cp1", "argv": packed + tp1},
+            {"name": "packed_cp2_tp2_ulysses", "argv": packed + cp2_tp2 + ["ulysses_cp_algo"]},
+            {"name": "packed_cp2_tp2_ring", "argv": packed + cp2_tp2 + ["megatron_cp_algo"]},
+            {"name": "packed_hybrid", "argv": packed + hybrid},
+            {"name": "plain_cp1", "argv": plain + tp1},
+            {"name": "plain_hybrid", "argv": plain + hybrid},
+            {"name": "half", "argv": plain + cp2_tp2 + ["ulysses_cp_algo", "--save", saved, "--exit-interval", "2"]},
+            {"name": "resumed", "argv": [a for a in plain if a != "--finetune"] + cp2_tp2[2:] + [
+                "ulysses_cp_algo", "--load", saved]}]
+    plan_file, out_file = env["root"] / "cp4_plan.json", env["root"] / "cp4_out.json"
+    plan_file.write_text(json.dumps(plan))
+    run_torchrun("tests/dist_cp_checks.py", str(plan_file), str(out_file), "4", nproc=4)
+    return json.loads(out_file.read_text())
+
+
+@pytest.mark.distributed
+def test_cp4_attention_equals_full_attention(cp4_runs):
+    """Ulysses, ring and hybrid (Ulysses degree 2 x ring 2) at CP 4, unpacked and packed."""
+    assert len(cp4_runs["attention"]) == 12
+    for case, err in cp4_runs["attention"].items():
+        assert err < 1e-10, (case, err)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name,ref", [("packed_cp2_tp2_ulysses", "packed_cp1"), ("packed_cp2_tp2_ring", "packed_cp1"),
+                                      ("packed_hybrid", "packed_cp1"), ("plain_hybrid", "plain_cp1")])
+def test_cp_with_tp_distributed_optimizer_and_hybrid_equal_cp1(cp4_runs, name, ref):
+    assert_close(cp4_runs[name]["losses"], cp4_runs[ref]["losses"], rel=1e-5)
+    assert_close(cp4_runs[name]["grad_norms"], cp4_runs[ref]["grad_norms"], rel=1e-5)
+
+
+@pytest.mark.distributed
+def test_cp2_distributed_optimizer_resumes(cp4_runs):
+    """2 iterations, save (the optimizer state sharded over DP x CP), resume: the third equals CP 1's."""
+    assert cp4_runs["half"]["iteration"] == 2 and cp4_runs["resumed"]["iteration"] == 3
+    assert_close(cp4_runs["half"]["losses"] + cp4_runs["resumed"]["losses"][-1:], cp4_runs["plain_cp1"]["losses"],
+                 rel=1e-5)
 
 
 @pytest.mark.distributed
@@ -77,7 +131,9 @@ def test_kv_repeats_for_ulysses():
     (["--context-parallel-size", "2", "--no-pad-to-seq-lengths", "--pad-to-multiple-of", "6"],
      "--pad-to-multiple-of 6 must be divisible by 2 x --context-parallel-size = 4"),
     (["--context-parallel-size", "2", "--context-parallel-algo", "hybrid_cp_algo"],
-     "--context-parallel-algo hybrid_cp_algo: not implemented"),
+     "--context-parallel-algo hybrid_cp_algo needs --ulysses-degree-in-cp"),
+    (["--context-parallel-size", "4", "--context-parallel-algo", "hybrid_cp_algo", "--ulysses-degree-in-cp", "4"],
+     "with a ring of at least 2 (got 4)"),
 ])
 def test_bad_cp_setups_are_named(extra, message):
     with pytest.raises(UserError) as err:

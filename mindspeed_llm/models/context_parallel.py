@@ -1,4 +1,4 @@
-"""Context parallelism (CP) for unpacked (sbhd) batches: the batch split and the core-attention algorithms.
+"""Context parallelism (CP): the batch split and the core-attention algorithms.
 
 Every CP rank holds 2 of the 2N sequence chunks of a micro-batch (N = CP size): rank i holds chunks i and
 2N-1-i, so causal work is balanced (megatron-core's `get_batch_on_this_cp_rank`; megatron-core's RoPE slices its
@@ -9,7 +9,13 @@ over the whole causal sequence; `CP_ATTENTION` maps `--context-parallel-algo` to
 * `ulysses_cp_algo` (`UlyssesAttention`): all-to-all from sequence-split to head-split, causal attention over the
   full sequence (chunks put back in order), and the inverse all-to-all;
 * `megatron_cp_algo` (`RingAttention`): the local queries attend to every rank's K/V block, visited in ring order
-  (all-gathered over the CP group), partial results merged by log-sum-exp, with the load-balanced causal rules.
+  (all-gathered over the CP group), partial results merged by log-sum-exp, with the load-balanced causal rules;
+* `hybrid_cp_algo` (`HybridAttention`, `--ulysses-degree-in-cp u`): Ulysses inside groups of u ranks, ring
+  across them.
+
+Packed rows (THD) are split per sample: every sample is padded to a multiple of lcm(2, TP) x N and each rank
+takes chunks i and 2N-1-i of every sample (`split_packed_batch_for_cp`); the algorithms' `forward_packed` keep
+attention inside each sample.
 """
 from __future__ import annotations
 
@@ -230,11 +236,16 @@ class RingAttention(torch.nn.Module):
                        dropout: float) -> torch.Tensor:
         """THD q [t/N, np, hn], k/v [t/N, ng, hn], every sample split zig-zag (`split_packed_batch_for_cp`):
         the ring schedule runs per sample over that sample's chunks of every rank."""
+        return self.attend_packed(query, key, value, params.bounds, dropout)
+
+    def attend_packed(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: tuple,
+                      dropout: float) -> torch.Tensor:
+        """`forward_packed` with the local (start, end) of every sample given as `bounds`."""
         t_local = query.shape[0]
         k_all, v_all = (gather_from_sequence_parallel_region(x, group=self.group).view(self.cp, t_local, *x.shape[1:])
                         for x in (key, value))
         outs = [self._attend(query[a:b].unsqueeze(1), *(x[:, a:b].flatten(0, 1).unsqueeze(1) for x in (k_all, v_all)),
-                             dropout) for a, b in params.bounds]
+                             dropout) for a, b in bounds]
         return torch.cat(outs).squeeze(1)
 
     def _attend(self, query: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, dropout: float) -> torch.Tensor:
@@ -261,7 +272,69 @@ class RingAttention(torch.nn.Module):
         return out.permute(2, 0, 1, 3).reshape(s_local, b, n * d)
 
 
-CP_ATTENTION = {"ulysses_cp_algo": UlyssesAttention, "megatron_cp_algo": RingAttention}
+_HYBRID_GROUPS: dict[str, Any] = {}
+
+
+def build_hybrid_cp_groups(ulysses_degree: Optional[int]) -> None:
+    """Collective, once per parallel-state set-up: split every CP group of N ranks into Ulysses groups of
+    `ulysses_degree` consecutive ranks and ring groups of N / `ulysses_degree` ranks strided by it (MindSpeed's
+    hybrid_cp_algo layout, megatron-core's `hierarchical_context_parallel_sizes` [u, N/u]). None forgets them."""
+    _HYBRID_GROUPS.clear()
+    if not ulysses_degree:
+        return
+    cp_ranks = torch.distributed.get_process_group_ranks(ps.get_context_parallel_group())
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, cp_ranks)
+    cp_groups = sorted({tuple(ranks) for ranks in every})
+    ulysses = [list(ranks[i:i + ulysses_degree]) for ranks in cp_groups
+               for i in range(0, len(ranks), ulysses_degree)]
+    ring = [list(ranks[i::ulysses_degree]) for ranks in cp_groups for i in range(ulysses_degree)]
+    _HYBRID_GROUPS["ulysses"] = torch.distributed.new_subgroups_by_enumeration(ulysses)[0]
+    _HYBRID_GROUPS["ring"] = torch.distributed.new_subgroups_by_enumeration(ring)[0]
+
+
+class HybridAttention(torch.nn.Module):
+    """hybrid_cp_algo: Ulysses inside groups of u consecutive CP ranks, ring across the N/u groups.
+
+    The batch is split as for the other algorithms (rank i holds chunks i and 2N-1-i of 2N); a Ulysses group g
+    then holds blocks g and 2r-1-g of the sequence seen as 2r blocks (r = N/u), which is the ring layout over
+    the ring groups. So: all-to-all to head-split within the Ulysses group, the ring over the sequence blocks
+    of the ring group for this rank's heads, and the inverse all-to-all."""
+
+    def __init__(self, group: torch.distributed.ProcessGroup, heads: int, groups: int, softmax_scale: float):
+        super().__init__()
+        if "ulysses" not in _HYBRID_GROUPS:
+            raise UserError("--context-parallel-algo hybrid_cp_algo needs --ulysses-degree-in-cp")
+        self.ulysses = UlyssesAttention(_HYBRID_GROUPS["ulysses"], heads, groups, softmax_scale)
+        self.degree = self.ulysses.cp
+        self.ring = RingAttention(_HYBRID_GROUPS["ring"], heads // self.degree,
+                                  groups * self.ulysses.kv_repeats // self.degree, softmax_scale)
+
+    def _to_ring(self, x: torch.Tensor, bounds: Optional[tuple] = None) -> torch.Tensor:
+        parts = self.ulysses._all_to_all_heads(x)
+        if bounds is None:
+            return _zigzag_to_sequence(parts, self.degree)
+        return torch.cat([_zigzag_to_sequence(parts[:, a:b], self.degree) for a, b in bounds])
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> torch.Tensor:
+        key, value = self.ulysses._repeat_kv(key, value)
+        out = self.ring(*(self._to_ring(x) for x in (query, key, value)), dropout)
+        out = out.view(*out.shape[:2], -1, query.shape[-1])
+        return self.ulysses._all_to_all_back(_sequence_to_zigzag(out, self.degree))
+
+    def forward_packed(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, params: PackedSegments,
+                       dropout: float) -> torch.Tensor:
+        key, value = self.ulysses._repeat_kv(key, value)
+        ring_bounds = tuple((a * self.degree, b * self.degree) for a, b in params.bounds)
+        out = self.ring.attend_packed(*(self._to_ring(x, params.bounds) for x in (query, key, value)), ring_bounds,
+                                      dropout)
+        out = out.view(out.shape[0], -1, query.shape[-1])
+        zigzag = torch.cat([_sequence_to_zigzag(out[a:b], self.degree) for a, b in ring_bounds], dim=1)
+        return self.ulysses._all_to_all_back(zigzag)
+
+
+CP_ATTENTION = {"ulysses_cp_algo": UlyssesAttention, "megatron_cp_algo": RingAttention,
+                "hybrid_cp_algo": HybridAttention}
 
 
 def cp_attention(algo: str, group: torch.distributed.ProcessGroup, heads: int, groups: int,

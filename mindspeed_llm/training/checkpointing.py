@@ -118,7 +118,7 @@ def load_distributed_state(optimizer, path: str, steps: list[Optional[float]]) -
     from mindspeed_llm.checkpoint.errors import ConversionError
 
     states, error = None, ""
-    if ps.get_data_parallel_rank() == 0:
+    if ps.get_data_parallel_rank(with_context_parallel=True) == 0:     # the optimizer shards over DP x CP
         try:
             states = layout.load_pt(Path(path), "the distributed optimizer state written with "
                                                 "--use-distributed-optimizer (a dict of parameter state)")

@@ -101,11 +101,14 @@ def validate_context_parallel(args: argparse.Namespace) -> None:
     if args.context_parallel_algo not in CP_ATTENTION:
         raise UserError(f"--context-parallel-algo {args.context_parallel_algo}: not implemented; use one of "
                         f"{', '.join(CP_ATTENTION)}")
+    if args.context_parallel_algo == "hybrid_cp_algo":
+        degree = args.ulysses_degree_in_cp
+        if not degree or degree < 1 or cp % degree or cp // degree < 2:
+            raise UserError(f"--context-parallel-algo hybrid_cp_algo needs --ulysses-degree-in-cp dividing "
+                            f"--context-parallel-size {cp} with a ring of at least 2 (got {degree})")
     refused = (("--stage dpo", args.stage == "dpo", "DPO sequence log-probs are not summed across CP ranks"),
                ("--tokenizer-padding-side left", args.tokenizer_padding_side == "left",
-                "CP attention is causal without a padding mask"),
-               ("--use-distributed-optimizer", args.use_distributed_optimizer,
-                "its state is not saved across CP ranks"))
+                "CP attention is causal without a padding mask"))
     for flag, given, why in refused:
         if given:
             raise UserError(f"{flag} cannot be used with --context-parallel-size {cp} ({why})")
