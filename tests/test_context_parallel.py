@@ -1,5 +1,6 @@
-"""--context-parallel-size 2 (Ulysses and ring) on the tiny Qwen3 model: the core-attention modules equal full
-causal attention, and 3 training iterations give the CP 1 losses and grad norms; bad CP set-ups are one error line."""
+"""--context-parallel-size 2 and 4 (Ulysses, ring, hybrid) on the tiny Qwen3 model, unpacked and packed, with TP,
+the distributed optimizer and (tiny Qwen3-MoE) EP: the core-attention modules equal full causal attention, and 3
+training iterations give the CP 1 losses and grad norms; bad CP set-ups are one error line."""
 from __future__ import annotations
 
 import json
@@ -10,8 +11,9 @@ from mindspeed_llm.arguments import parse_train_args
 from mindspeed_llm.errors import UserError
 from mindspeed_llm.models.context_parallel import kv_repeats_for_ulysses
 from tests.conftest import run_cli, run_torchrun
+from tests.test_moe_train import lb_losses, moe, single, train_argv  # noqa: F401  (moe, single are fixtures)
 from tests.test_train import assert_close, unfused
-from tests.train_fixtures import env, model_flags, train_flags  # noqa: F401  (env is a fixture)
+from tests.train_fixtures import env, launch_plan, model_flags, train_flags  # noqa: F401  (env is a fixture)
 
 TRAIN_MIN = ["--data-path", "/nonexistent/prefix", "--is-instruction-dataset", "--train-iters", "1", "--lr", "1e-4",
              "--seq-length", "64"]
@@ -118,6 +120,27 @@ def test_cp2_packed_training_equals_cp1(cp_runs, name):
     attention inside each sample, positions restarting per sample."""
     assert_close(cp_runs[name]["losses"], cp_runs["packed_cp1"]["losses"], rel=1e-5)
     assert_close(cp_runs[name]["grad_norms"], cp_runs["packed_cp1"]["grad_norms"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def moe_cp_runs(moe) -> dict:
+    """The tiny Qwen3-MoE at CP 2 on 2 processes: with EP 2 (megatron-core's expert groups span DP x CP, so the
+    two CP ranks are the two expert ranks) for Ulysses and ring, and without EP."""
+    run = train_argv(moe, 3, "--finetune", "--context-parallel-size", "2")
+    ep2 = ["--expert-model-parallel-size", "2", "--load", str(moe["ckpt"]["ep2"])]
+    plan = [{"name": "cp2_ep2_ulysses", "argv": run + ep2 + ["--context-parallel-algo", "ulysses_cp_algo"]},
+            {"name": "cp2_ep2_ring", "argv": run + ep2 + ["--context-parallel-algo", "megatron_cp_algo"]},
+            {"name": "cp2_ep1", "argv": run + ["--load", str(moe["ckpt"]["ep1"])]}]
+    return launch_plan(moe["root"], "moe_cp", plan, nproc=2)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["cp2_ep2_ulysses", "cp2_ep2_ring", "cp2_ep1"])
+def test_moe_cp2_equals_single_process(single, moe_cp_runs, name):
+    """Losses, grad norms and the logged load-balancing loss equal the one-process MoE run."""
+    assert_close(moe_cp_runs[name]["losses"], single["ref"]["losses"], rel=1e-5)
+    assert_close(moe_cp_runs[name]["grad_norms"], single["ref"]["grad_norms"], rel=1e-5)
+    assert_close(lb_losses(moe_cp_runs[name]), lb_losses(single["ref"]), rel=1e-5)
 
 
 def test_kv_repeats_for_ulysses():

@@ -51,13 +51,11 @@ def _check_moe(args: argparse.Namespace, cfg, source: str):
         if ep != 1:
             raise UserError(f"--expert-model-parallel-size {ep}: {source} holds a dense model (no experts); use 1")
         return cfg
-    cp = args.context_parallel_size
     for unsupported, given in (("--lora-target-modules", args.lora_target_modules),
-                               ("--stage dpo", args.stage == "dpo"), (f"--context-parallel-size {cp}", cp > 1)):
+                               ("--stage dpo", args.stage == "dpo")):
         if given:
             raise UserError(f"{unsupported}: {source} holds a mixture-of-experts model ({cfg.num_experts} experts); "
-                            f"LoRA, DPO and context parallelism of MoE models are not implemented (full fine-tuning "
-                            f"with --stage sft and --context-parallel-size 1 is)")
+                            f"LoRA and DPO of MoE models are not implemented (full fine-tuning with --stage sft is)")
     check_expert_split(cfg.num_experts, ep, source)
     if args.moe_layer_freq is not None or args.first_k_dense_replace is not None:
         from mindspeed_llm.models.resolve import dense_layers

@@ -189,11 +189,11 @@ def validate_world(args: argparse.Namespace, world_size: int) -> None:
                         f"--context-parallel-size {cp}; launch a multiple of {tp * pp * cp}")
     dp = world_size // (tp * pp * cp)
     ep = args.expert_model_parallel_size
-    if ep < 1 or dp % ep:
+    if ep < 1 or (dp * cp) % ep:        # megatron-core's expert groups span DP x CP
         raise UserError(f"--expert-model-parallel-size {ep} x --tensor-model-parallel-size {tp} x "
                         f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp} does not fit "
-                        f"{world_size} processes: expert parallelism splits the {dp} data-parallel ranks of each "
-                        f"TP/PP/CP slot, so EP must divide {dp}")
+                        f"{world_size} processes: expert parallelism splits the {dp * cp} data- and context-parallel "
+                        f"ranks of each TP/PP slot, so EP must divide {dp * cp}")
     args.data_parallel_size = dp
     args.world_size = world_size
     if args.global_batch_size is None:
