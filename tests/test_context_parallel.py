@@ -10,7 +10,8 @@ import pytest
 from mindspeed_llm.arguments import parse_train_args
 from mindspeed_llm.errors import UserError
 from mindspeed_llm.models.context_parallel import kv_repeats_for_ulysses
-from tests.conftest import run_cli, run_torchrun
+from tests.conftest import REPO, run_cli, run_torchrun
+from tests.recipes import edit, recipe_argv
 from tests.test_moe_train import lb_losses, moe, single, train_argv  # noqa: F401  (moe, single are fixtures)
 from tests.test_train import assert_close, unfused
 from tests.train_fixtures import env, launch_plan, model_flags, train_flags  # noqa: F401  (env is a fixture)
@@ -141,6 +142,43 @@ def test_moe_cp2_equals_single_process(single, moe_cp_runs, name):
     assert_close(moe_cp_runs[name]["losses"], single["ref"]["losses"], rel=1e-5)
     assert_close(moe_cp_runs[name]["grad_norms"], single["ref"]["grad_norms"], rel=1e-5)
     assert_close(lb_losses(moe_cp_runs[name]), lb_losses(single["ref"]), rel=1e-5)
+
+
+LONG_RECIPES = ("tune_qwen3_32b_32K_full_pack_A3_ptd", "tune_qwen3_32b_256K_full_pack_A3_ptd")
+
+
+@pytest.fixture(scope="module")
+def thinking_pack(env) -> str:
+    """The demo data packed at 256 tokens with --enable-thinking true, as the long recipes' data recipe makes it."""
+    prefix = env["root"] / "pack_thinking" / "alpaca"
+    run_cli("preprocess_data.py", "--input", str(env["root"] / "raw" / "alpaca_train.jsonl"),
+            "--tokenizer-name-or-path", str(env["hf"]), "--handler-name", "AlpacaStyleInstructionHandler",
+            "--prompt-type", "qwen3", "--enable-thinking", "true", "--output-prefix", str(prefix),
+            "--seq-length", "256", "--pack", "--neat-pack")
+    return str(prefix)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("recipe", LONG_RECIPES)
+def test_long_context_recipe_runs_at_cp2(recipe, env, thinking_pack, tmp_path):
+    """Our 32K / 256K packed recipes (MindSpeed's flags: Ulysses CP, recompute, the distributed optimizer) on the
+    tiny model: only paths, shapes and sizes edited (TP 1, PP 1, CP 2, 256-token rows), 2 iterations on 2
+    processes, a checkpoint saved."""
+    argv = recipe_argv(REPO / "examples" / "mcore" / "qwen3" / f"{recipe}.sh", tmp_path)
+    flags: list[list[str]] = []
+    for token in argv:
+        if token.startswith("--"):
+            flags.append([token])
+        else:
+            flags[-1].append(token)
+    save = tmp_path / "save"
+    argv = edit(flags, {}, {"--load": str(env["ckpt"][(1, 1)]), "--save": str(save), "--data-path": thinking_pack,
+                            "--tokenizer-name-or-path": str(env["hf"]), "--context-parallel-size": "2",
+                            "--seq-length": "256", "--recompute-num-layers": "1"})
+    assert argv[argv.index("--context-parallel-algo") + 1] == "ulysses_cp_algo" and "--reset-attention-mask" in argv
+    proc = run_torchrun("posttrain_gpt.py", *argv, nproc=2)
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert "--attention-mask-type: accepted, no effect" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_kv_repeats_for_ulysses():
