@@ -10,6 +10,9 @@ batches, same device, one process, in one run. Prints tokens/s of both and the r
                                                            # (`--stage dpo`) against a TRL-DPOTrainer-style loop
     python benchmarks/bench_train.py --packed              # packed rows (--reset-attention-mask) against the
                                                            # transformers loop on the same samples unpacked
+    python benchmarks/bench_train.py --cp 2                # one long sequence per step (CPU 8192 tokens, GPU
+                                                           # 32768) at CP 1 and CP 2 (Ulysses, torchrun): tokens/s
+                                                           # and peak memory per rank, activations apart
 """
 from __future__ import annotations
 
@@ -118,7 +121,7 @@ def flop_terms(p: dict, it: list[dict]) -> list[tuple[int, int, float]]:
     return terms
 
 
-def our_argv(p: dict, bf16: bool, lora: int = 0, fused: bool = True, dpo: bool = False) -> list[str]:
+def our_argv(p: dict, bf16: bool, lora: int = 0, fused: bool = True, dpo: bool = False, cp: int = 1) -> list[str]:
     argv = (f"--num-layers {p['layers']} --hidden-size {p['hidden']} --ffn-hidden-size {p['ffn']} "
             f"--num-attention-heads {p['heads']} --group-query-attention --num-query-groups {p['groups']} "
             f"--kv-channels {p['head_dim']} --qk-layernorm --norm-epsilon 1e-6 --swiglu --disable-bias-linear "
@@ -137,14 +140,18 @@ def our_argv(p: dict, bf16: bool, lora: int = 0, fused: bool = True, dpo: bool =
                  "linear_proj", "linear_fc1", "linear_fc2", "--load", tempfile.mkdtemp(prefix="bench_lora_")]
     if dpo:       # --load must name a directory; the reference is copied from the policy's start instead
         argv += ["--stage", "dpo", "--is-pairwise-dataset", "--load", tempfile.mkdtemp(prefix="bench_dpo_")]
+    if cp > 1:
+        argv += ["--context-parallel-size", str(cp), "--context-parallel-algo", CP_ALGO]
     return argv
 
 
 def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0, fused: bool = True,
-             dpo: bool = False) -> tuple[float, dict]:
+             dpo: bool = False, cp: int = 1, memory: dict | None = None) -> tuple[float, dict]:
     """(seconds for the timed iterations, FLOPs per iteration counting attention as causal / packed and as full).
     With `dpo`, each micro-batch of `data` holds the chosen rows then the rejected rows, and a frozen copy of the
-    starting weights is the reference."""
+    starting weights is the reference. With `cp` > 1 this is one rank of a torchrun world of `cp` processes.
+    `memory`, when given, receives the memory in use once the warm-up is done ("base": weights, gradients,
+    optimizer state) and the peak of the timed iterations ("peak"; on CPU the process's peak resident size)."""
     from mindspeed_llm.arguments import parse_train_args
     from mindspeed_llm.platform import current_device, init_distributed
     from mindspeed_llm.training import model_setup
@@ -154,9 +161,9 @@ def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0, fused:
     from mindspeed_llm.training.sft import train_step
     from mindspeed_llm.training.validate import validate_world
 
-    args = parse_train_args(our_argv(p, bf16, lora, fused, dpo))
-    validate_world(args, 1)
-    init_distributed(1, 1, seed=1234)
+    args = parse_train_args(our_argv(p, bf16, lora, fused, dpo, cp))
+    validate_world(args, cp)
+    init_distributed(1, 1, seed=1234, context_parallel_size=cp)
     cfg = model_setup.model_config(args, p["vocab"])
     chunks = model_setup.build_chunks(args, cfg)
     objective = None
@@ -178,6 +185,10 @@ def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0, fused:
     for i, it in enumerate(data):
         if i == warmup:
             sync()
+            if memory is not None:
+                memory["base"] = memory_in_use()
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
         inputs = [get_batch(b, device) for b in it]
         if packed:      # THD: the micro-batch's rows are flattened into one
@@ -187,6 +198,8 @@ def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0, fused:
         train_step(args, model, optimizer, mb, objective)
     sync()
     seconds = time.perf_counter() - start
+    if memory is not None:
+        memory["peak"] = peak_memory()
     del model, optimizer, objective
     timed = data[warmup:]
     scale = 4 / 3 if dpo else 1     # DPO adds the reference's forward pass: a third of a forward + backward
@@ -255,6 +268,55 @@ def peak_memory() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def memory_in_use() -> int:
+    """Bytes in use now: allocated on the GPU, resident on the CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated()
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+CP_ALGO = "ulysses_cp_algo"      # the long-context recipes' algorithm
+
+
+def cp_child(p: dict, cp: int, warmup: int, steps: int, bf16: bool) -> None:
+    """One rank of the --cp comparison (under torchrun): one sequence per step; rank 0 prints every rank's
+    memory and the tokens/s."""
+    data = batches(p, warmup + steps)
+    memory: dict = {}
+    seconds, _ = run_ours(p, data, warmup, bf16, cp=cp, memory=memory)
+    ranks = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(ranks, memory)
+    if torch.distributed.get_rank() == 0:
+        print("RESULT " + json.dumps({"tokens_per_s": steps * p["seq"] / seconds, "ranks": ranks}), flush=True)
+    torch.distributed.destroy_process_group()
+
+
+def cp_comparison(a: argparse.Namespace, p: dict) -> None:
+    """CP 1 (one process) and CP `a.cp` (a.cp processes) on the same long sequences, each a torchrun launch."""
+    gpu = torch.cuda.is_available()
+    results = {}
+    for cp in (1, a.cp):
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cp),
+                __file__, "--cp-child", str(cp), "--warmup", str(a.warmup), "--seq", str(p["seq"])]
+        argv += [f"--{k}={v}" for k, v in (("preset", a.preset), ("steps", a.steps)) if v]
+        out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+        results[cp] = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
+    device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores shared by the ranks)"
+    print(f"device: {device}; model: {a.preset or ('qwen3-1.7b' if gpu else 'small')} "
+          f"(layers {p['layers']}, hidden {p['hidden']}, heads {p['heads']}/{p['groups']}); one sequence of "
+          f"{p['seq']} tokens per step; {CP_ALGO}; {'bf16' if gpu else 'fp32'}; peak memory per rank: "
+          f"{'allocated' if gpu else 'resident'}; activations = peak - in use after the warm-up (weights, grads, "
+          f"optimizer state)")
+    activation = {}
+    for cp, r in results.items():
+        peak = max(m["peak"] for m in r["ranks"])
+        activation[cp] = max(m["peak"] - m["base"] for m in r["ranks"])
+        print(f"CP {cp}: {r['tokens_per_s']:10.1f} tokens/s, peak memory per rank {peak / 2**20:9.1f} MiB, "
+              f"activations {activation[cp] / 2**20:9.1f} MiB")
+    print(f"CP {a.cp} / CP 1: {results[a.cp]['tokens_per_s'] / results[1]['tokens_per_s']:.2f}x tokens/s, "
+          f"{activation[a.cp] / activation[1]:.2f}x activation memory per rank (1/{a.cp} = {1 / a.cp:.2f})")
+
+
 def lora_vs_full(a: argparse.Namespace) -> None:
     """Full fine-tuning and LoRA, each in a fresh process (so peak memory is its own), on the same batches."""
     results = {}
@@ -289,8 +351,14 @@ def main() -> None:
                          "unpacked (right-padded, attention inside each sample)")
     ap.add_argument("--unfused", action="store_true",
                     help="also time our step without the recipes' kernel flags and gradient-accumulation fusion")
+    ap.add_argument("--cp", type=int, default=0, metavar="N",
+                    help="one long sequence per step at context-parallel size 1 and N (N processes): tokens/s "
+                         "and peak memory per rank")
     ap.add_argument("--child", choices=["full", "lora"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--cp-child", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.cp and (a.cp < 2 or a.dpo or a.lora or a.packed):
+        ap.error("--cp N compares CP 1 with CP N >= 2 on plain sequences: use it without --dpo, --lora, --packed")
     if a.dpo and (a.lora or a.packed):
         ap.error("--dpo compares DPO steps on padded pairs: use it without --lora and --packed")
     if a.lora and a.child is None:
@@ -302,6 +370,11 @@ def main() -> None:
         p["seq"] = a.seq
     bf16 = gpu
     steps = a.steps or (10 if gpu else 5)
+    if a.cp or a.cp_child:      # one long sequence per step
+        p.update(mbs=1, nmb=1, seq=a.seq or (32768 if gpu else 8192))
+        if a.cp:
+            return cp_comparison(a, p)
+        return cp_child(p, a.cp_child, a.warmup, steps, bf16)
     if a.dpo:       # a micro-batch of mbs pairs is 2 x mbs rows, the chosen ones then the rejected ones
         data = batches({**p, "mbs": 2 * p["mbs"]}, a.warmup + steps)
     else:
