@@ -121,6 +121,7 @@ _COMMON_NOTICE = {
     "use_rotary_position_embeddings": "rotary position embeddings are always used (--position-embedding-type rope)",
     "attention_softmax_in_fp32": "attention softmax is always computed in fp32",
     "context_parallel_algo": "context parallelism is not used (--context-parallel-size 1)",
+    "ulysses_degree_in_cp": "context parallelism is not used (--context-parallel-size 1)",
     "local_rank": "the local rank comes from torchrun's LOCAL_RANK",
 }
 NOTICE: dict[str, dict[str, str]] = {

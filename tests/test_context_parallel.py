@@ -12,6 +12,7 @@ from mindspeed_llm.errors import UserError
 from mindspeed_llm.models.context_parallel import kv_repeats_for_ulysses
 from tests.conftest import REPO, run_cli, run_torchrun
 from tests.recipes import edit, recipe_argv
+from tests.test_dpo import METRICS as DPO_METRICS, dpo_env, dpo_flags  # noqa: F401  (dpo_env is a fixture)
 from tests.test_moe_train import lb_losses, moe, single, train_argv  # noqa: F401  (moe, single are fixtures)
 from tests.test_train import assert_close, unfused
 from tests.train_fixtures import env, launch_plan, model_flags, train_flags  # noqa: F401  (env is a fixture)
@@ -144,6 +145,32 @@ def test_moe_cp2_equals_single_process(single, moe_cp_runs, name):
     assert_close(lb_losses(moe_cp_runs[name]), lb_losses(single["ref"]), rel=1e-5)
 
 
+@pytest.fixture(scope="module")
+def dpo_cp_runs(dpo_env) -> dict:
+    """DPO (sigmoid with --pref-ftx, and IPO's per-sequence means) at CP 1 (DP 2) and CP 2, padded and packed pairs."""
+    base = dpo_flags(dpo_env, 3) + ["--pref-ftx", "0.3"]
+    ipo = dpo_flags(dpo_env, 3) + ["--dpo-loss-type", "ipo", "--pref-ftx", "0.3", "--reset-attention-mask"]
+    cp2 = ["--context-parallel-size", "2", "--context-parallel-algo"]
+    plan = [{"name": "padded_cp1", "argv": base},
+            {"name": "padded_ulysses", "argv": base + cp2 + ["ulysses_cp_algo"]},
+            {"name": "padded_ring", "argv": base + cp2 + ["megatron_cp_algo"]},
+            {"name": "packed_ipo_cp1", "argv": ipo},
+            {"name": "packed_ipo_ring", "argv": ipo + cp2 + ["megatron_cp_algo"]}]
+    return launch_plan(dpo_env["root"], "dpo_cp", plan, nproc=2)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name,ref", [("padded_ulysses", "padded_cp1"), ("padded_ring", "padded_cp1"),
+                                      ("packed_ipo_ring", "packed_ipo_cp1")])
+def test_dpo_cp2_equals_cp1(dpo_cp_runs, name, ref):
+    """Sequence log-probs summed over the CP ranks: losses, grad norms and the reward metrics equal CP 1's."""
+    got, want = dpo_cp_runs[name], dpo_cp_runs[ref]
+    assert_close(got["losses"], want["losses"], rel=1e-5)
+    assert_close(got["grad_norms"], want["grad_norms"], rel=1e-5)
+    for key in DPO_METRICS:
+        assert_close([m[key] for m in got["metrics"]], [m[key] for m in want["metrics"]], rel=1e-4)
+
+
 LONG_RECIPES = ("tune_qwen3_32b_32K_full_pack_A3_ptd", "tune_qwen3_32b_256K_full_pack_A3_ptd")
 
 
@@ -195,6 +222,8 @@ def test_kv_repeats_for_ulysses():
      "--context-parallel-algo hybrid_cp_algo needs --ulysses-degree-in-cp"),
     (["--context-parallel-size", "4", "--context-parallel-algo", "hybrid_cp_algo", "--ulysses-degree-in-cp", "4"],
      "with a ring of at least 2 (got 4)"),
+    (["--context-parallel-size", "2", "--ulysses-degree-in-cp", "2"],
+     "--ulysses-degree-in-cp 2 applies only to --context-parallel-algo hybrid_cp_algo (given: megatron_cp_algo)"),
 ])
 def test_bad_cp_setups_are_named(extra, message):
     with pytest.raises(UserError) as err:

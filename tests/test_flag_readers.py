@@ -32,8 +32,9 @@ def test_group_query_attention_alone_is_one_query_group():
 
 
 @pytest.mark.parametrize("parse,argv,message", [
-    (parse_train_args, TRAIN_MIN + ["--context-parallel-size", "2", "--context-parallel-algo", "hybrid_cp_algo"],
-     "--context-parallel-algo hybrid_cp_algo: not implemented; use one of ulysses_cp_algo, megatron_cp_algo"),
+    (parse_train_args, TRAIN_MIN + ["--context-parallel-size", "2", "--context-parallel-algo", "kvallgather_cp_algo"],
+     "--context-parallel-algo kvallgather_cp_algo: not implemented; use one of ulysses_cp_algo, megatron_cp_algo, "
+     "hybrid_cp_algo"),
     (parse_train_args, TRAIN_MIN + ["--expert-tensor-parallel-size", "2"],
      "--expert-tensor-parallel-size 2: not supported by posttrain_gpt.py (the experts are split over TP like the "
      "dense MLP (expert TP = --tensor-model-parallel-size); leave it out)"),

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from mindspeed_llm.errors import UserError
+from mindspeed_llm.models.context_parallel import context_parallel_group
+from mindspeed_llm.training.loss import whole_sequence_sums
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 # Logged after `lm loss`, in this order (MindSpeed-LLM's names).
@@ -76,7 +78,9 @@ def scored_logps(per_token_nll: torch.Tensor, loss_mask: torch.Tensor, settings:
                  bounds: Optional[Sequence[tuple[int, int]]] = None) -> tuple[torch.Tensor, torch.Tensor,
                                                                                torch.Tensor]:
     """(what the loss compares: sums, or IPO's means over the trained tokens; the sums; the token counts)."""
-    sums, lengths = sequence_logps(per_token_nll, loss_mask, bounds)
+    # Context parallelism: each rank holds part of every sequence (the same segments, `bounds` local).
+    sums, lengths = (whole_sequence_sums(x, context_parallel_group()) for x in sequence_logps(per_token_nll, loss_mask,
+                                                                                              bounds))
     return (sums / lengths.clamp(min=1) if settings.loss_type == "ipo" else sums), sums, lengths
 
 

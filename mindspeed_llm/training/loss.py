@@ -94,6 +94,17 @@ def sft_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, per_toke
     return loss, {"lm loss": loss.detach().clone()}
 
 
+def whole_sequence_sums(local: torch.Tensor, cp_group: torch.distributed.ProcessGroup | None) -> torch.Tensor:
+    """Per-sequence sums of this CP rank's tokens -> the sums over the whole sequences (all-reduced over
+    `cp_group`), differentiable in this rank's part only: the schedule multiplies the loss by CP and DDP
+    averages gradients over DP x CP, so each sequence's gradient is that of all its tokens, as at CP 1."""
+    if cp_group is None or torch.distributed.get_world_size(cp_group) == 1:
+        return local
+    whole = to_comm_device(local.detach().clone(), cp_group)
+    torch.distributed.all_reduce(whole, group=cp_group)
+    return local + (whole.to(local.device) - local.detach())
+
+
 def _sum_over_cp(total: torch.Tensor, count: torch.Tensor,
                  cp_group: torch.distributed.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss sum, token count) over the context-parallel group, detached; the local values without one."""

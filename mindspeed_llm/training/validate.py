@@ -96,6 +96,9 @@ def validate_context_parallel(args: argparse.Namespace) -> None:
     cp = args.context_parallel_size
     if cp < 1:
         raise UserError(f"--context-parallel-size {cp} must be at least 1")
+    if args.ulysses_degree_in_cp is not None and args.context_parallel_algo != "hybrid_cp_algo":
+        raise UserError(f"--ulysses-degree-in-cp {args.ulysses_degree_in_cp} applies only to --context-parallel-algo "
+                        f"hybrid_cp_algo (given: {args.context_parallel_algo})")
     if cp == 1:
         return
     if args.context_parallel_algo not in CP_ATTENTION:
@@ -106,12 +109,9 @@ def validate_context_parallel(args: argparse.Namespace) -> None:
         if not degree or degree < 1 or cp % degree or cp // degree < 2:
             raise UserError(f"--context-parallel-algo hybrid_cp_algo needs --ulysses-degree-in-cp dividing "
                             f"--context-parallel-size {cp} with a ring of at least 2 (got {degree})")
-    refused = (("--stage dpo", args.stage == "dpo", "DPO sequence log-probs are not summed across CP ranks"),
-               ("--tokenizer-padding-side left", args.tokenizer_padding_side == "left",
-                "CP attention is causal without a padding mask"))
-    for flag, given, why in refused:
-        if given:
-            raise UserError(f"{flag} cannot be used with --context-parallel-size {cp} ({why})")
+    if args.tokenizer_padding_side == "left":
+        raise UserError(f"--tokenizer-padding-side left cannot be used with --context-parallel-size {cp} (CP "
+                        f"attention is causal without a padding mask)")
     if args.reset_attention_mask:
         return      # every packed sample is padded to a multiple of 2 x CP when the row is split
     if args.no_pad_to_seq_lengths:
