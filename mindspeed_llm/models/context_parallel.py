@@ -155,43 +155,43 @@ class UlyssesAttention(torch.nn.Module):
         self.kv_repeats = kv_repeats_for_ulysses(heads, groups, cp)
         self.gqa = heads != groups * self.kv_repeats
 
-    def _all_to_all_heads(self, x: torch.Tensor) -> torch.Tensor:
+    def all_to_all_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[s/N, ..., n, d] sequence-split -> [N, s/N, ..., n/N, d]: every rank's tokens, this rank's heads."""
         parts = x.reshape(*x.shape[:-2], self.cp, x.shape[-2] // self.cp, x.shape[-1])
         return all_to_all(self.group, parts.movedim(-3, 0).contiguous())
 
-    def _all_to_all_back(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of `_all_to_all_heads`: [N, s/N, ..., n/N, d] -> [s/N, ..., n*d]."""
+    def all_to_all_back(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of `all_to_all_heads`: [N, s/N, ..., n/N, d] -> [s/N, ..., n*d]."""
         out = all_to_all(self.group, x.contiguous())
         return out.movedim(0, -3).flatten(-3)
 
-    def _repeat_kv(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def repeat_kv(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kv_repeats == 1:
             return key, value
         return key.repeat_interleave(self.kv_repeats, dim=-2), value.repeat_interleave(self.kv_repeats, dim=-2)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> torch.Tensor:
-        key, value = self._repeat_kv(key, value)
-        q, k, v = (_zigzag_to_sequence(self._all_to_all_heads(x), self.cp).permute(1, 2, 0, 3)
+        key, value = self.repeat_kv(key, value)
+        q, k, v = (_zigzag_to_sequence(self.all_to_all_heads(x), self.cp).permute(1, 2, 0, 3)
                    for x in (query, key, value))                                        # [b, n/N, s, d]
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale,
                                              enable_gqa=self.gqa)
-        return self._all_to_all_back(_sequence_to_zigzag(out.permute(2, 0, 1, 3), self.cp))
+        return self.all_to_all_back(_sequence_to_zigzag(out.permute(2, 0, 1, 3), self.cp))
 
     def forward_packed(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, params: PackedSegments,
                        dropout: float) -> torch.Tensor:
         """THD q [t/N, np, hn], k/v [t/N, ng, hn], every sample split zig-zag (`split_packed_batch_for_cp`):
         the all-to-all, each sample put back in order, causal attention inside each sample, and back."""
-        key, value = self._repeat_kv(key, value)
+        key, value = self.repeat_kv(key, value)
         full = _full_sequence_params(params)
 
         def to_sequence(x: torch.Tensor) -> torch.Tensor:
-            parts = self._all_to_all_heads(x)                                           # [N, t/N, n/N, d]
+            parts = self.all_to_all_heads(x)                                            # [N, t/N, n/N, d]
             return torch.cat([_zigzag_to_sequence(parts[:, a:b], self.cp) for a, b in params.bounds])
 
         out = packed_attention(*(to_sequence(x) for x in (query, key, value)), full, self.softmax_scale, dropout)
         zigzag = torch.cat([_sequence_to_zigzag(out[a:b], self.cp) for a, b in full.bounds], dim=1)
-        return self._all_to_all_back(zigzag)
+        return self.all_to_all_back(zigzag)
 
 
 def _block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
@@ -311,26 +311,26 @@ class HybridAttention(torch.nn.Module):
                                   groups * self.ulysses.kv_repeats // self.degree, softmax_scale)
 
     def _to_ring(self, x: torch.Tensor, bounds: Optional[tuple] = None) -> torch.Tensor:
-        parts = self.ulysses._all_to_all_heads(x)
+        parts = self.ulysses.all_to_all_heads(x)
         if bounds is None:
             return _zigzag_to_sequence(parts, self.degree)
         return torch.cat([_zigzag_to_sequence(parts[:, a:b], self.degree) for a, b in bounds])
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> torch.Tensor:
-        key, value = self.ulysses._repeat_kv(key, value)
+        key, value = self.ulysses.repeat_kv(key, value)
         out = self.ring(*(self._to_ring(x) for x in (query, key, value)), dropout)
         out = out.view(*out.shape[:2], -1, query.shape[-1])
-        return self.ulysses._all_to_all_back(_sequence_to_zigzag(out, self.degree))
+        return self.ulysses.all_to_all_back(_sequence_to_zigzag(out, self.degree))
 
     def forward_packed(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, params: PackedSegments,
                        dropout: float) -> torch.Tensor:
-        key, value = self.ulysses._repeat_kv(key, value)
+        key, value = self.ulysses.repeat_kv(key, value)
         ring_bounds = tuple((a * self.degree, b * self.degree) for a, b in params.bounds)
         out = self.ring.attend_packed(*(self._to_ring(x, params.bounds) for x in (query, key, value)), ring_bounds,
                                       dropout)
         out = out.view(out.shape[0], -1, query.shape[-1])
         zigzag = torch.cat([_sequence_to_zigzag(out[a:b], self.degree) for a, b in ring_bounds], dim=1)
-        return self.ulysses._all_to_all_back(zigzag)
+        return self.ulysses.all_to_all_back(zigzag)
 
 
 CP_ATTENTION = {"ulysses_cp_algo": UlyssesAttention, "megatron_cp_algo": RingAttention,
