@@ -45,19 +45,21 @@ def model_config(args: argparse.Namespace, tokenizer_len: int, hf_dir: Optional[
 
 
 def _check_moe(args: argparse.Namespace, cfg, source: str):
-    """What this run can do with a mixture-of-experts model (full SFT), and the MoE flags against the model."""
+    """What this run can do with a mixture-of-experts model (SFT, LoRA on sequential experts, DPO; no context
+    parallelism), and the MoE flags against the model."""
     ep = args.expert_model_parallel_size
     if cfg.num_experts is None:
         if ep != 1:
             raise UserError(f"--expert-model-parallel-size {ep}: {source} holds a dense model (no experts); use 1")
         return cfg
     cp = args.context_parallel_size
-    for unsupported, given in (("--lora-target-modules", args.lora_target_modules),
-                               ("--stage dpo", args.stage == "dpo"), (f"--context-parallel-size {cp}", cp > 1)):
-        if given:
-            raise UserError(f"{unsupported}: {source} holds a mixture-of-experts model ({cfg.num_experts} experts); "
-                            f"LoRA, DPO and context parallelism of MoE models are not implemented (full fine-tuning "
-                            f"with --stage sft and --context-parallel-size 1 is)")
+    if cp > 1:
+        raise UserError(f"--context-parallel-size {cp}: {source} holds a mixture-of-experts model "
+                        f"({cfg.num_experts} experts); context parallelism of MoE models is not implemented (use "
+                        f"--context-parallel-size 1)")
+    if args.lora_target_modules and args.moe_grouped_gemm:
+        raise UserError("--moe-grouped-gemm: LoRA on grouped experts (adapters of weight1/weight2) is not "
+                        "implemented; drop the flag to train adapters on every expert's linear_fc1/linear_fc2")
     check_expert_split(cfg.num_experts, ep, source)
     if args.moe_layer_freq is not None or args.first_k_dense_replace is not None:
         from mindspeed_llm.models.resolve import dense_layers
