@@ -57,9 +57,6 @@ def _check_moe(args: argparse.Namespace, cfg, source: str):
         raise UserError(f"--context-parallel-size {cp}: {source} holds a mixture-of-experts model "
                         f"({cfg.num_experts} experts); context parallelism of MoE models is not implemented (use "
                         f"--context-parallel-size 1)")
-    if args.lora_target_modules and args.moe_grouped_gemm:
-        raise UserError("--moe-grouped-gemm: LoRA on grouped experts (adapters of weight1/weight2) is not "
-                        "implemented; drop the flag to train adapters on every expert's linear_fc1/linear_fc2")
     check_expert_split(cfg.num_experts, ep, source)
     if args.moe_layer_freq is not None or args.first_k_dense_replace is not None:
         from mindspeed_llm.models.resolve import dense_layers
