@@ -1,8 +1,8 @@
 """LoRA and DPO on the tiny Qwen3-MoE model (8 experts, top-2, 4 MoE layers) through posttrain_gpt.py and
 convert_ckpt.py.
 
-* LoRA: every local expert's linear_fc1/linear_fc2 gets adapters, the router none; EP2 trains as EP1 (losses,
-  grad norms, load-balancing loss, 3 iterations); the mg -> hf merge of an EP2 run, loaded in transformers'
+* LoRA: every local expert's linear_fc1/linear_fc2 gets adapters, the router none; EP2 and TP2 (+SP) train as
+  EP1 (losses, grad norms, load-balancing loss, 3 iterations); the mg -> hf merge of an EP2 run, loaded in transformers'
   Qwen3MoeForCausalLM, gives our unmerged logits; the PEFT export writes each expert's adapters under
   MindSpeed's HF names (fc1's A for gate and up, B split in halves), and an attention-only export loaded by
   `peft` gives our unmerged logits; LoRA with --moe-grouped-gemm is one error line.
@@ -67,7 +67,7 @@ def _perturbed_copy(src: Path, out: Path, scale: float = 0.05) -> Path:
 @pytest.fixture(scope="module")
 def env(tiny_model_factory, tmp_path_factory) -> dict:
     """The tiny Qwen3-MoE and a perturbed copy (DPO reference), instruction and pairwise demo data, EP1/EP2
-    conversions of both."""
+    conversions of both and a TP2 one of the model."""
     from mindspeed_llm.checkpoint.hf2mg import Hf2MgOptions, convert_hf_to_mg
     from mindspeed_llm.demo_data import write_demo_data
 
@@ -85,6 +85,8 @@ def env(tiny_model_factory, tmp_path_factory) -> dict:
         for ep in (1, 2):
             ckpt[f"{name}_ep{ep}"] = root / f"mg_{name}_ep{ep}"
             convert_hf_to_mg(Hf2MgOptions(load_dir=src, save_dir=ckpt[f"{name}_ep{ep}"], ep=ep), log=lambda m: None)
+    ckpt["base_tp2"] = root / "mg_base_tp2"
+    convert_hf_to_mg(Hf2MgOptions(load_dir=hf, save_dir=ckpt["base_tp2"], tp=2), log=lambda m: None)
     return {"root": root, "hf": hf, "hf_ref": hf_ref, "data": str(root / "data" / "alpaca"),
             "pairs": str(root / "pairs" / "pairs"), "ckpt": ckpt}
 
@@ -117,6 +119,9 @@ def single(env) -> dict:
 def double(env) -> dict:
     plan = [
         {"name": "lora_ep2", "argv": lora_argv(env, "base_ep2", "lora_ep2", TARGETS, *EP2)},
+        # expert TP: the adapters leave the token sums to the dispatcher, as the experts' linears do
+        {"name": "lora_tp2", "argv": lora_argv(env, "base_tp2", "lora_tp2", TARGETS, "--tensor-model-parallel-size",
+                                               "2", "--sequence-parallel")},
         {"name": "dpo_ep2", "argv": dpo_argv(env, 3, "base_ep2", "ref_ep2", *EP2)},
     ]
     return launch_plan(env["root"], "moe_lora_dpo_double", plan, nproc=2)
@@ -137,11 +142,12 @@ def _convert(*args) -> str:
 # --- LoRA --------------------------------------------------------------------------------------------------------
 
 @pytest.mark.distributed
-def test_lora_adapts_every_expert_and_ep2_trains_as_ep1(env, single, double):
-    ref, ep2 = single["lora"], double["lora_ep2"]
-    assert_close(ep2["losses"], ref["losses"])
-    assert_close(ep2["grad_norms"], ref["grad_norms"])
-    assert_close(lb_losses(ep2), lb_losses(ref))
+def test_lora_adapts_every_expert_and_ep2_tp2_train_as_ep1(env, single, double):
+    ref = single["lora"]
+    for name in ("lora_ep2", "lora_tp2"):
+        assert_close(double[name]["losses"], ref["losses"])
+        assert_close(double[name]["grad_norms"], ref["grad_norms"])
+        assert_close(lb_losses(double[name]), lb_losses(ref))
     assert ref["losses"][-1] < ref["losses"][0]
     for rank_dir in ("mp_rank_00_000", "mp_rank_00_001"):
         state = _rank_state(env["root"] / "lora_ep2", rank_dir)

@@ -211,20 +211,24 @@ def moe_env(tmp_path_factory, tiny_model_factory):
         out[name] = str(prefix)
     # The conversion recipes pass MindSpeed's --moe-grouped-gemm (the GroupedMLP layout): converted, or one line
     # naming the flag while that layout is not implemented.
-    proc = _bash(MOE_DIR / "ckpt_convert_qwen3_moe_hf2mcore.sh", {"HF_DIR": str(hf), "MG_DIR": str(root / "gg")})
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert proc.returncode == 0 or (len(errors) == 1 and "--moe-grouped-gemm" in errors[0]), proc.stderr[-2000:]
     out["ckpt"] = root / "mg"          # the sequential-expert layout the runs below load
     convert_hf_to_mg(Hf2MgOptions(load_dir=hf, save_dir=out["ckpt"]), log=lambda m: None)
+    for name, env in (("hf2mcore", {"HF_DIR": str(hf), "MG_DIR": str(root / "grouped")}),
+                      ("mcore2hf", {"MG_DIR": str(out["ckpt"]), "HF_CFG_DIR": str(hf), "HF_OUT": str(root / "back")})):
+        proc = _bash(MOE_DIR / f"ckpt_convert_qwen3_moe_{name}.sh", env)
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+        assert proc.returncode == 0 or (len(errors) == 1 and "--moe-grouped-gemm" in errors[0]), proc.stderr[-2000:]
     return out
 
 
-def _moe_paths(name: str, moe_env, save) -> dict[str, str]:
+def _moe_paths(script, moe_env, save, tmp_path) -> dict[str, str]:
+    """Paths for a recipe: the HF model dir where it converts at start-up, else the converted checkpoint."""
+    name = script.stem
     data = moe_env["pairwise"] if name.startswith("dpo_") else \
         moe_env["instruction_pack" if "_pack_" in name else "instruction"]
-    load = moe_env["hf"] if "full_ptd" in name or "4K_full_pack" in name or "30b_a3b_4K_lora" in name \
-        else moe_env["ckpt"]
-    return {"--load": str(load), "--save": str(save), "--data-path": data, "--tokenizer-name-or-path": str(moe_env["hf"])}
+    start_up = "--enable-hf2mg-convert" in recipe_argv(script, tmp_path)
+    return {"--load": str(moe_env["hf"] if start_up else moe_env["ckpt"]), "--save": str(save), "--data-path": data,
+            "--tokenizer-name-or-path": str(moe_env["hf"])}
 
 
 def test_moe_recipes_are_ours(tmp_path):
@@ -256,8 +260,8 @@ def test_moe_recipes_run_on_the_tiny_model(moe_env, tmp_path):
     from tests.train_fixtures import launch_plan
 
     runs = {"tune_qwen3_30b_a3b_4K_full_ptd", "dpo_qwen3_30b_a3b_16K_A3_ptd"}
-    plan = [{"name": name, "argv": moe_tiny_argv(MOE_DIR / f"{name}.sh", tmp_path,
-                                                 _moe_paths(name, moe_env, tmp_path / name))} for name in sorted(runs)]
+    plan = [{"name": name, "argv": moe_tiny_argv(MOE_DIR / f"{name}.sh", tmp_path, _moe_paths(
+        MOE_DIR / f"{name}.sh", moe_env, tmp_path / name, tmp_path))} for name in sorted(runs)]
     out = launch_plan(tmp_path, "moe_recipes", plan, nproc=1)
     for name in runs:
         assert out[name]["iteration"] == 2 and len(out[name]["losses"]) == 2, name
@@ -265,7 +269,8 @@ def test_moe_recipes_run_on_the_tiny_model(moe_env, tmp_path):
         assert (tmp_path / name / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     assert "rewards/chosen" in out["dpo_qwen3_30b_a3b_16K_A3_ptd"]["metrics"][0]
     for name, flag in MOE_REFUSED.items():
-        argv = moe_tiny_argv(MOE_DIR / f"{name}.sh", tmp_path, _moe_paths(name, moe_env, tmp_path / name))
+        script = MOE_DIR / f"{name}.sh"
+        argv = moe_tiny_argv(script, tmp_path, _moe_paths(script, moe_env, tmp_path / name, tmp_path))
         proc = run_cli("posttrain_gpt.py", *argv, check=False)
         errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
         assert proc.returncode == 2 and len(errors) == 1 and flag in errors[0], (name, proc.stderr[-2000:])

@@ -6,6 +6,9 @@ linear_proj, linear_fc1, linear_fc2). Each adapter is split over TP the way its 
   row-parallel (linear_proj, linear_fc2):   A takes W's input columns of this rank, B is whole on every rank.
 So the merge W_rank + scale * B_rank @ A_rank is exact per shard, and an adapter's rows follow the same fused
 layouts (interleaved QKV groups, [gate; up]) as W, which the family tables already know how to cut and join.
+In a MoE layer (megatron-core SequentialMLP) linear_fc1/linear_fc2 of every local expert are targets, split over
+the expert-TP group, and the router never is (MindSpeed-LLM's LoRA of sequential experts); each expert's adapter
+starts from the seed of its global index, so every EP layout starts alike.
 
 State-dict names are PEFT's (as MindSpeed-LLM writes them): `X.base_layer.weight`, `X.lora_A.default.weight`,
 `X.lora_B.default.weight`. A base checkpoint (`X.weight`) loads into a wrapped model unchanged.
@@ -209,6 +212,9 @@ def add_lora(chunk: nn.Module, spec: LoraSpec, seed: int) -> nn.Module:
     return chunk
 
 
+_LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)")
+
+
 def _global_expert_path(layer: nn.Module, path: str) -> str:
     """`path` with a SequentialMLP's local expert index replaced by the global one (EP rank * E_loc + j), so an
     expert's adapters start alike whatever the expert-parallel size."""
@@ -218,9 +224,6 @@ def _global_expert_path(layer: nn.Module, path: str) -> str:
     experts = layer.get_submodule(path[:match.start()])
     offset = experts.ep_group.rank() * experts.num_local_experts
     return f"{path[:match.start()]}.local_experts.{offset + int(match.group(1))}{path[match.end():]}"
-
-
-_LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)")
 
 
 def saved_modules(modules_to_save: Iterable[str], tied: bool) -> set[str]:
