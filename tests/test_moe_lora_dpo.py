@@ -2,8 +2,8 @@
 convert_ckpt.py.
 
 * LoRA: every local expert's linear_fc1/linear_fc2 gets adapters, the router none; EP2 and TP2 (+SP) train as
-  EP1 (losses, grad norms, load-balancing loss, 3 iterations); the mg -> hf merge of an EP2 run, loaded in transformers'
-  Qwen3MoeForCausalLM, gives our unmerged logits; the PEFT export writes each expert's adapters under
+  EP1 (losses, grad norms, load-balancing loss, 3 iterations); the mg -> hf merge of an EP2 run, loaded in
+  transformers' Qwen3MoeForCausalLM, gives our unmerged logits; the PEFT export writes each expert's adapters under
   MindSpeed's HF names (fc1's A for gate and up, B split in halves), and an attention-only export loaded by
   `peft` gives our unmerged logits; LoRA with --moe-grouped-gemm is one error line.
 * DPO: the first step's loss, metrics and (without the aux loss) gradients equal the DPO formula over
@@ -161,38 +161,49 @@ def test_lora_adapts_every_expert_and_ep2_tp2_train_as_ep1(env, single, double):
                 assert sum(bool(x.abs().max() > 0) for x in b) >= 2, (rank_dir, layer, fc)
 
 
-@pytest.mark.distributed
-def test_merged_export_equals_unmerged_lora_model(env, single, double, tmp_path):
-    """mg -> hf merges at EP1 (unfiltered directory layout aside) and EP2 load in transformers'
-    Qwen3MoeForCausalLM with the logits of our unmerged model at that EP."""
+@pytest.fixture(scope="module")
+def exports(env, single, double) -> dict:
+    """The EP2 run merged into HF weights and exported as a PEFT adapter, the attention-only run exported as a
+    PEFT adapter, and one dist_logits launch comparing our unmerged models with them."""
     root = env["root"]
-    for ep in (1, 2):
-        _convert("--load-dir", env["ckpt"][f"base_ep{ep}"], "--lora-load", root / f"lora_ep{ep}", "--save-dir",
-                 root / f"merged_ep{ep}", "--hf-cfg-dir", env["hf"])
-    assert json.loads((root / "merged_ep2" / "config.json").read_text())["architectures"] == ["Qwen3MoeForCausalLM"]
-    lora = {"r": 4, "alpha": 8, "targets": TARGETS}
-    cases = [{"name": f"moe-lora-ep{ep}", "hf_dir": str(env["hf"]), "mg_dir": str(env["ckpt"][f"base_ep{ep}"]),
-              "tp": 1, "pp": 1, "ep": ep, "tol": 1e-5,
-              "lora": {**lora, "dir": str(root / f"lora_ep{ep}"), "merged_dir": str(root / f"merged_ep{ep}")}}
-             for ep in (1, 2)]
-    # the adapters matter: the base model's logits are not those of the LoRA model
-    cases.append({**cases[1], "name": "base-differs", "tol": -1.0,
-                  "lora": {**cases[1]["lora"], "merged_dir": str(env["hf"])}})
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    proc = run_torchrun("tests/dist_logits.py", str(tmp_path / "cases.json"), check=False)
-    assert_cases_ok(proc.stdout, cases[:2], ranks=2)
-    base_diff = re.search(r"CASE base-differs rank 0: max-abs (\S+)", proc.stdout)
-    assert base_diff and float(base_diff.group(1)) > 1e-2, proc.stdout[-2000:]
+    _convert("--load-dir", env["ckpt"]["base_ep2"], "--lora-load", root / "lora_ep2", "--save-dir",
+             root / "merged_ep2", "--hf-cfg-dir", env["hf"])
+    peft_log = _convert("--load-dir", env["ckpt"]["base_ep2"], "--lora-load", root / "lora_ep2", "--save-dir",
+                        root / "peft_ep2", "--save-lora-to-hf", "--hf-cfg-dir", env["hf"])
+    _convert("--load-dir", env["ckpt"]["base_ep1"], "--lora-load", root / "lora_attn", "--save-dir",
+             root / "peft_attn", "--save-lora-to-hf", "--hf-cfg-dir", env["hf"])
+    merged = {"name": "moe-lora-ep2", "hf_dir": str(env["hf"]), "mg_dir": str(env["ckpt"]["base_ep2"]), "tp": 1,
+              "pp": 1, "ep": 2, "tol": 1e-5, "lora": {"r": 4, "alpha": 8, "targets": TARGETS,
+                                                      "dir": str(root / "lora_ep2"),
+                                                      "merged_dir": str(root / "merged_ep2")}}
+    cases = [merged,
+             # the adapters matter: the base model's logits are not those of the LoRA model
+             {**merged, "name": "base-differs", "tol": -1.0, "lora": {**merged["lora"], "merged_dir": str(env["hf"])}},
+             {"name": "moe-peft-attn", "hf_dir": str(env["hf"]), "mg_dir": str(env["ckpt"]["base_ep1"]), "tp": 1,
+              "pp": 1, "tol": 1e-5, "lora": {"r": 4, "alpha": 8, "targets": ["linear_qkv", "linear_proj"],
+                                             "dir": str(root / "lora_attn"), "peft_dir": str(root / "peft_attn")}}]
+    (root / "cases.json").write_text(json.dumps(cases))
+    proc = run_torchrun("tests/dist_logits.py", str(root / "cases.json"), check=False)
+    return {"cases": {c["name"]: c for c in cases}, "stdout": proc.stdout, "peft_log": peft_log}
 
 
 @pytest.mark.distributed
-def test_peft_export_of_expert_and_attention_adapters(env, single, double, tmp_path):
+def test_merged_export_equals_unmerged_lora_model(env, exports):
+    """The mg -> hf merge of the EP2 run loads in transformers' Qwen3MoeForCausalLM with the logits of our
+    unmerged EP2 model."""
+    config = json.loads((env["root"] / "merged_ep2" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3MoeForCausalLM"]
+    assert_cases_ok(exports["stdout"], [exports["cases"]["moe-lora-ep2"]], ranks=2)
+    base_diff = re.search(r"CASE base-differs rank 0: max-abs (\S+)", exports["stdout"])
+    assert base_diff and float(base_diff.group(1)) > 1e-2, exports["stdout"][-2000:]
+
+
+@pytest.mark.distributed
+def test_peft_export_of_expert_and_attention_adapters(env, exports):
     from safetensors.torch import load_file
 
     root = env["root"]
-    out = _convert("--load-dir", env["ckpt"]["base_ep2"], "--lora-load", root / "lora_ep2", "--save-dir",
-                   root / "peft_ep2", "--save-lora-to-hf", "--hf-cfg-dir", env["hf"])
-    assert "MindSpeed's per-expert names" in out
+    assert "MindSpeed's per-expert names" in exports["peft_log"]
     peft = load_file(str(root / "peft_ep2" / "adapter_model.safetensors"))
     ours = _rank_state(root / "lora_ep2", "mp_rank_00_001")     # experts 4..7
     for layer, expert in ((0, 5), (3, 7)):
@@ -207,13 +218,7 @@ def test_peft_export_of_expert_and_attention_adapters(env, single, double, tmp_p
         assert torch.equal(peft[f"{hf}.down_proj.lora_B.weight"], ours[f"{local}.linear_fc2.lora_B.default.weight"])
     assert not any(".gate.lora" in k for k in peft)                  # no router adapters
     # Attention adapters alone: peft holds them on the HF model, which then gives our unmerged logits.
-    _convert("--load-dir", env["ckpt"]["base_ep1"], "--lora-load", root / "lora_attn", "--save-dir",
-             root / "peft_attn", "--save-lora-to-hf", "--hf-cfg-dir", env["hf"])
-    cases = [{"name": "moe-peft-attn", "hf_dir": str(env["hf"]), "mg_dir": str(env["ckpt"]["base_ep1"]), "tp": 1,
-              "pp": 1, "tol": 1e-5, "lora": {"r": 4, "alpha": 8, "targets": ["linear_qkv", "linear_proj"],
-                                             "dir": str(root / "lora_attn"), "peft_dir": str(root / "peft_attn")}}]
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    assert_cases_ok(run_torchrun("tests/dist_logits.py", str(tmp_path / "cases.json"), nproc=1).stdout, cases)
+    assert_cases_ok(exports["stdout"], [exports["cases"]["moe-peft-attn"]], ranks=2)
 
 
 def test_lora_with_grouped_gemm_is_one_error_line(env):
