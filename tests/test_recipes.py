@@ -161,6 +161,13 @@ MOE_TINY = {"--num-layers": "4", "--hidden-size": "64", "--ffn-hidden-size": "12
 MOE_REFUSED = {"tune_qwen3_30b_a3b_4K_lora_ptd": "--moe-grouped-gemm",
                "tune_qwen3_235b_a22b_4K_full_pack_A3_ptd": "--noop-layers",
                "tune_qwen3_235b_a22b_32K_lora_pack_A2_ptd": "--noop-layers"}
+# MindSpeed's long-context recipes: their memory switches are unknown flags here (one line names them all).
+MOE_LONG = {"tune_qwen3_30b_a3b_32K_full_pack_A3_ptd": "--swap-optimizer",
+            "tune_qwen3_30b_a3b_32K_full_pack_A+X_ptd": "--swap-optimizer",
+            "tune_qwen3_30b_a3b_256K_full_pack_A3_ptd": "--recompute-activation-function",
+            "tune_qwen3_235b_a22b_64K_full_pack_A3_ptd": "--noop-layers",
+            "tune_qwen3_235b_a22b_128K_full_pack_A3_ptd": "--noop-layers",
+            "tune_qwen3_235b_a22b_256K_full_pack_A3_ptd": "--noop-layers"}
 
 
 def moe_tiny_argv(script, tmp_path, paths: dict[str, str]) -> list[str]:
@@ -275,3 +282,13 @@ def test_moe_recipes_run_on_the_tiny_model(moe_env, tmp_path):
         errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
         assert proc.returncode == 2 and len(errors) == 1 and flag in errors[0], (name, proc.stderr[-2000:])
         assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("name", sorted(MOE_LONG))
+def test_moe_long_context_recipes_name_what_is_missing(name, moe_env, tmp_path):
+    from mindspeed_llm.arguments import parse_train_args
+
+    script = MOE_DIR / f"{name}.sh"
+    argv = moe_tiny_argv(script, tmp_path, _moe_paths(script, moe_env, tmp_path / "save", tmp_path))
+    with pytest.raises(UserError, match=f"unknown flag {MOE_LONG[name]}"):
+        parse_train_args(argv)
