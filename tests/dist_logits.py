@@ -2,10 +2,11 @@
 
 Usage: torchrun --nproc_per_node 2 tests/dist_logits.py CASES.json
 CASES.json: [{"name", "hf_dir", "mg_dir", "tp", "pp", "ep"?, "num_layer_list"?, "vpp_layers"?, "tol"?,
-               "lora"?: {"dir", "r", "alpha", "targets", "peft_dir"}}, ...]
+               "lora"?: {"dir", "r", "alpha", "targets", "peft_dir" | "merged_dir"}}, ...]
 Each rank that holds final logits compares them with `AutoModelForCausalLM` (fp32) and prints one line per case;
 any mismatch raises (non-zero exit). A "lora" case adds our adapter modules, loads the LoRA checkpoint into them
-(unmerged) and compares with `peft.PeftModel` over the HF model and the PEFT adapter in "peft_dir".
+(unmerged) and compares with `peft.PeftModel` over the HF model and the PEFT adapter in "peft_dir", or with the
+merged HF export in "merged_dir".
 """
 from __future__ import annotations
 
@@ -91,8 +92,9 @@ def main(cases_file: str) -> None:
             logits = pipeline_forward(chunks, ids, pos)
         if logits is None:
             continue
-        ref_model = AutoModelForCausalLM.from_pretrained(case["hf_dir"], dtype=torch.float32).eval()
-        if lora:
+        ref_dir = lora["merged_dir"] if lora and "merged_dir" in lora else case["hf_dir"]
+        ref_model = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+        if lora and "peft_dir" in lora:
             from peft import PeftModel
 
             ref_model = PeftModel.from_pretrained(ref_model, lora["peft_dir"]).eval()

@@ -179,3 +179,44 @@ def test_mg2hf_accepts_a_checkpoint_trained_with_another_value(tmp_path):
     trained.max_position_embeddings = 4096
     _, resolved = model_from_args(trained, hf_cfg_dir=hf_dir, source="trained")
     assert resolved.max_position_embeddings == 4096 and resolved.hidden_size == 4096
+
+
+# --- Qwen3-MoE: Qwen/Qwen3-30B-A3B's config.json, and our examples/mcore/qwen3_moe/ 30B recipes ---------------
+QWEN3_30B_A3B = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "attention_bias": False,
+                 "decoder_sparse_step": 1, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048,
+                 "intermediate_size": 6144, "max_position_embeddings": 40960, "max_window_layers": 48,
+                 "mlp_only_layers": [], "moe_intermediate_size": 768, "norm_topk_prob": True,
+                 "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48,
+                 "num_key_value_heads": 4, "output_router_logits": False, "rms_norm_eps": 1e-06, "rope_scaling": None,
+                 "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "tie_word_embeddings": False,
+                 "torch_dtype": "bfloat16", "vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151645}
+MOE_SCRIPTS = [REPO / "examples" / "mcore" / "qwen3_moe" / f"{name}.sh"
+               for name in ("tune_qwen3_30b_a3b_4K_full_ptd", "dpo_qwen3_30b_a3b_16K_A3_ptd")]
+
+
+@pytest.mark.parametrize("script", MOE_SCRIPTS, ids=[p.stem for p in MOE_SCRIPTS])
+def test_moe_recipe_starts_on_the_published_config(script, tmp_path, capsys):
+    """Full SFT (start-up conversion of the HF config) and DPO (a converted TP2 PP8 checkpoint's saved args):
+    the recipe's flags resolve against Qwen3-30B-A3B: 128 experts, top-8, expert FFN 768, every layer MoE."""
+    from mindspeed_llm.arguments import parse_train_args
+    from mindspeed_llm.training.model_setup import model_config
+
+    argv = recipe_argv(script, tmp_path)
+    hf_dir = tmp_path / "qwen3_moe_hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
+    if "--enable-hf2mg-convert" in argv:
+        _set(argv, "--load", str(hf_dir))
+    else:
+        tp, pp = int(_flag(argv, "--tensor-model-parallel-size")), int(_flag(argv, "--pipeline-model-parallel-size"))
+        _set(argv, "--load", str(write_weightless_checkpoint(tmp_path / "mcore", hf_dir, tp, pp)))
+    _set(argv, "--tokenizer-name-or-path", str(hf_dir))
+    args = parse_train_args(argv)
+    cfg = model_config(args, QWEN3_TOKENIZER_LEN, str(hf_dir) if args.enable_hf2mg_convert else None)
+    assert (cfg.family, cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups,
+            cfg.kv_channels, cfg.vocab_size, cfg.tie_word_embeddings) == ("qwen3-moe", 48, 2048, 32, 4, 128, 151936,
+                                                                          False)
+    assert (cfg.num_experts, cfg.moe_router_topk, cfg.moe_ffn_hidden_size, cfg.norm_topk_prob,
+            cfg.dense_layers) == (128, 8, 768, True, ())
+    assert cfg.max_position_embeddings == int(_flag(argv, "--max-position-embeddings"))
+    assert "differs from" in capsys.readouterr().err      # the recipe's 4096 / 16384 against the published 40960

@@ -75,27 +75,36 @@ def merge_head(fam: Family, cfg: ModelConfig, shards: Sequence[dict[str, Tensor]
 
 
 def merge_adapter_layer(fam: Family, cfg: ModelConfig, shards: Sequence[dict[str, Tensor]], local: int,
-                        layer: int) -> dict[str, Tensor]:
+                        layer: int, expert_shards: Sequence[Sequence[dict[str, Tensor]]] = ()) -> dict[str, Tensor]:
     """PEFT tensors (`base_model.model.<hf module>.lora_{A,B}.weight`) of global layer `layer`'s adapters, from the
-    TP-rank LoRA state dicts. The TP-split factor (B of a column-parallel layer, A of a row-parallel one) is
-    joined by the layer's own rule (so QKV groups and [gate; up] halves come apart as the weight's do); the
-    other factor is the same on every rank and is shared by every HF module the rule yields."""
+    TP-rank LoRA state dicts (`expert_shards[e]`: those of EP rank e, for the routed experts; as in `merge_layer`).
+    The TP-split factor (B of a column-parallel layer, A of a row-parallel one) is joined by the layer's own rule
+    (so QKV groups and [gate; up] halves come apart as the weight's do); the other factor is the same on every
+    rank and is shared by every HF module the rule yields (an expert's fc1 A goes to its gate_proj and up_proj)."""
     from mindspeed_llm.models.lora import A_SUFFIX, B_SUFFIX
 
     mg_prefix, hf_prefix = MG_LAYER_PREFIX.format(local), HF_LAYER_PREFIX.format(layer)
+    by_ep = list(expert_shards) or [shards]
     out: dict[str, Tensor] = {}
-    for rule in fam.layer_rules(cfg, layer):
+
+    def adapters(rule, tp_shards) -> None:
         module = mg_prefix + rule.mg[:-len(".weight")]
-        if not rule.mg.endswith(".weight") or module + A_SUFFIX not in shards[0]:
-            continue
-        a = [sd[_need(sd, module + A_SUFFIX)] for sd in shards]
-        b = [sd[_need(sd, module + B_SUFFIX)] for sd in shards]
+        if not rule.mg.endswith(".weight") or module + A_SUFFIX not in tp_shards[0]:
+            return
+        a = [sd[_need(sd, module + A_SUFFIX)] for sd in tp_shards]
+        b = [sd[_need(sd, module + B_SUFFIX)] for sd in tp_shards]
         row_parallel = getattr(rule, "dim", 0) == 1
         split, whole = (a, b[0]) if row_parallel else (b, a[0])
         for hf_name, joined in rule.merge(split, cfg, prefix=hf_prefix).items():
             peft = "base_model.model." + hf_name[:-len(".weight")]
             out[peft + ".lora_A.weight"] = joined if row_parallel else whole
             out[peft + ".lora_B.weight"] = whole if row_parallel else joined
+
+    for rule in fam.layer_rules(cfg, layer):
+        adapters(rule, shards)
+    for ep_rank, tp_shards in enumerate(by_ep):
+        for rule in fam.expert_rules(cfg, layer, ep_rank, len(by_ep)):
+            adapters(rule, tp_shards)
     return out
 
 

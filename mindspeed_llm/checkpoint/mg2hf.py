@@ -103,6 +103,13 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
     adapters = _adapter_source(opts, args, iter_dir, cfg, placement, ep) if opts is not None else None
     if adapters is not None:      # what was resolved (flags, else the LoRA checkpoint's args) is what is written
         opts.lora_r, opts.lora_alpha = adapters.spec.r, adapters.spec.alpha
+        if opts.save_lora_to_hf and cfg.num_experts is not None and {"linear_fc1", "linear_fc2"} & set(
+                adapters.spec.targets):
+            from mindspeed_llm.platform import notice
+
+            notice("--save-lora-to-hf: expert adapters are written under MindSpeed's per-expert names "
+                   "(mlp.experts.E.gate_proj/up_proj/down_proj); transformers 5 fuses Qwen3-MoE experts, so peft "
+                   "loads only the attention adapters of this file: merge (drop --save-lora-to-hf) to keep them all")
 
     def generate():
         start = time.time()
@@ -110,23 +117,24 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
             # expert_states[e][t]: the rank file of (TP t, EP e); EP rank 0's files hold every non-expert tensor.
             expert_states = [[layout.load_rank_file(iter_dir / layout.rank_dir_name(t, p, pp, e, ep) / layout.FILE_NAME)
                               for t in range(tp)] for e in range(ep)]
-            states = expert_states[0]
-            lora_states = adapters.stage(p, states) if adapters is not None else None
+            lora_states = adapters.stage(p, expert_states) if adapters is not None else None
             for v, layers in enumerate(placement.layers[p]):
                 expert_shards = [[_model_entry(state, keys[v], iter_dir / layout.rank_dir_name(t, p, pp, e, ep),
                                                placement.vpp) for t, state in enumerate(tp_states)]
                                  for e, tp_states in enumerate(expert_states)]
-                shards = expert_shards[0]
                 if lora_states is not None:
-                    lora_shards = [_model_entry(state, keys[v], adapters.root / layout.rank_dir_name(t, p, pp),
-                                                placement.vpp) for t, state in enumerate(lora_states)]
+                    lora_shards = [[_model_entry(state, keys[v], adapters.root / layout.rank_dir_name(t, p, pp, e, ep),
+                                                 placement.vpp) for t, state in enumerate(tp_states)]
+                                   for e, tp_states in enumerate(lora_states)]
                     if not opts.save_lora_to_hf:
-                        shards = [adapters.merge(s, a, iter_dir / layout.rank_dir_name(t, p, pp))
-                                  for t, (s, a) in enumerate(zip(shards, lora_shards))]
+                        expert_shards = [[adapters.merge(s, a, iter_dir / layout.rank_dir_name(t, p, pp, e, ep))
+                                          for t, (s, a) in enumerate(zip(base_tp, lora_tp))]
+                                         for e, (base_tp, lora_tp) in enumerate(zip(expert_shards, lora_shards))]
+                shards = expert_shards[0]
                 try:
                     for local, layer in enumerate(layers):
                         if lora_states is not None and opts.save_lora_to_hf:
-                            tensors = merge_adapter_layer(fam, cfg, lora_shards, local, layer)
+                            tensors = merge_adapter_layer(fam, cfg, lora_shards[0], local, layer, lora_shards)
                             log(f"[mg2hf] layer {layer + 1}/{cfg.num_layers} ({time.time() - start:.1f}s)")
                             yield layer, tensors
                             continue
@@ -141,7 +149,7 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
                 except MissingKey as exc:
                     raise ConversionError(f"{iter_dir / layout.rank_dir_name(0, p, pp)}: tensor {exc.args[0]} is "
                                           f"missing ({keys[v]}); the checkpoint does not match its saved args") from None
-            del states, expert_states, shards, expert_shards, lora_states
+            del expert_states, shards, expert_shards, lora_states
             layout.release_freed_memory()
 
     return fam, cfg, generate()
@@ -163,12 +171,14 @@ class _Adapters:
     tp: int
     pp: int
     to_save: set[str]                 # modules trained in full (`lora.saved_modules`), taken from the LoRA save
+    ep: int = 1
 
-    def stage(self, p: int, base_states: list[dict]) -> list[dict]:
+    def stage(self, p: int, base_states: list[list[dict]]) -> list[list[dict]]:
+        """The LoRA rank files of pipeline stage `p`, [EP rank][TP rank] as `base_states`."""
         if self.iter_dir is None:
             return base_states
-        return [layout.load_rank_file(self.iter_dir / layout.rank_dir_name(t, p, self.pp) / layout.FILE_NAME)
-                for t in range(self.tp)]
+        return [[layout.load_rank_file(self.iter_dir / layout.rank_dir_name(t, p, self.pp, e, self.ep) /
+                                       layout.FILE_NAME) for t in range(self.tp)] for e in range(self.ep)]
 
     def merge(self, base: dict, adapters: dict, rank_dir: Path) -> dict:
         try:
@@ -193,9 +203,6 @@ def _adapter_source(opts: Mg2HfOptions, args: argparse.Namespace, iter_dir: Path
                                lora_alpha=opts.lora_alpha)
     first = layout.load_rank_file(iter_dir / layout.rank_dir_name(0, 0, pp, 0, ep) / layout.FILE_NAME)
     first = next((v for k, v in first.items() if k.startswith("model") and isinstance(v, dict)), {})
-    if ep > 1 and (opts.lora_load is not None or lora.has_adapters(first)):
-        raise ConversionError(f"--load-dir {opts.load_dir} was saved with expert parallel size {ep}: merging or "
-                              f"exporting LoRA adapters of a MoE model is not implemented")
     if lora.has_adapters(first) and not any(lora.BASE in k for k in first):
         raise ConversionError(f"--load-dir {opts.load_dir} holds LoRA adapters only (saved with --lora-ckpt-filter): "
                               f"pass the base model's checkpoint as --load-dir and this one as --lora-load")
@@ -208,19 +215,22 @@ def _adapter_source(opts: Mg2HfOptions, args: argparse.Namespace, iter_dir: Path
         del first
         spec = lora.spec_from_args(flags, args, f"--load-dir {opts.load_dir}")
         to_save = lora.saved_modules(getattr(args, "lora_modules_to_save", None), cfg.tie_word_embeddings)
-        return _Adapters(spec, Path(opts.load_dir), None, tp, pp, to_save)
+        return _Adapters(spec, Path(opts.load_dir), None, tp, pp, to_save, ep)
     lora_iter = layout.iteration_dir(Path(opts.lora_load))
     lora_args = layout.read_args(lora_iter)
     source = f"--lora-load {opts.lora_load}"
     for name, flag in (("tensor_model_parallel_size", "TP"), ("pipeline_model_parallel_size", "PP"),
+                       ("expert_model_parallel_size", "EP"),
                        ("num_layers_per_virtual_pipeline_stage", "VPP layers"), ("num_layer_list", "layer list")):
         ours, theirs = getattr(args, name, None), getattr(lora_args, name, None)
+        if name == "expert_model_parallel_size":
+            ours, theirs = ep, expert_parallel_size(lora_args)
         if ours != theirs and (ours or theirs):
             raise ConversionError(f"{source} was saved with {flag} {theirs} but --load-dir {opts.load_dir} with "
                                   f"{ours}; the adapters must come from a run on that layout")
     base = f"--load-dir {opts.load_dir}"
     check_args(lora_args, weight_args(cfg), source, adapters_for=base)
-    check_lora_base(lora_args, _files_fingerprint(iter_dir, cfg, placement, tp), base, str(opts.lora_load),
+    check_lora_base(lora_args, _files_fingerprint(iter_dir, cfg, placement, tp, ep), base, str(opts.lora_load),
                     opts.lora_ignore_base_mismatch, notice)
     if opts.save_lora_to_hf and getattr(lora_args, "lora_modules_to_save", None):
         raise ConversionError(f"--save-lora-to-hf: {source} also trained --lora-modules-to-save "
@@ -230,12 +240,13 @@ def _adapter_source(opts: Mg2HfOptions, args: argparse.Namespace, iter_dir: Path
     if spec is None:
         raise ConversionError(f"{source}: its args name no LoRA target modules; pass --lora-target-modules")
     to_save = lora.saved_modules(getattr(lora_args, "lora_modules_to_save", None), cfg.tie_word_embeddings)
-    return _Adapters(spec, Path(opts.lora_load), lora_iter, tp, pp, to_save)
+    return _Adapters(spec, Path(opts.lora_load), lora_iter, tp, pp, to_save, ep)
 
 
-def _files_fingerprint(iter_dir: Path, cfg: ModelConfig, placement: Placement, tp: int) -> str:
+def _files_fingerprint(iter_dir: Path, cfg: ModelConfig, placement: Placement, tp: int, ep: int = 1) -> str:
     """The base fingerprint (`models.lora.fingerprint_share`) of the checkpoint in `iter_dir`: only the rank files
-    of the stages that hold its first or last decoder layer are read."""
+    of EP rank 0 (the fingerprint leaves routed experts out) of the stages that hold its first or last decoder
+    layer are read."""
     keys = layout.model_keys(placement.vpp)
     ends = {0, cfg.num_layers - 1}
     total = 0
@@ -243,7 +254,8 @@ def _files_fingerprint(iter_dir: Path, cfg: ModelConfig, placement: Placement, t
         if not ends & {layer for chunk in placement.layers[p] for layer in chunk}:
             continue
         for t in range(tp):
-            state = layout.load_rank_file(iter_dir / layout.rank_dir_name(t, p, placement.pp) / layout.FILE_NAME)
+            state = layout.load_rank_file(iter_dir / layout.rank_dir_name(t, p, placement.pp, 0, ep) /
+                                          layout.FILE_NAME)
             total += lora.fingerprint_share([(state[keys[v]], layers) for v, layers in enumerate(placement.layers[p])
                                              if keys[v] in state], cfg.num_layers)
             del state

@@ -6,6 +6,9 @@ linear_proj, linear_fc1, linear_fc2). Each adapter is split over TP the way its 
   row-parallel (linear_proj, linear_fc2):   A takes W's input columns of this rank, B is whole on every rank.
 So the merge W_rank + scale * B_rank @ A_rank is exact per shard, and an adapter's rows follow the same fused
 layouts (interleaved QKV groups, [gate; up]) as W, which the family tables already know how to cut and join.
+In a MoE layer (megatron-core SequentialMLP) linear_fc1/linear_fc2 of every local expert are targets, split over
+the expert-TP group, and the router never is (MindSpeed-LLM's LoRA of sequential experts); each expert's adapter
+starts from the seed of its global index, so every EP layout starts alike.
 
 State-dict names are PEFT's (as MindSpeed-LLM writes them): `X.base_layer.weight`, `X.lora_A.default.weight`,
 `X.lora_B.default.weight`. A base checkpoint (`X.weight`) loads into a wrapped model unchanged.
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mindspeed_llm.errors import UserError
@@ -91,13 +95,15 @@ def spec_from_args(args: argparse.Namespace, saved: Optional[argparse.Namespace]
                     tuple(getattr(args, "lora_modules_to_save", None) or ()))
 
 
-def _mark(param: nn.Parameter, split_dim: Optional[int], sequence_parallel: bool) -> None:
+def _mark(param: nn.Parameter, split_dim: Optional[int], sequence_parallel: bool, allreduce: bool = True) -> None:
     """megatron-core's parameter attributes: TP-split params (grad norm counts them on every rank) or replicated
-    ones (counted once; with sequence parallelism their grads are all-reduced over TP by finalize_model_grads)."""
+    ones (counted once; with sequence parallelism their grads are all-reduced over TP by finalize_model_grads);
+    `allreduce` False marks an expert-parallel param (DDP reduces it over the expert-data-parallel group)."""
     param.tensor_model_parallel = split_dim is not None
     param.partition_dim = split_dim if split_dim is not None else -1
     param.partition_stride = 1
     param.sequence_parallel = sequence_parallel and split_dim is None
+    param.allreduce = allreduce
 
 
 class LoraLinear(nn.Module):
@@ -111,9 +117,12 @@ class LoraLinear(nn.Module):
         self.base_layer = base
         self.kind = kind
         self.scale = spec.scale
-        self.sequence_parallel = bool(getattr(base, "sequence_parallel", False))
-        self.tp_group = ps.get_tensor_model_parallel_group()
-        tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        # An expert's linear splits over the expert-TP group, and under EP or expert TP it leaves the gathering
+        # and summing of tokens to the token dispatcher (`explicit_expert_comm`): the adapter must do the same.
+        self.tp_group = getattr(base, "tp_group", None) or ps.get_tensor_model_parallel_group()
+        self.explicit_comm = bool(getattr(base, "explicit_expert_comm", False))
+        self.sequence_parallel = bool(getattr(base, "sequence_parallel", False)) and not self.explicit_comm
+        tp, rank = self.tp_group.size(), self.tp_group.rank()
         out_local, in_local = base.weight.shape
         dtype, device = base.weight.dtype, base.weight.device
         in_full = in_local * tp if kind == "row" else in_local
@@ -122,7 +131,7 @@ class LoraLinear(nn.Module):
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         with torch.no_grad():
             # A is drawn whole (PEFT's kaiming-uniform bound 1/sqrt(fan_in)) from a seed of the layer, then cut:
-            # every TP/PP layout starts from the same adapters. B starts at zero, so the model starts as the base.
+            # every TP/PP/EP layout starts from the same adapters. B starts at zero, so the model starts as the base.
             g = torch.Generator().manual_seed(seed)
             bound = 1.0 / math.sqrt(in_full)
             full = torch.empty(spec.r, in_full).uniform_(-bound, bound, generator=g)
@@ -130,15 +139,26 @@ class LoraLinear(nn.Module):
                 full = full[:, rank * in_local:(rank + 1) * in_local]
             self.lora_A["default"].weight.copy_(full)
             self.lora_B["default"].weight.zero_()
-        _mark(self.lora_A["default"].weight, 1 if kind == "row" else None, self.sequence_parallel)
-        _mark(self.lora_B["default"].weight, 0 if kind == "column" else None, self.sequence_parallel)
+        # Expert adapters reduce their grads over the expert-data-parallel group, as the expert weights do.
+        expert_reduced = getattr(base.weight, "allreduce", True)
+        _mark(self.lora_A["default"].weight, 1 if kind == "row" else None, self.sequence_parallel, expert_reduced)
+        _mark(self.lora_B["default"].weight, 0 if kind == "column" else None, self.sequence_parallel, expert_reduced)
         self.register_load_state_dict_pre_hook(_accept_base_names)
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         from megatron.core import tensor_parallel as tpl
 
         out, bias = self.base_layer(x, *args, **kwargs)
-        h = self.lora_A["default"](self.dropout(x))
+        a, b = self.lora_A["default"].weight, self.lora_B["default"].weight
+        if self.explicit_comm:
+            # The dispatcher sums this rank's partial input grads (column) or outputs (row) over expert TP, so h
+            # stays local; the factor that is whole on every rank gets the sum of its partial grads.
+            if self.kind == "column":
+                a = tpl.copy_to_tensor_model_parallel_region(a, group=self.tp_group)
+            else:
+                b = tpl.copy_to_tensor_model_parallel_region(b, group=self.tp_group)
+            return out + self.scale * F.linear(F.linear(self.dropout(x), a), b), bias
+        h = F.linear(self.dropout(x), a)
         if self.kind == "column":
             # B_rank sees the full rank-r input; backward sums the partial grads of h over TP.
             h = (tpl.gather_from_sequence_parallel_region(h, group=self.tp_group) if self.sequence_parallel
@@ -146,7 +166,7 @@ class LoraLinear(nn.Module):
         else:
             h = (tpl.reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group) if self.sequence_parallel
                  else tpl.reduce_from_tensor_model_parallel_region(h, group=self.tp_group))
-        return out + self.scale * self.lora_B["default"](h), bias
+        return out + self.scale * F.linear(h, b), bias
 
 
 def _accept_base_names(module, state_dict, prefix, *unused) -> None:
@@ -174,7 +194,7 @@ def add_lora(chunk: nn.Module, spec: LoraSpec, seed: int) -> nn.Module:
                 continue
             parent = layer.get_submodule(path.rsplit(".", 1)[0]) if "." in path else layer
             kind = "column" if name in COLUMN_PARALLEL else "row"
-            layer_seed = zlib.crc32(f"{seed}:{layer.layer_number}:{path}".encode())
+            layer_seed = zlib.crc32(f"{seed}:{layer.layer_number}:{_global_expert_path(layer, path)}".encode())
             setattr(parent, name, LoraLinear(module, kind, spec, layer_seed))
     # Names of modules that live on the first or last pipeline stage only may be absent from this chunk.
     here = {part for name, _ in chunk.named_modules() for part in name.split(".")}
@@ -190,6 +210,20 @@ def add_lora(chunk: nn.Module, spec: LoraSpec, seed: int) -> nn.Module:
         chunk.embedding.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True)
                                               if torch.is_grad_enabled() and not out.requires_grad else out)
     return chunk
+
+
+_LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)")
+
+
+def _global_expert_path(layer: nn.Module, path: str) -> str:
+    """`path` with a SequentialMLP's local expert index replaced by the global one (EP rank * E_loc + j), so an
+    expert's adapters start alike whatever the expert-parallel size."""
+    match = _LOCAL_EXPERT.search(path)
+    if match is None:
+        return path
+    experts = layer.get_submodule(path[:match.start()])
+    offset = experts.ep_group.rank() * experts.num_local_experts
+    return f"{path[:match.start()]}.local_experts.{offset + int(match.group(1))}{path[match.end():]}"
 
 
 def saved_modules(modules_to_save: Iterable[str], tied: bool) -> set[str]:
@@ -248,8 +282,9 @@ def merge_adapters(state: dict[str, torch.Tensor], adapters: dict[str, torch.Ten
 
 # --- the base fingerprint ----------------------------------------------------------------------------------------
 FINGERPRINT_MODULUS = 1 << 48
-_FINGERPRINTED = re.compile(r"^decoder\.layers\.(\d+)\..*\.(?:linear_qkv|linear_proj|linear_fc1|linear_fc2)"
-                            r"(?:\.base_layer)?\.weight$")
+# Routed experts are left out: they are split over EP ranks, which do not all take part in the sum.
+_FINGERPRINTED = re.compile(r"^decoder\.layers\.(\d+)\.(?:self_attention|mlp)\.(?:linear_qkv|linear_proj|linear_fc1|"
+                            r"linear_fc2)(?:\.base_layer)?\.weight$")
 
 
 def fingerprint_share(chunks: Iterable[tuple[dict[str, torch.Tensor], Sequence[int]]], num_layers: int) -> int:
@@ -257,7 +292,8 @@ def fingerprint_share(chunks: Iterable[tuple[dict[str, torch.Tensor], Sequence[i
     of its local decoder layers). The fingerprint covers the four linear weights of the first and the last
     decoder layer: the sum, as integers, of the bit patterns of their values rounded to bf16. Integer sums add up
     exactly in any order, and these weights are split over TP (and PP) ranks without overlap, so the shares of all
-    ranks sum to the same value for every layout; bf16 makes an fp32 base and its bf16 copy agree."""
+    ranks sum to the same value for every layout; bf16 makes an fp32 base and its bf16 copy agree. A MoE layer's
+    share is its attention (every EP rank holds the same)."""
     wanted = {0, num_layers - 1}
     total = 0
     for state, global_layers in chunks:

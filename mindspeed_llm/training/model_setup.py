@@ -45,17 +45,13 @@ def model_config(args: argparse.Namespace, tokenizer_len: int, hf_dir: Optional[
 
 
 def _check_moe(args: argparse.Namespace, cfg, source: str):
-    """What this run can do with a mixture-of-experts model (full SFT), and the MoE flags against the model."""
+    """The MoE flags against the model (SFT, LoRA on sequential experts, DPO and context parallelism all run
+    on MoE models)."""
     ep = args.expert_model_parallel_size
     if cfg.num_experts is None:
         if ep != 1:
             raise UserError(f"--expert-model-parallel-size {ep}: {source} holds a dense model (no experts); use 1")
         return cfg
-    for unsupported, given in (("--lora-target-modules", args.lora_target_modules),
-                               ("--stage dpo", args.stage == "dpo")):
-        if given:
-            raise UserError(f"{unsupported}: {source} holds a mixture-of-experts model ({cfg.num_experts} experts); "
-                            f"LoRA and DPO of MoE models are not implemented (full fine-tuning with --stage sft is)")
     check_expert_split(cfg.num_experts, ep, source)
     if args.moe_layer_freq is not None or args.first_k_dense_replace is not None:
         from mindspeed_llm.models.resolve import dense_layers

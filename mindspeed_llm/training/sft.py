@@ -292,7 +292,7 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
         loss, skipped, nan, norm = train_step(args, model, optimizer, mb, objective)
         metrics = objective.last_metrics if objective is not None else {}
         if tracks_load_balancing_loss(chunks[0].config):
-            metrics = {"load_balancing_loss": load_balancing_loss(cfg, args.num_microbatches)}
+            metrics = {**metrics, "load_balancing_loss": load_balancing_loss(cfg, args.num_microbatches)}
         iteration += 1
         consumed += args.global_batch_size
         if nan and not args.skip_nan:
