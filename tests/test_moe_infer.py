@@ -43,6 +43,19 @@ def moe(tiny_model_factory, tmp_path_factory) -> dict:
                                         ("mixed", 1, 2))}}
 
 
+# Bad input: (case, checkpoint, flags) -> what the one error line says
+BAD = [("ep_world", ("routed", 1, 2), ["--expert-model-parallel-size", "2"]),
+       ("experts", ("routed", 1, 1), ["--num-experts", "4"]),
+       ("topk", ("routed", 1, 1), ["--moe-router-topk", "3"]),
+       ("expert_ffn", ("routed", 1, 1), ["--moe-ffn-hidden-size", "16"]),
+       ("ep_checkpoint", ("routed", 1, 2), [])]
+BAD_MESSAGES = {"ep_world": "--expert-model-parallel-size 2 x --tensor-model-parallel-size 1 x "
+                            "--pipeline-model-parallel-size 1 does not fit 1 processes",
+                "experts": "--num-experts 4 disagrees with", "topk": "--moe-router-topk 3 disagrees with",
+                "expert_ffn": "--moe-ffn-hidden-size 16 disagrees with",
+                "ep_checkpoint": "--expert-model-parallel-size"}
+
+
 def recipe_flags(recipe: str, tmp_path: Path, entry: str, values: dict[str, str]) -> list[str]:
     """One of our MoE recipes' arguments to `entry` with the tiny shape, one process and `values` (paths)."""
     groups: list[list[str]] = []
@@ -70,6 +83,9 @@ def cli_runs(moe) -> dict:
         argv = recipe_flags(recipe, root, "inference.py", {"--load": moe["mg"][("routed", 1, 1)],
                                                             "--tokenizer-name-or-path": str(moe["hf"]["routed"])})
         cases.append({"name": recipe, "argv": argv + ["--task", "greedy"]})
+    base = ["--tokenizer-name-or-path", str(moe["hf"]["routed"]), "--prompt", "hi", "--task", "greedy"]
+    for name, load, flags in BAD:
+        cases.append({"name": name, "argv": ["--load", moe["mg"][load], *base, *flags]})
     (root / "cases.json").write_text(json.dumps(cases))
     run_cli("tests/infer_cli_cases.py", str(root / "cases.json"), str(root / "results.json"))
     return json.loads((root / "results.json").read_text())
@@ -150,3 +166,10 @@ def test_evaluate_recipes_run_on_the_tiny_moe_model(moe, eval_data, recipe, tmp_
     assert "mmlu acc = " in proc.stdout and "--moe-grouped-gemm: accepted, no effect" in proc.stderr
     summary = json.loads((tmp_path / "r.json").read_text())["tasks"]["mmlu"]
     _check_choice_task(summary, moe["hf"]["routed"], expected_prompts()["mmlu"], chat=False)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_MESSAGES))
+def test_bad_moe_input_is_one_error_line(cli_runs, name):
+    res = cli_runs[name]
+    errors = [line for line in res["stderr"].splitlines() if line.startswith("error:")]
+    assert res["rc"] == 2 and len(errors) == 1 and BAD_MESSAGES[name] in errors[0], res["stderr"]
