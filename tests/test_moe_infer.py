@@ -1,6 +1,7 @@
 """Qwen3-MoE through inference.py and evaluation.py: greedy output equals transformers' generate
-(Qwen3MoeForCausalLM) at EP1 (one process), EP2 and TP2 (torchrun), with and without the KV cache; option scores
-equal transformers' log-probabilities; MindSpeed's MoE generate/evaluate recipes run on the tiny model."""
+(Qwen3MoeForCausalLM) at EP1 (one process), EP2, TP2 and PP2 (torchrun), with and without the KV cache; option scores
+equal transformers' log-probabilities; MindSpeed's MoE generate/evaluate recipes run on the tiny model; bad MoE input
+is one error line."""
 from __future__ import annotations
 
 import json
@@ -26,10 +27,10 @@ TINY_MOE_SHAPE = {"--num-layers": "4", "--hidden-size": "64", "--ffn-hidden-size
                   "--expert-model-parallel-size": "1"}
 
 
-def _convert(hf: Path, mg: Path, tp: int = 1, ep: int = 1) -> str:
+def _convert(hf: Path, mg: Path, tp: int = 1, ep: int = 1, pp: int = 1) -> str:
     assert cli.main(["--load-model-type", "hf", "--save-model-type", "mg", "--model-type-hf", "qwen3-moe",
                      "--load-dir", str(hf), "--save-dir", str(mg), "--target-tensor-parallel-size", str(tp),
-                     "--target-expert-parallel-size", str(ep)]) == 0
+                     "--target-expert-parallel-size", str(ep), "--target-pipeline-parallel-size", str(pp)]) == 0
     return str(mg)
 
 
@@ -37,10 +38,10 @@ def _convert(hf: Path, mg: Path, tp: int = 1, ep: int = 1) -> str:
 def moe(tiny_model_factory, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("moe_infer")
     hf = {name: tiny_model_factory("qwen3-moe", **shape) for name, shape in SHAPES.items()}
-    return {"root": root, "hf": hf,
-            "mg": {(name, tp, ep): _convert(hf[name], root / f"{name}_tp{tp}ep{ep}", tp, ep)
-                   for name, tp, ep in (("routed", 1, 1), ("mixed", 1, 1), ("routed", 1, 2), ("routed", 2, 1),
-                                        ("mixed", 1, 2))}}
+    mg = {(name, tp, ep): _convert(hf[name], root / f"{name}_tp{tp}ep{ep}", tp, ep)
+          for name, tp, ep in (("routed", 1, 1), ("mixed", 1, 1), ("routed", 1, 2), ("routed", 2, 1), ("mixed", 1, 2))}
+    mg["routed_pp2"] = _convert(hf["routed"], root / "routed_pp2", pp=2)
+    return {"root": root, "hf": hf, "mg": mg}
 
 
 # Bad input: (case, checkpoint, flags) -> what the one error line says
@@ -112,7 +113,7 @@ def test_generate_recipes_run_on_the_tiny_moe_model(cli_runs, recipe):
 @pytest.mark.distributed
 def test_greedy_matches_transformers_at_ep2_and_tp2(moe, tmp_path):
     """One launch of two processes: EP2 (both shapes: the experts split over the two data-parallel ranks, which
-    decode the same prompts together) and TP2."""
+    decode the same prompts together), TP2 and PP2."""
     prompts = {name: _prompts(moe["hf"][name]) for name in SHAPES}
     ref = {name: hf_greedy(moe["hf"][name], prompts[name]) for name in SHAPES}
     stop_ids = [ref["routed"][0][3], ref["routed"][2][5]]
@@ -120,7 +121,8 @@ def test_greedy_matches_transformers_at_ep2_and_tp2(moe, tmp_path):
     assert any(len(r) < MAX_NEW for r in ref_stop)
     configs = [{"name": "routed_ep2", "load": moe["mg"][("routed", 1, 2)], "tp": 1, "pp": 1, "ep": 2},
                {"name": "routed_tp2", "load": moe["mg"][("routed", 2, 1)], "tp": 2, "pp": 1, "ep": 1},
-               {"name": "mixed_ep2", "load": moe["mg"][("mixed", 1, 2)], "tp": 1, "pp": 1, "ep": 2}]
+               {"name": "mixed_ep2", "load": moe["mg"][("mixed", 1, 2)], "tp": 1, "pp": 1, "ep": 2},
+               {"name": "routed_pp2", "load": moe["mg"]["routed_pp2"], "tp": 1, "pp": 2, "ep": 1}]
     assert prompts["routed"] == prompts["mixed"]            # one tokenizer
     spec = {"tokenizer": str(moe["hf"]["routed"]), "prompts": prompts["routed"], "max_new_tokens": MAX_NEW,
             "stop_ids": stop_ids, "configs": configs}
@@ -133,8 +135,9 @@ def test_greedy_matches_transformers_at_ep2_and_tp2(moe, tmp_path):
         assert res["greedy_nocache"] == expected, f"{name}: greedy without KV cache differs from transformers"
         assert res["topk1"] == expected, f"{name}: top-k 1 sampling differs from greedy"
         assert res["sample_a"] == res["sample_b"], f"{name}: seeded sampling is not reproducible"
-    assert got["routed_ep2"]["greedy_stop"] == ref_stop and got["routed_tp2"]["greedy_stop"] == ref_stop
-    assert got["routed_ep2"]["beam"] == got["routed_tp2"]["beam"]
+    for name in ("routed_ep2", "routed_tp2", "routed_pp2"):
+        assert got[name]["greedy_stop"] == ref_stop, f"{name}: stopping differs from transformers"
+        assert got[name]["beam"] == got["routed_ep2"]["beam"], f"{name}: beam search depends on the layout"
 
 
 @pytest.fixture(scope="module")
