@@ -49,7 +49,8 @@ class _Layer:
     proj_bias: Optional[torch.Tensor]
     pre_mlp_norm: Callable[[torch.Tensor], torch.Tensor]
     mlp: torch.nn.Module
-    swiglu: Optional[tuple[torch.Tensor, torch.Tensor]]     # (fc1, fc2) weights of a plain SwiGLU MLP
+    fc1: Optional[torch.Tensor]         # the weights of a plain SwiGLU MLP (None: the MLP runs as its module)
+    fc2: Optional[torch.Tensor]
     moe: bool
     scale: float
 
@@ -78,6 +79,9 @@ def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
     for layer in model.decoder.layers:
         if not isinstance(layer.self_attention, SelfAttention):
             return f"attention {type(layer.self_attention).__name__}"
+        for norm in (layer.input_layernorm, layer.pre_mlp_layernorm):
+            if not hasattr(norm, "weight"):     # e.g. a norm fused into the next linear: attention needs it here
+                return f"layer norm {type(norm).__name__}"
     return None
 
 
@@ -122,9 +126,9 @@ def _norm(norm) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     return norm.forward if norm is not None and hasattr(norm, "weight") else None
 
 
-def _plain_swiglu(mlp: torch.nn.Module) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+def _plain_swiglu(mlp: torch.nn.Module) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(fc1, fc2) weights when `mlp` is megatron-core's MLP computing exactly fc2(silu(gate) * up) (fused gate+up
-    fc1, no bias, no clamp or offset, plain parallel linears); None for any other MLP, which runs as its module.
+    fc1, no bias, no clamp or offset, plain parallel linears); Nones for any other MLP, which runs as its module.
     megatron's MLP costs about 80 us of Python per call on top of its two GEMMs (autograd functions and process-group
     lookups in each parallel linear): more than the GEMMs of a small model's decode step."""
     cfg = mlp.config
@@ -133,7 +137,7 @@ def _plain_swiglu(mlp: torch.nn.Module) -> Optional[tuple[torch.Tensor, torch.Te
              and not cfg.glu_linear_offset and type(mlp.linear_fc1) is ColumnParallelLinear
              and type(mlp.linear_fc2) is RowParallelLinear and _bias(mlp.linear_fc1) is None
              and _bias(mlp.linear_fc2) is None)
-    return (mlp.linear_fc1.weight, mlp.linear_fc2.weight) if plain else None
+    return (mlp.linear_fc1.weight, mlp.linear_fc2.weight) if plain else (None, None)
 
 
 class DecodeStage:
@@ -186,11 +190,12 @@ class DecodeStage:
         att = layer.self_attention
         core = att.core_attention
         scale = getattr(core, "softmax_scale", None) or 1.0 / math.sqrt(self.config.kv_channels)
+        fc1, fc2 = _plain_swiglu(layer.mlp)
         return _Layer(input_norm=_norm(layer.input_layernorm), qkv=att.linear_qkv.weight,
                       qkv_bias=_bias(att.linear_qkv), q_norm=_norm(getattr(att, "q_layernorm", None)),
                       k_norm=_norm(getattr(att, "k_layernorm", None)), proj=att.linear_proj.weight,
                       proj_bias=_bias(att.linear_proj), pre_mlp_norm=_norm(layer.pre_mlp_layernorm), mlp=layer.mlp,
-                      swiglu=_plain_swiglu(layer.mlp), moe=isinstance(layer.mlp, MoELayer), scale=float(scale))
+                      fc1=fc1, fc2=fc2, moe=isinstance(layer.mlp, MoELayer), scale=float(scale))
 
     def _ensure_rope(self, length: int) -> None:
         """cos/sin [length, hn] in the model dtype, from megatron's RotaryEmbedding (its scaling included)."""
@@ -235,13 +240,8 @@ class DecodeStage:
     # ---- the MLP ---------------------------------------------------------------------------------------------
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
-        """The layer's MLP on x [b, s, h]: a plain SwiGLU MLP on its own weights, any other (megatron-core's
-        MoELayer: router, token dispatcher, experts) as its module (every token on its own: the layout of the
-        leading dims does not matter to it)."""
-        if layer.swiglu is not None:
-            fc1, fc2 = layer.swiglu
-            gate, up = F.linear(x, fc1).chunk(2, dim=-1)
-            return self._reduce(F.linear(F.silu(gate) * up, fc2))
+        """The layer's MLP module (megatron-core's MoELayer: router, token dispatcher, experts; any MLP but a plain
+        SwiGLU one) on x [b, s, h]: every token on its own, the layout of the leading dims does not matter to it."""
         if layer.moe and self.moe_ranks > 1:
             return self._moe(layer.mlp, x)
         out, bias = layer.mlp(x)
@@ -295,7 +295,12 @@ class DecodeStage:
             if layer.proj_bias is not None:
                 out = out + layer.proj_bias
             h = h + out
-            h = h + self._mlp(layer, layer.pre_mlp_norm(h))
+            x = layer.pre_mlp_norm(h)
+            if layer.fc1 is not None:
+                gate, up = F.linear(x, layer.fc1).chunk(2, dim=-1)
+                h = h + self._reduce(F.linear(F.silu(gate) * up, layer.fc2))
+            else:
+                h = h + self._mlp(layer, x)
         return h
 
     def _attend(self, q, k, v, mask, causal, scale) -> torch.Tensor:
