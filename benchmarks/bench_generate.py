@@ -86,7 +86,7 @@ def main() -> None:
     import torch
 
     from mindspeed_llm.inference.comm import ReplicaBroadcast
-    from mindspeed_llm.inference.forward import StageForward
+    from mindspeed_llm.inference.decode import DecodeStage
     from mindspeed_llm.inference.generation import StopCriteria, generate
     from mindspeed_llm.inference.sampling import SamplingParams
     from mindspeed_llm.platform import current_device, detect_platform, init_distributed
@@ -100,7 +100,7 @@ def main() -> None:
     device = current_device()
     sync = (lambda: getattr(torch, plat.device_type).synchronize()) if gpu else (lambda: None)
     prompts = torch.randint(0, shape["vocab"], (a.batch, a.prompt_len), generator=torch.Generator().manual_seed(1))
-    step, bcast = StageForward(ours), ReplicaBroadcast()
+    step, bcast = DecodeStage(ours), ReplicaBroadcast()
     never = StopCriteria(frozenset())
 
     def run_ours(n: int):

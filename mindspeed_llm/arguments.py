@@ -382,7 +382,7 @@ def add_loaded_model_args(parser: argparse.ArgumentParser) -> None:
     add_parallel_args(parser)
     add_checkpoint_args(parser)
     add_speed_args(parser)
-    parser.add_argument("--num-experts", type=int, default=None, help=argparse.SUPPRESS)   # refused: MoE runs train
+    add_moe_args(parser)
     add_lora_args(parser, training=False)
     add_tokenizer_args(parser)
     add_template_args(parser)

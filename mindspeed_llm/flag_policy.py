@@ -31,6 +31,9 @@ _MODEL = {
     "seq_length", "prompt_type", "prompt_type_path", "enable_thinking", "trust_remote_code",
     "lora_target_modules", "lora_r", "lora_alpha", "lora_load",
 }
+# The MoE shape and layout flags every tool that builds a model reads
+_MOE = {"expert_model_parallel_size", "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "norm_topk_prob",
+        "moe_layer_freq", "first_k_dense_replace", "moe_token_dispatcher_type"}
 IMPLEMENTED: dict[str, frozenset[str]] = {
     "train": frozenset(_MODEL | {
         "swiglu", "disable_bias_linear", "hidden_dropout", "attention_dropout", "init_method_std", "sequence_parallel",
@@ -57,12 +60,12 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "moe_token_dispatcher_type",
         "context_parallel_size", "context_parallel_algo", "ulysses_degree_in_cp",
     }),
-    "inference": frozenset(_MODEL | {
+    "inference": frozenset(_MODEL | _MOE | {
         "task", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "num_beams", "length_penalty",
         "use_kv_cache", "hf_chat_template", "history_turns", "input_file", "output_file", "inference_batch_size",
         "truncate_prompt", "enable_hf2mg_convert", "mg_save_dir", "lora_ignore_base_mismatch",
     }),
-    "evaluation": frozenset(_MODEL | {
+    "evaluation": frozenset(_MODEL | _MOE | {
         "task", "task_data_path", "evaluation_batch_size", "max_eval_samples", "no_chat_template", "eval_language",
         "chain_of_thought", "max_new_tokens", "results_file", "use_kv_cache", "truncate_prompt",
         "hf_chat_template", "enable_hf2mg_convert", "mg_save_dir", "lora_ignore_base_mismatch",
@@ -168,16 +171,23 @@ NOTICE: dict[str, dict[str, str]] = {
                 "save_layer_by_layer": "conversion always streams layer by layer"},
 }
 
+# The MoE kernel switches change nothing in generation either; the load-balancing loss is a training loss
+NOTICE["inference"].update({dest: why for dest, why in NOTICE["train"].items() if dest.startswith("moe_")})
+NOTICE["inference"].update(
+    moe_router_load_balancing_type="the router runs in eval mode: the routing is the same, and no load-balancing "
+                                   "loss is computed",
+    moe_aux_loss_coeff="the router runs in eval mode: no load-balancing loss is computed")
+
 # evaluation.py loads and runs the model as inference.py does: the same no-effect flags, plus its own
 _EVAL_AS_INFERENCE = ("swiglu", "disable_bias_linear", "hidden_dropout", "attention_dropout", "init_method_std",
                       "sequence_parallel", "use_distributed_optimizer", "no_load_optim", "no_load_rng", "finetune",
-                      "exit_on_missing_checkpoint", "max_length", "add_eos_token", "transformer_impl")
+                      "exit_on_missing_checkpoint", "max_length", "add_eos_token", "transformer_impl",
+                      *(dest for dest in NOTICE["inference"] if dest.startswith("moe_")))
 NOTICE["evaluation"] = {
     **SPEED, **_COMMON_NOTICE, **{k: NOTICE["inference"][k] for k in _EVAL_AS_INFERENCE},
     "micro_batch_size": "--evaluation-batch-size sets how many prompts run together",
     "global_batch_size": "--evaluation-batch-size sets how many prompts run together",
     "broadcast": "items are shared out over data-parallel replicas and the results gathered on every rank",
-    "norm_topk_prob": "dense models have no MoE router",
 }
 
 # --- error: only the default (or the allowed values) is honoured (why) -------------------------------------------
@@ -212,11 +222,11 @@ ERROR: dict[str, dict[str, Rule]] = {
               "timing_log_level": "timers are not implemented",
               "log_timers_to_tensorboard": "timers are not implemented"},
     "inference": {**_ERROR_COMMON,
-                  "num_experts": "generation of mixture-of-experts models is not implemented",
                   "num_layers_per_virtual_pipeline_stage": _VPP_LOADED,
                   "vocab_size": "use --padded-vocab-size",
                   "tokenizer_type": "only PretrainedFromHF is implemented",
-                  "expert_model_parallel_size": "dense models only; use 1",
+                  "expert_tensor_parallel_size": "the experts are split over TP like the dense MLP (expert TP = "
+                                                 "--tensor-model-parallel-size); leave it out",
                   "save": "generation saves no checkpoint", "save_interval": "generation saves no checkpoint",
                   "no_save_optim": "generation saves no checkpoint", "no_save_rng": "generation saves no checkpoint"},
     "preprocess": {},

@@ -2,8 +2,8 @@
 
 Usage: torchrun --nproc_per_node 2 tests/dist_infer.py SPEC.json OUT.json
 SPEC.json: {"tokenizer": HF_DIR, "prompts": [[ids], ...], "max_new_tokens": N, "stop_ids": [extra stop ids],
-            "configs": [{"name", "load", "tp", "pp"}, ...]}
-OUT.json: {name: {"decode_path", "greedy_cache", "greedy_nocache", "sample_a", "sample_b", "topk1", "beam", "greedy_stop"}}
+            "configs": [{"name", "load", "tp", "pp", "ep" (default 1)}, ...]}
+OUT.json: {name: {"greedy_cache", "greedy_nocache", "sample_a", "sample_b", "topk1", "beam", "greedy_stop"}}
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ def main(spec_file: str, out_file: str) -> None:
     import torch.distributed as dist
 
     from mindspeed_llm.inference.args import parse_args
-    from mindspeed_llm.inference.decode import decode_stage_for
     from mindspeed_llm.inference.engine import setup
     from mindspeed_llm.inference.generation import StopCriteria
     from mindspeed_llm.inference.sampling import SamplingParams
@@ -30,10 +29,10 @@ def main(spec_file: str, out_file: str) -> None:
         args = parse_args(["--load", cfg["load"], "--tokenizer-name-or-path", spec["tokenizer"],
                            "--tensor-model-parallel-size", str(cfg["tp"]),
                            "--pipeline-model-parallel-size", str(cfg["pp"]),
+                           "--expert-model-parallel-size", str(cfg.get("ep", 1)),
                            "--max-new-tokens", str(spec["max_new_tokens"]), "--seed", "7"])
         engine = setup(args)
-        got = {"greedy_cache": engine.generate(prompts, SamplingParams()).outputs,
-               "decode_path": decode_stage_for(engine.step) is not None}
+        got = {"greedy_cache": engine.generate(prompts, SamplingParams()).outputs}
         engine.use_cache = False
         got["greedy_nocache"] = engine.generate(prompts, SamplingParams()).outputs
         engine.use_cache = True

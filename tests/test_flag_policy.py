@@ -21,11 +21,11 @@ PARSERS = {"train": build_train_parser, "inference": build_inference_parser,
 # Where each tool's readers live: the code that runs for it.
 SCOPES = {"train": ("arguments.py", "training/", "models/", "checkpoint/", "data/", "tokenizer.py", "platform.py"),
           "inference": ("arguments.py", "inference/", "models/", "tokenizer.py", "platform.py", "data/templates.py",
-                        "checkpoint/startup.py"),
+                        "checkpoint/startup.py", "training/model_setup.py"),
           "preprocess": ("arguments.py", "data/", "tokenizer.py"),
           "convert": ("checkpoint/", "models/"),
           "evaluation": ("arguments.py", "evaluation/", "inference/", "models/", "tokenizer.py", "platform.py",
-                         "data/templates.py", "checkpoint/startup.py")}
+                         "data/templates.py", "checkpoint/startup.py", "training/model_setup.py")}
 
 
 # Names the parsed flags go by where they are read (posttrain/inference/evaluation: args; convert: a, opts).

@@ -53,7 +53,6 @@ def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
                    help="wrap prompts in the tokenizer's chat template (the default when it has one)")
     g.add_argument("--max-length", type=int, default=256, help=argparse.SUPPRESS)
     g.add_argument("--add-eos-token", nargs="*", default=[], help=argparse.SUPPRESS)
-    g.add_argument("--norm-topk-prob", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--micro-batch-size", type=int, default=1, help=argparse.SUPPRESS)
     g.add_argument("--global-batch-size", type=int, default=None, help=argparse.SUPPRESS)
     g.add_argument("--seed", type=int, default=1234, help="seed of the parallel state")

@@ -96,8 +96,6 @@ def encode(engine, items: list[Item], chat: bool) -> list[list[int]]:
 
 
 def run_task(engine, args: argparse.Namespace, task: str, index: int) -> dict[str, Any]:
-    from megatron.core import parallel_state as ps
-
     from mindspeed_llm.evaluation.report import ProgressLog, log_summary, summarize
     from mindspeed_llm.inference import comm
 
@@ -115,7 +113,7 @@ def run_task(engine, args: argparse.Namespace, task: str, index: int) -> dict[st
     items, prompts = comm.agree(lambda: _unpack(prepared))
     if rank0:
         print(f"{task}: {len(items)} items, {len({i.subject for i in items})} subjects", flush=True)
-    progress = ProgressLog(task, len(items), ps.get_data_parallel_world_size(), rank0)
+    progress = ProgressLog(task, len(items), comm.replica_count_and_index()[0], rank0)
     if isinstance(items[0], ChoiceItem):
         records = _choice_records(engine, args, items, prompts, progress)
     else:

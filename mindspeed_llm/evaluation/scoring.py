@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from mindspeed_llm.inference import comm
 from mindspeed_llm.inference.engine import Engine
 from mindspeed_llm.inference.sampling import SamplingParams
 
@@ -79,9 +80,7 @@ def generate_greedy(engine: Engine, prompts: list[list[int]], batch_size: int,
 
 
 def _my_batches(prompts: list[list[int]], size: int) -> list[list[int]]:
-    from megatron.core import parallel_state as ps
-
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    dp, dp_rank = comm.replica_count_and_index()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     batches = [order[i:i + size] for i in range(0, len(order), size)]
     return [b for n, b in enumerate(batches) if n % dp == dp_rank]

@@ -141,9 +141,7 @@ def run_batch(engine: Engine, args: argparse.Namespace) -> None:
 def _generate_all(engine: Engine, task: str, params, prompts: list[list[int]],
                   args: argparse.Namespace) -> list[list[int]]:
     """Generated ids per request, in input order. Data-parallel replicas share the batches out."""
-    from megatron.core import parallel_state as ps
-
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    dp, dp_rank = comm.replica_count_and_index()
     size = 1 if task.startswith("beam_search") else args.inference_batch_size
     mine: dict[int, list[int]] = {}
     for b, batch in enumerate(_batches(prompts, size)):

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from mindspeed_llm.inference.comm import ReplicaBroadcast
-from mindspeed_llm.inference.forward import KVCache, StageForward
+from mindspeed_llm.inference.decode import DecodeStage
 from mindspeed_llm.inference.generation import StopCriteria
 from mindspeed_llm.inference.sampling import SamplingParams, filter_logits
 
@@ -32,29 +32,25 @@ class _Hypotheses:
 
 
 @torch.no_grad()
-def beam_search(step: StageForward, prompt: list[int], *, num_beams: int, max_new_tokens: int,
+def beam_search(stage: DecodeStage, prompt: list[int], *, num_beams: int, max_new_tokens: int,
                 params: SamplingParams, stop: StopCriteria, pad_id: int, broadcast: ReplicaBroadcast,
                 generator: Optional[torch.Generator] = None, use_cache: bool = True,
                 length_penalty: float = 1.0) -> list[int]:
     """The best hypothesis's generated ids (stop token included when it ended with one); every rank of the model
     replica returns it. An ended beam counts when it ranks within the top `num_beams` candidates of its step."""
-    device, n = step.device, len(prompt)
+    device, n = stage.device, len(prompt)
     total = n + max_new_tokens
     tokens = torch.full((num_beams, total), pad_id, dtype=torch.long, device=device)
     tokens[:, :n] = torch.tensor(prompt, dtype=torch.long, device=device)
     scores = torch.zeros(num_beams, dtype=torch.float64, device=device)
-    from mindspeed_llm.inference.decode import decode_stage_for
-
-    stage = decode_stage_for(step) if use_cache else None
-    forward = stage if stage is not None else step
-    cache = (stage.new_cache(num_beams, total) if stage is not None else KVCache(num_beams, total)) \
-        if use_cache else None
+    cache = stage.new_cache(num_beams, total)
     finished = _Hypotheses(num_beams, length_penalty)
     packet = torch.zeros(3 * num_beams + 1, dtype=torch.float64, device=device)   # rows, tokens, scores, done
     stop_ids = stop.ids
     for t in range(n, total):
-        window = tokens[:, cache.offset:t] if cache is not None else tokens[:, :t]
-        logits = forward(window, cache)
+        if not use_cache:
+            cache.rewind()
+        logits = stage(tokens[:, cache.offset:t], cache)
         if logits is not None and broadcast.is_src:
             packet.copy_(_select(logits, scores, t - n, tokens, n, num_beams, params, stop_ids, finished,
                                  generator, last=t == total - 1))
@@ -63,7 +59,7 @@ def beam_search(step: StageForward, prompt: list[int], *, num_beams: int, max_ne
         tokens = tokens[rows]
         tokens[:, t] = packet[num_beams:2 * num_beams].long()
         scores = packet[2 * num_beams:3 * num_beams].clone()
-        if cache is not None:
+        if use_cache:
             cache.reorder(rows)
         if packet[-1] > 0:
             break

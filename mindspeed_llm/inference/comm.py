@@ -45,8 +45,29 @@ def send_to_next(tensor: torch.Tensor) -> None:
     dist.send(to_comm_device(tensor.contiguous()), dst=ps.get_pipeline_model_parallel_next_rank())
 
 
+def replica_group():
+    """The ranks that decode the same tokens in step (one model replica): the model-parallel group (TP x PP), or
+    with experts split over data-parallel ranks (EP > 1) the expert tensor x expert x pipeline group, which holds
+    EP such groups: a MoE layer shares the replica's tokens out over its tensor x expert ranks."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_expert_model_parallel_world_size() > 1:
+        return ps.get_expert_tensor_model_pipeline_parallel_group()
+    return ps.get_model_parallel_group()
+
+
+def replica_count_and_index() -> tuple[int, int]:
+    """(how many replicas, this rank's replica): the replicas share batches of prompts out."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_expert_model_parallel_world_size() > 1:
+        return ps.get_expert_data_parallel_world_size(), ps.get_expert_data_parallel_rank()
+    return ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+
+
 class ReplicaBroadcast:
-    """Broadcasts from the sampling rank (last pipeline stage, tensor rank 0) to every rank of its model replica.
+    """Broadcasts from the sampling rank (last pipeline stage, tensor rank 0) to every rank of its model replica
+    (`replica_group`).
 
     Only that rank samples, so TP ranks never have to agree on random draws (the reference relied on identical
     seeds instead) and every rank of the replica holds the same token buffer.
@@ -57,13 +78,14 @@ class ReplicaBroadcast:
 
         from mindspeed_llm.platform import device_tensor
 
-        self.group = ps.get_model_parallel_group()
+        self.group = replica_group()
         self.size = dist.get_world_size(self.group)
-        self.is_src = is_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-        mark = device_tensor([world_rank() if self.is_src else -1], torch.long, self.group)
+        samples = is_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+        mark = device_tensor([world_rank() if samples else -1], torch.long, self.group)
         if self.size > 1:
             dist.all_reduce(mark, op=dist.ReduceOp.MAX, group=self.group)
         self.src = int(mark.item())
+        self.is_src = self.src == world_rank()      # one of them where the replica spans EP model-parallel groups
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         """In place: `tensor` (the same shape on every rank) takes the sampling rank's value."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -12,7 +13,7 @@ from mindspeed_llm.checkpoint.startup import convert_at_startup
 from mindspeed_llm.errors import UserError
 from mindspeed_llm.inference import comm
 from mindspeed_llm.inference.beam import beam_search
-from mindspeed_llm.inference.forward import StageForward
+from mindspeed_llm.inference.decode import DecodeStage
 from mindspeed_llm.inference.generation import Generated, StepCallback, StopCriteria, generate
 from mindspeed_llm.inference.prompts import PromptBuilder, stop_criteria
 from mindspeed_llm.inference.sampling import SamplingParams
@@ -25,7 +26,7 @@ class Engine:
     tokenizer: object
     builder: PromptBuilder
     stop: StopCriteria
-    step: StageForward
+    step: DecodeStage
     broadcast: comm.ReplicaBroadcast
     generator: torch.Generator
     max_positions: int
@@ -76,6 +77,19 @@ class Engine:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def check_expert_parallel_size(args: argparse.Namespace) -> None:
+    """Expert parallelism splits the data-parallel ranks of each TP/PP slot: EP must divide them."""
+    tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % (tp * pp):
+        return          # init_distributed names the TP x PP that does not fit
+    if ep < 1 or (world // (tp * pp)) % ep:
+        raise UserError(f"--expert-model-parallel-size {ep} x --tensor-model-parallel-size {tp} x "
+                        f"--pipeline-model-parallel-size {pp} does not fit {world} processes: expert parallelism "
+                        f"splits the {world // (tp * pp)} data-parallel ranks of each TP/PP slot, so EP must divide "
+                        f"{world // (tp * pp)}")
+
+
 def setup(args: argparse.Namespace) -> Engine:
     """Initialise the parallel state, load tokenizer and checkpoint on every rank (all ranks fail together)."""
     from mindspeed_llm.data.prompt_type import get_template
@@ -83,9 +97,11 @@ def setup(args: argparse.Namespace) -> Engine:
     from mindspeed_llm.platform import init_distributed
     from mindspeed_llm.tokenizer import build_tokenizer
 
+    check_expert_parallel_size(args)
     init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, None,
                      backend=args.distributed_backend, seed=args.seed,
-                     timeout_minutes=args.distributed_timeout_minutes)
+                     timeout_minutes=args.distributed_timeout_minutes,
+                     expert_model_parallel_size=args.expert_model_parallel_size)
     if args.enable_hf2mg_convert:
         convert_at_startup(args)          # --load now names the converted checkpoint
 
@@ -102,13 +118,13 @@ def setup(args: argparse.Namespace) -> Engine:
         if len(tokenizer) > cfg.vocab_size:
             raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model only {cfg.vocab_size} "
                             f"embedding rows; --tokenizer-name-or-path does not belong to this checkpoint")
-        return template, tokenizer, cfg, build_and_load(args, cfg)
+        return template, tokenizer, cfg, DecodeStage(build_and_load(args, cfg))
 
-    template, tokenizer, cfg, model = comm.agree(load)
+    template, tokenizer, cfg, stage = comm.agree(load)
     builder = PromptBuilder(tokenizer, template, args.hf_chat_template, args.enable_thinking)
     stop = stop_criteria(tokenizer, template)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop.ids)
-    return Engine(tokenizer=tokenizer, builder=builder, stop=stop, step=StageForward(model),
+    return Engine(tokenizer=tokenizer, builder=builder, stop=stop, step=stage,
                   broadcast=comm.ReplicaBroadcast(), generator=torch.Generator().manual_seed(args.seed),
                   max_positions=args.seq_length or cfg.max_position_embeddings, pad_id=int(pad_id),
                   use_cache=args.use_kv_cache, max_new_tokens=args.max_new_tokens, truncate=args.truncate_prompt,

@@ -18,11 +18,17 @@ def resolve_model_config(args: argparse.Namespace, saved: Optional[argparse.Name
     """Flags + the checkpoint's saved args (read from `source`) -> ModelConfig (`models.resolve.resolve_model`)."""
     from mindspeed_llm.explicit import explicit_of
     from mindspeed_llm.inference.args import build_parser
-    from mindspeed_llm.models.resolve import require_dense, resolve_model
+    from mindspeed_llm.models.resolve import resolve_model
+    from mindspeed_llm.training.model_setup import check_moe_layout
 
     cfg = resolve_model(args, explicit_of(args, build_parser()), saved=saved, saved_source=source,
                         tokenizer_len=tokenizer_len)
-    return require_dense(cfg, source or "--load", "generation and evaluation")
+    if cfg.num_experts is None:
+        if args.expert_model_parallel_size != 1:
+            raise UserError(f"--expert-model-parallel-size {args.expert_model_parallel_size}: {source or '--load'} "
+                            f"holds a dense model (no experts); use 1")
+        return cfg
+    return check_moe_layout(args, cfg, source or "--load")
 
 
 def read_checkpoint_args(load: str, flag: str = "--load") -> tuple[Optional[argparse.Namespace], str]:
@@ -49,10 +55,14 @@ def build_and_load(args: argparse.Namespace, cfg: ModelConfig) -> torch.nn.Modul
     from mindspeed_llm.models.resolve import weight_args
     from mindspeed_llm.models.spec import layer_spec_for
     from mindspeed_llm.platform import notice
+    from mindspeed_llm.training.model_setup import moe_overrides
 
     layer_list = parse_layer_list(args.num_layer_list)
+    moe = cfg.num_experts is not None
+    # A MoE model takes the MoE or dense layer spec per layer, as training builds it (--spec names a dense one)
     chunks = build_model(cfg, params_dtype=params_dtype(args), num_layer_list=layer_list, parallel_output=False,
-                         layer_spec=layer_spec_for(args.spec, cfg.qk_layernorm))
+                         layer_spec=None if moe else layer_spec_for(args.spec, cfg.qk_layernorm),
+                         **(moe_overrides(args) if moe else {}))
     expected = weight_args(cfg)
     if layer_list:
         expected["num_layer_list"] = layer_list

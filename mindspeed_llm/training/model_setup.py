@@ -52,7 +52,13 @@ def _check_moe(args: argparse.Namespace, cfg, source: str):
         if ep != 1:
             raise UserError(f"--expert-model-parallel-size {ep}: {source} holds a dense model (no experts); use 1")
         return cfg
-    check_expert_split(cfg.num_experts, ep, source)
+    return check_moe_layout(args, cfg, source)
+
+
+def check_moe_layout(args: argparse.Namespace, cfg, source: str):
+    """`cfg` of a MoE model; an error when --expert-model-parallel-size does not divide its experts, or when
+    --moe-layer-freq / --first-k-dense-replace name other dense layers than it has."""
+    check_expert_split(cfg.num_experts, args.expert_model_parallel_size, source)
     if args.moe_layer_freq is not None or args.first_k_dense_replace is not None:
         from mindspeed_llm.models.resolve import dense_layers
 
@@ -145,7 +151,7 @@ def moe_overrides(args: argparse.Namespace) -> dict[str, Any]:
         notice("--moe-token-dispatcher-type alltoall_seq: megatron-core 0.16 has no alltoall_seq dispatcher; "
                "running alltoall (same routing and results)")
         dispatcher = "alltoall"
-    if not args.variable_seq_lengths:
+    if not getattr(args, "variable_seq_lengths", False):     # a training flag
         out["moe_token_dispatcher_type"] = dispatcher
     return out
 
