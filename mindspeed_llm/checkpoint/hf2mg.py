@@ -32,6 +32,7 @@ class Hf2MgOptions:
     num_layer_list: Optional[list[int]] = None
     layers_per_vpp_stage: Optional[int] = None
     params_dtype: Optional[str] = None
+    grouped_gemm: bool = False      # experts in megatron-core GroupedMLP's weight1 / weight2 (--moe-grouped-gemm)
 
 
 def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
@@ -82,7 +83,7 @@ def checkpoint_args(hf_cfg: dict, fam: Family, cfg: ModelConfig, opts: Hf2MgOpti
         gradient_accumulation_fusion=False, normalization="RMSNorm", swiglu=True,
         tokenizer_type="PretrainedFromHF", qkv_type="unpack", fc_type="gate_up_down",
         tensor_model_parallel_size=opts.tp, pipeline_model_parallel_size=opts.pp, expert_model_parallel_size=opts.ep,
-        expert_tensor_parallel_size=opts.tp, noop_layers="", moe_grouped_gemm=False, moe_tp_extend_ep=False,
+        expert_tensor_parallel_size=opts.tp, noop_layers="", moe_grouped_gemm=opts.grouped_gemm, moe_tp_extend_ep=False,
         mla_mm_split=False, mtp_num_layers=0, transformer_impl="local", model_type_hf=fam.name,
         load_model_type="hf", load_dir=str(opts.load_dir), save_dir=str(iter_dir), hf_path=str(opts.load_dir),
         save_layer_by_layer=False, params_dtype=opts.params_dtype or cfg.torch_dtype or "float32",
@@ -104,6 +105,8 @@ def convert_hf_to_mg(opts: Hf2MgOptions, log: Callable[[str], None] = print) -> 
     fam = get_family(cfg.family)
     check_tensor_parallel(cfg, opts.tp)
     check_expert_parallel(cfg, opts.ep)
+    if opts.grouped_gemm and cfg.num_experts is None:
+        raise ConversionError(f"--moe-grouped-gemm: {cfg.family} is a dense model (no experts to group); drop it")
     placement = place_layers(cfg.num_layers, opts.pp, opts.num_layer_list, opts.layers_per_vpp_stage)
     dtype = DTYPES[opts.params_dtype] if opts.params_dtype else None
     if dtype is not None and cfg.torch_dtype and DTYPES.get(cfg.torch_dtype) not in (None, dtype):
@@ -150,7 +153,8 @@ def _write_rank(fam: Family, cfg: ModelConfig, src: SafetensorsSource, placement
         progress(layer)
 
     models = {key: chunk_state_dict(fam, cfg, src, t, opts.tp, layers, first=placement.is_first(p, v),
-                                    last=placement.is_last(p, v), ep_rank=e, ep=opts.ep, on_layer=on_layer,
+                                    last=placement.is_last(p, v), ep_rank=e, ep=opts.ep, grouped=opts.grouped_gemm,
+                                    on_layer=on_layer,
                                     finish=finish)
               for v, (key, layers) in enumerate(zip(layout.model_keys(placement.vpp), placement.layers[p]))}
     src.release()

@@ -33,6 +33,7 @@ class Mg2HfOptions:
     tp: Optional[int] = None
     pp: Optional[int] = None
     ep: Optional[int] = None
+    grouped_gemm: Optional[bool] = None       # --moe-grouped-gemm: the experts must be in GroupedMLP's layout
     num_layer_list: Optional[list[int]] = None
     layers_per_vpp_stage: Optional[int] = None
     # LoRA: adapters from --lora-load (or inside --load-dir: an unfiltered LoRA save), merged into the weights,
@@ -64,12 +65,17 @@ def _check_flags(args: argparse.Namespace, opts: Mg2HfOptions) -> None:
         "--target-tensor-parallel-size": (opts.tp, args.tensor_model_parallel_size),
         "--target-pipeline-parallel-size": (opts.pp, args.pipeline_model_parallel_size),
         "--target-expert-parallel-size": (opts.ep, expert_parallel_size(args)),
+        "--moe-grouped-gemm": (opts.grouped_gemm, grouped_experts(args)),
         "--num-layer-list": (opts.num_layer_list, parse_layer_list(getattr(args, "num_layer_list", None))),
         "--num-layers-per-virtual-pipeline-stage": (opts.layers_per_vpp_stage,
                                                     getattr(args, "num_layers_per_virtual_pipeline_stage", None)),
     }
     for flag, (given, stored) in saved.items():
         if given is not None and given != stored:
+            if isinstance(given, bool):
+                raise ConversionError(f"{flag}: the checkpoint holds its experts in the "
+                                      f"{'GroupedMLP' if stored else 'SequentialMLP (local_experts)'} layout; drop "
+                                      f"the flag (mg -> hf reads the layout from the checkpoint)")
             raise ConversionError(f"{flag} {given} disagrees with the checkpoint, which was saved with {stored}; "
                                   f"drop the flag (mg -> hf reads the layout from the checkpoint) or fix --load-dir")
 
@@ -77,6 +83,11 @@ def _check_flags(args: argparse.Namespace, opts: Mg2HfOptions) -> None:
 def expert_parallel_size(args: argparse.Namespace) -> int:
     """EP of a checkpoint from its saved args (1 when not recorded: a dense or EP-1 save)."""
     return int(getattr(args, "expert_model_parallel_size", None) or 1)
+
+
+def grouped_experts(args: argparse.Namespace) -> bool:
+    """Whether a checkpoint holds its experts in megatron-core GroupedMLP's layout (saved with --moe-grouped-gemm)."""
+    return bool(getattr(args, "moe_grouped_gemm", False))
 
 
 def checkpoint_placement(args: argparse.Namespace, cfg: ModelConfig) -> Placement:
@@ -98,6 +109,7 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
     fam, cfg = model_from_args(args, model_type_hf, hf_cfg_dir, source=source)
     tp, pp = int(args.tensor_model_parallel_size), int(args.pipeline_model_parallel_size)
     ep = expert_parallel_size(args)
+    grouped = grouped_experts(args)
     placement = checkpoint_placement(args, cfg)
     keys = layout.model_keys(placement.vpp)
     adapters = _adapter_source(opts, args, iter_dir, cfg, placement, ep) if opts is not None else None
@@ -130,7 +142,7 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
                             log(f"[mg2hf] layer {layer + 1}/{cfg.num_layers} ({time.time() - start:.1f}s)")
                             yield layer, tensors
                             continue
-                        tensors = merge_layer(fam, cfg, shards, local, layer, expert_shards)
+                        tensors = merge_layer(fam, cfg, shards, local, layer, expert_shards, grouped)
                         if layer == 0:
                             tensors.update(merge_embedding(fam, cfg, shards))
                         if layer == cfg.num_layers - 1:

@@ -13,13 +13,13 @@ from mindspeed_llm.models.placement import Placement, PlacementError, place_laye
 from mindspeed_llm.models.spec import get_layer_spec
 
 
-def _chunk_spec(cfg: ModelConfig, placement: Placement, p: int, v: int):
+def _chunk_spec(cfg: ModelConfig, placement: Placement, p: int, v: int, grouped_experts: bool = False):
     """Our layer spec for chunk v of pipeline stage p: one spec for every layer, or with a MoE model whose
     config keeps some dense layers, the MoE or dense spec of each of the chunk's layers."""
     layers = placement.layers[p][v]
     if cfg.num_experts is None or not any(i in cfg.dense_layers for i in layers):
-        return get_layer_spec(cfg.qk_layernorm, moe=cfg.num_experts is not None)
-    specs = {moe: get_layer_spec(cfg.qk_layernorm, moe=moe) for moe in (False, True)}
+        return get_layer_spec(cfg.qk_layernorm, moe=cfg.num_experts is not None, grouped_experts=grouped_experts)
+    specs = {moe: get_layer_spec(cfg.qk_layernorm, moe=moe, grouped_experts=grouped_experts) for moe in (False, True)}
     return TransformerBlockSubmodules(layer_specs=[specs[cfg.is_moe_layer(i)] for i in layers],
                                       layer_norm=LayerNormImpl)
 
@@ -70,7 +70,8 @@ def build_model(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
     for v in range(placement.vpp):
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec if layer_spec is not None else _chunk_spec(cfg, placement, p, v),
+            transformer_layer_spec=layer_spec if layer_spec is not None else
+            _chunk_spec(cfg, placement, p, v, config.moe_grouped_gemm),
             vocab_size=cfg.vocab_size,
             max_sequence_length=seq_length or cfg.max_position_embeddings,
             pre_process=placement.is_first(p, v),
