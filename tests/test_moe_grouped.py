@@ -10,7 +10,6 @@ import torch
 from mindspeed_llm.checkpoint import layout
 from mindspeed_llm.checkpoint.hf2mg import Hf2MgOptions, convert_hf_to_mg
 from mindspeed_llm.checkpoint.layout import load_rank_file
-from mindspeed_llm.platform import grouped_gemm
 from tests.conftest import run_cli
 from tests.test_convert import convert, hf_tensors
 from tests.test_moe import _error, hf2mg
@@ -98,6 +97,8 @@ def test_grouped_checkpoint_logits_match_transformers(moe_hf, tmp_path):
 def test_grouped_gemm_equals_per_expert_matmuls():
     """`platform.grouped_gemm` (grouped_gemm.ops.gmm's contract) against one matmul per expert, an expert with no
     rows included, forward and backward; on CUDA also the torch._grouped_mm kernel in bf16."""
+    from mindspeed_llm.platform import grouped_gemm
+
     g = torch.Generator().manual_seed(0)
     sizes = torch.tensor([3, 0, 5, 2])
     a = torch.randn(10, 8, generator=g, dtype=torch.float64).requires_grad_()
