@@ -607,7 +607,8 @@ def adapt_megatron_for_cpu() -> None:
 def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                      virtual_pipeline_model_parallel_size: Optional[int] = None, *,
                      backend: Optional[str] = None, seed: int = 1234, timeout_minutes: int = 30,
-                     context_parallel_size: int = 1, expert_model_parallel_size: int = 1) -> Platform:
+                     context_parallel_size: int = 1, expert_model_parallel_size: int = 1,
+                     expert_tensor_parallel_size: Optional[int] = None) -> Platform:
     """Initialise torch.distributed from the torchrun environment and megatron-core's parallel state.
 
     Works without torchrun too (a world of one). Applies the CPU adaptation when no accelerator is present,
@@ -652,6 +653,7 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         context_parallel_size=context_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)

@@ -131,7 +131,8 @@ def test_grouped_gemm_flag_errors(moe_hf, tiny_qwen3, capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def moe(tiny_model_factory, tmp_path_factory) -> dict:
-    """The tiny Qwen3-MoE, demo data, and its EP1 / EP2 conversions in both layouts."""
+    """The tiny Qwen3-MoE, demo data, and its conversions: EP1 (both layouts), EP2 grouped, and with expert-TP 1
+    at TP2 (EP1) and TP2 x EP2 (grouped)."""
     from mindspeed_llm.demo_data import write_demo_data
 
     hf = tiny_model_factory("qwen3-moe")
@@ -141,17 +142,20 @@ def moe(tiny_model_factory, tmp_path_factory) -> dict:
             "--handler-name", "AlpacaStyleInstructionHandler", "--prompt-type", "qwen3",
             "--output-prefix", str(root / "data" / "alpaca"), "--seq-length", "128")
     ckpt = {}
-    for name, ep, grouped in (("ep1", 1, False), ("ep1_grouped", 1, True), ("ep2_grouped", 2, True)):
+    for name, tp, ep, etp, grouped in (("ep1", 1, 1, None, False), ("ep1_grouped", 1, 1, None, True),
+                                       ("ep2_grouped", 1, 2, None, True), ("tp2_etp1", 2, 1, 1, False),
+                                       ("tp2ep2_etp1_grouped", 2, 2, 1, True)):
         ckpt[name] = root / f"mg_{name}"
-        convert_hf_to_mg(Hf2MgOptions(load_dir=hf, save_dir=ckpt[name], ep=ep, grouped_gemm=grouped),
+        convert_hf_to_mg(Hf2MgOptions(load_dir=hf, save_dir=ckpt[name], tp=tp, ep=ep, etp=etp, grouped_gemm=grouped),
                          log=lambda m: None)
     return {"root": root, "hf": hf, "data": str(root / "data" / "alpaca"), "ckpt": ckpt}
 
 
 @pytest.fixture(scope="module")
 def runs(moe) -> dict:
-    """3 iterations: SequentialMLP at EP1 (the reference), GroupedMLP at EP1 (one process), and GroupedMLP at
-    EP2 with the alltoall dispatcher and a save (two processes)."""
+    """3 iterations: SequentialMLP at EP1 (the reference), GroupedMLP at EP1 (one process); GroupedMLP at EP2 with
+    the alltoall dispatcher and a save, and expert-TP 1 at TP2 (+SP; sequential) and TP2 x EP2 (grouped, saved)
+    (two processes)."""
     root, ckpt = moe["root"], moe["ckpt"]
     base = train_argv(moe, 3, "--finetune", "--save-interval", "3")
     single = launch_plan(root, "grouped_single", [
@@ -163,14 +167,22 @@ def runs(moe) -> dict:
                                                 "--expert-model-parallel-size", "2",
                                                 "--moe-token-dispatcher-type", "alltoall",
                                                 "--save", str(root / "save_grouped_ep2")]},
+        {"name": "etp1_tp2", "argv": base + ["--load", str(ckpt["tp2_etp1"]), "--tensor-model-parallel-size", "2",
+                                             "--sequence-parallel", "--expert-tensor-parallel-size", "1"]},
+        {"name": "etp1_tp2ep2_grouped", "argv": base + [GROUPED, "--load", str(ckpt["tp2ep2_etp1_grouped"]),
+                                                        "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                                        "--expert-model-parallel-size", "2",
+                                                        "--expert-tensor-parallel-size", "1",
+                                                        "--save", str(root / "save_etp1")]},
     ], nproc=2)
     return {**single, **double}
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["grouped_ep1", "grouped_ep2"])
+@pytest.mark.parametrize("name", ["grouped_ep1", "grouped_ep2", "etp1_tp2", "etp1_tp2ep2_grouped"])
 def test_grouped_training_equals_sequential(runs, name):
-    """Losses, grad norms and load-balancing losses of GroupedMLP runs equal SequentialMLP's (fp32, 1e-5)."""
+    """Losses, grad norms and load-balancing losses of GroupedMLP runs, and of expert-TP 1 runs, equal the
+    one-process SequentialMLP run's (fp32, 1e-5)."""
     ref = runs["sequential"]
     assert_close(runs[name]["losses"], ref["losses"])
     assert_close(runs[name]["grad_norms"], ref["grad_norms"])
@@ -179,20 +191,80 @@ def test_grouped_training_equals_sequential(runs, name):
 
 @pytest.mark.distributed
 def test_grouped_save_converts_back_to_hf(moe, runs, tmp_path):
-    """The GroupedMLP save (weight1/weight2 per EP rank) converts back to HF: the trained weights of the
-    SequentialMLP run, expert for expert."""
+    """The GroupedMLP saves (weight1/weight2 per EP rank; at EP2 and at TP2 x EP2 with expert-TP 1) convert back to
+    HF: the trained weights of the SequentialMLP run, expert for expert."""
     root = moe["root"]
     state = torch.load(root / "save_grouped_ep2" / "iter_0000003" / "mp_rank_00_001" / layout.FILE_NAME,
                        map_location="cpu", weights_only=True)
     assert "decoder.layers.0.mlp.experts.weight1" in state["model"]
     assert not any(".local_experts." in k for k in state["model"])
-    for name in ("save_grouped_ep2", "save_seq"):
+    etp1 = sorted(p.name for p in (root / "save_etp1" / "iter_0000003").iterdir())
+    assert etp1 == ["mp_rank_00_000", "mp_rank_01_001"]     # the coexisting (TP, EP) ranks only
+    for name in ("save_grouped_ep2", "save_seq", "save_etp1"):
         convert("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", root / name,
                 "--save-dir", tmp_path / name, "--hf-cfg-dir", moe["hf"])
-    grouped, sequential = hf_tensors(tmp_path / "save_grouped_ep2"), hf_tensors(tmp_path / "save_seq")
-    original = hf_tensors(moe["hf"])
-    assert sorted(grouped) == sorted(original)
+    sequential, original = hf_tensors(tmp_path / "save_seq"), hf_tensors(moe["hf"])
     expert = "model.layers.1.mlp.experts.6.up_proj.weight"
-    assert not torch.equal(grouped[expert], original[expert])
-    for key, tensor in sequential.items():
-        torch.testing.assert_close(grouped[key], tensor, rtol=1e-4, atol=1e-6, msg=key)
+    assert not torch.equal(sequential[expert], original[expert])
+    for name in ("save_grouped_ep2", "save_etp1"):
+        trained = hf_tensors(tmp_path / name)
+        assert sorted(trained) == sorted(original)
+        for key, tensor in sequential.items():
+            torch.testing.assert_close(trained[key], tensor, rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["sequential", "grouped"])
+@pytest.mark.parametrize("ep, pairs", [(2, [(0, 0), (1, 1)]), (4, [(0, 0), (0, 2), (1, 1), (1, 3)])])
+def test_expert_tp1_writes_whole_experts_on_coexisting_ranks(moe_hf, tmp_path, grouped, ep, pairs):
+    """--expert-tensor-parallel-size 1 at TP2: only the (TP, EP) files that coexist in a replica are written
+    (MindSpeed's `get_etp_valid_ckpts_list`), each with its TP shard of attention and its EP rank's whole experts;
+    hf -> mg -> hf is bit-exact."""
+    flags = ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", str(ep),
+             "--expert-tensor-parallel-size", "1", *([GROUPED] if grouped else [])]
+    mg = hf2mg(moe_hf, tmp_path / "mg", *flags)
+    files = _rank_files(mg)
+    assert sorted(files) == [f"mp_rank_{t:02d}_{e:03d}" for t, e in pairs]
+    hf = hf_tensors(moe_hf)
+    e_loc = 8 // ep
+    for (t, e), state in zip(pairs, files.values()):
+        sd = state["model"]
+        assert state["args"].expert_tensor_parallel_size == 1
+        gate, up = (hf[f"model.layers.1.mlp.experts.{e * e_loc + 1}.{n}_proj.weight"] for n in ("gate", "up"))
+        fc1 = (sd["decoder.layers.1.mlp.experts.weight1"].view(e_loc, 64, -1)[1].T if grouped
+               else sd["decoder.layers.1.mlp.experts.local_experts.1.linear_fc1.weight"])
+        assert torch.equal(fc1, torch.cat([gate, up]))             # whole expert: F = 32 rows of each
+        qkv = sd["decoder.layers.1.self_attention.linear_qkv.weight"]
+        assert qkv.shape[0] == (4 + 2 * 2) * 16 // 2               # attention still split over TP
+    back = tmp_path / "hf"
+    convert("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--save-dir", back,
+            "--hf-cfg-dir", moe_hf)
+    restored = hf_tensors(back)
+    assert sorted(restored) == sorted(hf)
+    for key, tensor in hf.items():
+        assert torch.equal(restored[key], tensor), key
+
+
+def test_expert_tp_errors(moe_hf, capsys, tmp_path):
+    out = tmp_path / "out"
+    err = _error(capsys, "--load-dir", moe_hf, "--save-dir", out, "--target-tensor-parallel-size", "2",
+                 "--expert-tensor-parallel-size", "4")
+    assert err.startswith("error: --expert-tensor-parallel-size 4: only 1") and "MindSpeed" in err
+    mg = hf2mg(moe_hf, tmp_path / "mg", "--target-tensor-parallel-size", "2")
+    err = _error(capsys, "--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg, "--save-dir",
+                 tmp_path / "hf", "--expert-tensor-parallel-size", "1")
+    assert "--expert-tensor-parallel-size 1 disagrees with the checkpoint, which was saved with 2" in err
+    assert not out.exists() and not (tmp_path / "hf").exists()
+
+
+def test_training_flags_against_the_checkpoint_are_one_line(moe):
+    """--moe-grouped-gemm on a SequentialMLP checkpoint, and an expert-TP size other than 1 or TP: one error line
+    each, exit 2."""
+    base = train_argv(moe, 1, "--finetune")
+    proc = run_cli("posttrain_gpt.py", *base, GROUPED, "--load", str(moe["ckpt"]["ep1"]), check=False)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "SequentialMLP layout; pass --moe-grouped-gemm exactly when the checkpoint was" in lines[0]
+    proc = run_cli("posttrain_gpt.py", *base, "--load", str(moe["ckpt"]["ep1"]), "--expert-tensor-parallel-size",
+                   "2", check=False)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode == 2 and len(lines) == 1 and "--expert-tensor-parallel-size 2: only 1" in lines[0]

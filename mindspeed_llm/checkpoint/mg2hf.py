@@ -14,6 +14,7 @@ import torch
 from mindspeed_llm.checkpoint import layout
 from mindspeed_llm.checkpoint.errors import ConversionError
 from mindspeed_llm.checkpoint.hf_io import INDEX_NAME, SafetensorsWriter, copy_hf_cfg, publish_dir
+from mindspeed_llm.checkpoint.load import expert_tensor_parallel_size
 from mindspeed_llm.checkpoint.mapping import MissingKey, merge_adapter_layer, merge_embedding, merge_head, merge_layer
 from mindspeed_llm.models import lora
 from mindspeed_llm.models.config import ModelConfig, read_hf_config
@@ -34,6 +35,7 @@ class Mg2HfOptions:
     pp: Optional[int] = None
     ep: Optional[int] = None
     grouped_gemm: Optional[bool] = None       # --moe-grouped-gemm: the experts must be in GroupedMLP's layout
+    etp: Optional[int] = None
     num_layer_list: Optional[list[int]] = None
     layers_per_vpp_stage: Optional[int] = None
     # LoRA: adapters from --lora-load (or inside --load-dir: an unfiltered LoRA save), merged into the weights,
@@ -65,6 +67,7 @@ def _check_flags(args: argparse.Namespace, opts: Mg2HfOptions) -> None:
         "--target-tensor-parallel-size": (opts.tp, args.tensor_model_parallel_size),
         "--target-pipeline-parallel-size": (opts.pp, args.pipeline_model_parallel_size),
         "--target-expert-parallel-size": (opts.ep, expert_parallel_size(args)),
+        "--expert-tensor-parallel-size": (opts.etp, expert_tensor_parallel_size(args)),
         "--moe-grouped-gemm": (opts.grouped_gemm, grouped_experts(args)),
         "--num-layer-list": (opts.num_layer_list, parse_layer_list(getattr(args, "num_layer_list", None))),
         "--num-layers-per-virtual-pipeline-stage": (opts.layers_per_vpp_stage,
@@ -109,6 +112,8 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
     fam, cfg = model_from_args(args, model_type_hf, hf_cfg_dir, source=source)
     tp, pp = int(args.tensor_model_parallel_size), int(args.pipeline_model_parallel_size)
     ep = expert_parallel_size(args)
+    etp = expert_tensor_parallel_size(args)
+    pairs = layout.rank_pairs(tp, ep, etp)
     grouped = grouped_experts(args)
     placement = checkpoint_placement(args, cfg)
     keys = layout.model_keys(placement.vpp)
@@ -119,16 +124,18 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
     def generate():
         start = time.time()
         for p in range(pp):
-            # expert_states[e][t]: the rank file of (TP t, EP e); EP rank 0's files hold every non-expert tensor.
-            expert_states = [[layout.load_rank_file(iter_dir / layout.rank_dir_name(t, p, pp, e, ep) / layout.FILE_NAME)
-                              for t in range(tp)] for e in range(ep)]
-            states = expert_states[0]
+            files = {(t, e): iter_dir / layout.rank_dir_name(t, p, pp, e, ep) for t, e in pairs}
+            loaded = {pair: layout.load_rank_file(path / layout.FILE_NAME) for pair, path in files.items()}
+            # The non-expert tensors of TP rank t come from its first file; the experts of EP rank e from its files
+            # of every expert-TP rank (one file with whole experts under expert-TP 1).
+            dense_pairs = [next(pair for pair in pairs if pair[0] == t) for t in range(tp)]
+            expert_pairs = [[pair for pair in pairs if pair[1] == e][:etp] for e in range(ep)]
+            states = [loaded[pair] for pair in dense_pairs]
             lora_states = adapters.stage(p, states) if adapters is not None else None
             for v, layers in enumerate(placement.layers[p]):
-                expert_shards = [[_model_entry(state, keys[v], iter_dir / layout.rank_dir_name(t, p, pp, e, ep),
-                                               placement.vpp) for t, state in enumerate(tp_states)]
-                                 for e, tp_states in enumerate(expert_states)]
-                shards = expert_shards[0]
+                shards = [_model_entry(loaded[pair], keys[v], files[pair], placement.vpp) for pair in dense_pairs]
+                expert_shards = [[_model_entry(loaded[pair], keys[v], files[pair], placement.vpp) for pair in e_pairs]
+                                 for e_pairs in expert_pairs]
                 if lora_states is not None:
                     lora_shards = [_model_entry(state, keys[v], adapters.root / layout.rank_dir_name(t, p, pp),
                                                 placement.vpp) for t, state in enumerate(lora_states)]
@@ -153,7 +160,7 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
                 except MissingKey as exc:
                     raise ConversionError(f"{iter_dir / layout.rank_dir_name(0, p, pp)}: tensor {exc.args[0]} is "
                                           f"missing ({keys[v]}); the checkpoint does not match its saved args") from None
-            del states, expert_states, shards, expert_shards, lora_states
+            del states, loaded, shards, expert_shards, lora_states
             layout.release_freed_memory()
 
     return fam, cfg, generate()

@@ -33,6 +33,16 @@ class GPTModel(megatron_gpt.GPTModel):
         return loss.transpose(0, 1).contiguous()          # [s, b] -> [b, s]
 
 
+def _mark_expert_params(model: torch.nn.Module) -> None:
+    """megatron-core's linears and GroupedMLP mark expert weights as expert-parallel (reduced over the expert
+    data-parallel group) only when EP > 1, as if expert-TP were always TP. With expert-TP 1 under TP > 1 each TP
+    rank holds whole experts fed by its own tokens, so their gradients must be summed over that group (which
+    spans the TP ranks) at EP 1 too."""
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False
+
+
 def build_model(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
                 num_layer_list: Optional[list[int]] = None,
                 num_layers_per_virtual_pipeline_stage: Optional[int] = None, sequence_parallel: bool = False,
@@ -62,6 +72,7 @@ def build_model(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
     if cfg.num_experts is not None:
         adapt_megatron_moe()
         config_overrides.setdefault("expert_model_parallel_size", ps.get_expert_model_parallel_world_size())
+        config_overrides.setdefault("expert_tensor_parallel_size", ps.get_expert_tensor_parallel_world_size())
     config = transformer_config(cfg, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                 virtual_pipeline_model_parallel_size=vpp, num_layer_list=num_layer_list,
                                 params_dtype=params_dtype, sequence_parallel=sequence_parallel, **config_overrides)
@@ -85,6 +96,8 @@ def build_model(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
             rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
             vp_stage=v if vpp else None,
         )
+        if config.num_moe_experts and config.expert_tensor_parallel_size != tp:
+            _mark_expert_params(model)
         n_built = len(model.decoder.layers)
         if n_built != len(placement.layers[p][v]):
             raise AssertionError(f"megatron built {n_built} layers on stage {p} chunk {v}, expected "

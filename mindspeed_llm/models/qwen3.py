@@ -26,7 +26,8 @@ QWEN3 = Family(
 # With --moe-grouped-gemm the same expert shards are stored as megatron-core GroupedMLP's weight1 / weight2
 # (MindSpeed's grouped layout).
 _EXPERT_FC1 = PerExpert(GatedMLP("mlp.experts.local_experts.{local}.linear_fc1.weight",
-                                 gate="mlp.experts.{expert}.gate_proj.weight", up="mlp.experts.{expert}.up_proj.weight"))
+                                 gate="mlp.experts.{expert}.gate_proj.weight",
+                                 up="mlp.experts.{expert}.up_proj.weight"))
 _EXPERT_FC2 = PerExpert(RowSplit("mlp.experts.local_experts.{local}.linear_fc2.weight",
                                  "mlp.experts.{expert}.down_proj.weight"))
 QWEN3_MOE = Family(
