@@ -1,7 +1,8 @@
 """--moe-grouped-gemm: MindSpeed's grouped expert layout (megatron-core GroupedMLP's `weight1` / `weight2`) in
 conversion, and training with GroupedMLP on our grouped GEMM (`platform.grouped_gemm`) without the grouped_gemm
 package: round trips, the grouped <-> sequential relation on the files, logits against transformers, and 3
-training iterations equal to SequentialMLP's."""
+training iterations equal to SequentialMLP's. --expert-tensor-parallel-size 1: whole experts per TP rank in
+conversion (MindSpeed's coexisting rank files) and training."""
 from __future__ import annotations
 
 import pytest
