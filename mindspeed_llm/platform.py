@@ -377,11 +377,13 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, tr
     dtype (recent CUDA), else one matmul per expert."""
     if trans_b:
         b = b.transpose(1, 2)
-    if _grouped_mm_runs(a.device, a.dtype) and _grouped_mm_aligned(a, b):
+    kernel = _grouped_mm_runs(a.device, a.dtype)
+    if kernel and _grouped_mm_aligned(a, b):
         offsets = batch_sizes.to(device=a.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         return torch._grouped_mm(a, b, offs=offsets)
-    _notice_once("grouped-gemm-loop", f"--moe-grouped-gemm: no grouped GEMM kernel for {a.dtype} on "
-                                      f"{a.device.type}; the local experts run one matmul each (same results)")
+    why = "its rows are not 16-byte aligned" if kernel else f"{a.device.type} has no grouped GEMM kernel for {a.dtype}"
+    _notice_once("grouped-gemm-loop", f"--moe-grouped-gemm: {why}; the local experts run one matmul each "
+                                      f"(same results)")
     rows = a.split(_int_list(batch_sizes))
     return torch.cat([x @ w for x, w in zip(rows, b.unbind(0))])
 
@@ -402,8 +404,10 @@ def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
     b = torch.arange(192, dtype=torch.float32, device=device).reshape(3, 8, 8).remainder(3).to(dtype).requires_grad_()
     sizes = [2, 0, 4]
     try:
-        out = torch._grouped_mm(a, b, offs=torch.tensor([2, 2, 6], dtype=torch.int32, device=device))
-        out.sum().backward()
+        # the first call may come from a no-grad (generation) or autocast region
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            out = torch._grouped_mm(a, b, offs=torch.tensor([2, 2, 6], dtype=torch.int32, device=device))
+            out.sum().backward()
     except (RuntimeError, NotImplementedError, TypeError):
         return False
     want = torch.cat([x.float() @ w.float() for x, w in zip(a.detach().split(sizes), b.detach().unbind(0))])
