@@ -13,6 +13,9 @@ batches, same device, one process, in one run. Prints tokens/s of both and the r
     python benchmarks/bench_train.py --cp 2                # one long sequence per step (CPU 8192 tokens, GPU
                                                            # 32768) at CP 1 and CP 2 (Ulysses, torchrun): tokens/s
                                                            # and peak memory per rank, activations apart
+    python benchmarks/bench_train.py --preset qwen3-30b-a3b-moe [--layers 1]
+                                                           # Qwen3-MoE (128 experts, top-8, --moe-grouped-gemm)
+                                                           # against Qwen3MoeForCausalLM: tokens/s, peak memory
 """
 from __future__ import annotations
 
@@ -36,13 +39,24 @@ PRESETS = {
                   mbs=4, nmb=2),
     "qwen3-1.7b": dict(layers=28, hidden=2048, ffn=6144, heads=16, groups=8, head_dim=128, vocab=151936, tied=True,
                        seq=4096, mbs=1, nmb=4),
+    # Qwen3-30B-A3B's widths (a few layers, small vocabulary): routed experts, top-k, expert FFN width
+    "qwen3-30b-a3b-moe": dict(layers=4, hidden=2048, ffn=6144, heads=32, groups=4, head_dim=128, vocab=8192,
+                              tied=False, seq=2048, mbs=1, nmb=4, experts=128, topk=8, moe_ffn=768),
 }
 H100_BF16_PEAK = 989e12
 
 
 def hf_config(p: dict):
-    from transformers import Qwen3Config
+    from transformers import Qwen3Config, Qwen3MoeConfig
 
+    if p.get("experts"):
+        return Qwen3MoeConfig(vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=p["ffn"],
+                              moe_intermediate_size=p["moe_ffn"], num_experts=p["experts"],
+                              num_experts_per_tok=p["topk"], norm_topk_prob=True, router_aux_loss_coef=0.001,
+                              output_router_logits=True, num_hidden_layers=p["layers"],
+                              num_attention_heads=p["heads"], num_key_value_heads=p["groups"],
+                              head_dim=p["head_dim"], max_position_embeddings=p["seq"], rope_theta=1e6,
+                              rms_norm_eps=1e-6, tie_word_embeddings=p["tied"], attention_dropout=0.0)
     return Qwen3Config(vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=p["ffn"],
                        num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["groups"],
                        head_dim=p["head_dim"], max_position_embeddings=p["seq"], rope_theta=1e6, rms_norm_eps=1e-6,
@@ -132,6 +146,10 @@ def our_argv(p: dict, bf16: bool, lora: int = 0, fused: bool = True, dpo: bool =
             f"--data-path unused --is-instruction-dataset --use-distributed-optimizer").split()
     if not p["tied"]:
         argv.append("--untie-embeddings-and-output-weights")
+    if p.get("experts"):      # the MoE recipes' flags (tune_qwen3_30b_a3b_4K_full_ptd)
+        argv += (f"--num-experts {p['experts']} --moe-router-topk {p['topk']} --moe-ffn-hidden-size {p['moe_ffn']} "
+                 f"--norm-topk-prob --moe-router-load-balancing-type aux_loss --moe-aux-loss-coeff 0.001 "
+                 f"--moe-grouped-gemm --moe-token-dispatcher-type alltoall").split()
     if bf16:
         argv.append("--bf16")
     argv += KERNEL_FLAGS if fused else ["--no-gradient-accumulation-fusion"]
@@ -291,6 +309,12 @@ def cp_child(p: dict, cp: int, warmup: int, steps: int, bf16: bool) -> None:
     torch.distributed.destroy_process_group()
 
 
+def child_result(argv: list[str]) -> dict:
+    """Run one child measurement (a fresh process, so peak memory is its own) and return its RESULT line."""
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    return json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
+
+
 def cp_comparison(a: argparse.Namespace, p: dict) -> None:
     """CP 1 (one process) and CP `a.cp` (a.cp processes) on the same long sequences, each a torchrun launch."""
     gpu = torch.cuda.is_available()
@@ -299,8 +323,7 @@ def cp_comparison(a: argparse.Namespace, p: dict) -> None:
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cp),
                 __file__, "--cp-child", str(cp), "--warmup", str(a.warmup), "--seq", str(p["seq"])]
         argv += [f"--{k}={v}" for k, v in (("preset", a.preset), ("steps", a.steps)) if v]
-        out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-        results[cp] = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
+        results[cp] = child_result(argv)
     device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores shared by the ranks)"
     print(f"device: {device}; model: {a.preset or ('qwen3-1.7b' if gpu else 'small')} "
           f"(layers {p['layers']}, hidden {p['hidden']}, heads {p['heads']}/{p['groups']}); one sequence of "
@@ -317,14 +340,32 @@ def cp_comparison(a: argparse.Namespace, p: dict) -> None:
           f"{activation[a.cp] / activation[1]:.2f}x activation memory per rank (1/{a.cp} = {1 / a.cp:.2f})")
 
 
+def moe_vs_transformers(a: argparse.Namespace) -> None:
+    """The MoE preset: the transformers Qwen3MoeForCausalLM loop and our step, each in a fresh process (so peak
+    memory is its own), on the same batches."""
+    results = {}
+    for mode in ("hf", "ours"):
+        argv = [sys.executable, __file__, "--child", mode, "--warmup", str(a.warmup), f"--preset={a.preset}"]
+        argv += [f"--{k}={v}" for k, v in (("steps", a.steps), ("seq", a.seq), ("layers", a.layers)) if v]
+        results[mode] = child_result(argv)
+    gpu = torch.cuda.is_available()
+    p = {**PRESETS[a.preset], **({"seq": a.seq} if a.seq else {}), **({"layers": a.layers} if a.layers else {})}
+    print(f"device: {torch.cuda.get_device_name() if gpu else f'CPU ({torch.get_num_threads()} threads)'}; "
+          f"model: {a.preset} {p}; {'bf16' if gpu else 'fp32'}; peak memory: {'allocated' if gpu else 'resident'}")
+    for mode, name in (("hf", "transformers Qwen3MoeForCausalLM + AdamW"), ("ours", "ours (megatron-core MoE)")):
+        r = results[mode]
+        print(f"{name:42s}: {r['tokens_per_s']:10.1f} tokens/s, peak memory {r['peak'] / 2**20:9.1f} MiB")
+    print(f"ratio ours / transformers: {results['ours']['tokens_per_s'] / results['hf']['tokens_per_s']:.2f}x "
+          f"tokens/s, {results['ours']['peak'] / results['hf']['peak']:.2f}x peak memory")
+
+
 def lora_vs_full(a: argparse.Namespace) -> None:
     """Full fine-tuning and LoRA, each in a fresh process (so peak memory is its own), on the same batches."""
     results = {}
     for mode in ("full", "lora"):
         argv = [sys.executable, __file__, "--child", mode, "--lora", str(a.lora), "--warmup", str(a.warmup)]
         argv += [f"--{k}={v}" for k, v in (("preset", a.preset), ("steps", a.steps), ("seq", a.seq)) if v]
-        out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-        results[mode] = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
+        results[mode] = child_result(argv)
     gpu = torch.cuda.is_available()
     model = a.preset or ("qwen3-1.7b" if gpu else "small")
     print(f"device: {torch.cuda.get_device_name() if gpu else 'CPU'}; model: {model}; "
@@ -351,11 +392,12 @@ def main() -> None:
                          "unpacked (right-padded, attention inside each sample)")
     ap.add_argument("--unfused", action="store_true",
                     help="also time our step without the recipes' kernel flags and gradient-accumulation fusion")
+    ap.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
     ap.add_argument("--cp", type=int, default=0, metavar="N",
                     help="one long sequence per step at context-parallel size 1 and N (N processes): tokens/s "
                          "and peak memory per rank")
-    ap.add_argument("--child", choices=["full", "lora"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cp-child", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["full", "lora", "hf", "ours"], default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.cp and (a.cp < 2 or a.dpo or a.lora or a.packed):
         ap.error("--cp N compares CP 1 with CP N >= 2 on plain sequences: use it without --dpo, --lora, --packed")
@@ -363,11 +405,17 @@ def main() -> None:
         ap.error("--dpo compares DPO steps on padded pairs: use it without --lora and --packed")
     if a.lora and a.child is None:
         return lora_vs_full(a)
+    if a.preset and PRESETS[a.preset].get("experts") and a.child is None:
+        if a.dpo or a.lora or a.packed:
+            ap.error(f"--preset {a.preset} compares plain MoE training steps: use it without --dpo/--lora/--packed")
+        return moe_vs_transformers(a)
     os.environ.setdefault("MINDSPEED_DEVICE", "" if torch.cuda.is_available() else "cpu")
     gpu = torch.cuda.is_available()
     p = dict(PRESETS[a.preset or ("qwen3-1.7b" if gpu else "small")])
     if a.seq:
         p["seq"] = a.seq
+    if a.layers:
+        p["layers"] = a.layers
     bf16 = gpu
     steps = a.steps or (10 if gpu else 5)
     if a.cp or a.cp_child:      # one long sequence per step
@@ -382,7 +430,8 @@ def main() -> None:
     tokens = steps * p["nmb"] * p["mbs"] * p["seq"]
     count, unit = (steps * p["nmb"] * p["mbs"], "pairs") if a.dpo else (tokens, "tokens")
     if a.child:
-        seconds, _ = run_ours(p, data, a.warmup, bf16, a.lora if a.child == "lora" else 0)
+        seconds = (run_hf(p, data, a.warmup, bf16) if a.child == "hf" else
+                   run_ours(p, data, a.warmup, bf16, a.lora if a.child == "lora" else 0)[0])
         print("RESULT " + json.dumps({"tokens_per_s": tokens / seconds, "peak": peak_memory()}))
         return
     peaks = {}

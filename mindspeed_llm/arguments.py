@@ -343,7 +343,8 @@ def add_moe_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-layer-freq", type=int, default=None, help="MindSpeed: with --first-k-dense-replace, "
                    "which layers are MoE; checked against the model")
     g.add_argument("--first-k-dense-replace", type=int, default=None, help="MindSpeed: leading dense layers")
-    g.add_argument("--expert-tensor-parallel-size", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+                   help="1: whole experts on every TP rank; default: experts split over TP like the dense MLP")
     g.add_argument("--moe-token-dispatcher-type", default="allgather", choices=["allgather", "alltoall", "alltoall_seq"],
                    help="megatron-core token dispatcher (alltoall_seq runs as alltoall)")
     for name in MOE_SPEED_FLAGS:

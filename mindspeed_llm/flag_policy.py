@@ -57,7 +57,7 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "use_fused_rotary_pos_emb", "no_rope_fusion", "no_gradient_accumulation_fusion",
         "expert_model_parallel_size", "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "norm_topk_prob",
         "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_layer_freq", "first_k_dense_replace",
-        "moe_token_dispatcher_type",
+        "moe_token_dispatcher_type", "moe_grouped_gemm", "expert_tensor_parallel_size",
         "context_parallel_size", "context_parallel_algo", "ulysses_degree_in_cp",
     }),
     "inference": frozenset(_MODEL | _MOE | {
@@ -79,7 +79,7 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
     "convert": frozenset({
         "load_model_type", "save_model_type", "load_dir", "save_dir", "model_type_hf", "target_tensor_parallel_size",
         "target_pipeline_parallel_size", "target_expert_parallel_size", "num_layer_list",
-        "num_layers_per_virtual_pipeline_stage", "params_dtype",
+        "num_layers_per_virtual_pipeline_stage", "params_dtype", "moe_grouped_gemm", "expert_tensor_parallel_size",
         "hf_cfg_dir", "verify", "verify_threshold", "trust_remote_code", "lora_load", "lora_r", "lora_alpha",
         "lora_target_modules", "save_lora_to_hf", "lora_ignore_base_mismatch",
     }),
@@ -142,9 +142,7 @@ NOTICE: dict[str, dict[str, str]] = {
                                            "communicates synchronously (same results)",
               "moe_permute_fusion": "tokens are permuted by megatron-core's torch implementation",
               "moe_fb_overlap": "an Ascend forward/backward overlap; the schedule runs them in turn (same results)",
-              "moe_zero_memory": "an Ascend activation-memory saving; activations are kept (same results)",
-              "moe_grouped_gemm": "experts run as megatron-core's SequentialMLP (per-expert GEMMs, no grouped_gemm "
-                                  "kernel; same results); checkpoints keep the local_experts layout"},
+              "moe_zero_memory": "an Ascend activation-memory saving; activations are kept (same results)"},
     "inference": {**SPEED, **_COMMON_NOTICE,
                   "swiglu": "the MLP follows the model family (--model-type-hf / checkpoint)",
                   "disable_bias_linear": "linear biases follow the model family (--model-type-hf / checkpoint)",
@@ -214,8 +212,6 @@ _ERROR_COMMON: dict[str, Rule] = {
 _VPP_LOADED = "convert the checkpoint without VPP and drop the flag"
 ERROR: dict[str, dict[str, Rule]] = {
     "train": {**{k: v for k, v in _ERROR_COMMON.items() if k not in IMPLEMENTED["train"]},
-              "expert_tensor_parallel_size": "the experts are split over TP like the dense MLP (expert TP = "
-                                             "--tensor-model-parallel-size); leave it out",
               "vocab_size": "use --padded-vocab-size",
               "map_keys": "a preprocess_data.py flag; the column mapping is fixed when the data is preprocessed",
               "log_params_norm": "parameter-norm logging is not implemented",
@@ -230,9 +226,7 @@ ERROR: dict[str, dict[str, Rule]] = {
                   "save": "generation saves no checkpoint", "save_interval": "generation saves no checkpoint",
                   "no_save_optim": "generation saves no checkpoint", "no_save_rng": "generation saves no checkpoint"},
     "preprocess": {},
-    "convert": {"moe_grouped_gemm": "the GroupedMLP expert layout (mlp.experts.weight1/weight2) is not "
-                                    "implemented; convert without it to the SequentialMLP layout (local_experts)",
-                "make_vocab_size_divisible_by": "the vocabulary keeps the HF checkpoint's rows; use 1"},
+    "convert": {"make_vocab_size_divisible_by": "the vocabulary keeps the HF checkpoint's rows; use 1"},
 }
 ERROR["evaluation"] = {
     **ERROR["inference"],

@@ -10,6 +10,7 @@ counters and pinned-memory support through `device_rng_state`, `memory_stats` an
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import functools
 import logging
@@ -27,7 +28,8 @@ __all__ = ["Platform", "detect_platform", "current_device", "resolve_backend", "
            "cpu_adapted", "init_distributed", "destroy_distributed", "notice", "COLLECTIVE_HELPERS",
            "comm_device", "device_tensor", "device_empty", "to_comm_device", "device_rng_state",
            "set_device_rng_state", "memory_stats", "pin_memory_available", "device_count",
-           "check_ranks_per_node", "adapt_megatron_grad_accum_fusion", "adapt_megatron_moe"]
+           "check_ranks_per_node", "adapt_megatron_grad_accum_fusion", "adapt_megatron_moe",
+           "adapt_megatron_grouped_mlp", "grouped_gemm"]
 
 _BACKEND_FOR = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 _CPU_ADAPTED = False
@@ -324,13 +326,14 @@ def adapt_megatron_grad_accum_fusion() -> None:
 def adapt_megatron_moe() -> None:
     """megatron-core 0.16.1's MoE router calls `moe_utils.te_general_gemm`, which that module defines only when
     Transformer Engine imports (a NameError on every device without TE, GPUs included): define it as None so the
-    router takes its torch matmul; and the alltoall dispatcher's split sizes as lists of ints. Idempotent; TE's kernel
-    is kept when it exists."""
+    router takes its torch matmul; the alltoall dispatcher's split sizes as lists of ints; and GroupedMLP without
+    the grouped_gemm package (`adapt_megatron_grouped_mlp`). Idempotent; TE's kernel is kept when it exists."""
     from megatron.core.tensor_parallel import mappings
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    adapt_megatron_grouped_mlp()
     # The alltoall dispatcher passes its split sizes as tensors / numpy arrays, which gloo's all_to_all_single
     # binding rejects (TypeError); every backend takes them as lists of ints.
     forward = mappings._AllToAll.forward
@@ -340,6 +343,84 @@ def adapt_megatron_moe() -> None:
 
         int_splits.__mindspeed_int_splits__ = True
         mappings._AllToAll.forward = staticmethod(int_splits)
+
+
+def adapt_megatron_grouped_mlp() -> None:
+    """Let megatron-core's GroupedMLP (`--moe-grouped-gemm`: `weight1`/`weight2` parameters, MindSpeed's grouped
+    layout) run without the `grouped_gemm` package: its `gg.ops.gmm` becomes `grouped_gemm` below, and its bf16
+    assertion, which is that package's kernel limit, is lifted for each GroupedMLP (its config copy says bf16; no
+    other GroupedMLP code reads the field). Idempotent."""
+    from megatron.core.transformer.moe import experts
+    from megatron.core.transformer.moe import grouped_gemm_util as gg
+
+    if gg.grouped_gemm is None and gg.ops is None:
+        gg.ops = types.SimpleNamespace(gmm=grouped_gemm)
+        gg.assert_grouped_gemm_is_available = lambda: None
+    init = experts.GroupedMLP.__init__
+    if getattr(init, "__mindspeed_any_dtype__", False):
+        return
+
+    @functools.wraps(init)
+    def any_dtype_init(self, num_local_experts, config, *args, **kwargs):
+        init(self, num_local_experts, config, *args, **kwargs)
+        if not config.bf16 and gg.ops.gmm is grouped_gemm:
+            self.config = copy.copy(config)
+            self.config.bf16 = True
+
+    any_dtype_init.__mindspeed_any_dtype__ = True
+    experts.GroupedMLP.__init__ = any_dtype_init
+
+
+def grouped_gemm(a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool = False) -> torch.Tensor:
+    """`grouped_gemm.ops.gmm`: rows `a[offset_e : offset_e + batch_sizes[e]]` times `b[e]` (transposed with
+    `trans_b`) for each expert e, concatenated. One `torch._grouped_mm` kernel where the device runs it for this
+    dtype (recent CUDA), else one matmul per expert."""
+    if trans_b:
+        b = b.transpose(1, 2)
+    kernel = _grouped_mm_runs(a.device, a.dtype)
+    if kernel and _grouped_mm_aligned(a, b):
+        offsets = batch_sizes.to(device=a.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return torch._grouped_mm(a, b, offs=offsets)
+    why = "its rows are not 16-byte aligned" if kernel else f"{a.device.type} has no grouped GEMM kernel for {a.dtype}"
+    _notice_once("grouped-gemm-loop", f"--moe-grouped-gemm: {why}; the local experts run one matmul each "
+                                      f"(same results)")
+    rows = a.split(_int_list(batch_sizes))
+    return torch.cat([x @ w for x, w in zip(rows, b.unbind(0))])
+
+
+def _grouped_mm_aligned(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch._grouped_mm needs 16-byte aligned row strides of both operands."""
+    return all(n * a.element_size() % 16 == 0 for n in (a.shape[1], b.shape[2]))
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` runs forward and backward for `dtype` on `device` and gives the per-expert
+    matmuls (checked once on small exact values, including an expert with no rows). CUDA only: the CPU kernel
+    has no backward."""
+    if device.type != "cuda" or not hasattr(torch, "_grouped_mm"):
+        return False
+    a = torch.arange(48, dtype=torch.float32, device=device).reshape(6, 8).remainder(5).to(dtype).requires_grad_()
+    b = torch.arange(192, dtype=torch.float32, device=device).reshape(3, 8, 8).remainder(3).to(dtype).requires_grad_()
+    sizes = [2, 0, 4]
+    try:
+        # the first call may come from a no-grad (generation) or autocast region
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            out = torch._grouped_mm(a, b, offs=torch.tensor([2, 2, 6], dtype=torch.int32, device=device))
+            out.sum().backward()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    want = torch.cat([x.float() @ w.float() for x, w in zip(a.detach().split(sizes), b.detach().unbind(0))])
+    return bool(torch.equal(out.detach().float(), want)) and a.grad is not None and b.grad is not None
+
+
+_NOTICED: set = set()
+
+
+def _notice_once(key: str, msg: str) -> None:
+    if key not in _NOTICED:
+        _NOTICED.add(key)
+        notice(msg)
 
 
 def _int_list(sizes: Any) -> Optional[list[int]]:
@@ -531,7 +612,8 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
                      virtual_pipeline_model_parallel_size: Optional[int] = None, *,
                      backend: Optional[str] = None, seed: int = 1234, timeout_minutes: int = 30,
                      context_parallel_size: int = 1, expert_model_parallel_size: int = 1,
-                     ulysses_degree_in_cp: Optional[int] = None) -> Platform:
+                     ulysses_degree_in_cp: Optional[int] = None,
+                     expert_tensor_parallel_size: Optional[int] = None) -> Platform:
     """Initialise torch.distributed from the torchrun environment and megatron-core's parallel state.
 
     Works without torchrun too (a world of one). Applies the CPU adaptation when no accelerator is present,
@@ -577,6 +659,7 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         context_parallel_size=context_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
     )
     from mindspeed_llm.models.context_parallel import build_hybrid_cp_groups   # the models import this module

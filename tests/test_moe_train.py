@@ -14,10 +14,11 @@ from tests.test_convert import convert, hf_tensors
 from tests.train_fixtures import launch_plan, transformers_first_loss
 
 REL = 1e-5
-# The recipe's MoE flags (tune_qwen3_30b_a3b_4K_full_ptd), shapes left to the checkpoint.
+# The recipe's MoE flags (tune_qwen3_30b_a3b_4K_full_ptd), shapes left to the checkpoint, without
+# --moe-grouped-gemm: these runs use SequentialMLP (tests/test_moe_grouped.py runs GroupedMLP against them).
 MOE_FLAGS = ["--num-experts", "8", "--moe-router-topk", "2", "--moe-intermediate-size", "32", "--norm-topk-prob",
              "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "0.01", "--moe-layer-freq", "-1",
-             "--first-k-dense-replace", "-1", "--moe-grouped-gemm", "--moe-permutation-async-comm"]
+             "--first-k-dense-replace", "-1", "--moe-permutation-async-comm"]
 
 
 def train_argv(moe: dict, iters: int = 3, *extra: str) -> list[str]:

@@ -36,8 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-pipeline-parallel-size", type=_positive, default=None, help="PP of the output (hf -> mg)")
     p.add_argument("--target-expert-parallel-size", type=_positive, default=None,
                    help="EP of the output (hf -> mg, MoE models): expert e goes to EP rank e // (experts / EP)")
+    p.add_argument("--expert-tensor-parallel-size", type=_positive, default=None,
+                   help="hf -> mg, MoE: 1 keeps every expert whole on each TP rank (only the (TP, EP) files that "
+                        "coexist are written, as MindSpeed does); default: experts split over TP")
     p.add_argument("--moe-grouped-gemm", action="store_true",
-                   help="MoE experts in megatron-core's GroupedMLP layout (not implemented: an error)")
+                   help="MoE experts in megatron-core's GroupedMLP layout (hf -> mg; MindSpeed's mlp.experts."
+                        "weight1/weight2); mg -> hf reads the layout from the checkpoint")
     p.add_argument("--num-layer-list", default=None, help="uneven PP: layers per stage, e.g. 7,21")
     p.add_argument("--num-layers-per-virtual-pipeline-stage", type=_positive, default=None,
                    help="VPP: layers per virtual chunk")
@@ -135,7 +139,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
                                       ep=a.target_expert_parallel_size or 1,
                                       num_layer_list=layer_list,
                                       layers_per_vpp_stage=a.num_layers_per_virtual_pipeline_stage,
-                                      params_dtype=a.params_dtype))
+                                      params_dtype=a.params_dtype, grouped_gemm=a.moe_grouped_gemm,
+                                      etp=a.expert_tensor_parallel_size))
         return _run_verify(a.load_dir, a.save_dir, a.model_type_hf, a.verify_threshold,
                            a.trust_remote_code) if a.verify else 0
     if (a.load_model_type, a.save_model_type) == ("mg", "hf"):
@@ -151,6 +156,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         convert_mg_to_hf(Mg2HfOptions(load_dir=a.load_dir, save_dir=a.save_dir, hf_cfg_dir=a.hf_cfg_dir,
                                       model_type_hf=a.model_type_hf, tp=a.target_tensor_parallel_size,
                                       pp=a.target_pipeline_parallel_size, ep=a.target_expert_parallel_size,
+                                      grouped_gemm=True if a.moe_grouped_gemm else None,
+                                      etp=a.expert_tensor_parallel_size,
                                       num_layer_list=layer_list,
                                       layers_per_vpp_stage=a.num_layers_per_virtual_pipeline_stage,
                                       lora_load=a.lora_load, lora_r=a.lora_r, lora_alpha=a.lora_alpha,

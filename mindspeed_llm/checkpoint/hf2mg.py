@@ -32,17 +32,24 @@ class Hf2MgOptions:
     num_layer_list: Optional[list[int]] = None
     layers_per_vpp_stage: Optional[int] = None
     params_dtype: Optional[str] = None
+    grouped_gemm: bool = False      # experts in megatron-core GroupedMLP's weight1 / weight2 (--moe-grouped-gemm)
+    etp: Optional[int] = None       # expert-TP size: TP (default) or 1 (whole experts on every TP rank)
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
 
 
-def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
+def check_tensor_parallel(cfg: ModelConfig, tp: int, expert_tp: Optional[int] = None) -> None:
     """TP must split attention heads, KV groups, the MLP and the vocabulary into equal whole pieces."""
     if tp < 1:
         raise ConversionError(f"--target-tensor-parallel-size must be >= 1, got {tp}")
+    expert_tp = tp if expert_tp is None else expert_tp
     checks = [("num_attention_heads", cfg.num_attention_heads), ("num_key_value_heads (KV groups)",
                                                                   cfg.num_query_groups)]
     if any(not cfg.is_moe_layer(i) for i in range(cfg.num_layers)):
         checks.append(("intermediate_size", cfg.ffn_hidden_size))
-    if cfg.num_experts is not None:       # experts are split over TP too (expert-TP size = TP)
+    if cfg.num_experts is not None and expert_tp > 1:       # experts split over TP too (expert-TP size = TP)
         checks.append(("moe_intermediate_size", cfg.moe_ffn_hidden_size))
     checks.append(("vocab_size", cfg.vocab_size))
     for name, value in checks:
@@ -53,8 +60,14 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
                                   f"of {divisors[:8]}")
 
 
-def check_expert_parallel(cfg: ModelConfig, ep: int) -> None:
-    """EP ranks hold equal whole sets of experts; a dense model has none to spread."""
+def check_expert_parallel(cfg: ModelConfig, ep: int, tp: int = 1, etp: Optional[int] = None) -> None:
+    """EP ranks hold equal whole sets of experts; a dense model has none to spread; experts split over TP or not
+    at all (MindSpeed's expert-TP values)."""
+    if etp not in (None, tp, 1):
+        raise ConversionError(f"--expert-tensor-parallel-size {etp}: only 1 (whole experts on every TP rank) or "
+                              f"--target-tensor-parallel-size {tp} (the default) is implemented, as in MindSpeed")
+    if etp not in (None, tp) and cfg.num_experts is None:
+        raise ConversionError(f"--expert-tensor-parallel-size {etp}: {cfg.family} is a dense model (no experts)")
     if ep == 1:
         return
     if cfg.num_experts is None:
@@ -82,7 +95,8 @@ def checkpoint_args(hf_cfg: dict, fam: Family, cfg: ModelConfig, opts: Hf2MgOpti
         gradient_accumulation_fusion=False, normalization="RMSNorm", swiglu=True,
         tokenizer_type="PretrainedFromHF", qkv_type="unpack", fc_type="gate_up_down",
         tensor_model_parallel_size=opts.tp, pipeline_model_parallel_size=opts.pp, expert_model_parallel_size=opts.ep,
-        expert_tensor_parallel_size=opts.tp, noop_layers="", moe_grouped_gemm=False, moe_tp_extend_ep=False,
+        expert_tensor_parallel_size=opts.expert_tp, noop_layers="", moe_grouped_gemm=opts.grouped_gemm,
+        moe_tp_extend_ep=False,
         mla_mm_split=False, mtp_num_layers=0, transformer_impl="local", model_type_hf=fam.name,
         load_model_type="hf", load_dir=str(opts.load_dir), save_dir=str(iter_dir), hf_path=str(opts.load_dir),
         save_layer_by_layer=False, params_dtype=opts.params_dtype or cfg.torch_dtype or "float32",
@@ -102,8 +116,10 @@ def convert_hf_to_mg(opts: Hf2MgOptions, log: Callable[[str], None] = print) -> 
     cfg = resolve_model(hf=hf_cfg, hf_source=str(Path(opts.load_dir) / "config.json"),
                         model_type_hf=opts.model_type_hf)
     fam = get_family(cfg.family)
-    check_tensor_parallel(cfg, opts.tp)
-    check_expert_parallel(cfg, opts.ep)
+    check_expert_parallel(cfg, opts.ep, opts.tp, opts.etp)
+    check_tensor_parallel(cfg, opts.tp, opts.expert_tp)
+    if opts.grouped_gemm and cfg.num_experts is None:
+        raise ConversionError(f"--moe-grouped-gemm: {cfg.family} is a dense model (no experts to group); drop it")
     placement = place_layers(cfg.num_layers, opts.pp, opts.num_layer_list, opts.layers_per_vpp_stage)
     dtype = DTYPES[opts.params_dtype] if opts.params_dtype else None
     if dtype is not None and cfg.torch_dtype and DTYPES.get(cfg.torch_dtype) not in (None, dtype):
@@ -118,18 +134,18 @@ def convert_hf_to_mg(opts: Hf2MgOptions, log: Callable[[str], None] = print) -> 
             args = checkpoint_args(hf_cfg, fam, cfg, opts, placement, save_dir / layout.iter_dir_name(1))
             start = time.time()
             for p in range(opts.pp):
-                for t in range(opts.tp):
-                    for e in range(opts.ep):
-                        where = f"pp {p + 1}/{opts.pp} tp {t + 1}/{opts.tp}" + (f" ep {e + 1}/{opts.ep}"
-                                                                               if opts.ep > 1 else "")
-                        _write_rank(fam, cfg, src, placement, opts, p, t, e, dtype, args, tmp,
-                                    lambda layer, where=where: log(f"[hf2mg] {where}: layer {layer + 1}/"
-                                                                   f"{cfg.num_layers} ({time.time() - start:.1f}s)"))
+                for t, e in layout.rank_pairs(opts.tp, opts.ep, opts.expert_tp):
+                    where = f"pp {p + 1}/{opts.pp} tp {t + 1}/{opts.tp}" + (f" ep {e + 1}/{opts.ep}"
+                                                                           if opts.ep > 1 else "")
+                    _write_rank(fam, cfg, src, placement, opts, p, t, e, dtype, args, tmp,
+                                lambda layer, where=where: log(f"[hf2mg] {where}: layer {layer + 1}/"
+                                                               f"{cfg.num_layers} ({time.time() - start:.1f}s)"))
             final = layout.publish_iteration(tmp, save_dir, 1)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     log(f"[hf2mg] wrote {final} (TP {opts.tp}, PP {opts.pp}{f', EP {opts.ep}' if opts.ep > 1 else ''}"
+        f"{f', expert TP {opts.expert_tp}' if opts.expert_tp != opts.tp else ''}"
         f"{f', VPP {placement.vpp}' if placement.vpp > 1 else ''}) in {time.time() - start:.1f}s")
     return final
 
@@ -150,7 +166,8 @@ def _write_rank(fam: Family, cfg: ModelConfig, src: SafetensorsSource, placement
         progress(layer)
 
     models = {key: chunk_state_dict(fam, cfg, src, t, opts.tp, layers, first=placement.is_first(p, v),
-                                    last=placement.is_last(p, v), ep_rank=e, ep=opts.ep, on_layer=on_layer,
+                                    last=placement.is_last(p, v), ep_rank=e, ep=opts.ep, grouped=opts.grouped_gemm,
+                                    expert_tp=opts.expert_tp, on_layer=on_layer,
                                     finish=finish)
               for v, (key, layers) in enumerate(zip(layout.model_keys(placement.vpp), placement.layers[p]))}
     src.release()

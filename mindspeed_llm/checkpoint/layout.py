@@ -14,6 +14,7 @@ We save `args` as a plain dict; `load_rank_file` hands it back as a Namespace ei
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pickle
 import re
@@ -42,6 +43,15 @@ def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep
     if ep_size > 1:
         name += f"_{ep_rank:03d}"
     return name
+
+
+def rank_pairs(tp: int, ep: int, etp: int) -> list[tuple[int, int]]:
+    """The (TP rank, EP rank) files of one pipeline stage. With expert-TP 1 under TP > 1 only the pairs that
+    coexist in a megatron-core replica (rank r is TP rank r % TP and EP rank r % EP) exist, as MindSpeed writes
+    them: (t, t % EP) when EP divides TP, (e % TP, e) when TP divides EP."""
+    if etp == tp:
+        return [(t, e) for t in range(tp) for e in range(ep)]
+    return sorted({(r % tp, r % ep) for r in range(math.lcm(tp, ep))})
 
 
 def model_keys(vpp: int) -> list[str]:

@@ -21,6 +21,11 @@ _CHECKED = {
 }
 
 
+def expert_tensor_parallel_size(args: argparse.Namespace) -> int:
+    """Expert-TP size of a checkpoint from its saved args (unset: the TP size, megatron-core's default)."""
+    return int(getattr(args, "expert_tensor_parallel_size", None) or getattr(args, "tensor_model_parallel_size", 1))
+
+
 def saved_args(load_dir: str | Path) -> tuple[argparse.Namespace, str]:
     """(saved args, the rank file they were read from) of the checkpoint root `load_dir`."""
     iter_dir = layout.iteration_dir(Path(load_dir))
@@ -119,6 +124,11 @@ def read_rank_state(load_dir: str | Path, num_chunks: int, expected: Optional[di
     saved = state.get("args")
     if saved is not None:
         check_args(saved, {**sizes, **(expected or {})}, str(iter_dir), adapters_for)
+        saved_etp = expert_tensor_parallel_size(saved)
+        if getattr(saved, "num_experts", None) and saved_etp != ps.get_expert_tensor_parallel_world_size():
+            raise ConversionError(f"--expert-tensor-parallel-size {ps.get_expert_tensor_parallel_world_size()} "
+                                  f"disagrees with {iter_dir}, which was saved with {saved_etp}; use "
+                                  f"--expert-tensor-parallel-size {saved_etp} or convert the checkpoint")
     keys = layout.model_keys(num_chunks)
     missing = [k for k in keys if k not in state]
     if missing:
@@ -152,6 +162,10 @@ def _load_into(chunk, state: dict, strict: bool, where: str) -> None:
         chunk.load_state_dict(state, strict=strict)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())[:300]
+        if ".mlp.experts.weight1" in str(exc) or ".mlp.experts.local_experts." in str(exc):
+            grouped = any(k.endswith(".mlp.experts.weight1") for k in state)
+            detail = (f"its experts are in the {'GroupedMLP' if grouped else 'SequentialMLP'} layout; pass "
+                      f"--moe-grouped-gemm exactly when the checkpoint was converted or saved with it")
         raise ConversionError(f"{where} does not fit the model built from the flags: {detail}") from None
 
 

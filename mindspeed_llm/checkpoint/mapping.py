@@ -13,10 +13,12 @@ Tensor = torch.Tensor
 
 def chunk_state_dict(fam: Family, cfg: ModelConfig, src: TensorSource, tp_rank: int, tp: int,
                      layers: Sequence[int], *, first: bool, last: bool, ep_rank: int = 0, ep: int = 1,
+                     grouped: bool = False, expert_tp: Optional[int] = None,
                      on_layer: Optional[Callable[[int], None]] = None,
                      finish: Optional[Callable[[Tensor], Tensor]] = None) -> dict[str, Tensor]:
     """megatron-core state dict of one model chunk on one (TP rank, EP rank); `layers` are its global layer
-    indices. Every EP rank holds all non-expert tensors and its own experts.
+    indices. Every EP rank holds all non-expert tensors and its own experts (with `grouped`, in GroupedMLP's
+    weight1 / weight2), split over `expert_tp` ranks (default TP; 1: whole experts on every TP rank).
 
     `finish` is applied to each tensor as soon as it is cut (cast, copy out of a mapped shard), so a chunk never
     holds more than its own tensors plus the one being split.
@@ -25,10 +27,14 @@ def chunk_state_dict(fam: Family, cfg: ModelConfig, src: TensorSource, tp_rank: 
     done = finish or (lambda t: t)
     if first:
         sd[fam.embedding.mg] = done(fam.embedding.shard(src, tp_rank, tp, cfg))
+    expert_tp = tp if expert_tp is None else expert_tp
+    expert_tp_rank = tp_rank if expert_tp == tp else 0
     for local, layer in enumerate(layers):
         mg_prefix, hf_prefix = MG_LAYER_PREFIX.format(local), HF_LAYER_PREFIX.format(layer)
-        for rule in (*fam.layer_rules(cfg, layer), *fam.expert_rules(cfg, layer, ep_rank, ep)):
+        for rule in fam.layer_rules(cfg, layer):
             sd[mg_prefix + rule.mg] = done(rule.shard(src, tp_rank, tp, cfg, prefix=hf_prefix))
+        for rule in fam.expert_rules(cfg, layer, ep_rank, ep, grouped):
+            sd[mg_prefix + rule.mg] = done(rule.shard(src, expert_tp_rank, expert_tp, cfg, prefix=hf_prefix))
         if on_layer is not None:
             on_layer(layer)
     if last:
@@ -43,10 +49,11 @@ def chunk_state_dict(fam: Family, cfg: ModelConfig, src: TensorSource, tp_rank: 
 
 
 def merge_layer(fam: Family, cfg: ModelConfig, shards: Sequence[dict[str, Tensor]], local: int,
-                layer: int, expert_shards: Sequence[Sequence[dict[str, Tensor]]] = ()) -> dict[str, Tensor]:
+                layer: int, expert_shards: Sequence[Sequence[dict[str, Tensor]]] = (),
+                grouped: bool = False) -> dict[str, Tensor]:
     """HF tensors of global layer `layer`, from the TP-rank state dicts where it has local index `local`.
     `expert_shards[e]` are the TP-rank state dicts of EP rank e (default: `shards` alone, EP 1); the tensors
-    every EP rank holds are read from `shards`."""
+    every EP rank holds are read from `shards`. `grouped`: the experts are in GroupedMLP's layout."""
     mg_prefix, hf_prefix = MG_LAYER_PREFIX.format(local), HF_LAYER_PREFIX.format(layer)
     by_ep = list(expert_shards) or [shards]
 
@@ -57,7 +64,7 @@ def merge_layer(fam: Family, cfg: ModelConfig, shards: Sequence[dict[str, Tensor
     for rule in fam.layer_rules(cfg, layer):
         out.update(merged(rule, shards))
     for ep_rank, tp_shards in enumerate(by_ep):
-        for rule in fam.expert_rules(cfg, layer, ep_rank, len(by_ep)):
+        for rule in fam.expert_rules(cfg, layer, ep_rank, len(by_ep), grouped):
             out.update(merged(rule, tp_shards))
     return out
 

@@ -14,6 +14,7 @@ import torch
 from mindspeed_llm.checkpoint import layout
 from mindspeed_llm.checkpoint.errors import ConversionError
 from mindspeed_llm.checkpoint.hf_io import INDEX_NAME, SafetensorsWriter, copy_hf_cfg, publish_dir
+from mindspeed_llm.checkpoint.load import expert_tensor_parallel_size
 from mindspeed_llm.checkpoint.mapping import MissingKey, merge_adapter_layer, merge_embedding, merge_head, merge_layer
 from mindspeed_llm.models import lora
 from mindspeed_llm.models.config import ModelConfig, read_hf_config
@@ -33,6 +34,8 @@ class Mg2HfOptions:
     tp: Optional[int] = None
     pp: Optional[int] = None
     ep: Optional[int] = None
+    grouped_gemm: Optional[bool] = None       # --moe-grouped-gemm: the experts must be in GroupedMLP's layout
+    etp: Optional[int] = None
     num_layer_list: Optional[list[int]] = None
     layers_per_vpp_stage: Optional[int] = None
     # LoRA: adapters from --lora-load (or inside --load-dir: an unfiltered LoRA save), merged into the weights,
@@ -64,12 +67,18 @@ def _check_flags(args: argparse.Namespace, opts: Mg2HfOptions) -> None:
         "--target-tensor-parallel-size": (opts.tp, args.tensor_model_parallel_size),
         "--target-pipeline-parallel-size": (opts.pp, args.pipeline_model_parallel_size),
         "--target-expert-parallel-size": (opts.ep, expert_parallel_size(args)),
+        "--expert-tensor-parallel-size": (opts.etp, expert_tensor_parallel_size(args)),
+        "--moe-grouped-gemm": (opts.grouped_gemm, grouped_experts(args)),
         "--num-layer-list": (opts.num_layer_list, parse_layer_list(getattr(args, "num_layer_list", None))),
         "--num-layers-per-virtual-pipeline-stage": (opts.layers_per_vpp_stage,
                                                     getattr(args, "num_layers_per_virtual_pipeline_stage", None)),
     }
     for flag, (given, stored) in saved.items():
         if given is not None and given != stored:
+            if isinstance(given, bool):
+                raise ConversionError(f"{flag}: the checkpoint holds its experts in the "
+                                      f"{'GroupedMLP' if stored else 'SequentialMLP (local_experts)'} layout; drop "
+                                      f"the flag (mg -> hf reads the layout from the checkpoint)")
             raise ConversionError(f"{flag} {given} disagrees with the checkpoint, which was saved with {stored}; "
                                   f"drop the flag (mg -> hf reads the layout from the checkpoint) or fix --load-dir")
 
@@ -77,6 +86,11 @@ def _check_flags(args: argparse.Namespace, opts: Mg2HfOptions) -> None:
 def expert_parallel_size(args: argparse.Namespace) -> int:
     """EP of a checkpoint from its saved args (1 when not recorded: a dense or EP-1 save)."""
     return int(getattr(args, "expert_model_parallel_size", None) or 1)
+
+
+def grouped_experts(args: argparse.Namespace) -> bool:
+    """Whether a checkpoint holds its experts in megatron-core GroupedMLP's layout (saved with --moe-grouped-gemm)."""
+    return bool(getattr(args, "moe_grouped_gemm", False))
 
 
 def checkpoint_placement(args: argparse.Namespace, cfg: ModelConfig) -> Placement:
@@ -98,9 +112,15 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
     fam, cfg = model_from_args(args, model_type_hf, hf_cfg_dir, source=source)
     tp, pp = int(args.tensor_model_parallel_size), int(args.pipeline_model_parallel_size)
     ep = expert_parallel_size(args)
+    etp = expert_tensor_parallel_size(args)
+    pairs = layout.rank_pairs(tp, ep, etp)
+    grouped = grouped_experts(args)
     placement = checkpoint_placement(args, cfg)
     keys = layout.model_keys(placement.vpp)
     adapters = _adapter_source(opts, args, iter_dir, cfg, placement, ep) if opts is not None else None
+    if adapters is not None and etp != tp:
+        raise ConversionError(f"{iter_dir}: merging or exporting LoRA adapters of a checkpoint saved with "
+                              f"--expert-tensor-parallel-size {etp} under TP {tp} is not implemented")
     if adapters is not None:      # what was resolved (flags, else the LoRA checkpoint's args) is what is written
         opts.lora_r, opts.lora_alpha = adapters.spec.r, adapters.spec.alpha
         if opts.save_lora_to_hf and cfg.num_experts is not None and {"linear_fc1", "linear_fc2"} & set(
@@ -114,14 +134,19 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
     def generate():
         start = time.time()
         for p in range(pp):
-            # expert_states[e][t]: the rank file of (TP t, EP e); EP rank 0's files hold every non-expert tensor.
-            expert_states = [[layout.load_rank_file(iter_dir / layout.rank_dir_name(t, p, pp, e, ep) / layout.FILE_NAME)
-                              for t in range(tp)] for e in range(ep)]
+            files = {(t, e): iter_dir / layout.rank_dir_name(t, p, pp, e, ep) for t, e in pairs}
+            loaded = {pair: layout.load_rank_file(path / layout.FILE_NAME) for pair, path in files.items()}
+            # The non-expert tensors of TP rank t come from its first file; the experts of EP rank e from its files
+            # of every expert-TP rank (one file with whole experts under expert-TP 1).
+            dense_pairs = [next(pair for pair in pairs if pair[0] == t) for t in range(tp)]
+            expert_pairs = [[pair for pair in pairs if pair[1] == e][:etp] for e in range(ep)]
+            # expert_states[e][t]: EP rank e's files (EP rank 0's hold every non-expert tensor), as the adapters'
+            expert_states = [[loaded[pair] for pair in e_pairs] for e_pairs in expert_pairs]
             lora_states = adapters.stage(p, expert_states) if adapters is not None else None
             for v, layers in enumerate(placement.layers[p]):
-                expert_shards = [[_model_entry(state, keys[v], iter_dir / layout.rank_dir_name(t, p, pp, e, ep),
-                                               placement.vpp) for t, state in enumerate(tp_states)]
-                                 for e, tp_states in enumerate(expert_states)]
+                shards = [_model_entry(loaded[pair], keys[v], files[pair], placement.vpp) for pair in dense_pairs]
+                expert_shards = [[_model_entry(loaded[pair], keys[v], files[pair], placement.vpp) for pair in e_pairs]
+                                 for e_pairs in expert_pairs]
                 if lora_states is not None:
                     lora_shards = [[_model_entry(state, keys[v], adapters.root / layout.rank_dir_name(t, p, pp, e, ep),
                                                  placement.vpp) for t, state in enumerate(tp_states)]
@@ -130,7 +155,7 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
                         expert_shards = [[adapters.merge(s, a, iter_dir / layout.rank_dir_name(t, p, pp, e, ep))
                                           for t, (s, a) in enumerate(zip(base_tp, lora_tp))]
                                          for e, (base_tp, lora_tp) in enumerate(zip(expert_shards, lora_shards))]
-                shards = expert_shards[0]
+                    shards = expert_shards[0]       # the merged non-expert tensors
                 try:
                     for local, layer in enumerate(layers):
                         if lora_states is not None and opts.save_lora_to_hf:
@@ -138,7 +163,7 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
                             log(f"[mg2hf] layer {layer + 1}/{cfg.num_layers} ({time.time() - start:.1f}s)")
                             yield layer, tensors
                             continue
-                        tensors = merge_layer(fam, cfg, shards, local, layer, expert_shards)
+                        tensors = merge_layer(fam, cfg, shards, local, layer, expert_shards, grouped)
                         if layer == 0:
                             tensors.update(merge_embedding(fam, cfg, shards))
                         if layer == cfg.num_layers - 1:
@@ -149,7 +174,7 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
                 except MissingKey as exc:
                     raise ConversionError(f"{iter_dir / layout.rank_dir_name(0, p, pp)}: tensor {exc.args[0]} is "
                                           f"missing ({keys[v]}); the checkpoint does not match its saved args") from None
-            del expert_states, shards, expert_shards, lora_states
+            del loaded, expert_states, shards, expert_shards, lora_states
             layout.release_freed_memory()
 
     return fam, cfg, generate()

@@ -33,7 +33,9 @@ def convert_at_startup(args: argparse.Namespace) -> str:
                 load_dir=Path(hf_dir), save_dir=Path(cache), model_type_hf=args.model_type_hf, tp=tp, pp=pp, ep=ep,
                 num_layer_list=parse_layer_list(args.num_layer_list),
                 layers_per_vpp_stage=args.num_layers_per_virtual_pipeline_stage,
-                params_dtype="bf16" if args.bf16 else "fp16" if args.fp16 else None),
+                params_dtype="bf16" if args.bf16 else "fp16" if args.fp16 else None,
+                grouped_gemm=bool(getattr(args, "moe_grouped_gemm", False)),
+                etp=getattr(args, "expert_tensor_parallel_size", None)),
                 log=lambda msg: None)
         except UserError as exc:
             outcome[0] = ("user", f"--enable-hf2mg-convert: {exc}")

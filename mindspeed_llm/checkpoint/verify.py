@@ -7,9 +7,10 @@ from typing import Callable, Optional
 
 import torch
 
+from mindspeed_llm.checkpoint import layout
 from mindspeed_llm.checkpoint.errors import ConversionError
 from mindspeed_llm.checkpoint.mapping import chunk_state_dict
-from mindspeed_llm.checkpoint.mg2hf import iter_hf_tensors
+from mindspeed_llm.checkpoint.mg2hf import grouped_experts, iter_hf_tensors
 from mindspeed_llm.models.family import DictSource
 
 PROMPTS = ("Reverse the letters of the word: kalomi", "Add the two numbers. 12+30",
@@ -64,8 +65,11 @@ def verify(hf_dir: str | Path, mg_dir: str | Path, *, model_type_hf: Optional[st
     for _, tensors in layers:
         merged.update({k: v.float() for k, v in tensors.items()})
     init_distributed(1, 1)
-    model = build_model(cfg, params_dtype=torch.float32)[0]
-    sd = chunk_state_dict(fam, cfg, DictSource(merged), 0, 1, range(cfg.num_layers), first=True, last=True)
+    # the checkpoint's expert module: GroupedMLP for a --moe-grouped-gemm save
+    grouped = grouped_experts(layout.read_args(layout.iteration_dir(mg_dir))) and cfg.num_experts is not None
+    model = build_model(cfg, params_dtype=torch.float32, **({"moe_grouped_gemm": True} if grouped else {}))[0]
+    sd = chunk_state_dict(fam, cfg, DictSource(merged), 0, 1, range(cfg.num_layers), first=True, last=True,
+                          grouped=grouped)
     model.load_state_dict(sd, strict=True)
     del merged, sd
     ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, use_safetensors=True,

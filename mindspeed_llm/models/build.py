@@ -13,13 +13,13 @@ from mindspeed_llm.models.placement import Placement, PlacementError, place_laye
 from mindspeed_llm.models.spec import get_layer_spec
 
 
-def _chunk_spec(cfg: ModelConfig, placement: Placement, p: int, v: int):
+def _chunk_spec(cfg: ModelConfig, placement: Placement, p: int, v: int, grouped_experts: bool = False):
     """Our layer spec for chunk v of pipeline stage p: one spec for every layer, or with a MoE model whose
     config keeps some dense layers, the MoE or dense spec of each of the chunk's layers."""
     layers = placement.layers[p][v]
     if cfg.num_experts is None or not any(i in cfg.dense_layers for i in layers):
-        return get_layer_spec(cfg.qk_layernorm, moe=cfg.num_experts is not None)
-    specs = {moe: get_layer_spec(cfg.qk_layernorm, moe=moe) for moe in (False, True)}
+        return get_layer_spec(cfg.qk_layernorm, moe=cfg.num_experts is not None, grouped_experts=grouped_experts)
+    specs = {moe: get_layer_spec(cfg.qk_layernorm, moe=moe, grouped_experts=grouped_experts) for moe in (False, True)}
     return TransformerBlockSubmodules(layer_specs=[specs[cfg.is_moe_layer(i)] for i in layers],
                                       layer_norm=LayerNormImpl)
 
@@ -31,6 +31,16 @@ class GPTModel(megatron_gpt.GPTModel):
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), self.pg_collection.tp)
         return loss.transpose(0, 1).contiguous()          # [s, b] -> [b, s]
+
+
+def _mark_expert_params(model: torch.nn.Module) -> None:
+    """megatron-core's linears and GroupedMLP mark expert weights as expert-parallel (reduced over the expert
+    data-parallel group) only when EP > 1, as if expert-TP were always TP. With expert-TP 1 under TP > 1 each TP
+    rank holds whole experts fed by its own tokens, so their gradients must be summed over that group (which
+    spans the TP ranks) at EP 1 too."""
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False
 
 
 def build_model(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
@@ -62,6 +72,7 @@ def build_model(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
     if cfg.num_experts is not None:
         adapt_megatron_moe()
         config_overrides.setdefault("expert_model_parallel_size", ps.get_expert_model_parallel_world_size())
+        config_overrides.setdefault("expert_tensor_parallel_size", ps.get_expert_tensor_parallel_world_size())
     config = transformer_config(cfg, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                 virtual_pipeline_model_parallel_size=vpp, num_layer_list=num_layer_list,
                                 params_dtype=params_dtype, sequence_parallel=sequence_parallel, **config_overrides)
@@ -70,7 +81,8 @@ def build_model(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
     for v in range(placement.vpp):
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec if layer_spec is not None else _chunk_spec(cfg, placement, p, v),
+            transformer_layer_spec=layer_spec if layer_spec is not None else
+            _chunk_spec(cfg, placement, p, v, config.moe_grouped_gemm),
             vocab_size=cfg.vocab_size,
             max_sequence_length=seq_length or cfg.max_position_embeddings,
             pre_process=placement.is_first(p, v),
@@ -84,6 +96,8 @@ def build_model(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
             rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
             vp_stage=v if vpp else None,
         )
+        if config.num_moe_experts and config.expert_tensor_parallel_size != tp:
+            _mark_expert_params(model)
         n_built = len(model.decoder.layers)
         if n_built != len(placement.layers[p][v]):
             raise AssertionError(f"megatron built {n_built} layers on stage {p} chunk {v}, expected "

@@ -163,7 +163,7 @@ class GatedMLP:
                 prefix + self.up: torch.cat([h[1] for h in halves], dim=0)}
 
 
-Rule = Union[Replicated, ColumnSplit, FusedQKV, GatedMLP]
+Rule = Union[Replicated, ColumnSplit, FusedQKV, GatedMLP, "Grouped"]
 
 
 @dataclass(frozen=True)
@@ -181,6 +181,59 @@ class PerExpert:
         return [replace(self.rule, **{f.name: getattr(self.rule, f.name).format(expert=ep_rank * local + j, local=j)
                                       for f in fields(self.rule) if isinstance(getattr(self.rule, f.name), str)})
                 for j in range(local)]
+
+
+def group_experts(blocks: Sequence[Tensor], hidden_first: bool) -> Tensor:
+    """megatron-core GroupedMLP's (and MindSpeed's) layout of the local experts' TP shards `blocks` (each as
+    SequentialMLP holds it: fc1 [2F/T, H], fc2 [H, F/T]): each transposed, stacked, and the memory viewed as 2-D,
+    [H, E_loc*2F/T] for weight1 (`hidden_first`), [E_loc*F/T, H] for weight2. A raw view, not a concatenation."""
+    stacked = torch.stack([b.t() for b in blocks])
+    return stacked.reshape(stacked.shape[1], -1) if hidden_first else stacked.reshape(-1, stacked.shape[2])
+
+
+def ungroup_experts(grouped: Tensor, num_local: int, hidden_size: int, hidden_first: bool) -> list[Tensor]:
+    """The inverse of `group_experts`, as GroupedMLP's forward views its weights:
+    `local_experts.j.linear_fc1.weight == weight1.view(E_loc, H, -1)[j].T` (weight2: `.view(E_loc, -1, H)`)."""
+    blocks = grouped.reshape(num_local, hidden_size, -1) if hidden_first else \
+        grouped.reshape(num_local, -1, hidden_size)
+    return [b.t() for b in blocks.unbind(0)]
+
+
+@dataclass(frozen=True)
+class Grouped:
+    """All routed experts of one EP rank in one tensor (megatron-core GroupedMLP, `--moe-grouped-gemm`): the
+    TP shards of `experts`' rules (one per local expert, as `PerExpert.expand` gives them), joined by
+    `group_experts`."""
+
+    mg: str
+    experts: tuple[Rule, ...]
+    hidden_first: bool
+
+    def hf_names(self) -> tuple[str, ...]:
+        return tuple(n for r in self.experts for n in r.hf_names())
+
+    def shard(self, src: TensorSource, rank: int, tp: int, cfg: ModelConfig, prefix: str = "") -> Tensor:
+        return group_experts([r.shard(src, rank, tp, cfg, prefix) for r in self.experts], self.hidden_first)
+
+    def merge(self, shards: Sequence[Tensor], cfg: ModelConfig, prefix: str = "") -> dict[str, Tensor]:
+        per_rank = [ungroup_experts(s, len(self.experts), cfg.hidden_size, self.hidden_first) for s in shards]
+        out: dict[str, Tensor] = {}
+        for j, rule in enumerate(self.experts):
+            out.update(rule.merge([blocks[j] for blocks in per_rank], cfg, prefix))
+        return out
+
+
+@dataclass(frozen=True)
+class GroupedExperts:
+    """`per_expert`'s experts of each EP rank as one `Grouped` tensor named `mg`; `hidden_first` as in
+    `group_experts` (True for fc1 -> weight1, False for fc2 -> weight2)."""
+
+    mg: str
+    per_expert: PerExpert
+    hidden_first: bool
+
+    def expand(self, cfg: ModelConfig, ep_rank: int, ep: int) -> list[Rule]:
+        return [Grouped(self.mg, tuple(self.per_expert.expand(cfg, ep_rank, ep)), self.hidden_first)]
 
 
 MG_LAYER_PREFIX = "decoder.layers.{}."
@@ -202,8 +255,10 @@ class Family:
     embedding: Rule = ColumnSplit("embedding.word_embeddings.weight", "model.embed_tokens.weight")
     final_norm: Rule = Replicated("decoder.final_layernorm.weight", "model.norm.weight")
     output: Rule = ColumnSplit("output_layer.weight", "lm_head.weight")
-    # A mixture-of-experts family: the router and `PerExpert` rules that replace the dense MLP in MoE layers.
+    # A mixture-of-experts family: the router and `PerExpert` rules that replace the dense MLP in MoE layers,
+    # and the experts in megatron-core's GroupedMLP layout (`--moe-grouped-gemm`) in place of the `PerExpert` ones.
     moe_mlp: tuple[Union[Rule, PerExpert], ...] = ()
+    grouped_experts: tuple[GroupedExperts, ...] = ()
 
     def config(self, hf_config: dict) -> ModelConfig:
         """HF config.json (as a dict) -> ModelConfig."""
@@ -217,11 +272,14 @@ class Family:
         return (tuple(r for r in self.layer if not r.mg.startswith(DENSE_MLP_PREFIX))
                 + tuple(r for r in self.moe_mlp if not isinstance(r, PerExpert)))
 
-    def expert_rules(self, cfg: ModelConfig, layer: int, ep_rank: int = 0, ep: int = 1) -> list[Rule]:
-        """Rules of the routed experts of layer `layer` that EP rank `ep_rank` of `ep` holds (none: dense layer)."""
+    def expert_rules(self, cfg: ModelConfig, layer: int, ep_rank: int = 0, ep: int = 1,
+                     grouped: bool = False) -> list[Rule]:
+        """Rules of the routed experts of layer `layer` that EP rank `ep_rank` of `ep` holds (none: dense layer):
+        one per local expert and weight, or with `grouped` one per weight (GroupedMLP's weight1 / weight2)."""
         if not cfg.is_moe_layer(layer):
             return []
-        return [x for r in self.moe_mlp if isinstance(r, PerExpert) for x in r.expand(cfg, ep_rank, ep)]
+        table = self.grouped_experts if grouped else [r for r in self.moe_mlp if isinstance(r, PerExpert)]
+        return [x for r in table for x in r.expand(cfg, ep_rank, ep)]
 
     def hf_layer_names(self, cfg: ModelConfig, layer: int) -> list[str]:
         """Every HF tensor name of global layer `layer`."""

@@ -14,7 +14,7 @@ from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -57,17 +57,19 @@ class RMSNorm(torch.nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def get_layer_spec(qk_layernorm: bool = True, moe: bool = False) -> ModuleSpec:
+def get_layer_spec(qk_layernorm: bool = True, moe: bool = False, grouped_experts: bool = False) -> ModuleSpec:
     """RMSNorm -> self-attention (fused QKV, optional per-head q/k RMSNorm, RoPE, SDPA or the packed varlen kernel,
     out proj) -> residual ->
     RMSNorm -> SwiGLU MLP (fused gate+up, down) -> residual.
 
-    With `moe` the MLP is megatron-core's MoELayer: its TopKRouter and SwiGLU local experts (SequentialMLP of
-    column/row-parallel linears, the only expert module that needs neither Transformer Engine nor grouped_gemm)."""
+    With `moe` the MLP is megatron-core's MoELayer: its TopKRouter and SwiGLU local experts, as SequentialMLP of
+    column/row-parallel linears, or with `grouped_experts` (--moe-grouped-gemm) as GroupedMLP, whose `weight1` /
+    `weight2` hold every local expert and run as one grouped GEMM (`platform.adapt_megatron_grouped_mlp`)."""
     qk_norm = RMSNorm if qk_layernorm else IdentityOp
     dense_mlp = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-    mlp = (ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=ModuleSpec(module=SequentialMLP,
-                                                                                   submodules=dense_mlp)))
+    experts = (ModuleSpec(module=GroupedMLP) if grouped_experts
+               else ModuleSpec(module=SequentialMLP, submodules=dense_mlp))
+    mlp = (ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=experts))
            if moe else ModuleSpec(module=MLP, submodules=dense_mlp))
     return ModuleSpec(
         module=TransformerLayer,

@@ -182,10 +182,12 @@ def save_checkpoint(args: argparse.Namespace, iteration: int, model: list, optim
     if box[0] is None:
         raise UserError(f"cannot create a checkpoint directory under --save {save_dir}" + (f": {error}" if error else ""))
     tmp = Path(box[0])
-    # One writer per TP/PP/EP slot: the expert-data-parallel group's first rank (that group also spans the DP and
-    # CP ranks, which hold the same weights).
-    writer = ps.get_expert_data_parallel_rank() == 0
+    # One writer per TP/PP/EP slot: the first rank of those that write the same file (they hold the same weights:
+    # DP and CP replicas, and with --expert-tensor-parallel-size 1 the ranks of an expert-data-parallel group).
     rank_dir = tmp / _rank_dir()
+    names: list[Optional[str]] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(names, rank_dir.name)
+    writer = names.index(rank_dir.name) == torch.distributed.get_rank()
     ok = True
     try:
         if writer:

@@ -105,7 +105,8 @@ def layer_spec(args: argparse.Namespace, cfg):
                              parse_layer_list(args.num_layer_list), args.num_layers_per_virtual_pipeline_stage)
     layers = placement.layers[ps.get_pipeline_model_parallel_rank()][0]
     if cfg.num_experts is not None:      # MindSpeed's qwen3 spec builds the MoE MLP where the model has experts
-        specs = {moe: get_layer_spec(cfg.qk_layernorm, moe=moe) for moe in (False, True)}
+        specs = {moe: get_layer_spec(cfg.qk_layernorm, moe=moe, grouped_experts=args.moe_grouped_gemm)
+                 for moe in (False, True)}
         return TransformerBlockSubmodules(layer_specs=[specs[cfg.is_moe_layer(i)] for i in layers],
                                           layer_norm=RMSNorm)
     spec = layer_spec_for(args.spec, cfg.qk_layernorm)
@@ -146,6 +147,7 @@ def moe_overrides(args: argparse.Namespace) -> dict[str, Any]:
                            "aux_loss" if args.moe_router_load_balancing_type == "aux_loss" else "none"}
     if args.moe_aux_loss_coeff is not None:
         out["moe_aux_loss_coeff"] = float(args.moe_aux_loss_coeff)
+    out["moe_grouped_gemm"] = bool(args.moe_grouped_gemm)
     dispatcher = args.moe_token_dispatcher_type
     if dispatcher == "alltoall_seq":
         notice("--moe-token-dispatcher-type alltoall_seq: megatron-core 0.16 has no alltoall_seq dispatcher; "

@@ -51,6 +51,7 @@ def init_run(args: argparse.Namespace) -> None:
                      backend=args.distributed_backend, seed=args.seed,
                      timeout_minutes=args.distributed_timeout_minutes,
                      expert_model_parallel_size=args.expert_model_parallel_size,
+                     expert_tensor_parallel_size=args.expert_tensor_parallel_size,
                      context_parallel_size=args.context_parallel_size,
                      ulysses_degree_in_cp=args.ulysses_degree_in_cp if args.context_parallel_algo == "hybrid_cp_algo"
                      else None)

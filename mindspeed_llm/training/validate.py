@@ -192,7 +192,16 @@ def validate_world(args: argparse.Namespace, world_size: int) -> None:
                         f"--context-parallel-size {cp}; launch a multiple of {tp * pp * cp}")
     dp = world_size // (tp * pp * cp)
     ep = args.expert_model_parallel_size
-    if ep < 1 or (dp * cp) % ep:        # megatron-core's expert groups span DP x CP
+    etp = args.expert_tensor_parallel_size
+    if etp not in (None, tp, 1):
+        raise UserError(f"--expert-tensor-parallel-size {etp}: only 1 (whole experts on every TP rank) or "
+                        f"--tensor-model-parallel-size {tp} (the default) is implemented, as in MindSpeed")
+    if etp == 1 and tp > 1:
+        # megatron-core's expert groups: ETP x EP x PP ranks per expert replica
+        if ep < 1 or world_size % (ep * pp):
+            raise UserError(f"--expert-model-parallel-size {ep} x --expert-tensor-parallel-size 1 x "
+                            f"--pipeline-model-parallel-size {pp} does not divide {world_size} processes")
+    elif ep < 1 or (dp * cp) % ep:        # megatron-core's expert groups span DP x CP
         raise UserError(f"--expert-model-parallel-size {ep} x --tensor-model-parallel-size {tp} x "
                         f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp} does not fit "
                         f"{world_size} processes: expert parallelism splits the {dp * cp} data- and context-parallel "
