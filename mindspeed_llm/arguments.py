@@ -259,7 +259,8 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("SFT data")
-    g.add_argument("--data-path", nargs="+", default=None, help="preprocessed prefix (only the first is used)")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="preprocessed prefix (only the first is used); pretrain_gpt.py: a blend [WEIGHT] PREFIX ...")
     g.add_argument("--split", default="969,30,1")
     g.add_argument("--is-instruction-dataset", action="store_true")
     g.add_argument("--is-pairwise-dataset", action="store_true")

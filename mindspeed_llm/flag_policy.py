@@ -231,10 +231,11 @@ ERROR: dict[str, dict[str, Rule]] = {
                                     "implemented; convert without it to the SequentialMLP layout (local_experts)",
                 "make_vocab_size_divisible_by": "the vocabulary keeps the HF checkpoint's rows; use 1"},
 }
+_PRETRAIN_REFUSES = ("an instruction/preference data flag; pretrain_gpt.py trains on preprocess_data.py "
+                     "--handler-name GeneralPretrainHandler text (fine-tune with posttrain_gpt.py)")
 ERROR["pretrain"] = {
     **ERROR["train"],
-    **{dest: "an instruction/preference data flag; pretrain_gpt.py trains on preprocess_data.py "
-             "--handler-name GeneralPretrainHandler text (fine-tune with posttrain_gpt.py)" for dest in _INSTRUCTION_ONLY},
+    **{dest: _PRETRAIN_REFUSES for dest in _INSTRUCTION_ONLY},
     "stage": Allowed(("pretrain",), "pretrain_gpt.py pretrains; --stage sft and dpo run posttrain_gpt.py"),
 }
 ERROR["evaluation"] = {

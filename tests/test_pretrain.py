@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import run_cli
+from tests.recipes import edit, load_recipes, recipe_argv
 from tests.test_safe_load import error_line, run_cases
 from tests.train_fixtures import launch_plan, model_flags
 
@@ -102,8 +104,8 @@ def megatron_samples(pt: dict, blend: list, count: int, reset: bool = False) -> 
 
     tok = AutoTokenizer.from_pretrained(pt["hf"])
     prefixes, weights = (blend[1::2], [float(w) for w in blend[0::2]]) if len(blend) > 1 else (blend, None)
+    # No cache folder: megatron-core then builds the blend's indices in memory (writing them asks for a process group).
     config = GPTDatasetConfig(random_seed=42, sequence_length=SEQ, blend=(prefixes, weights), split="100,0,0",
-                              path_to_cache=str(pt["root"] / "test_index_cache"),
                               tokenizer=DatasetTokenizer(tok.eos_token_id, len(tok)), reset_position_ids=reset,
                               reset_attention_mask=reset, eod_mask_loss=reset, create_attention_mask=False)
     train = BlendedMegatronDatasetBuilder(GPTDataset, [3 * 4, 0, 0], lambda: True, config).build()[0]
@@ -205,3 +207,73 @@ def test_bad_input_is_one_line(pt, tmp_path):
         assert results[name]["rc"] == 2, (name, results[name]["stderr"][-2000:])
         line = error_line(results[name])
         assert all(n in line for n in needles), (name, line)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recipes
+# ---------------------------------------------------------------------------------------------------------------
+
+RECIPES = {name: flags for name, (_, flags) in load_recipes().items() if "/pretrain_" in name}
+OUR_RECIPES = Path(__file__).resolve().parents[1] / "examples" / "mcore" / "qwen3"
+
+
+def test_reference_lists_the_dense_pretraining_recipes():
+    assert sorted(n.split("/")[1] for n in RECIPES) == sorted(
+        f"pretrain_qwen3_{size}_4K_ptd{a3}" for size in ("0point6b", "1point7b", "4b", "8b", "14b", "32b")
+        for a3 in ("", "_A3") if not (a3 and size in ("0point6b", "1point7b", "4b")))
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_our_recipe_passes_mindspeeds_flags(name, tmp_path):
+    """Our script passes exactly MindSpeed's flags and values (PATH values from its variables)."""
+    argv = recipe_argv(OUR_RECIPES / f"{name.split('/')[1]}.sh", tmp_path, entry="pretrain_gpt.py")
+    ours, theirs = {}, {}
+    for flags, out in ((split_flags(argv), ours), (RECIPES[name], theirs)):
+        for flag, *values in flags:
+            out[flag] = values
+    assert sorted(ours) == sorted(theirs)
+    differ = {f: (ours[f], theirs[f]) for f in theirs if theirs[f] != ["PATH"] and ours[f] != theirs[f]}
+    assert not differ
+
+
+def split_flags(argv: list[str]) -> list[list[str]]:
+    flags: list[list[str]] = []
+    for tok in argv:
+        if tok.startswith("--"):
+            flags.append([tok])
+        else:
+            flags[-1].append(tok)
+    return flags
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_mindspeed_recipe_parses(name, pt, capsys):
+    from mindspeed_llm.arguments import parse_pretrain_args
+
+    args = parse_pretrain_args(edit(RECIPES[name], {"--load": str(pt["hf"]), "--save": "save", "--data-path": pt["a"],
+                                                    "--tokenizer-name-or-path": str(pt["hf"])}))
+    assert args.stage == "pretrain" and args.data_path == [pt["a"]] and args.enable_hf2mg_convert
+    assert "--use-flash-attn: accepted, no effect" in capsys.readouterr().err
+
+
+@pytest.mark.distributed
+def test_recipes_run_on_the_tiny_model(pt, tiny_qwen3_tied, tmp_path):
+    """Our 0.6B recipe (tied embeddings, with a validation split) and the 32B one (reset attention mask; VPP dropped
+    at one process) through pretrain_gpt.py, one process each, from the tiny Hugging Face model."""
+    from tests.conftest import run_torchrun
+
+    short = {"--seq-length": str(SEQ), "--split": "90,10,0", "--eval-interval": "2", "--eval-iters": "1"}
+    for name, hf, extra in (("pretrain_qwen3_0point6b_4K_ptd", tiny_qwen3_tied, short),
+                            ("pretrain_qwen3_32b_4K_ptd", pt["hf"], {"--seq-length": str(SEQ)})):
+        paths = {"--load": str(hf), "--data-path": pt["a"], "--tokenizer-name-or-path": str(pt["hf"]),
+                 "--save": str(tmp_path / name)}
+        flags = split_flags(recipe_argv(OUR_RECIPES / f"{name}.sh", tmp_path, entry="pretrain_gpt.py"))
+        argv = edit([[f[0], "PATH"] if f[0] in paths else f for f in flags], paths, extra)
+        proc = run_torchrun("pretrain_gpt.py", *argv, "--mg-save-dir", str(tmp_path / "mg" / name), nproc=1)
+        losses = [float(v) for v in re.findall(r"\| lm loss: (\S+) \|", proc.stdout)]
+        assert len(losses) == 2 and all(math.isfinite(v) for v in losses), proc.stdout[-3000:]
+        assert (tmp_path / name / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+        if extra is short:
+            value, ppl = re.search(r"validation loss at iteration 2 \| lm loss value: (\S+) \| lm loss PPL: (\S+)",
+                                   proc.stdout).groups()
+            assert math.isclose(math.exp(float(value)), float(ppl), rel_tol=1e-5)
