@@ -78,6 +78,7 @@ def runs(pt) -> dict:
          + from_hf(pt, "tp1")},
         {"name": "reset", "argv": base + from_hf(pt, "tp1") + ["--reset-attention-mask", "--reset-position-ids",
                                                                "--eod-mask-loss"]},
+        {"name": "reset_mask", "argv": base + from_hf(pt, "tp1") + ["--reset-attention-mask"]},
         {"name": "straight", "argv": resume + from_hf(pt, "tp1") + ["--save", str(root / "straight")]},
         {"name": "half", "argv": resume + from_hf(pt, "tp1") + ["--save", str(root / "half"), "--exit-interval",
                                                                 "2"]},
@@ -96,8 +97,10 @@ class DatasetTokenizer:
         self.unique_identifiers = {"test": "pretrain", "eod": eod}
 
 
-def megatron_samples(pt: dict, blend: list, count: int, reset: bool = False) -> list[dict]:
-    """The first `count` training samples megatron-core's GPTDataset (blended by weight) yields for seed 42."""
+def megatron_samples(pt: dict, blend: list, count: int, reset: bool = False,
+                     reset_positions: bool = False) -> list[dict]:
+    """The first `count` training samples megatron-core's GPTDataset (blended by weight) yields for seed 42; `reset`:
+    with the reset attention mask, and `reset_positions` also restarting positions and masking the EOD loss."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from transformers import AutoTokenizer
@@ -106,15 +109,17 @@ def megatron_samples(pt: dict, blend: list, count: int, reset: bool = False) -> 
     prefixes, weights = (blend[1::2], [float(w) for w in blend[0::2]]) if len(blend) > 1 else (blend, None)
     # No cache folder: megatron-core then builds the blend's indices in memory (writing them asks for a process group).
     config = GPTDatasetConfig(random_seed=42, sequence_length=SEQ, blend=(prefixes, weights), split="100,0,0",
-                              tokenizer=DatasetTokenizer(tok.eos_token_id, len(tok)), reset_position_ids=reset,
-                              reset_attention_mask=reset, eod_mask_loss=reset, create_attention_mask=False)
+                              tokenizer=DatasetTokenizer(tok.eos_token_id, len(tok)),
+                              reset_position_ids=reset and reset_positions, reset_attention_mask=reset,
+                              eod_mask_loss=reset and reset_positions, create_attention_mask=False)
     train = BlendedMegatronDatasetBuilder(GPTDataset, [3 * 4, 0, 0], lambda: True, config).build()[0]
     return [train[i] for i in range(count)]
 
 
 def transformers_first_loss(pt: dict, samples: list[dict], per_document: bool = False) -> float:
     """Iteration 1 as Megatron reports it: the mean over the 2 micro-batches (2 samples each) of each one's
-    token-mean cross entropy under the loss mask. `per_document`: each EOD-ended document runs on its own."""
+    token-mean cross entropy under the loss mask. `per_document`: each EOD-ended document runs on its own, at the
+    sample's positions (restarting or not)."""
     from transformers import AutoModelForCausalLM
     from transformers import AutoTokenizer
 
@@ -129,7 +134,8 @@ def transformers_first_loss(pt: dict, samples: list[dict], per_document: bool = 
                 if per_document:
                     ends = (torch.nonzero(tokens == eod).flatten() + 1).tolist()
                     cuts = [0] + [e for e in ends if e < len(tokens)] + [len(tokens)]
-                    logits = torch.cat([model(tokens[a:b][None]).logits[0] for a, b in zip(cuts[:-1], cuts[1:])])
+                    logits = torch.cat([model(tokens[a:b][None], position_ids=s["position_ids"][a:b][None]).logits[0]
+                                        for a, b in zip(cuts[:-1], cuts[1:])])
                 else:
                     logits = model(tokens[None]).logits[0]
                 nll = F.cross_entropy(logits.float(), s["labels"], reduction="none")
@@ -159,10 +165,15 @@ def test_blend_draws_megatron_blended_samples(pt, runs):
 
 
 @pytest.mark.distributed
-def test_reset_attention_mask_runs_each_document_alone(pt, runs):
-    samples = megatron_samples(pt, [pt["a"]], 4, reset=True)
-    assert sum(float((s["loss_mask"] == 0).sum()) for s in samples) > 0, "no EOD in the samples: nothing tested"
-    assert_close(runs["reset"]["losses"][:1], [transformers_first_loss(pt, samples, per_document=True)])
+@pytest.mark.parametrize("name,positions", [("reset", True), ("reset_mask", False)])
+def test_reset_attention_mask_runs_each_document_alone(pt, runs, name, positions):
+    """--reset-attention-mask: attention stays inside each EOD-ended document; with --reset-position-ids (and
+    --eod-mask-loss) positions restart there, without it they run on through the sample, as in Megatron-LM."""
+    samples = megatron_samples(pt, [pt["a"]], 4, reset=True, reset_positions=positions)
+    assert sum(int((s["position_ids"] == 0).sum()) for s in samples) > (4 if positions else 0)
+    if positions:
+        assert sum(float((s["loss_mask"] == 0).sum()) for s in samples) > 0, "no EOD in the samples: nothing tested"
+    assert_close(runs[name]["losses"][:1], [transformers_first_loss(pt, samples, per_document=True)])
 
 
 @pytest.mark.distributed

@@ -156,7 +156,9 @@ def model_inputs(raw: dict[str, torch.Tensor], eod: int, reset_attention_mask: b
         return split_batch_for_cp(inputs, context_parallel_group())
     length = tokens.shape[1]
     cu = batch_cu_seqlens([document_bounds(row, eod) for row in tokens], length)
-    params = build_packed_seq_params(cu, int((cu[1:] - cu[:-1]).max()), device=device)
+    # max_seqlen bounds the segments and sizes the RoPE table, which positions not reset at EODs index past them.
+    max_seqlen = max(int((cu[1:] - cu[:-1]).max()), int(positions.max()) + 1)
+    params = build_packed_seq_params(cu, max_seqlen, device=device)
     params.positions = to(positions.reshape(-1))
     return {"tokens": to(tokens.reshape(1, -1)), "labels": to(labels.reshape(1, -1)),
             "loss_mask": to(loss_mask.reshape(1, -1)), "position_ids": params.positions[None],
