@@ -3,7 +3,6 @@ and one iteration's micro-batches as model inputs."""
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -27,11 +26,6 @@ def check_run_data(args: argparse.Namespace, tokenizer) -> Optional[dict]:
     from mindspeed_llm.training.batching import check_sidecar
     from mindspeed_llm.training.sft_dataset import PAIRWISE_FIELDS, find_fields, options_from_args
 
-    for text_prefix in (args.data_path, args.data_path + "_text_document"):
-        if os.path.isfile(text_prefix + ".idx"):
-            raise UserError(f"--data-path {args.data_path}: pretraining text ({text_prefix}.bin/.idx from "
-                            f"preprocess_data.py --handler-name GeneralPretrainHandler); it trains with "
-                            f"pretrain_gpt.py. posttrain_gpt.py reads instruction data")
     sidecar = check_sidecar(args.data_path, args, tokenizer)
     find_fields(args.data_path, PAIRWISE_FIELDS if options_from_args(args, sidecar).pairwise else
                 ("input_ids", "labels"))

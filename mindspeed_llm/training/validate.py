@@ -108,6 +108,11 @@ def validate_instruction_data_args(args: argparse.Namespace) -> None:
     if not args.is_instruction_dataset and not args.is_pairwise_dataset:
         raise UserError("--is-instruction-dataset is required: posttrain_gpt.py trains on preprocessed "
                         "instruction data (pretraining text trains with pretrain_gpt.py)")
+    for text_prefix in (args.data_path, args.data_path + "_text_document"):
+        if os.path.isfile(text_prefix + ".idx"):
+            raise UserError(f"--data-path {args.data_path}: pretraining text ({text_prefix}.bin/.idx from "
+                            f"preprocess_data.py --handler-name GeneralPretrainHandler); it trains with "
+                            f"pretrain_gpt.py. posttrain_gpt.py reads instruction data")
     if os.path.isfile(args.data_path) or os.path.isdir(args.data_path):
         raise UserError(f"--data-path {args.data_path} is a raw file or directory; online preprocessing is not "
                         f"implemented: run preprocess_data.py first and pass its --output-prefix")
