@@ -269,12 +269,13 @@ def test_mindspeed_recipe_parses(name, pt, capsys):
 
 @pytest.mark.distributed
 def test_recipes_run_on_the_tiny_model(pt, tiny_qwen3_tied, tmp_path):
-    """Our 0.6B recipe (tied embeddings, with a validation split) and the 32B one (reset attention mask; VPP dropped
-    at one process) through pretrain_gpt.py, one process each, from the tiny Hugging Face model."""
+    """Our 1.7B recipe (tied embeddings, --norm-topk-prob on a dense model; run with a validation split) and the 32B
+    one (reset attention mask; VPP dropped at one process) through pretrain_gpt.py, one process each, from the tiny
+    Hugging Face model."""
     from tests.conftest import run_torchrun
 
     short = {"--seq-length": str(SEQ), "--split": "90,10,0", "--eval-interval": "2", "--eval-iters": "1"}
-    for name, hf, extra in (("pretrain_qwen3_0point6b_4K_ptd", tiny_qwen3_tied, short),
+    for name, hf, extra in (("pretrain_qwen3_1point7b_4K_ptd", tiny_qwen3_tied, short),
                             ("pretrain_qwen3_32b_4K_ptd", pt["hf"], {"--seq-length": str(SEQ)})):
         paths = {"--load": str(hf), "--data-path": pt["a"], "--tokenizer-name-or-path": str(pt["hf"]),
                  "--save": str(tmp_path / name)}
@@ -283,6 +284,7 @@ def test_recipes_run_on_the_tiny_model(pt, tiny_qwen3_tied, tmp_path):
         proc = run_torchrun("pretrain_gpt.py", *argv, "--mg-save-dir", str(tmp_path / "mg" / name), nproc=1)
         losses = [float(v) for v in re.findall(r"\| lm loss: (\S+) \|", proc.stdout)]
         assert len(losses) == 2 and all(math.isfinite(v) for v in losses), proc.stdout[-3000:]
+        assert ("--norm-topk-prob: accepted, no effect" in proc.stderr) == ("1point7b" in name)
         assert (tmp_path / name / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
         if extra is short:
             value, ppl = re.search(r"validation loss at iteration 2 \| lm loss value: (\S+) \| lm loss PPL: (\S+)",
