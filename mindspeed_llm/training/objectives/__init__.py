@@ -19,7 +19,7 @@ class Objective(Protocol):
         """Checks of the data that need no model; they run first, so a wrong path is the first thing reported."""
 
     def setup(self, cfg, loaded) -> None:
-        """After the model is built and `loaded` (`checkpointing.LoadedCheckpoint`): e.g. DPO's reference model."""
+        """After the model is built and `loaded` (`checkpointing.Loaded`): e.g. DPO's reference model."""
 
     def build_data(self, tokenizer, consumed_samples: int) -> RunData:
         """Train/valid datasets and loaders, the train loader resuming after `consumed_samples`."""
