@@ -4,7 +4,7 @@ from mindspeed_llm.logs import run_main
 
 def main() -> None:
     from mindspeed_llm.arguments import parse_train_args
-    from mindspeed_llm.training.sft import train
+    from mindspeed_llm.training.loop import train
 
     train(parse_train_args())
 

@@ -1,4 +1,4 @@
-"""Training-step throughput: our megatron-core step (`training.sft.train_step`: schedule, DDP, megatron
+"""Training-step throughput: our megatron-core step (`training.loop.train_step`: schedule, DDP, megatron
 optimizer, clipping) against a plain `transformers` + `torch.optim.AdamW` loop, same model shape, same token
 batches, same device, one process, in one run. Prints tokens/s of both and the ratio (and MFU on a GPU).
 
@@ -176,7 +176,8 @@ def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0, fused:
     from mindspeed_llm.training.batching import get_batch
     from mindspeed_llm.training.data import MicroBatches
     from mindspeed_llm.training.log import flops_per_iteration
-    from mindspeed_llm.training.sft import train_step
+    from mindspeed_llm.training.loop import train_step
+    from mindspeed_llm.training.objectives import DPOObjective, SFTObjective
     from mindspeed_llm.training.validate import validate_world
 
     args = parse_train_args(our_argv(p, bf16, lora, fused, dpo, cp))
@@ -184,14 +185,14 @@ def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0, fused:
     init_distributed(1, 1, seed=1234, context_parallel_size=cp)
     cfg = model_setup.model_config(args, p["vocab"])
     chunks = model_setup.build_chunks(args, cfg)
-    objective = None
+    objective = SFTObjective(args)
     if dpo:
-        from mindspeed_llm.training import dpo as dpo_mod
+        from mindspeed_llm.training.objectives.dpo import freeze
 
         reference = model_setup.build_chunks(args, cfg, lora=False)
         for ref, policy in zip(reference, chunks):
             ref.load_state_dict(policy.state_dict())
-        objective = dpo_mod.DPOObjective(dpo_mod.settings_from_args(args), dpo_mod.freeze(args, reference))
+        objective = DPOObjective(args, freeze(args, reference))
     model = model_setup.wrap_ddp(args, chunks)
     optimizer, _ = model_setup.build_optimizer(args, model)
     device = current_device()

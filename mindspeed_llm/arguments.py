@@ -217,7 +217,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_preference_args(parser: argparse.ArgumentParser) -> None:
-    """MindSpeed-LLM's DPO flags (`--stage dpo`, `training.dpo`)."""
+    """MindSpeed-LLM's DPO flags (`--stage dpo`, `training.objectives.dpo`)."""
     g = parser.add_argument_group("preference training (--stage dpo)")
     g.add_argument("--dpo-beta", type=float, default=0.1, help="beta of the DPO loss (strength of the KL term)")
     g.add_argument("--dpo-loss-type", default="sigmoid", choices=["sigmoid", "hinge", "ipo"])
@@ -261,7 +261,8 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("SFT data")
-    g.add_argument("--data-path", nargs="+", default=None, help="preprocessed prefix (only the first is used)")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="preprocessed prefix (only the first is used); pretrain_gpt.py: a blend [WEIGHT] PREFIX ...")
     g.add_argument("--split", default="969,30,1")
     g.add_argument("--is-instruction-dataset", action="store_true")
     g.add_argument("--is-pairwise-dataset", action="store_true")
@@ -398,9 +399,22 @@ def add_mindspeed_spellings(parser: argparse.ArgumentParser) -> None:
                    help="the data at --data-path must be packed (preprocess_data.py --pack); checked against it")
 
 
-def build_train_parser() -> OneLineArgumentParser:
-    p = OneLineArgumentParser(prog="posttrain_gpt.py", description="Supervised fine-tuning on megatron-core (torchrun)",
-                   allow_abbrev=False)
+def add_pretrain_data_args(parser: argparse.ArgumentParser) -> None:
+    """Megatron-LM's pretraining data flags (pretrain_gpt.py, `training.pretrain_data`)."""
+    g = parser.add_argument_group("pretraining data")
+    g.add_argument("--train-data-path", nargs="+", default=None,
+                   help="blend of the train split alone ([WEIGHT] PREFIX ...); replaces --data-path and --split")
+    g.add_argument("--valid-data-path", nargs="+", default=None, help="blend of the validation split alone")
+    g.add_argument("--test-data-path", nargs="+", default=None, help="blend of the test split alone")
+    g.add_argument("--eod-mask-loss", action="store_true", help="no loss on predicting the token after an EOD")
+
+
+def build_train_parser(pretrain: bool = False) -> OneLineArgumentParser:
+    """posttrain_gpt.py's flags, or with `pretrain` pretrain_gpt.py's: the same plus the pretraining data flags;
+    `flag_policy` refuses the instruction-data ones there."""
+    p = OneLineArgumentParser(prog="pretrain_gpt.py" if pretrain else "posttrain_gpt.py",
+                              description=("Pretraining" if pretrain else "Supervised fine-tuning")
+                              + " on megatron-core (torchrun)", allow_abbrev=False)
     add_model_args(p)
     add_parallel_args(p)
     add_checkpoint_args(p)
@@ -415,21 +429,30 @@ def build_train_parser() -> OneLineArgumentParser:
     add_tokenizer_args(p)
     add_template_args(p)
     add_mindspeed_spellings(p)
+    if pretrain:
+        add_pretrain_data_args(p)
+        p.set_defaults(stage="pretrain")
     return p
 
 
-def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and validate the fine-tuning flags (sizes that need the world size are checked at start-up)."""
+def parse_train_args(argv: list[str] | None = None, pretrain: bool = False) -> argparse.Namespace:
+    """Parse and validate the fine-tuning flags, or with `pretrain` pretrain_gpt.py's (sizes that need the world
+    size are checked at start-up)."""
     from mindspeed_llm.training.validate import validate_train_args
 
     from mindspeed_llm.explicit import explicit_dests
 
-    parser = build_train_parser()
+    parser = build_train_parser(pretrain)
     args = parser.parse_args(argv)
     args.explicit = explicit_dests(parser, argv)     # typed flags: checked against checkpoint and data; rest filled
-    apply_flag_policy("train", parser, args)
+    apply_flag_policy("pretrain" if pretrain else "train", parser, args)
     validate_train_args(args)
     return args
+
+
+def parse_pretrain_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """pretrain_gpt.py's flags, parsed and validated (`args.stage` is "pretrain")."""
+    return parse_train_args(argv, pretrain=True)
 
 
 def apply_flag_policy(tool: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

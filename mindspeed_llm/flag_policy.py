@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Optional, Union
 
 from mindspeed_llm.errors import UserError
 
-TOOLS = ("train", "inference", "preprocess", "convert", "evaluation")
+TOOLS = ("train", "pretrain", "inference", "preprocess", "convert", "evaluation")
 
 # --- implemented: read by the code ------------------------------------------------------------------------------
 _MODEL = {
@@ -84,6 +84,16 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "lora_target_modules", "save_lora_to_hf", "lora_ignore_base_mismatch",
     }),
 }
+
+# pretrain_gpt.py parses posttrain_gpt.py's flags plus its data flags; those of instruction and preference data are
+# refused there (`ERROR["pretrain"]`).
+_INSTRUCTION_ONLY = (
+    "is_instruction_dataset", "is_pairwise_dataset", "no_pad_to_seq_lengths", "pad_to_multiple_of", "neat_pack",
+    "pack", "no_shuffle", "padded_samples", "full_shuffle_instruction_dataset", "cut_max_seqlen", "no_cut_token",
+    "tokenizer_padding_side", "prompt_type", "prompt_type_path", "enable_thinking", "dpo_beta", "dpo_loss_type",
+    "dpo_label_smoothing", "pref_ftx", "ref_model", "refer_model_iter")
+IMPLEMENTED["pretrain"] = frozenset(IMPLEMENTED["train"] - set(_INSTRUCTION_ONLY) - {"stage"} | {
+    "train_data_path", "valid_data_path", "test_data_path", "eod_mask_loss", "reset_position_ids"})
 
 # --- notice: accepted, no effect here (why) ---------------------------------------------------------------------
 _UNFUSED = "megatron-core's unfused local layers are used on every device"
@@ -181,6 +191,7 @@ _EVAL_AS_INFERENCE = ("swiglu", "disable_bias_linear", "hidden_dropout", "attent
                       "sequence_parallel", "use_distributed_optimizer", "no_load_optim", "no_load_rng", "finetune",
                       "exit_on_missing_checkpoint", "max_length", "add_eos_token", "transformer_impl",
                       *(dest for dest in NOTICE["inference"] if dest.startswith("moe_")))
+NOTICE["pretrain"] = {k: v for k, v in NOTICE["train"].items() if k not in IMPLEMENTED["pretrain"]}
 NOTICE["evaluation"] = {
     **SPEED, **_COMMON_NOTICE, **{k: NOTICE["inference"][k] for k in _EVAL_AS_INFERENCE},
     "micro_batch_size": "--evaluation-batch-size sets how many prompts run together",
@@ -227,6 +238,13 @@ ERROR: dict[str, dict[str, Rule]] = {
                   "no_save_optim": "generation saves no checkpoint", "no_save_rng": "generation saves no checkpoint"},
     "preprocess": {},
     "convert": {"make_vocab_size_divisible_by": "the vocabulary keeps the HF checkpoint's rows; use 1"},
+}
+_PRETRAIN_REFUSES = ("an instruction/preference data flag; pretrain_gpt.py trains on preprocess_data.py "
+                     "--handler-name GeneralPretrainHandler text (fine-tune with posttrain_gpt.py)")
+ERROR["pretrain"] = {
+    **ERROR["train"],
+    **{dest: _PRETRAIN_REFUSES for dest in _INSTRUCTION_ONLY},
+    "stage": Allowed(("pretrain",), "pretrain_gpt.py pretrains; --stage sft and dpo run posttrain_gpt.py"),
 }
 ERROR["evaluation"] = {
     **ERROR["inference"],

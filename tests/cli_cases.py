@@ -1,10 +1,11 @@
 """Runs several command lines of the entry scripts after importing the heavy libraries once (each case in a
 forked child, so each is a fresh single-process run of `posttrain_gpt.py`, `inference.py` or `convert_ckpt.py`).
 Usage: python tests/cli_cases.py CASES.json OUT.json
-CASES.json: [{"name", "script": "posttrain_gpt.py"|"inference.py"|"convert_ckpt.py", "argv": [...]}];
+CASES.json: [{"name", "script": "posttrain_gpt.py"|"pretrain_gpt.py"|"inference.py"|"convert_ckpt.py", "argv": [...]}];
 OUT.json: {name: {"rc", "stdout", "stderr"}}."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -17,12 +18,12 @@ sys.path.insert(0, str(REPO))
 
 
 def _entry(script: str, argv: list[str]) -> None:
-    if script == "posttrain_gpt.py":
-        import posttrain_gpt
+    if script in ("posttrain_gpt.py", "pretrain_gpt.py"):
         from mindspeed_llm.logs import run_main
 
+        entry = importlib.import_module(script[:-len(".py")])
         sys.argv = [script, *argv]
-        run_main(posttrain_gpt.main)
+        run_main(entry.main)
     elif script == "inference.py":
         from mindspeed_llm.inference.main import run
 
@@ -69,7 +70,7 @@ def main() -> None:
 
     import mindspeed_llm.checkpoint.cli  # noqa: F401
     import mindspeed_llm.inference.main  # noqa: F401
-    import mindspeed_llm.training.sft  # noqa: F401
+    import mindspeed_llm.training.loop  # noqa: F401
 
     cases = json.loads(Path(sys.argv[1]).read_text())
     results = {c["name"]: run_case(c["script"], c["argv"]) for c in cases}

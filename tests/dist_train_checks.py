@@ -1,7 +1,8 @@
 """torchrun script: several fine-tuning runs and checks in one launch (the process group is kept between them).
 
 Usage: torchrun --nproc_per_node N tests/dist_train_checks.py PLAN.json OUT.json
-PLAN.json: [{"name", "kind": "train" | "packed_vs_unpacked" | "disk_full", "argv": [...], ...}, ...]
+PLAN.json: [{"name", "kind": "train" | "pretrain" | "packed_vs_unpacked" | "disk_full", "argv": [...], ...}, ...]
+("pretrain": the argv of pretrain_gpt.py)
 OUT.json (written by the last rank): {name: {"losses": [...], "iteration": n, ...}} or check details.
 """
 from __future__ import annotations
@@ -15,11 +16,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def run_train(argv: list[str]) -> dict:
+def run_train(argv: list[str], pretrain: bool = False) -> dict:
     from mindspeed_llm.arguments import parse_train_args
-    from mindspeed_llm.training.sft import train
+    from mindspeed_llm.training.loop import train
 
-    result = train(parse_train_args(argv), keep_process_group=True)
+    result = train(parse_train_args(argv, pretrain=pretrain), keep_process_group=True)
     return {"losses": result.losses, "grad_norms": result.grad_norms, "iteration": result.iteration,
             "metrics": result.metrics, "flops": result.flops}
 
@@ -100,8 +101,8 @@ def main(plan_file: str, out_file: str) -> None:
     out = {}
     for case in json.load(open(plan_file)):
         kind = case.get("kind", "train")
-        if kind == "train":
-            out[case["name"]] = run_train(case["argv"])
+        if kind in ("train", "pretrain"):
+            out[case["name"]] = run_train(case["argv"], pretrain=kind == "pretrain")
         elif kind == "packed_vs_unpacked":
             out[case["name"]] = packed_vs_unpacked(case)
         elif kind == "disk_full":

@@ -12,8 +12,10 @@ REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mind
 if not REFERENCE.is_file():
     REFERENCE = Path("/work/shared/reference/mindspeed_qwen3_recipes.md")
 
-# Dense Qwen3 recipes in scope: full and LoRA fine-tuning, generation, data and checkpoint conversion (no eval/DPO).
-IN_SCOPE = re.compile(r"^(qwen3|v2\.1\.0)/(tune_\w*_(full|lora)\w*|generate_\w+|data_convert_\w+|ckpt_convert_\w+)$")
+# Dense Qwen3 recipes in scope: full and LoRA fine-tuning, dense pretraining, generation, data and checkpoint
+# conversion (no eval/DPO).
+IN_SCOPE = re.compile(r"^(qwen3|v2\.1\.0)/(tune_\w*_(full|lora)\w*|pretrain_qwen3_\d\w*_4K_ptd\w*|generate_\w+|"
+                      r"data_convert_\w+|ckpt_convert_\w+)$")
 
 # --max-position-embeddings stays the recipe's (4096, 32768, 40960): a run setting that differs from the tiny
 # model's 512 as MindSpeed's values differ from the published Qwen3 configs' 40960.

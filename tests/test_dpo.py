@@ -391,7 +391,7 @@ def test_reference_source(dpo_env, single):
     --ref-model / --refer-model-iter when given."""
     from argparse import Namespace
 
-    from mindspeed_llm.training.dpo import reference_source
+    from mindspeed_llm.training.objectives.dpo import reference_source
 
     base = str(dpo_env["ckpt"][("base", 1, 1)])
     dpo_save = str(dpo_env["root"] / "resume_b")

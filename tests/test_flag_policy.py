@@ -15,11 +15,13 @@ from mindspeed_llm.inference.args import build_parser as build_inference_parser
 from mindspeed_llm.models import resolve
 
 PKG = Path(flag_policy.__file__).resolve().parent
-PARSERS = {"train": build_train_parser, "inference": build_inference_parser,
+PARSERS = {"train": build_train_parser, "pretrain": lambda: build_train_parser(pretrain=True),
+           "inference": build_inference_parser,
            "preprocess": build_preprocess_parser, "convert": build_convert_parser,
            "evaluation": build_evaluation_parser}
 # Where each tool's readers live: the code that runs for it.
 SCOPES = {"train": ("arguments.py", "training/", "models/", "checkpoint/", "data/", "tokenizer.py", "platform.py"),
+          "pretrain": ("arguments.py", "training/", "models/", "checkpoint/", "data/", "tokenizer.py", "platform.py"),
           "inference": ("arguments.py", "inference/", "models/", "tokenizer.py", "platform.py", "data/templates.py",
                         "checkpoint/startup.py", "training/model_setup.py"),
           "preprocess": ("arguments.py", "data/", "tokenizer.py"),

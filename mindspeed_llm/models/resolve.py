@@ -245,6 +245,11 @@ def resolve_model(args: Optional[argparse.Namespace] = None, explicit: Collectio
                                 f"from")
             recorded[field] = (value, hf_source)
     flags = _flag_values(args, explicit) if args is not None else {}
+    if flags.get("norm_topk_prob") and flags.get("num_experts") is None and \
+            recorded.get("num_experts", (None,))[0] is None and (saved is not None or hf is not None):
+        # MindSpeed's dense Qwen3-1.7B pretraining recipe passes it: a dense model has no router to normalise.
+        del flags["norm_topk_prob"]
+        _notice_once("--norm-topk-prob: accepted, no effect: the model is dense (no MoE router)")
     for field, given in flags.items():
         if field in recorded and not same(given, recorded[field][0]):
             stored, source = recorded[field]

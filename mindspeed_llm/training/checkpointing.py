@@ -321,7 +321,11 @@ def _resume_point(args: argparse.Namespace, state: dict, load_dir: Path, weights
     from mindspeed_llm.checkpoint import layout
 
     release = str(layout.read_tracker(load_dir)) == "release"
-    converted = "optimizer" not in state and "rng_state" not in state and not args.no_load_optim
+    # A converted checkpoint (weights only, never trained here) starts at iteration 0 even with --no-load-optim;
+    # a training save always records its consumed samples.
+    saved_args = state.get("args")
+    trained = "consumed_train_samples" in state or layout.get(saved_args, "consumed_train_samples") is not None
+    converted = "optimizer" not in state and "rng_state" not in state and not trained
     tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     iteration = int(state.get("iteration", 0))
     if args.finetune or release or converted or weights_only:

@@ -206,7 +206,8 @@ def print_args(args: argparse.Namespace) -> None:
 
     if torch.distributed.get_rank() != 0:
         return
-    flags = {action.dest for action in build_train_parser()._actions if action.dest != "help"}
+    parser = build_train_parser(pretrain=args.stage == "pretrain")
+    flags = {action.dest for action in parser._actions if action.dest != "help"}
     print("------------------------ MindSpeed-LLM Arguments ------------------------", flush=True)
     for key in sorted(k for k in vars(args) if k in flags):
         print(f"  {key} {'.' * (48 - len(key))} {getattr(args, key)}")

@@ -25,17 +25,10 @@ def validate_train_args(args: argparse.Namespace) -> None:
         raise UserError("--bf16 and --fp16 are mutually exclusive")
     _need(args, "train_iters")
     _need(args, "lr")
-    if not args.data_path:
-        raise UserError("--data-path is required (the --output-prefix given to preprocess_data.py)")
-    args.data_path = args.data_path[0]      # MindSpeed uses only the first prefix for instruction data
-    if not args.is_instruction_dataset and not args.is_pairwise_dataset:
-        raise UserError("--is-instruction-dataset is required: posttrain_gpt.py trains on preprocessed "
-                        "instruction data (pretraining datasets are not implemented)")
-    if os.path.isfile(args.data_path) or os.path.isdir(args.data_path):
-        raise UserError(f"--data-path {args.data_path} is a raw file or directory; online preprocessing is not "
-                        f"implemented: run preprocess_data.py first and pass its --output-prefix")
-    _need(args, "seq_length")
-    adopt_data_flags(args)
+    if args.stage == "pretrain":
+        validate_pretrain_data_args(args)
+    else:
+        validate_instruction_data_args(args)
     if args.train_iters < 0 or args.micro_batch_size < 1 or args.seq_length < 1:
         raise UserError("--train-iters, --micro-batch-size and --seq-length must be positive")
     if args.neat_pack and not args.reset_attention_mask:
@@ -91,6 +84,45 @@ def validate_train_args(args: argparse.Namespace) -> None:
                                                                         or args.context_parallel_size > 1)))
     if args.variable_seq_lengths and args.log_throughput:
         args.log_throughput = False          # MindSpeed: throughput from --seq-length would be wrong here
+
+
+def validate_pretrain_data_args(args: argparse.Namespace) -> None:
+    """pretrain_gpt.py: a blend in --data-path (split by --split) or per split, of PREFIX.bin/.idx pairs."""
+    from mindspeed_llm.data.handlers import PRETRAIN_HANDLERS
+    from mindspeed_llm.training.pretrain_data import blends_from_args
+
+    per_split = args.train_data_path or args.valid_data_path or args.test_data_path
+    if args.data_path and per_split:
+        raise UserError("--data-path and --train-data-path/--valid-data-path/--test-data-path are mutually "
+                        "exclusive: give one blend split by --split, or one blend per split")
+    if not args.data_path and not args.train_data_path:
+        raise UserError("--data-path is required (the PREFIX_text_document of preprocess_data.py --handler-name "
+                        "GeneralPretrainHandler), or --train-data-path")
+    if args.handler_name and args.handler_name not in PRETRAIN_HANDLERS:
+        raise UserError(f"--handler-name {args.handler_name}: pretrain_gpt.py trains on "
+                        f"{' or '.join(PRETRAIN_HANDLERS)} data; instruction data trains with posttrain_gpt.py")
+    _need(args, "seq_length")
+    blends_from_args(args)           # weights parse, every prefix has its .bin and .idx
+
+
+def validate_instruction_data_args(args: argparse.Namespace) -> None:
+    """posttrain_gpt.py: one preprocessed instruction (or pairwise) prefix in --data-path."""
+    if not args.data_path:
+        raise UserError("--data-path is required (the --output-prefix given to preprocess_data.py)")
+    args.data_path = args.data_path[0]      # MindSpeed uses only the first prefix for instruction data
+    if not args.is_instruction_dataset and not args.is_pairwise_dataset:
+        raise UserError("--is-instruction-dataset is required: posttrain_gpt.py trains on preprocessed "
+                        "instruction data (pretraining text trains with pretrain_gpt.py)")
+    for text_prefix in (args.data_path, args.data_path + "_text_document"):
+        if os.path.isfile(text_prefix + ".idx"):
+            raise UserError(f"--data-path {args.data_path}: pretraining text ({text_prefix}.bin/.idx from "
+                            f"preprocess_data.py --handler-name GeneralPretrainHandler); it trains with "
+                            f"pretrain_gpt.py. posttrain_gpt.py reads instruction data")
+    if os.path.isfile(args.data_path) or os.path.isdir(args.data_path):
+        raise UserError(f"--data-path {args.data_path} is a raw file or directory; online preprocessing is not "
+                        f"implemented: run preprocess_data.py first and pass its --output-prefix")
+    _need(args, "seq_length")
+    adopt_data_flags(args)
 
 
 def validate_context_parallel(args: argparse.Namespace) -> None:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from mindspeed_llm.errors import UserError
 from mindspeed_llm.models.context_parallel import context_parallel_group
 from mindspeed_llm.training.loss import whole_sequence_sums
+from mindspeed_llm.training.objectives.sft import SFTObjective, model_forward
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 # Logged after `lm loss`, in this order (MindSpeed-LLM's names).
@@ -143,27 +144,25 @@ def _policy_loss_func(settings: DPOSettings, batch: dict, output_tensor: torch.T
     return loss, {"lm loss": loss.detach().clone(), "dpo": metrics}
 
 
-def _model_forward(model, batch: dict) -> torch.Tensor:
-    return model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
-                 packed_seq_params=batch["packed_seq_params"])
+class DPOObjective(SFTObjective):
+    """DPO for `training.loop`: data and batches as SFT's (pairwise), reference log-probs before each pass, the
+    pair loss, and the reward metrics. `reference` (frozen chunks) is built by `setup` unless given."""
 
-
-class DPOObjective:
-    """What `sft.run_schedule` needs for DPO: reference log-probs before the pass, the forward step, and the
-    logged metrics after it."""
-
-    def __init__(self, settings: DPOSettings, reference: list) -> None:
-        self.settings = settings
+    def __init__(self, args: argparse.Namespace, reference: Optional[list] = None) -> None:
+        super().__init__(args)
+        self.settings = settings_from_args(args)
         self.reference = reference
-        self.last_metrics: dict[str, float] = {}
 
-    def prepare(self, mb) -> None:
+    def setup(self, cfg, loaded) -> None:
+        self.reference = build_reference(self.args, cfg, loaded.resume)
+
+    def before_schedule(self, mb) -> None:
         """Forward-only pass of the reference over the micro-batches; the last stage keeps `ref_logps`."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def step(data_iterator, model):
             batch = next(data_iterator)
-            return _model_forward(model, batch), partial(_reference_loss_func, self.settings, batch)
+            return model_forward(model, batch), partial(_reference_loss_func, self.settings, batch)
 
         ref = self.reference
         iterators = [iter(mb.inputs) for _ in ref]
@@ -178,10 +177,9 @@ class DPOObjective:
 
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        return _model_forward(model, batch), partial(_policy_loss_func, self.settings, batch)
+        return model_forward(model, batch), partial(_policy_loss_func, self.settings, batch)
 
-    @staticmethod
-    def metrics(reports: list[dict], group) -> dict[str, float]:
+    def metrics(self, reports: list[dict], group) -> dict[str, float]:
         """Mean over micro-batches and the DP `group` (last pipeline stage only; {} elsewhere)."""
         from mindspeed_llm.platform import to_comm_device
 

@@ -1,5 +1,6 @@
-"""The fine-tuning loop on megatron-core: set-up, `train_step`, evaluation, checkpoints and exit conditions.
---stage dpo runs the same loop with `dpo.DPOObjective` in place of the SFT forward step."""
+"""The one training loop on megatron-core: set-up, `train_step`, evaluation, checkpoints, exit conditions and
+NaN handling. What is trained (SFT, DPO, pretraining) is an `objectives.Objective`, picked by --stage: it reads
+the data, builds each iteration's micro-batches, and supplies the forward step, the loss and extra metrics."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,6 @@ import os
 import random
 import signal
 import time
-from functools import partial
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -17,6 +17,7 @@ import torch
 
 from mindspeed_llm.checkpoint.startup import convert_at_startup
 from mindspeed_llm.errors import UserError
+from mindspeed_llm.training.objectives import OBJECTIVES, Objective
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,60 +77,54 @@ def build_tokenizer(args: argparse.Namespace):
 # One step
 # ---------------------------------------------------------------------------------------------------------------
 
-def forward_step(per_token: bool, data_iterator, model):
-    from mindspeed_llm.models.context_parallel import context_parallel_group
-    from mindspeed_llm.training.loss import sft_loss_func
+@dataclass
+class StepResult:
+    loss: float                           # the reported lm loss (same on every rank)
+    skipped: bool                         # the update was not applied
+    nan: bool                             # ... because the loss or the gradient norm was not finite
+    grad_norm: Optional[float]
+    metrics: dict[str, float]             # the objective's extra values (last pipeline stage; {} elsewhere)
 
-    batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
-                   packed_seq_params=batch["packed_seq_params"])
-    return output, partial(sft_loss_func, batch["loss_mask"], per_token=per_token, cp_group=context_parallel_group())
 
-
-def run_schedule(args: argparse.Namespace, model: list, mb, forward_only: bool, objective=None) -> Optional[float]:
-    """Forward (and backward) over one iteration's micro-batches; the reported loss on every rank.
-
-    `objective` (`dpo.DPOObjective`) replaces the SFT forward step; its reference pass runs first, and the
-    iteration's extra metrics are left in `objective.last_metrics` (filled on the last pipeline stage)."""
+def run_schedule(args: argparse.Namespace, model: list, mb, forward_only: bool,
+                 objective: Objective) -> tuple[float, dict[str, float]]:
+    """Forward (and backward) over one iteration's micro-batches: (reported loss on every rank, the objective's
+    metrics on the last pipeline stage, {} elsewhere)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from mindspeed_llm.platform import device_tensor
     from mindspeed_llm.training.loss import reported_loss
 
-    step = partial(forward_step, args.calculate_per_token_loss)
-    if objective is not None:
-        objective.prepare(mb)
-        step = objective.forward_step
+    objective.before_schedule(mb)
     iterators = [iter(mb.inputs) for _ in model]
     reports = get_forward_backward_func()(
-        forward_step_func=step,
+        forward_step_func=objective.forward_step,
         data_iterator=iterators if len(model) > 1 else iterators[0], model=model if len(model) > 1 else model[0],
         num_microbatches=len(mb.inputs), seq_length=mb.seq_length, micro_batch_size=mb.micro_batch_size,
         decoder_seq_length=mb.seq_length, forward_only=forward_only)
     value = device_tensor([0.0], torch.float64, ps.get_pipeline_model_parallel_group())
+    metrics: dict[str, float] = {}
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         value[0] = reported_loss([r["lm loss"] for r in reports], args.calculate_per_token_loss,
                                  ps.get_data_parallel_group())
-        if objective is not None:
-            objective.last_metrics = objective.metrics(reports, ps.get_data_parallel_group())
+        metrics = objective.metrics(reports, ps.get_data_parallel_group())
     if ps.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.all_reduce(value, group=ps.get_pipeline_model_parallel_group())
-    return float(value[0])
+    return float(value[0]), metrics
 
 
-def train_step(args: argparse.Namespace, model: list, optimizer, mb,
-               objective=None) -> tuple[float, bool, bool, Optional[float]]:
-    """(loss, skipped, nan, grad norm). A non-finite loss or gradient norm never reaches the weights: the update
-    is not applied and `nan` is set (the caller stops, or skips with --skip-nan)."""
+def train_step(args: argparse.Namespace, model: list, optimizer, mb, objective: Objective) -> StepResult:
+    """One optimizer step. A non-finite loss or gradient norm never reaches the weights: the update is not
+    applied and `nan` is set (the caller stops, or skips with --skip-nan)."""
     for m in model:
         m.zero_grad_buffer()
     optimizer.zero_grad()
-    loss = run_schedule(args, model, mb, forward_only=False, objective=objective)
+    loss, metrics = run_schedule(args, model, mb, forward_only=False, objective=objective)
     check = args.check_for_nan_in_loss_and_grad
     if check and not math.isfinite(loss):
-        return loss, True, True, None
-    return (loss, *_guarded_step(optimizer, args.clip_grad, check))
+        return StepResult(loss, True, True, None, metrics)
+    return StepResult(loss, *_guarded_step(optimizer, args.clip_grad, check), metrics)
 
 
 def _guarded_step(optimizer, clip_grad: float, check: bool) -> tuple[bool, bool, Optional[float]]:
@@ -153,19 +148,19 @@ def _guarded_step(optimizer, clip_grad: float, check: bool) -> tuple[bool, bool,
     return not ok, False, grad_norm
 
 
-def evaluate(args: argparse.Namespace, model: list, data, iteration: int, device, objective=None) -> None:
-    from mindspeed_llm.training.data import next_micro_batches
+def evaluate(args: argparse.Namespace, model: list, data, iteration: int, device, objective: Objective) -> None:
     from mindspeed_llm.training.log import validation_line
 
     for m in model:
         m.eval()
     total = 0.0
-    sums: dict[str, float] = {}        # --stage dpo: rewards etc. (already DP means), summed over eval iterations
+    sums: dict[str, float] = {}        # the objective's metrics (already DP means), summed over eval iterations
     with torch.no_grad():
         for _ in range(args.eval_iters):
-            mb = next_micro_batches(args, data.valid_iter, args.num_microbatches, device)
-            total += run_schedule(args, model, mb, forward_only=True, objective=objective)
-            for key, value in (objective.last_metrics if objective is not None else {}).items():
+            mb = objective.micro_batches(data.valid_iter, device)
+            loss, metrics = run_schedule(args, model, mb, forward_only=True, objective=objective)
+            total += loss
+            for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
     for m in model:
         m.train()
@@ -219,15 +214,16 @@ class TrainResult:
     iteration: int
     losses: list[float] = field(default_factory=list)        # reported lm loss per iteration run here
     grad_norms: list[Optional[float]] = field(default_factory=list)
-    metrics: list[dict[str, float]] = field(default_factory=list)   # --stage dpo: rewards etc. (last stage)
+    metrics: list[dict[str, float]] = field(default_factory=list)   # the objective's extras (last stage)
     seconds: float = 0.0                                       # wall time of the iterations
     tokens: float = 0.0                                        # real tokens trained, all DP ranks
     flops: float = 0.0                                         # FLOPs the log's TFLOP/s counts, all DP ranks
 
 
 def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainResult:
-    """Run the fine-tuning described by `args` (from `parse_train_args`). `keep_process_group` leaves
-    torch.distributed up so one launch can run several configurations (tests, benchmarks)."""
+    """Run the training described by `args` (`parse_train_args` or `parse_pretrain_args`), with the objective
+    `OBJECTIVES[args.stage]`. `keep_process_group` leaves torch.distributed up so one launch can run several
+    configurations (tests, benchmarks)."""
     from megatron.core import parallel_state as ps
 
     from mindspeed_llm.platform import current_device, destroy_distributed, device_tensor
@@ -235,14 +231,14 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
     from mindspeed_llm.models.lora import spec_from_args
     from mindspeed_llm.models.resolve import record_model
     from mindspeed_llm.training import model_setup
-    from mindspeed_llm.training.data import build_run_data, check_run_data, next_micro_batches
     from mindspeed_llm.training.log import (TrainLog, flops_per_iteration, load_balancing_loss, print_args,
                                             tracks_load_balancing_loss)
 
     start = time.time()
     init_run(args)
     tokenizer = build_tokenizer(args)
-    sidecar = check_run_data(args, tokenizer)        # data before the model: the quick checks first
+    objective = OBJECTIVES[args.stage](args)
+    objective.check_data(tokenizer)                  # data before the model: the quick checks first
     hf_dir = convert_at_startup(args) if args.enable_hf2mg_convert else None
     model_setup.check_model_flags(args)
     cfg = model_setup.model_config(args, len(tokenizer), hf_dir)
@@ -251,16 +247,12 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
     chunks = model_setup.build_chunks(args, cfg)
     lora = spec_from_args(args)      # after build_chunks: r and alpha are the ones the adapters got
     loaded = ckpt.load_model(args, chunks)
-    objective = None
-    if args.stage == "dpo":
-        from mindspeed_llm.training import dpo
-
-        objective = dpo.DPOObjective(dpo.settings_from_args(args), dpo.build_reference(args, cfg, loaded.resume))
+    objective.setup(cfg, loaded)
     model = model_setup.wrap_ddp(args, chunks)
     optimizer, scheduler = model_setup.build_optimizer(args, model)
     ckpt.load_training_state(args, loaded, optimizer, scheduler)
     iteration, consumed = loaded.iteration, loaded.consumed_samples
-    data = build_run_data(args, tokenizer, consumed, sidecar)
+    data = objective.build_data(tokenizer, consumed)
     device = current_device()
     log = TrainLog(args, cfg)
     if torch.distributed.get_rank() == 0:
@@ -289,9 +281,9 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
         return result
 
     while iteration < args.train_iters and not args.skip_train:
-        mb = next_micro_batches(args, data.train_iter, args.num_microbatches, device)
-        loss, skipped, nan, norm = train_step(args, model, optimizer, mb, objective)
-        metrics = objective.last_metrics if objective is not None else {}
+        mb = objective.micro_batches(data.train_iter, device)
+        step = train_step(args, model, optimizer, mb, objective)
+        loss, skipped, nan, norm, metrics = step.loss, step.skipped, step.nan, step.grad_norm, step.metrics
         if tracks_load_balancing_loss(chunks[0].config):
             metrics = {**metrics, "load_balancing_loss": load_balancing_loss(cfg, args.num_microbatches)}
         iteration += 1

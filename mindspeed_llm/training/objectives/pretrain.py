@@ -1,0 +1,63 @@
+"""Pretraining (pretrain_gpt.py): next-token loss over every token of megatron-core `GPTDataset` samples
+(`training.pretrain_data`), except after EODs with --eod-mask-loss; averaged as SFT's (`training.loss`)."""
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from typing import Any, Iterator
+
+from mindspeed_llm.models.context_parallel import context_parallel_group
+from mindspeed_llm.training.data import MicroBatches, RunData
+from mindspeed_llm.training.loss import sft_loss_func
+from mindspeed_llm.training.objectives.sft import model_forward
+from mindspeed_llm.training.pretrain_data import build_pretrain_datasets, collate, next_pretrain_micro_batches
+from mindspeed_llm.training.sft_dataset import train_valid_test_num_samples
+
+
+class PretrainObjective:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.eod = None
+
+    def check_data(self, tokenizer) -> None:
+        # The prefixes and weights were checked with the flags (`validate`); EOD is the tokenizer's eos.
+        self.eod = tokenizer.eos_token_id
+
+    def setup(self, cfg, loaded) -> None:
+        pass
+
+    def build_data(self, tokenizer, consumed_samples: int) -> RunData:
+        from megatron.core import parallel_state as ps
+
+        from mindspeed_llm.training.batching import build_data_loader
+
+        args = self.args
+        train, valid, _ = build_pretrain_datasets(args, tokenizer, train_valid_test_num_samples(args))
+        data = RunData(train, valid, collate)
+
+        def loader(dataset, consumed: int) -> Iterator:
+            return iter(build_data_loader(dataset, consumed, args.micro_batch_size, ps.get_data_parallel_rank(),
+                                          ps.get_data_parallel_world_size(), collate, num_workers=args.num_workers,
+                                          seed=args.seed))
+
+        if train is not None and args.train_iters > 0:
+            data.train_iter = loader(train, consumed_samples)
+        if valid is not None and args.eval_iters > 0:
+            data.valid_iter = loader(valid, 0)
+        return data
+
+    def micro_batches(self, iterator: Iterator, device) -> MicroBatches:
+        return next_pretrain_micro_batches(iterator, self.args.num_microbatches, self.eod,
+                                           self.args.reset_attention_mask, device)
+
+    def before_schedule(self, mb: MicroBatches) -> None:
+        pass
+
+    def forward_step(self, data_iterator: Iterator, model):
+        batch = next(data_iterator)
+        return model_forward(model, batch), partial(sft_loss_func, batch["loss_mask"],
+                                                    per_token=self.args.calculate_per_token_loss,
+                                                    cp_group=context_parallel_group())
+
+    def metrics(self, reports: list[dict[str, Any]], group) -> dict[str, float]:
+        return {}

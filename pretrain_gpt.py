@@ -1,0 +1,14 @@
+"""Pretraining on megatron-core: `torchrun --nproc_per_node N pretrain_gpt.py <Megatron flags>` on the
+PREFIX_text_document of `preprocess_data.py --handler-name GeneralPretrainHandler`."""
+from mindspeed_llm.logs import run_main
+
+
+def main() -> None:
+    from mindspeed_llm.arguments import parse_pretrain_args
+    from mindspeed_llm.training.loop import train
+
+    train(parse_pretrain_args())
+
+
+if __name__ == "__main__":
+    run_main(main)
