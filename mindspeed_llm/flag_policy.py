@@ -33,7 +33,7 @@ _MODEL = {
 }
 # The MoE shape and layout flags every tool that builds a model reads
 _MOE = {"expert_model_parallel_size", "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "norm_topk_prob",
-        "moe_layer_freq", "first_k_dense_replace", "moe_token_dispatcher_type"}
+        "moe_layer_freq", "first_k_dense_replace", "moe_token_dispatcher_type", "moe_grouped_gemm"}
 IMPLEMENTED: dict[str, frozenset[str]] = {
     "train": frozenset(_MODEL | {
         "swiglu", "disable_bias_linear", "hidden_dropout", "attention_dropout", "init_method_std", "sequence_parallel",

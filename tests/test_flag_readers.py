@@ -35,8 +35,8 @@ def test_group_query_attention_alone_is_one_query_group():
     (parse_train_args, TRAIN_MIN + ["--context-parallel-size", "2", "--context-parallel-algo", "kvallgather_cp_algo"],
      "--context-parallel-algo kvallgather_cp_algo: not implemented; use one of ulysses_cp_algo, megatron_cp_algo, "
      "hybrid_cp_algo"),
-    (parse_train_args, TRAIN_MIN + ["--expert-tensor-parallel-size", "2"],
-     "--expert-tensor-parallel-size 2: not supported by posttrain_gpt.py (the experts are split over TP like the "
+    (parse_inference_args, ["--load", "x", "--tokenizer-name-or-path", "y", "--expert-tensor-parallel-size", "2"],
+     "--expert-tensor-parallel-size 2: not supported by inference.py (the experts are split over TP like the "
      "dense MLP (expert TP = --tensor-model-parallel-size); leave it out)"),
     (parse_train_args, TRAIN_MIN + ["--use-legacy-models"],
      "--use-legacy-models: not supported by posttrain_gpt.py (only megatron-core models are implemented)"),
