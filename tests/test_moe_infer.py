@@ -27,10 +27,11 @@ TINY_MOE_SHAPE = {"--num-layers": "4", "--hidden-size": "64", "--ffn-hidden-size
                   "--expert-model-parallel-size": "1"}
 
 
-def _convert(hf: Path, mg: Path, tp: int = 1, ep: int = 1, pp: int = 1) -> str:
+def _convert(hf: Path, mg: Path, tp: int = 1, ep: int = 1, pp: int = 1, grouped: bool = False) -> str:
     assert cli.main(["--load-model-type", "hf", "--save-model-type", "mg", "--model-type-hf", "qwen3-moe",
                      "--load-dir", str(hf), "--save-dir", str(mg), "--target-tensor-parallel-size", str(tp),
-                     "--target-expert-parallel-size", str(ep), "--target-pipeline-parallel-size", str(pp)]) == 0
+                     "--target-expert-parallel-size", str(ep), "--target-pipeline-parallel-size", str(pp),
+                     *(["--moe-grouped-gemm"] if grouped else [])]) == 0
     return str(mg)
 
 
@@ -41,9 +42,12 @@ def moe(tiny_model_factory, tmp_path_factory) -> dict:
     mg = {(name, tp, ep): _convert(hf[name], root / f"{name}_tp{tp}ep{ep}", tp, ep)
           for name, tp, ep in (("routed", 1, 1), ("mixed", 1, 1), ("routed", 1, 2), ("routed", 2, 1), ("mixed", 1, 2))}
     mg["routed_pp2"] = _convert(hf["routed"], root / "routed_pp2", pp=2)
+    mg["grouped"] = _convert(hf["routed"], root / "routed_grouped", grouped=True)    # GroupedMLP weight1/weight2
     return {"root": root, "hf": hf, "mg": mg}
 
 
+# inference.py batch-file runs at EP1: name -> (model shape, checkpoint)
+EP1_RUNS = {"routed": ("routed", ("routed", 1, 1)), "mixed": ("mixed", ("mixed", 1, 1)), "grouped": ("routed", "grouped")}
 # Bad input: (case, checkpoint, flags) -> what the one error line says
 BAD = [("ep_world", ("routed", 1, 2), ["--expert-model-parallel-size", "2"]),
        ("experts", ("routed", 1, 1), ["--num-experts", "4"]),
@@ -76,9 +80,9 @@ def cli_runs(moe) -> dict:
     requests = root / "in.jsonl"
     requests.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in TEXTS))
     cases = []
-    for name in SHAPES:
-        cases.append({"name": name, "argv": ["--load", moe["mg"][(name, 1, 1)], "--tokenizer-name-or-path",
-                                             str(moe["hf"][name]), "--max-new-tokens", str(MAX_NEW), "--input-file",
+    for name, (shape, load) in EP1_RUNS.items():
+        cases.append({"name": name, "argv": ["--load", moe["mg"][load], "--tokenizer-name-or-path",
+                                             str(moe["hf"][shape]), "--max-new-tokens", str(MAX_NEW), "--input-file",
                                              str(requests), "--output-file", str(root / f"{name}.jsonl")]})
     for recipe in ("generate_qwen3_30b_a3b_ptd", "generate_qwen3_235b_a22b_ptd"):
         argv = recipe_flags(recipe, root, "inference.py", {"--load": moe["mg"][("routed", 1, 1)],
@@ -92,14 +96,18 @@ def cli_runs(moe) -> dict:
     return json.loads((root / "results.json").read_text())
 
 
-@pytest.mark.parametrize("name", sorted(SHAPES))
+@pytest.mark.parametrize("name", sorted(EP1_RUNS))
 def test_greedy_batch_file_matches_transformers_at_ep1(cli_runs, moe, name):
+    """Both shapes, and a checkpoint in the grouped expert layout run without --moe-grouped-gemm (generation
+    follows the checkpoint's layout, with a notice)."""
     res = cli_runs[name]
     assert res["rc"] == 0, res["stderr"]
+    shape = EP1_RUNS[name][0]
     lines = [json.loads(line) for line in (moe["root"] / f"{name}.jsonl").read_text().splitlines()]
-    prompts = _prompts(moe["hf"][name])
+    prompts = _prompts(moe["hf"][shape])
     assert [line["prompt_token_ids"] for line in lines] == prompts
-    assert [line["response_token_ids"] for line in lines] == hf_greedy(moe["hf"][name], prompts)
+    assert [line["response_token_ids"] for line in lines] == hf_greedy(moe["hf"][shape], prompts)
+    assert ("holds its experts in the GroupedMLP layout" in res["stderr"]) == (name == "grouped")
 
 
 @pytest.mark.parametrize("recipe", ["generate_qwen3_30b_a3b_ptd", "generate_qwen3_235b_a22b_ptd"])
@@ -107,7 +115,8 @@ def test_generate_recipes_run_on_the_tiny_moe_model(cli_runs, recipe):
     res = cli_runs[recipe]
     assert res["rc"] == 0, res["stderr"]
     assert "Greedy Search" in res["stdout"] and "MindSpeed-LLM:\n" in res["stdout"]
-    assert "--moe-grouped-gemm: accepted, no effect" in res["stderr"], res["stderr"]
+    # The recipes pass --moe-grouped-gemm; this checkpoint was converted without it
+    assert "holds its experts in the SequentialMLP layout, which this run uses" in res["stderr"], res["stderr"]
 
 
 @pytest.mark.distributed
@@ -159,14 +168,15 @@ def test_choice_scores_match_transformers_at_ep1(moe, eval_data, name, tmp_path)
 def test_evaluate_recipes_run_on_the_tiny_moe_model(moe, eval_data, recipe, tmp_path):
     """The recipes' flags with the tiny shape in one process. evaluate_qwen3_30b_a3b leaves out
     --untie-embeddings-and-output-weights as MindSpeed's does: the untied checkpoint is evaluated as it is (its own
-    output layer), so in fp32 the scores equal transformers' on the untied model."""
-    argv = recipe_flags(recipe, tmp_path, "evaluation.py", {"--load": moe["mg"][("routed", 1, 1)],
+    output layer), so in fp32 the scores equal transformers' on the untied model. The checkpoint is in the grouped
+    expert layout, as ckpt_convert_qwen3_moe_hf2mcore.sh writes it, and the recipes' --moe-grouped-gemm runs it."""
+    argv = recipe_flags(recipe, tmp_path, "evaluation.py", {"--load": moe["mg"]["grouped"],
                                                              "--tokenizer-name-or-path": str(moe["hf"]["routed"]),
                                                              "--task-data-path": str(eval_data["mmlu"])})
     assert "--untie-embeddings-and-output-weights" not in argv or recipe != "evaluate_qwen3_30b_a3b_ptd"
     fp32 = [a for a in argv if a != "--bf16"]
     proc = run_cli("evaluation.py", *fp32, "--results-file", str(tmp_path / "r.json"))
-    assert "mmlu acc = " in proc.stdout and "--moe-grouped-gemm: accepted, no effect" in proc.stderr
+    assert "mmlu acc = " in proc.stdout and "holds its experts" not in proc.stderr, proc.stderr
     summary = json.loads((tmp_path / "r.json").read_text())["tasks"]["mmlu"]
     _check_choice_task(summary, moe["hf"]["routed"], expected_prompts()["mmlu"], chat=False)
 

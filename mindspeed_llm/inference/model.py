@@ -28,7 +28,22 @@ def resolve_model_config(args: argparse.Namespace, saved: Optional[argparse.Name
             raise UserError(f"--expert-model-parallel-size {args.expert_model_parallel_size}: {source or '--load'} "
                             f"holds a dense model (no experts); use 1")
         return cfg
+    _follow_expert_layout(args, saved, source or "--load")
     return check_moe_layout(args, cfg, source or "--load")
+
+
+def _follow_expert_layout(args: argparse.Namespace, saved: Optional[argparse.Namespace], source: str) -> None:
+    """Generation builds the experts in the layout the checkpoint holds (GroupedMLP with --moe-grouped-gemm,
+    else SequentialMLP): both compute the same, so a flag that differs changes the kernel, not the answer."""
+    from mindspeed_llm.platform import notice
+
+    if saved is None or not hasattr(saved, "moe_grouped_gemm"):
+        return
+    stored = bool(saved.moe_grouped_gemm)
+    if stored != bool(args.moe_grouped_gemm):
+        notice(f"--moe-grouped-gemm {'given' if args.moe_grouped_gemm else 'absent'}: {source} holds its experts in "
+               f"the {'GroupedMLP' if stored else 'SequentialMLP'} layout, which this run uses")
+        args.moe_grouped_gemm = stored
 
 
 def read_checkpoint_args(load: str, flag: str = "--load") -> tuple[Optional[argparse.Namespace], str]:

@@ -5,10 +5,12 @@
 # --target-expert-parallel-size EP, or point CHECKPOINT at a posttrain_gpt.py --save dir. Expert parallelism splits
 # the experts over the data-parallel ranks of each TP/PP slot: those ranks score the same prompts together. DATA_PATH
 # holds the benchmark in its public layout (MMLU: test/{subject}_test.csv and dev/{subject}_dev.csv). The MoE kernel
-# switches (--moe-grouped-gemm, --moe-permutation-async-comm, --use-fused-moe-token-permute-and-unpermute) are
+# switches (--moe-permutation-async-comm, --use-fused-moe-token-permute-and-unpermute) are
 # accepted with a notice; the router runs in eval mode, so --moe-router-load-balancing-type and --moe-aux-loss-coeff
 # change nothing here. Per-subject and overall accuracy go to the log and to evaluation_results.json (--results-file
 # to move it).
+# The experts run in the layout the checkpoint holds (GroupedMLP weight1/weight2 when it was converted with
+# --moe-grouped-gemm, as ckpt_convert_qwen3_moe_hf2mcore.sh does); a notice says when the flag differs.
 
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 

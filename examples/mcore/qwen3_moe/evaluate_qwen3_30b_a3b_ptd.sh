@@ -5,12 +5,14 @@
 # --target-expert-parallel-size EP, or point CHECKPOINT at a posttrain_gpt.py --save dir. Expert parallelism splits
 # the experts over the data-parallel ranks of each TP/PP slot: those ranks score the same prompts together. DATA_PATH
 # holds the benchmark in its public layout (MMLU: test/{subject}_test.csv and dev/{subject}_dev.csv). The MoE kernel
-# switches (--moe-grouped-gemm, --moe-permutation-async-comm) are accepted with a notice; the router runs in eval
+# switches (--moe-permutation-async-comm) are accepted with a notice; the router runs in eval
 # mode, so --moe-router-load-balancing-type and --moe-aux-loss-coeff change nothing here. Like MindSpeed's script
 # this one leaves out --untie-embeddings-and-output-weights. Qwen3-30B-A3B is untied and its checkpoint records it,
 # so the model is built untied (the checkpoint's own output layer is evaluated); the flag is not needed here and
 # typing a value that disagrees with the checkpoint is an error. Per-subject and overall accuracy go to the log and
 # to evaluation_results.json (--results-file to move it).
+# The experts run in the layout the checkpoint holds (GroupedMLP weight1/weight2 when it was converted with
+# --moe-grouped-gemm, as ckpt_convert_qwen3_moe_hf2mcore.sh does); a notice says when the flag differs.
 
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 

@@ -5,10 +5,12 @@
 # --target-tensor-parallel-size TP --target-pipeline-parallel-size PP --target-expert-parallel-size EP, or point
 # CHECKPOINT at a posttrain_gpt.py --save dir. Expert parallelism splits the experts over the data-parallel ranks of
 # each TP/PP slot: those ranks decode the same prompts together. The MoE kernel switches
-# (--moe-permutation-async-comm, --moe-grouped-gemm) are accepted with a notice; the router runs in eval mode, so
+# (--moe-permutation-async-comm) are accepted with a notice; the router runs in eval mode, so
 # --moe-router-load-balancing-type and --moe-aux-loss-coeff change nothing here. Batch mode: add  --input-file
 # prompts.jsonl --output-file answers.jsonl  (one {"prompt": ...} per line). Chat-tuned weights: add  --prompt-type
 # qwen3  (or --hf-chat-template) so prompts use the chat template.
+# The experts run in the layout the checkpoint holds (GroupedMLP weight1/weight2 when it was converted with
+# --moe-grouped-gemm, as ckpt_convert_qwen3_moe_hf2mcore.sh does); a notice says when the flag differs.
 
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 

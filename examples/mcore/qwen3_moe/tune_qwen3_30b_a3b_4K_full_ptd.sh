@@ -3,7 +3,7 @@
 # 128 routed experts, top-8 (softmax, renormalised: --norm-topk-prob), aux-loss load balancing (coeff 0.001).
 # Steps: preprocess (data_convert_qwen3_moe_instruction.sh); --enable-hf2mg-convert converts the HF weights in
 # CKPT_LOAD_DIR at start-up to the TP/PP/EP below. Works on GPUs (NCCL), Ascend NPUs (HCCL) and CPU (gloo).
-# --moe-grouped-gemm: the experts run as megatron-core's SequentialMLP (a notice says so).
+# --moe-grouped-gemm: the experts run as megatron-core's GroupedMLP (MindSpeed's weight1/weight2 layout).
 # To resume an interrupted run: CKPT_LOAD_DIR=$CKPT_SAVE_DIR, drop --finetune and --enable-hf2mg-convert.
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 
