@@ -131,12 +131,12 @@ def tokenizer_ceiling(data: Path, tokenizer_dir: str, seq_length: int) -> tuple[
     return standard, len(lines) / (lfr.cpu_seconds() - start), len(texts)
 
 
-def concurrency_cost(data: Path, tokenizer_dir: str, seq_length: int, samples: int = 2000, rounds: int = 3
+def concurrency_cost(data: Path, tokenizer_dir: str, seq_length: int, samples: int = 5000, rounds: int = 2
                      ) -> tuple[float, float]:
     """(CPU seconds per 1000 samples of one encoding process while another encodes at the same time, the same with
-    the two one after the other): forked processes encoding the same first `samples` records twice (the second
-    pass timed, caches warm), best of `rounds`. The work is identical, so the gap is what the cores add when both
-    run this memory-heavy code at once; it shows in any 2-worker figure of ours."""
+    the two one after the other): processes forked from one that has loaded the tokenizer but encoded nothing (as
+    our workers are) encode the first `samples` records, best of `rounds`. The work is identical, so the gap is
+    what the cores add when both run this memory-heavy code at once; it shows in any 2-worker figure of ours."""
     from mindspeed_llm.data.encode import EncodeOptions, encode_record
     from mindspeed_llm.data.handlers import build_handler
     from mindspeed_llm.data.prompt_type import get_template
@@ -158,7 +158,6 @@ def concurrency_cost(data: Path, tokenizer_dir: str, seq_length: int, samples: i
             read_end, write_end = os.pipe()
             pid = os.fork()
             if pid == 0:
-                encode_all()
                 start = time.process_time()
                 encode_all()
                 os.write(write_end, str(time.process_time() - start).encode())
