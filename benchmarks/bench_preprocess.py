@@ -11,6 +11,9 @@ exactly the texts our encoder tokenizes, twice: with the tokenizer's standard `e
 transformers), and with the cheaper calls our encoder makes (no offsets; ASCII text skips the NFC normalizer,
 which does nothing to it); no implementation that makes those calls can beat LF by more than that ratio.
 --repeat N alternates the two sides N times and keeps each side's best, which steadies the ratios on shared cores.
+Two more lines break our CPU down: the main process (tokenizer load, fingerprint, reading, writing) against the
+workers, and what one encoding process costs per sample while another runs at the same time against one after the
+other (the same work: the difference is the cores', and it is in every 2-worker CPU figure).
 Qwen's own vocabulary: build it with benchmarks/qwen_tokenizer.py (qwen.tiktoken ships in the dashscope wheel)
 and pass the folder with --tokenizer.
 Then JSONL files of two sizes (16x apart) check that preprocessing streams: peak RSS does not grow with input.
@@ -63,9 +66,10 @@ def records(n: int, alpaca: Path) -> list[dict]:
     return out[:n]
 
 
-def ours(data: Path, tokenizer_dir: str, workers: int, seq_length: int, prefix: Path) -> tuple[float, float]:
-    """(samples per wall second, samples per CPU second) of `run` (preprocess_data.py's body), from the JSONL
-    file to the written .bin/.idx."""
+def ours(data: Path, tokenizer_dir: str, workers: int, seq_length: int, prefix: Path
+         ) -> tuple[float, float, tuple[float, float]]:
+    """(samples per wall second, samples per CPU second, (CPU seconds of this process, of the worker processes))
+    of `run` (preprocess_data.py's body), from the JSONL file to the written .bin/.idx."""
     from mindspeed_llm.arguments import parse_preprocess_args
     from mindspeed_llm.data.preprocess import run
 
@@ -76,11 +80,15 @@ def ours(data: Path, tokenizer_dir: str, workers: int, seq_length: int, prefix: 
         "--handler-name", "AlpacaStyleInstructionHandler", "--prompt-type", "qwen3", "--enable-thinking", "false",
         "--map-keys", '{"system": "system"}', "--seq-length", str(seq_length), "--workers", str(workers),
         "--log-interval", "1000000"])
-    cpu_start = lfr.cpu_seconds()
+    times_start = os.times()
     start = time.perf_counter()
     summary = run(args)
     wall = time.perf_counter() - start
-    return summary.written / wall, summary.written / (lfr.cpu_seconds() - cpu_start)
+    times = os.times()
+    main_cpu = times.user + times.system - times_start.user - times_start.system
+    workers_cpu = (times.children_user + times.children_system - times_start.children_user
+                   - times_start.children_system)
+    return summary.written / wall, summary.written / (main_cpu + workers_cpu), (main_cpu, workers_cpu)
 
 
 def tokenizer_ceiling(data: Path, tokenizer_dir: str, seq_length: int) -> tuple[float, float, int]:
@@ -121,6 +129,51 @@ def tokenizer_ceiling(data: Path, tokenizer_dir: str, seq_length: int) -> tuple[
     for text in texts:
         encoder._encode_uncached(tokenizer, text)
     return standard, len(lines) / (lfr.cpu_seconds() - start), len(texts)
+
+
+def concurrency_cost(data: Path, tokenizer_dir: str, seq_length: int, samples: int = 5000, rounds: int = 2
+                     ) -> tuple[float, float]:
+    """(CPU seconds per 1000 samples of one encoding process while another encodes at the same time, the same with
+    the two one after the other): processes forked from one that has loaded the tokenizer but encoded nothing (as
+    our workers are) encode the first `samples` records, best of `rounds`. The work is identical, so the gap is
+    what the cores add when both run this memory-heavy code at once; it shows in any 2-worker figure of ours."""
+    from mindspeed_llm.data.encode import EncodeOptions, encode_record
+    from mindspeed_llm.data.handlers import build_handler
+    from mindspeed_llm.data.prompt_type import get_template
+    from mindspeed_llm.tokenizer import build_tokenizer
+
+    template = get_template("qwen3", enable_thinking=False)
+    tokenizer = build_tokenizer(tokenizer_dir, True, template, "PretrainedFromHF", seq_length)
+    spec = build_handler("AlpacaStyleInstructionHandler", {"system": "system"})
+    with data.open() as f:
+        rows = [json.loads(line) for line, _ in zip(f, range(samples))]
+
+    def encode_all() -> None:
+        for row in rows:
+            encode_record(row, spec, template, tokenizer, EncodeOptions(seq_length), spec.output_fields)
+
+    def per_process_cpu(processes: int) -> list[float]:
+        pipes, pids = [], []
+        for _ in range(processes):
+            read_end, write_end = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                start = time.process_time()
+                encode_all()
+                os.write(write_end, str(time.process_time() - start).encode())
+                os._exit(0)
+            os.close(write_end)
+            pipes.append(read_end)
+            pids.append(pid)
+        for pid in pids:
+            os.waitpid(pid, 0)
+        return [float(os.read(read_end, 64)) for read_end in pipes]
+
+    together, apart = [], []
+    for _ in range(rounds):  # alternating, as load from other jobs comes and goes
+        apart.append(sum(per_process_cpu(1) + per_process_cpu(1)) / 2)
+        together.append(sum(per_process_cpu(2)) / 2)
+    return min(together) * 1000 / len(rows), min(apart) * 1000 / len(rows)
 
 
 def same_output(prefix: Path, lf: dict) -> str:
@@ -171,23 +224,31 @@ def compare(data: Path, tokenizer_dir: str, seq_length: int, lf_worker: lfr.LFWo
           + (f", best of {repeat} alternating runs per side" if repeat > 1 else ""))
     print(f"{'':>7} {'samples per wall second':^30} {'samples per CPU second':^30}")
     print(f"{'workers':>7}" + f" {'ours':>9} {'LF 0.9.5':>9} {'ratio':>9}" * 2)
-    checks, lf_rates = [], []
+    checks, lf_rates, splits = [], [], []
     for workers in (1, 2):
         prefix = tmp / f"ours{workers}"
         wall = cpu = lf_wall = lf_cpu = 0.0
         for _ in range(repeat):
-            run_wall, run_cpu = ours(data, tokenizer_dir, workers, seq_length, prefix)
+            run_wall, run_cpu, run_split = ours(data, tokenizer_dir, workers, seq_length, prefix)
             lf = lfr.lf_throughput(data, tokenizer_dir=tokenizer_dir, template="qwen3", enable_thinking=False,
                                    cutoff_len=seq_length, workers=workers, first_n=FIRST_N, worker=lf_worker)
-            wall, cpu = max(wall, run_wall), max(cpu, run_cpu)
+            wall = max(wall, run_wall)
+            if run_cpu > cpu:
+                cpu, split = run_cpu, run_split
             lf_wall = max(lf_wall, lf["samples"] / lf["seconds"])
             lf_cpu = max(lf_cpu, lf["samples"] / lf["cpu_seconds"])
         print(f"{workers:>7} {wall:>9.0f} {lf_wall:>9.0f} {wall / lf_wall:>8.2f}x"
               f" {cpu:>9.0f} {lf_cpu:>9.0f} {cpu / lf_cpu:>8.2f}x", flush=True)
         checks.append(f"check, {workers} worker(s): {same_output(prefix, lf)}")
         lf_rates.append(lf_cpu)
+        splits.append(f"{workers} worker(s) {split[0]:.1f} s in the main process + {split[1]:.1f} s in workers")
     standard, cheaper, calls = tokenizer_ceiling(data, tokenizer_dir, seq_length)
     print("\n".join(checks))
+    # what the main process costs (tokenizer load, fingerprint, reading, writing) next to the encoding itself
+    print(f"our CPU seconds (run of the best rate): {'; '.join(splits)}")
+    together, apart = concurrency_cost(data, tokenizer_dir, seq_length)
+    print(f"two encoding processes at once: {together:.3f} CPU s per 1000 samples each, one after the other "
+          f"{apart:.3f} ({together / apart - 1:+.0%}; the same work)")
     print(f"ceiling: the tokenizer alone on our encoder's {calls} texts, per CPU second (ratio to LF's best rate "
           f"above): standard `encode` {standard:.0f} samples ({standard / max(lf_rates):.2f}x); the calls our "
           f"encoder makes {cheaper:.0f} samples ({cheaper / max(lf_rates):.2f}x)")
