@@ -17,8 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def run_train(argv: list[str]) -> dict:
     from mindspeed_llm.arguments import parse_train_args
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
     from mindspeed_llm.training.sft import train
 
+    get_moe_layer_wise_logging_tracker().clear()     # megatron's per-layer MoE tracker is sized by the first model
     result = train(parse_train_args(argv), keep_process_group=True)
     return {"losses": result.losses, "grad_norms": result.grad_norms, "iteration": result.iteration,
             "metrics": result.metrics, "flops": result.flops}

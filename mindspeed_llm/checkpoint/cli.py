@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-layer-list", default=None, help="uneven PP: layers per stage, e.g. 7,21")
     p.add_argument("--num-layers-per-virtual-pipeline-stage", type=_positive, default=None,
                    help="VPP: layers per virtual chunk")
+    p.add_argument("--noop-layers", default=None,
+                   help="global indices of weightless no-op layers added to the Megatron numbering, e.g. 94,95 "
+                        "(hf -> mg; mg -> hf reads them from the checkpoint)")
     p.add_argument("--params-dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="cast weights (hf -> mg); default keeps the checkpoint's dtype")
     p.add_argument("--hf-cfg-dir", type=Path, default=None,
@@ -135,7 +138,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
                                       ep=a.target_expert_parallel_size or 1,
                                       num_layer_list=layer_list,
                                       layers_per_vpp_stage=a.num_layers_per_virtual_pipeline_stage,
-                                      params_dtype=a.params_dtype))
+                                      params_dtype=a.params_dtype, noop_layers=a.noop_layers))
         return _run_verify(a.load_dir, a.save_dir, a.model_type_hf, a.verify_threshold,
                            a.trust_remote_code) if a.verify else 0
     if (a.load_model_type, a.save_model_type) == ("mg", "hf"):
@@ -153,7 +156,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
                                       pp=a.target_pipeline_parallel_size, ep=a.target_expert_parallel_size,
                                       num_layer_list=layer_list,
                                       layers_per_vpp_stage=a.num_layers_per_virtual_pipeline_stage,
-                                      lora_load=a.lora_load, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
+                                      noop_layers=a.noop_layers, lora_load=a.lora_load, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
                                       lora_target_modules=a.lora_target_modules, save_lora_to_hf=a.save_lora_to_hf,
                                       lora_ignore_base_mismatch=a.lora_ignore_base_mismatch))
         return _run_verify(a.save_dir, a.load_dir, a.model_type_hf, a.verify_threshold,
