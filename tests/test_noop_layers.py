@@ -111,3 +111,12 @@ def test_training_with_noop_layers_matches_the_model_without(noop, tmp_path):
         assert back.keys() == expected.keys()
         worst = max(float((back[k] - expected[k]).abs().max()) for k in expected)
         assert worst < 1e-5, (name, worst)
+
+
+def test_generation_refuses_a_checkpoint_with_noop_layers(noop):
+    """inference.py builds real layers only: one line saying how to load the model instead, exit 2."""
+    proc = run_cli("inference.py", "--load", str(noop["ckpt"]["inner"]), "--tokenizer-name-or-path",
+                   str(noop["hf"]), "--task", "greedy", "--prompt", "hi", "--max-new-tokens", "2", check=False)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "saved with --noop-layers 1,5" in errors[0] and "mg -> hf drops them" in errors[0]
