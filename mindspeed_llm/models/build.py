@@ -39,7 +39,7 @@ class NoopTransformerLayer(MegatronModule):
         return hidden_states.clone(), context
 
 
-def with_noop_layers(spec, layers: tuple[int, ...], noop: frozenset[int]):
+def spec_with_noop_layers(spec, layers: tuple[int, ...], noop: frozenset[int]):
     """`spec` for the chunk holding global `layers`, with a `NoopTransformerLayer` wherever a layer is in `noop`."""
     if not noop & set(layers):
         return spec
@@ -98,9 +98,9 @@ def build_model(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
     for v in range(placement.vpp):
         model = GPTModel(
             config=config,
-            transformer_layer_spec=with_noop_layers(layer_spec if layer_spec is not None
-                                                    else _chunk_spec(cfg, placement, p, v),
-                                                    placement.layers[p][v], placement.noop),
+            transformer_layer_spec=spec_with_noop_layers(layer_spec if layer_spec is not None
+                                                         else _chunk_spec(cfg, placement, p, v),
+                                                         placement.layers[p][v], placement.noop),
             vocab_size=cfg.vocab_size,
             max_sequence_length=seq_length or cfg.max_position_embeddings,
             pre_process=placement.is_first(p, v),
