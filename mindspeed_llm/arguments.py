@@ -214,6 +214,16 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
     g.add_argument("--recompute-num-layers", type=int, default=None)
     g.add_argument("--skip-train", action="store_true")
+    g.add_argument("--manual-gc", action="store_true",
+                   help="disable Python's automatic garbage collection; collect every --manual-gc-interval iterations")
+    g.add_argument("--manual-gc-interval", type=int, default=0,
+                   help="with --manual-gc: run gc.collect() every N iterations (0: only at start-up)")
+    g.add_argument("--noop-layers", default=None,
+                   help="global indices (e.g. 94,95) of weightless identity layers counted in --num-layers")
+    g = parser.add_argument_group("MindSpeed memory switches (accepted; flag_policy says why they change nothing)")
+    for name in ("recompute-activation-function", "swap-optimizer", "swap-attention",
+                 "gemm-gradient-accumulation-fusion", "disable-gloo-group"):
+        g.add_argument(f"--{name}", action="store_true", help=argparse.SUPPRESS)
 
 
 def add_preference_args(parser: argparse.ArgumentParser) -> None:

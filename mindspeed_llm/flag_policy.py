@@ -58,7 +58,8 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "expert_model_parallel_size", "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "norm_topk_prob",
         "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_layer_freq", "first_k_dense_replace",
         "moe_token_dispatcher_type", "moe_grouped_gemm", "expert_tensor_parallel_size",
-        "context_parallel_size", "context_parallel_algo", "ulysses_degree_in_cp",
+        "context_parallel_size", "context_parallel_algo", "ulysses_degree_in_cp", "manual_gc", "manual_gc_interval",
+        "noop_layers",
     }),
     "inference": frozenset(_MODEL | _MOE | {
         "task", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "num_beams", "length_penalty",
@@ -80,6 +81,7 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "load_model_type", "save_model_type", "load_dir", "save_dir", "model_type_hf", "target_tensor_parallel_size",
         "target_pipeline_parallel_size", "target_expert_parallel_size", "num_layer_list",
         "num_layers_per_virtual_pipeline_stage", "params_dtype", "moe_grouped_gemm", "expert_tensor_parallel_size",
+        "noop_layers",
         "hf_cfg_dir", "verify", "verify_threshold", "trust_remote_code", "lora_load", "lora_r", "lora_alpha",
         "lora_target_modules", "save_lora_to_hf", "lora_ignore_base_mismatch",
     }),
@@ -151,6 +153,16 @@ NOTICE: dict[str, dict[str, str]] = {
               "moe_alltoall_overlap_comm": "an Ascend overlap of the expert all-to-all; the token dispatcher "
                                            "communicates synchronously (same results)",
               "moe_permute_fusion": "tokens are permuted by megatron-core's torch implementation",
+              "recompute_activation_function": "megatron-core 0.16 recomputes the expert activation only for "
+                                               "grouped experts (moe_act); activations are kept (memory only, "
+                                               "same results)",
+              "swap_optimizer": "optimizer state stays on the device (no host swapping; memory only, same results)",
+              "swap_attention": "attention activations stay on the device (no host swapping; memory only, "
+                                "same results)",
+              "gemm_gradient_accumulation_fusion": "MindSpeed's fused weight-gradient GEMM kernel; weight gradients "
+                                                   "accumulate as --no-gradient-accumulation-fusion selects",
+              "disable_gloo_group": "an Ascend switch that drops the gloo side groups; megatron-core creates its "
+                                    "groups as usual (same results)",
               "moe_fb_overlap": "an Ascend forward/backward overlap; the schedule runs them in turn (same results)",
               "moe_zero_memory": "an Ascend activation-memory saving; activations are kept (same results)"},
     "inference": {**SPEED, **_COMMON_NOTICE,

@@ -18,8 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def run_train(argv: list[str], pretrain: bool = False) -> dict:
     from mindspeed_llm.arguments import parse_train_args
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
     from mindspeed_llm.training.loop import train
 
+    get_moe_layer_wise_logging_tracker().clear()     # megatron's per-layer MoE tracker is sized by the first model
     result = train(parse_train_args(argv, pretrain=pretrain), keep_process_group=True)
     return {"losses": result.losses, "grad_norms": result.grad_norms, "iteration": result.iteration,
             "metrics": result.metrics, "flops": result.flops}

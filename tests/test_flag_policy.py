@@ -130,3 +130,21 @@ def test_notice_is_one_line_per_given_flag(capsys):
                                                     "megatron-core")
     assert not any("--use-fused-rmsnorm" in ln for ln in err)      # not given: no notice
     assert args.no_pad_to_seq_lengths and args.variable_seq_lengths
+
+
+def test_mindspeed_memory_switches_are_one_notice_each(capsys):
+    """The long-context MoE recipes' memory switches: accepted with one line saying why nothing changes here;
+    --manual-gc is implemented and its interval checked."""
+    switches = ("--recompute-activation-function", "--swap-optimizer", "--swap-attention",
+                "--gemm-gradient-accumulation-fusion", "--disable-gloo-group")
+    args = parse_train_args(TRAIN_MIN + list(switches) + ["--manual-gc", "--manual-gc-interval", "10"])
+    err = capsys.readouterr().err.splitlines()
+    for flag in switches:
+        lines = [ln for ln in err if f"] {flag}: accepted, no effect" in ln]
+        assert len(lines) == 1, (flag, err)
+    assert args.manual_gc and args.manual_gc_interval == 10
+    assert not any("--manual-gc" in ln for ln in err)
+    with pytest.raises(UserError, match=r"--manual-gc-interval -1: must be >= 0"):
+        parse_train_args(TRAIN_MIN + ["--manual-gc", "--manual-gc-interval", "-1"])
+    with pytest.raises(UserError, match=r"--noop-layers needs --num-layers"):
+        parse_train_args(TRAIN_MIN + ["--noop-layers", "4,5"])

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-layer-list", default=None, help="uneven PP: layers per stage, e.g. 7,21")
     p.add_argument("--num-layers-per-virtual-pipeline-stage", type=_positive, default=None,
                    help="VPP: layers per virtual chunk")
+    p.add_argument("--noop-layers", default=None,
+                   help="global indices of weightless no-op layers added to the Megatron numbering, e.g. 94,95 "
+                        "(hf -> mg; mg -> hf reads them from the checkpoint)")
     p.add_argument("--params-dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="cast weights (hf -> mg); default keeps the checkpoint's dtype")
     p.add_argument("--hf-cfg-dir", type=Path, default=None,
@@ -140,7 +143,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
                                       num_layer_list=layer_list,
                                       layers_per_vpp_stage=a.num_layers_per_virtual_pipeline_stage,
                                       params_dtype=a.params_dtype, grouped_gemm=a.moe_grouped_gemm,
-                                      etp=a.expert_tensor_parallel_size))
+                                      etp=a.expert_tensor_parallel_size, noop_layers=a.noop_layers))
         return _run_verify(a.load_dir, a.save_dir, a.model_type_hf, a.verify_threshold,
                            a.trust_remote_code) if a.verify else 0
     if (a.load_model_type, a.save_model_type) == ("mg", "hf"):
@@ -160,7 +163,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
                                       etp=a.expert_tensor_parallel_size,
                                       num_layer_list=layer_list,
                                       layers_per_vpp_stage=a.num_layers_per_virtual_pipeline_stage,
-                                      lora_load=a.lora_load, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
+                                      noop_layers=a.noop_layers, lora_load=a.lora_load, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
                                       lora_target_modules=a.lora_target_modules, save_lora_to_hf=a.save_lora_to_hf,
                                       lora_ignore_base_mismatch=a.lora_ignore_base_mismatch))
         return _run_verify(a.save_dir, a.load_dir, a.model_type_hf, a.verify_threshold,

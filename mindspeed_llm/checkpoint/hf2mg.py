@@ -16,7 +16,7 @@ from mindspeed_llm.checkpoint.hf_io import SafetensorsSource
 from mindspeed_llm.checkpoint.mapping import chunk_state_dict
 from mindspeed_llm.models.config import DTYPES, ModelConfig, read_hf_config
 from mindspeed_llm.models.family import Family
-from mindspeed_llm.models.placement import Placement, place_layers
+from mindspeed_llm.models.placement import Placement, parse_noop_layers, place_layers, with_noop_layers
 from mindspeed_llm.models.registry import get_family
 from mindspeed_llm.models.resolve import model_args, resolve_model
 
@@ -34,6 +34,7 @@ class Hf2MgOptions:
     params_dtype: Optional[str] = None
     grouped_gemm: bool = False      # experts in megatron-core GroupedMLP's weight1 / weight2 (--moe-grouped-gemm)
     etp: Optional[int] = None       # expert-TP size: TP (default) or 1 (whole experts on every TP rank)
+    noop_layers: Optional[str] = None       # MindSpeed's --noop-layers, e.g. "94,95" (global indices)
 
     @property
     def expert_tp(self) -> int:
@@ -83,7 +84,7 @@ def checkpoint_args(hf_cfg: dict, fam: Family, cfg: ModelConfig, opts: Hf2MgOpti
                     iter_dir: Path) -> argparse.Namespace:
     """The `args` namespace stored in every rank file (MindSpeed v2 composition, with correct GQA fields)."""
     ns: dict = {k: v for k, v in hf_cfg.items() if isinstance(v, (int, float, str, bool, list))}
-    ns.update(model_args(cfg))
+    ns.update(model_args(with_noop_layers(cfg, placement.noop)))      # num_layers counts the noop layers
     ns.update(
         num_key_value_heads=cfg.num_query_groups,
         group_query_attention=cfg.num_query_groups != cfg.num_attention_heads,
@@ -95,7 +96,8 @@ def checkpoint_args(hf_cfg: dict, fam: Family, cfg: ModelConfig, opts: Hf2MgOpti
         gradient_accumulation_fusion=False, normalization="RMSNorm", swiglu=True,
         tokenizer_type="PretrainedFromHF", qkv_type="unpack", fc_type="gate_up_down",
         tensor_model_parallel_size=opts.tp, pipeline_model_parallel_size=opts.pp, expert_model_parallel_size=opts.ep,
-        expert_tensor_parallel_size=opts.expert_tp, noop_layers="", moe_grouped_gemm=opts.grouped_gemm,
+        expert_tensor_parallel_size=opts.expert_tp,
+        noop_layers=",".join(map(str, sorted(placement.noop))), moe_grouped_gemm=opts.grouped_gemm,
         moe_tp_extend_ep=False,
         mla_mm_split=False, mtp_num_layers=0, transformer_impl="local", model_type_hf=fam.name,
         load_model_type="hf", load_dir=str(opts.load_dir), save_dir=str(iter_dir), hf_path=str(opts.load_dir),
@@ -120,7 +122,9 @@ def convert_hf_to_mg(opts: Hf2MgOptions, log: Callable[[str], None] = print) -> 
     check_tensor_parallel(cfg, opts.tp, opts.expert_tp)
     if opts.grouped_gemm and cfg.num_experts is None:
         raise ConversionError(f"--moe-grouped-gemm: {cfg.family} is a dense model (no experts to group); drop it")
-    placement = place_layers(cfg.num_layers, opts.pp, opts.num_layer_list, opts.layers_per_vpp_stage)
+    noop = parse_noop_layers(opts.noop_layers, real_layers=cfg.num_layers)
+    placement = place_layers(cfg.num_layers + len(noop), opts.pp, opts.num_layer_list, opts.layers_per_vpp_stage,
+                             noop)
     dtype = DTYPES[opts.params_dtype] if opts.params_dtype else None
     if dtype is not None and cfg.torch_dtype and DTYPES.get(cfg.torch_dtype) not in (None, dtype):
         log(f"[hf2mg] --params-dtype {opts.params_dtype}: casting weights from {cfg.torch_dtype}")
@@ -165,11 +169,11 @@ def _write_rank(fam: Family, cfg: ModelConfig, src: SafetensorsSource, placement
         src.release()
         progress(layer)
 
-    models = {key: chunk_state_dict(fam, cfg, src, t, opts.tp, layers, first=placement.is_first(p, v),
-                                    last=placement.is_last(p, v), ep_rank=e, ep=opts.ep, grouped=opts.grouped_gemm,
-                                    expert_tp=opts.expert_tp, on_layer=on_layer,
-                                    finish=finish)
-              for v, (key, layers) in enumerate(zip(layout.model_keys(placement.vpp), placement.layers[p]))}
+    models = {key: chunk_state_dict(fam, cfg, src, t, opts.tp, placement.hf_layers(p, v),
+                                    first=placement.is_first(p, v), last=placement.is_last(p, v), ep_rank=e,
+                                    ep=opts.ep, grouped=opts.grouped_gemm, expert_tp=opts.expert_tp,
+                                    on_layer=on_layer, finish=finish)
+              for v, key in enumerate(layout.model_keys(placement.vpp))}
     src.release()
     layout.save_rank_file(tmp, layout.rank_dir_name(t, p, opts.pp, e, opts.ep), layout.checkpoint_state(args, models))
     del models

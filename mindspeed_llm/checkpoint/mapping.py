@@ -12,13 +12,14 @@ Tensor = torch.Tensor
 
 
 def chunk_state_dict(fam: Family, cfg: ModelConfig, src: TensorSource, tp_rank: int, tp: int,
-                     layers: Sequence[int], *, first: bool, last: bool, ep_rank: int = 0, ep: int = 1,
+                     layers: Sequence[Optional[int]], *, first: bool, last: bool, ep_rank: int = 0, ep: int = 1,
                      grouped: bool = False, expert_tp: Optional[int] = None,
                      on_layer: Optional[Callable[[int], None]] = None,
                      finish: Optional[Callable[[Tensor], Tensor]] = None) -> dict[str, Tensor]:
     """megatron-core state dict of one model chunk on one (TP rank, EP rank); `layers` are its global layer
-    indices. Every EP rank holds all non-expert tensors and its own experts (with `grouped`, in GroupedMLP's
-    weight1 / weight2), split over `expert_tp` ranks (default TP; 1: whole experts on every TP rank).
+    indices (None: a weightless noop layer, whose local index stays unused). Every EP rank holds all non-expert
+    tensors and its own experts (with `grouped`, in GroupedMLP's weight1 / weight2), split over `expert_tp` ranks
+    (default TP; 1: whole experts on every TP rank).
 
     `finish` is applied to each tensor as soon as it is cut (cast, copy out of a mapped shard), so a chunk never
     holds more than its own tensors plus the one being split.
@@ -30,6 +31,8 @@ def chunk_state_dict(fam: Family, cfg: ModelConfig, src: TensorSource, tp_rank: 
     expert_tp = tp if expert_tp is None else expert_tp
     expert_tp_rank = tp_rank if expert_tp == tp else 0
     for local, layer in enumerate(layers):
+        if layer is None:
+            continue
         mg_prefix, hf_prefix = MG_LAYER_PREFIX.format(local), HF_LAYER_PREFIX.format(layer)
         for rule in fam.layer_rules(cfg, layer):
             sd[mg_prefix + rule.mg] = done(rule.shard(src, tp_rank, tp, cfg, prefix=hf_prefix))

@@ -19,7 +19,8 @@ from mindspeed_llm.checkpoint.mapping import MissingKey, merge_adapter_layer, me
 from mindspeed_llm.models import lora
 from mindspeed_llm.models.config import ModelConfig, read_hf_config
 from mindspeed_llm.models.family import Family
-from mindspeed_llm.models.placement import Placement, parse_layer_list, place_layers
+from mindspeed_llm.models.placement import (Placement, parse_layer_list, parse_noop_layers, place_layers,
+                                            saved_without_noop, with_noop_layers)
 from mindspeed_llm.models.registry import get_family
 from mindspeed_llm.models.resolve import resolve_model
 
@@ -38,6 +39,7 @@ class Mg2HfOptions:
     etp: Optional[int] = None
     num_layer_list: Optional[list[int]] = None
     layers_per_vpp_stage: Optional[int] = None
+    noop_layers: Optional[str] = None       # --noop-layers: must match the checkpoint's when given
     # LoRA: adapters from --lora-load (or inside --load-dir: an unfiltered LoRA save), merged into the weights,
     # or with --save-lora-to-hf exported alone as a PEFT adapter directory.
     lora_load: Optional[Path] = None
@@ -52,6 +54,7 @@ def model_from_args(args: argparse.Namespace, model_type_hf: Optional[str] = Non
                     hf_cfg_dir: Optional[Path] = None, source: str = "checkpoint args") -> tuple[Family, ModelConfig]:
     """Family and ModelConfig of a Megatron checkpoint, from its saved args (`source`), which must agree with
     --hf-cfg-dir's config.json when given (`models.resolve.resolve_model`)."""
+    args, _ = saved_without_noop(args)       # the HF model has only the real layers
     hf = read_hf_config(hf_cfg_dir) if hf_cfg_dir is not None else None
     if hf is None and not model_type_hf and not getattr(args, "model_type_hf", None) \
             and not getattr(args, "architectures", None):
@@ -73,6 +76,9 @@ def _check_flags(args: argparse.Namespace, opts: Mg2HfOptions) -> None:
         "--num-layers-per-virtual-pipeline-stage": (opts.layers_per_vpp_stage,
                                                     getattr(args, "num_layers_per_virtual_pipeline_stage", None)),
     }
+    if opts.noop_layers is not None:
+        saved["--noop-layers"] = tuple(",".join(map(str, sorted(noop))) or "(none)" for noop in (
+            parse_noop_layers(opts.noop_layers, int(args.num_layers)), saved_without_noop(args)[1]))
     for flag, (given, stored) in saved.items():
         if given is not None and given != stored:
             if isinstance(given, bool):
@@ -94,9 +100,11 @@ def grouped_experts(args: argparse.Namespace) -> bool:
 
 
 def checkpoint_placement(args: argparse.Namespace, cfg: ModelConfig) -> Placement:
-    return place_layers(cfg.num_layers, int(args.pipeline_model_parallel_size),
+    """Where the saved args put `cfg`'s (real) layers, noop layers included."""
+    noop = saved_without_noop(args)[1]
+    return place_layers(cfg.num_layers + len(noop), int(args.pipeline_model_parallel_size),
                         parse_layer_list(getattr(args, "num_layer_list", None)),
-                        getattr(args, "num_layers_per_virtual_pipeline_stage", None))
+                        getattr(args, "num_layers_per_virtual_pipeline_stage", None), noop)
 
 
 def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_dir: Optional[Path] = None,
@@ -143,7 +151,7 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
             # expert_states[e][t]: EP rank e's files (EP rank 0's hold every non-expert tensor), as the adapters'
             expert_states = [[loaded[pair] for pair in e_pairs] for e_pairs in expert_pairs]
             lora_states = adapters.stage(p, expert_states) if adapters is not None else None
-            for v, layers in enumerate(placement.layers[p]):
+            for v in range(placement.vpp):
                 shards = [_model_entry(loaded[pair], keys[v], files[pair], placement.vpp) for pair in dense_pairs]
                 expert_shards = [[_model_entry(loaded[pair], keys[v], files[pair], placement.vpp) for pair in e_pairs]
                                  for e_pairs in expert_pairs]
@@ -157,7 +165,9 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
                                          for e, (base_tp, lora_tp) in enumerate(zip(expert_shards, lora_shards))]
                     shards = expert_shards[0]       # the merged non-expert tensors
                 try:
-                    for local, layer in enumerate(layers):
+                    for local, layer in enumerate(placement.hf_layers(p, v)):
+                        if layer is None:       # a noop layer: no weights, no HF layer
+                            continue
                         if lora_states is not None and opts.save_lora_to_hf:
                             tensors = merge_adapter_layer(fam, cfg, lora_shards[0], local, layer, lora_shards)
                             log(f"[mg2hf] layer {layer + 1}/{cfg.num_layers} ({time.time() - start:.1f}s)")
@@ -254,7 +264,7 @@ def _adapter_source(opts: Mg2HfOptions, args: argparse.Namespace, iter_dir: Path
             raise ConversionError(f"{source} was saved with {flag} {theirs} but --load-dir {opts.load_dir} with "
                                   f"{ours}; the adapters must come from a run on that layout")
     base = f"--load-dir {opts.load_dir}"
-    check_args(lora_args, weight_args(cfg), source, adapters_for=base)
+    check_args(lora_args, weight_args(with_noop_layers(cfg, placement.noop)), source, adapters_for=base)
     check_lora_base(lora_args, _files_fingerprint(iter_dir, cfg, placement, tp, ep), base, str(opts.lora_load),
                     opts.lora_ignore_base_mismatch, notice)
     if opts.save_lora_to_hf and getattr(lora_args, "lora_modules_to_save", None):

@@ -18,9 +18,14 @@ def resolve_model_config(args: argparse.Namespace, saved: Optional[argparse.Name
     """Flags + the checkpoint's saved args (read from `source`) -> ModelConfig (`models.resolve.resolve_model`)."""
     from mindspeed_llm.explicit import explicit_of
     from mindspeed_llm.inference.args import build_parser
+    from mindspeed_llm.models.placement import saved_without_noop
     from mindspeed_llm.models.resolve import resolve_model
     from mindspeed_llm.training.model_setup import check_moe_layout
 
+    if saved is not None and saved_without_noop(saved)[1]:
+        raise UserError(f"{source or '--load'} was saved with --noop-layers {saved.noop_layers}; generation and "
+                        f"evaluation build real layers only: convert it to HF (convert_ckpt.py mg -> hf drops "
+                        f"them) and load that with --enable-hf2mg-convert")
     cfg = resolve_model(args, explicit_of(args, build_parser()), saved=saved, saved_source=source,
                         tokenizer_len=tokenizer_len)
     if cfg.num_experts is None:

@@ -5,6 +5,8 @@ from typing import Any, Optional
 
 import torch
 from megatron.core.models import gpt as megatron_gpt
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import LayerNormImpl, TransformerBlockSubmodules
 
 from mindspeed_llm.models.config import ModelConfig, transformer_config
@@ -22,6 +24,31 @@ def _chunk_spec(cfg: ModelConfig, placement: Placement, p: int, v: int, grouped_
     specs = {moe: get_layer_spec(cfg.qk_layernorm, moe=moe, grouped_experts=grouped_experts) for moe in (False, True)}
     return TransformerBlockSubmodules(layer_specs=[specs[cfg.is_moe_layer(i)] for i in layers],
                                       layer_norm=LayerNormImpl)
+
+
+class NoopTransformerLayer(MegatronModule):
+    """MindSpeed's no-op layer (--noop-layers): holds no weights and passes the hidden states through, so a
+    model keeps its layer numbering (and pipeline split) with fewer real layers."""
+
+    def __init__(self, config, layer_number: int = 1, **_unused: Any):
+        super().__init__(config)
+        self.layer_number = layer_number
+
+    def forward(self, hidden_states: torch.Tensor, context: Optional[torch.Tensor] = None, **_unused: Any):
+        # a copy, as MindSpeed's: the schedule may free or reuse the tensor it passed in
+        return hidden_states.clone(), context
+
+
+def spec_with_noop_layers(spec, layers: tuple[int, ...], noop: frozenset[int]):
+    """`spec` for the chunk holding global `layers`, with a `NoopTransformerLayer` wherever a layer is in `noop`."""
+    if not noop & set(layers):
+        return spec
+    block = spec if isinstance(spec, TransformerBlockSubmodules) else None
+    layer_specs = list(block.layer_specs) if block is not None else [spec] * len(layers)
+    noop_spec = ModuleSpec(module=NoopTransformerLayer)
+    return TransformerBlockSubmodules(
+        layer_specs=[noop_spec if layer in noop else s for layer, s in zip(layers, layer_specs)],
+        layer_norm=block.layer_norm if block is not None else LayerNormImpl)
 
 
 class GPTModel(megatron_gpt.GPTModel):
@@ -60,7 +87,8 @@ def build_model(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
-    placement = place_layers(cfg.num_layers, pp, num_layer_list, num_layers_per_virtual_pipeline_stage)
+    placement = place_layers(cfg.num_layers, pp, num_layer_list, num_layers_per_virtual_pipeline_stage,
+                             frozenset(cfg.noop_layers))
     vpp = placement.vpp if placement.vpp > 1 else None
     if vpp != ps.get_virtual_pipeline_model_parallel_world_size():
         raise PlacementError(f"virtual pipeline size {vpp} (from --num-layers-per-virtual-pipeline-stage) does not match "
@@ -81,8 +109,9 @@ def build_model(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
     for v in range(placement.vpp):
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec if layer_spec is not None else
-            _chunk_spec(cfg, placement, p, v, config.moe_grouped_gemm),
+            transformer_layer_spec=spec_with_noop_layers(
+                layer_spec if layer_spec is not None else _chunk_spec(cfg, placement, p, v, config.moe_grouped_gemm),
+                placement.layers[p][v], placement.noop),
             vocab_size=cfg.vocab_size,
             max_sequence_length=seq_length or cfg.max_position_embeddings,
             pre_process=placement.is_first(p, v),

@@ -43,6 +43,8 @@ class ModelConfig:
     norm_topk_prob: bool = False
     moe_aux_loss_coeff: float = 0.0
     dense_layers: tuple[int, ...] = ()
+    # MindSpeed's --noop-layers: global indices of weightless identity layers, counted in num_layers
+    noop_layers: tuple[int, ...] = ()
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -51,7 +53,7 @@ class ModelConfig:
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether global layer `layer` has a routed-experts MLP."""
-        return self.num_experts is not None and layer not in self.dense_layers
+        return self.num_experts is not None and layer not in self.dense_layers and layer not in self.noop_layers
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -33,7 +33,8 @@ def flops_per_token(cfg, length: int, rho: float, swiglu: bool = True, lora=None
     --lora-modules-to-save; each adapter adds 6 r (in + out)). Attention scores and values cost 2 x 2 x length x
     rho x kv x N forward and twice that backward (gradients of activations only). Without LoRA this is
     12*L*h*ffn*g + 12*L*h^2*(1 + G/N + (S/h)*2*rho)*(kv*N/h) + 6*h*V (g = 1.5 with SwiGLU)."""
-    L, h, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
+    L = cfg.num_layers - len(getattr(cfg, "noop_layers", ()))       # noop layers cost nothing
+    h, V = cfg.hidden_size, cfg.vocab_size
     shapes = _layer_linear_shapes(cfg, swiglu)
     saved = set(lora.modules_to_save) if lora is not None else set()
     if cfg.tie_word_embeddings and saved & {"word_embeddings", "output_layer"}:

@@ -4,6 +4,7 @@ the data, builds each iteration's micro-batches, and supplies the forward step, 
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import random
@@ -273,6 +274,8 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
 
     def finish() -> TrainResult:
         log.close()
+        if args.manual_gc:
+            gc.enable()
         result.iteration = iteration
         result.seconds = time.time() - loop_start
         torch.distributed.barrier()
@@ -280,6 +283,9 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
             destroy_distributed()
         return result
 
+    if args.manual_gc:      # as Megatron: no automatic collection pauses, one collection every N iterations
+        gc.disable()
+        gc.collect()
     while iteration < args.train_iters and not args.skip_train:
         mb = objective.micro_batches(data.train_iter, device)
         step = train_step(args, model, optimizer, mb, objective)
@@ -288,6 +294,8 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
             metrics = {**metrics, "load_balancing_loss": load_balancing_loss(cfg, args.num_microbatches)}
         iteration += 1
         consumed += args.global_batch_size
+        if args.manual_gc and args.manual_gc_interval and iteration % args.manual_gc_interval == 0:
+            gc.collect()
         if nan and not args.skip_nan:
             what = "loss" if not math.isfinite(loss) else f"gradient (grad norm {norm})"
             raise UserError(f"NaN/inf {what} at iteration {iteration}; the update was not applied and this "

@@ -10,6 +10,7 @@ import torch
 
 from mindspeed_llm.arguments import params_dtype
 from mindspeed_llm.errors import UserError
+from mindspeed_llm.models.placement import parse_noop_layers, saved_without_noop, with_noop_layers
 from mindspeed_llm.training.validate import check_expert_split
 from mindspeed_llm.platform import (adapt_megatron_grad_accum_fusion, adapt_megatron_optimizer,
                                     compiled_fusions_supported, notice)
@@ -37,9 +38,19 @@ def model_config(args: argparse.Namespace, tokenizer_len: int, hf_dir: Optional[
 
     saved, source = checkpoint_args(args.load)
     hf = read_hf_config(hf_dir) if hf_dir is not None else None
-    cfg = resolve_model(args, explicit_of(args, build_train_parser()), saved=saved, saved_source=source,
+    # --noop-layers: the shape is resolved in the HF model's (real) layers, then renumbered with the noop ones
+    typed, noop = args, parse_noop_layers(args.noop_layers, args.num_layers or 0)
+    if noop:
+        typed = argparse.Namespace(**{**vars(args), "num_layers": args.num_layers - len(noop)})
+    if saved is not None:
+        saved, saved_noop = saved_without_noop(saved)
+        if saved_noop != noop:
+            raise UserError(f"--noop-layers {args.noop_layers or '(none)'} disagrees with {source}, saved with "
+                            f"noop layers {','.join(map(str, sorted(saved_noop))) or '(none)'}; pass the same")
+    cfg = resolve_model(typed, explicit_of(args, build_train_parser()), saved=saved, saved_source=source,
                         hf=hf, hf_source=str(Path(hf_dir) / "config.json") if hf_dir else "",
                         tokenizer_len=tokenizer_len)
+    cfg = with_noop_layers(cfg, noop)
     where = str(Path(hf_dir) / "config.json") if hf_dir else (source or "the flags")
     return _check_seq_length(args, _check_moe(args, cfg, where), where)
 
@@ -64,7 +75,8 @@ def check_moe_layout(args: argparse.Namespace, cfg, source: str):
 
         typed = dense_layers(argparse.Namespace(moe_layer_freq=args.moe_layer_freq,
                                                 first_k_dense_replace=args.first_k_dense_replace), cfg.num_layers)
-        if tuple(typed) != tuple(cfg.dense_layers):
+        typed = tuple(i for i in typed if i not in cfg.noop_layers)       # a noop layer has no MLP at all
+        if typed != tuple(cfg.dense_layers):
             raise UserError(f"--moe-layer-freq {args.moe_layer_freq} --first-k-dense-replace "
                             f"{args.first_k_dense_replace} make layers {list(typed)} dense, but {source} has dense "
                             f"layers {list(cfg.dense_layers)}; drop the flags or match the model")

@@ -64,6 +64,10 @@ def validate_train_args(args: argparse.Namespace) -> None:
         raise UserError("--enable-hf2mg-convert needs --load pointing at a Hugging Face model directory")
     if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
         raise UserError("--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive")
+    if args.noop_layers and args.num_layers is None:
+        raise UserError("--noop-layers needs --num-layers (which counts the noop layers, as in MindSpeed)")
+    if args.manual_gc_interval < 0:
+        raise UserError(f"--manual-gc-interval {args.manual_gc_interval}: must be >= 0 (0: collect only at start-up)")
     if args.recompute_granularity == "full" and args.recompute_method is None:
         raise UserError("--recompute-granularity full needs --recompute-method uniform or block")
     if args.tensor_model_parallel_size < 1 or args.pipeline_model_parallel_size < 1:
