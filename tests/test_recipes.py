@@ -10,10 +10,13 @@ import re
 import subprocess
 
 import pytest
+import torch
 
 from tests.conftest import REPO, run_cli, run_torchrun
 from mindspeed_llm.errors import UserError
 from tests.recipes import REFERENCE, load_recipes, edit, recipe_argv, tied
+from tests.test_convert import hf_tensors
+from tests.test_pretrain import write_text_corpus
 
 RECIPES = load_recipes()
 
@@ -159,18 +162,28 @@ MOE_TINY = {"--num-layers": "4", "--hidden-size": "64", "--ffn-hidden-size": "12
             "--train-iters": "2", "--save-interval": "2"}
 # Recipes that stop with one line naming a flag not implemented here (the first one the run meets).
 MOE_REFUSED = {"tune_qwen3_30b_a3b_4K_lora_ptd": "--moe-grouped-gemm"}
-# Every other fine-tuning recipe runs 2 iterations in one process (context parallelism at 1): the 235B ones with
+# Every other training recipe (and the pretraining one) runs 2 iterations in one process (context parallelism at 1): the 235B ones with
 # their --noop-layers, the long-context ones with MindSpeed's memory switches (one notice line each).
 MOE_RUNS = ("tune_qwen3_30b_a3b_4K_full_ptd", "dpo_qwen3_30b_a3b_16K_A3_ptd",
             "tune_qwen3_235b_a22b_4K_full_pack_A3_ptd", "tune_qwen3_235b_a22b_32K_lora_pack_A2_ptd",
             "tune_qwen3_30b_a3b_32K_full_pack_A3_ptd", "tune_qwen3_30b_a3b_32K_full_pack_A+X_ptd",
             "tune_qwen3_30b_a3b_256K_full_pack_A3_ptd", "tune_qwen3_235b_a22b_64K_full_pack_A3_ptd",
-            "tune_qwen3_235b_a22b_128K_full_pack_A3_ptd", "tune_qwen3_235b_a22b_256K_full_pack_A3_ptd")
+            "tune_qwen3_235b_a22b_128K_full_pack_A3_ptd", "tune_qwen3_235b_a22b_256K_full_pack_A3_ptd",
+            "pretrain_qwen3_30b_a3b_4K_ptd")
+
+
+def moe_entry(script) -> str:
+    """The entry script a recipe runs, from its name."""
+    for prefix, entry in (("pretrain_", "pretrain_gpt.py"), ("generate_", "inference.py"),
+                          ("evaluate_", "evaluation.py")):
+        if script.stem.startswith(prefix):
+            return entry
+    return "posttrain_gpt.py"
 
 
 def moe_tiny_argv(script, tmp_path, paths: dict[str, str]) -> list[str]:
-    """Our recipe's posttrain_gpt.py arguments with paths, the tiny shape and one-process sizes edited in."""
-    argv = recipe_argv(script, tmp_path)
+    """Our recipe's training arguments with paths, the tiny shape and one-process sizes edited in."""
+    argv = recipe_argv(script, tmp_path, entry=moe_entry(script))
     flags: list[list[str]] = []
     for tok in argv:
         if tok.startswith("--"):
@@ -214,28 +227,40 @@ def moe_env(tmp_path_factory, tiny_model_factory):
                      {"INPUT": str(files[source]), "TOKENIZER_PATH": str(hf), "OUTPUT_PREFIX": str(prefix), **extra})
         assert proc.returncode == 0, proc.stderr[-2000:]
         out[name] = str(prefix)
-    # The conversion recipes pass MindSpeed's --moe-grouped-gemm (the GroupedMLP layout): converted, or one line
-    # naming the flag while that layout is not implemented.
+    corpus = write_text_corpus(root / "raw" / "corpus.jsonl", 200, 1)
+    proc = _bash(MOE_DIR / "data_convert_qwen3_moe_pretrain.sh",
+                 {"INPUT": str(corpus), "TOKENIZER_PATH": str(hf), "OUTPUT_PREFIX": str(root / "pretrain" / "corpus")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out["pretrain"] = str(root / "pretrain" / "corpus_text_document")
+    # The conversion recipes pass MindSpeed's --moe-grouped-gemm (the GroupedMLP layout)
     out["ckpt"] = root / "mg"          # the sequential-expert layout the runs below load
     convert_hf_to_mg(Hf2MgOptions(load_dir=hf, save_dir=out["ckpt"]), log=lambda m: None)
     out["ckpt_noop"] = root / "mg_noop"      # the 235B recipes' layout: 2 noop layers after the model's 4
     convert_hf_to_mg(Hf2MgOptions(load_dir=hf, save_dir=out["ckpt_noop"], noop_layers="4,5"), log=lambda m: None)
-    for name, env in (("hf2mcore", {"HF_DIR": str(hf), "MG_DIR": str(root / "grouped")}),
-                      ("mcore2hf", {"MG_DIR": str(out["ckpt"]), "HF_CFG_DIR": str(hf), "HF_OUT": str(root / "back")})):
+    for name, noop in (("ckpt_grouped", None), ("ckpt_noop_grouped", "4,5")):     # for recipes with --moe-grouped-gemm
+        out[name] = root / name
+        convert_hf_to_mg(Hf2MgOptions(load_dir=hf, save_dir=out[name], noop_layers=noop, grouped_gemm=True),
+                         log=lambda m: None)
+    # (PP 2 x EP 2 here: the tiny model has 4 layers); back to HF, every tensor is the original's, bit for bit.
+    for name, env in (("hf2mcore", {"HF_DIR": str(hf), "MG_DIR": str(root / "grouped"), "PP": "2", "EP": "2"}),
+                      ("mcore2hf", {"MG_DIR": str(root / "grouped"), "HF_CFG_DIR": str(hf),
+                                    "HF_OUT": str(root / "back")})):
         proc = _bash(MOE_DIR / f"ckpt_convert_qwen3_moe_{name}.sh", env)
-        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-        assert proc.returncode == 0 or (len(errors) == 1 and "--moe-grouped-gemm" in errors[0]), proc.stderr[-2000:]
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    original, back = hf_tensors(hf), hf_tensors(root / "back")
+    assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
     return out
 
 
 def _moe_paths(script, moe_env, save, tmp_path) -> dict[str, str]:
     """Paths for a recipe: the HF model dir where it converts at start-up, else the converted checkpoint (with
-    the recipe's noop layers)."""
+    the recipe's noop layers and expert layout)."""
     name = script.stem
-    data = moe_env["pairwise"] if name.startswith("dpo_") else \
-        moe_env["instruction_pack" if "_pack_" in name else "instruction"]
-    argv = recipe_argv(script, tmp_path)
-    converted = moe_env["ckpt_noop" if "--noop-layers" in argv else "ckpt"]
+    data = moe_env["pairwise"] if name.startswith("dpo_") else moe_env["pretrain"] if name.startswith("pretrain_") \
+        else moe_env["instruction_pack" if "_pack_" in name else "instruction"]
+    argv = recipe_argv(script, tmp_path, entry=moe_entry(script))
+    converted = moe_env[("ckpt_noop" if "--noop-layers" in argv else "ckpt") +
+                        ("_grouped" if "--moe-grouped-gemm" in argv else "")]
     return {"--load": str(moe_env["hf"] if "--enable-hf2mg-convert" in argv else converted), "--save": str(save), "--data-path": data,
             "--tokenizer-name-or-path": str(moe_env["hf"])}
 
@@ -250,7 +275,7 @@ def test_moe_recipes_are_ours(tmp_path):
     reference = {block.group(1): block.group(2).split() for block in re.finditer(
         r"^## qwen3_moe/(\S+)\n`[^`]*` \(\d+ flags\)\n```\n(.*?)```", REFERENCE.read_text(), re.M | re.S)}
     for script in sorted(MOE_DIR.glob("*_ptd.sh")):
-        ours, ref = recipe_argv(script, tmp_path), reference[script.stem]
+        ours, ref = recipe_argv(script, tmp_path, entry=moe_entry(script)), reference[script.stem]
         for flag in ("--num-experts", "--moe-router-topk", "--moe-ffn-hidden-size", "--moe-intermediate-size",
                      "--moe-token-dispatcher-type", "--moe-aux-loss-coeff", "--max-position-embeddings",
                      "--num-layers", "--noop-layers", "--tensor-model-parallel-size", "--pipeline-model-parallel-size",
@@ -270,8 +295,9 @@ def test_moe_recipes_run_on_the_tiny_model(moe_env, tmp_path):
     from tests.train_fixtures import launch_plan
 
     runs = set(MOE_RUNS)
-    plan = [{"name": name, "argv": moe_tiny_argv(MOE_DIR / f"{name}.sh", tmp_path, _moe_paths(
-        MOE_DIR / f"{name}.sh", moe_env, tmp_path / name, tmp_path))} for name in sorted(runs)]
+    plan = [{"name": name, "kind": "pretrain" if name.startswith("pretrain_") else "train",
+             "argv": moe_tiny_argv(MOE_DIR / f"{name}.sh", tmp_path, _moe_paths(
+                 MOE_DIR / f"{name}.sh", moe_env, tmp_path / name, tmp_path))} for name in sorted(runs)]
     out = launch_plan(tmp_path, "moe_recipes", plan, nproc=1)
     for name in runs:
         assert out[name]["iteration"] == 2 and len(out[name]["losses"]) == 2, name

@@ -9,9 +9,9 @@ set -euo pipefail
 
 HF_DIR=${HF_DIR:-./model_from_hf/qwen3_moe_hf/}          # downloaded Qwen3-30B-A3B (config.json, *.safetensors)
 MG_DIR=${MG_DIR:-./model_weights/qwen3_moe_mcore/}       # output: latest_checkpointed_iteration.txt + iter_0000001/
-TP=1
-PP=8
-EP=1
+TP=${TP:-1}
+PP=${PP:-8}
+EP=${EP:-1}
 
 python convert_ckpt_v2.py \
     --load-model-type hf \
