@@ -28,6 +28,17 @@ SIZES = {"--tensor-model-parallel-size": "1", "--pipeline-model-parallel-size": 
          "--save-interval": "2", "--num-layers-per-virtual-pipeline-stage": None}
 
 
+def split_flags(argv: list[str]) -> list[list[str]]:
+    """argv as [flag, values...] groups, in order."""
+    flags: list[list[str]] = []
+    for tok in argv:
+        if tok.startswith("--"):
+            flags.append([tok])
+        else:
+            flags[-1].append(tok)
+    return flags
+
+
 def load_recipes() -> dict[str, tuple[str, list[list[str]]]]:
     """name -> (entry script, flags as [flag, values...] in recipe order)."""
     text = REFERENCE.read_text()
@@ -36,12 +47,7 @@ def load_recipes() -> dict[str, tuple[str, list[list[str]]]]:
         name, script, body = block.groups()
         if not IN_SCOPE.match(name):
             continue
-        flags: list[list[str]] = []
-        for tok in body.split():
-            if tok.startswith("--"):
-                flags.append([tok])
-            else:
-                flags[-1].append(tok)
+        flags = split_flags(body.split())
         recipes[name] = (script.lstrip("./"), flags)
     # v2.2.0 tune recipes: today's with the older dynamic-padding spelling (the reference's note on old releases)
     for name, (script, flags) in list(recipes.items()):

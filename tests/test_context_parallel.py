@@ -11,7 +11,7 @@ from mindspeed_llm.arguments import parse_train_args
 from mindspeed_llm.errors import UserError
 from mindspeed_llm.models.context_parallel import kv_repeats_for_ulysses
 from tests.conftest import REPO, run_cli, run_torchrun
-from tests.recipes import edit, recipe_argv
+from tests.recipes import edit, recipe_argv, split_flags
 from tests.test_dpo import METRICS as DPO_METRICS, dpo_env, dpo_flags  # noqa: F401  (dpo_env is a fixture)
 from tests.test_moe_train import lb_losses, moe, single, train_argv  # noqa: F401  (moe, single are fixtures)
 from tests.test_train import assert_close, unfused
@@ -192,12 +192,7 @@ def test_long_context_recipe_runs_at_cp2(recipe, env, thinking_pack, tmp_path):
     tiny model: only paths, shapes and sizes edited (TP 1, PP 1, CP 2, 256-token rows), 2 iterations on 2
     processes, a checkpoint saved."""
     argv = recipe_argv(REPO / "examples" / "mcore" / "qwen3" / f"{recipe}.sh", tmp_path)
-    flags: list[list[str]] = []
-    for token in argv:
-        if token.startswith("--"):
-            flags.append([token])
-        else:
-            flags[-1].append(token)
+    flags = split_flags(argv)
     save = tmp_path / "save"
     argv = edit(flags, {}, {"--load": str(env["ckpt"][(1, 1)]), "--save": str(save), "--data-path": thinking_pack,
                             "--tokenizer-name-or-path": str(env["hf"]), "--context-parallel-size": "2",

@@ -168,7 +168,7 @@ MOE_FLAGS = re.compile(r"^--(moe-.*|num-experts|first-k-dense-replace|norm-topk-
 def mindspeed_recipe(env: dict) -> list[str] | None:
     """MindSpeed-LLM's published DPO recipe (qwen3_moe/dpo_*) without its MoE flags, shapes and sizes edited for
     the tiny model (2 iterations at DP2); None when the reference list is absent."""
-    from tests.recipes import REFERENCE, edit
+    from tests.recipes import REFERENCE, edit, split_flags
 
     if not REFERENCE.is_file():
         return None
@@ -176,12 +176,7 @@ def mindspeed_recipe(env: dict) -> list[str] | None:
                       REFERENCE.read_text(), re.M | re.S)
     if found is None:
         return None
-    flags: list[list[str]] = []
-    for tok in found.group(1).split():
-        if tok.startswith("--"):
-            flags.append([tok])
-        else:
-            flags[-1].append(tok)
+    flags = split_flags(found.group(1).split())
     flags = [f for f in flags if not MOE_FLAGS.match(f[0])]
     paths = {"--tokenizer-name-or-path": str(env["hf"]), "--data-path": env["data"],
              "--load": str(env["ckpt"][("base", 1, 1)]), "--save": str(env["root"] / "recipe_save")}

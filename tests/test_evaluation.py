@@ -412,16 +412,11 @@ def test_cli_bad_data_is_one_error_line(tiny_qwen3, tmp_path):
 # ---- MindSpeed-LLM's evaluate recipes ---------------------------------------------------------------------------
 
 def _reference_flags(size: str) -> list[list[str]]:
-    from tests.recipes import REFERENCE
+    from tests.recipes import REFERENCE, split_flags
 
     m = re.search(rf"^## qwen3/evaluate_qwen3_{size}_ptd\n`torchrun evaluation.py` \(\d+ flags\)\n```\n(.*?)```",
                   REFERENCE.read_text(), re.M | re.S)
-    flags: list[list[str]] = []
-    for tok in m.group(1).split():
-        if tok.startswith("--"):
-            flags.append([tok])
-        else:
-            flags[-1].append(tok)
+    flags = split_flags(m.group(1).split())
     return flags
 
 

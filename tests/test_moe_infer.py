@@ -11,7 +11,7 @@ import pytest
 
 from mindspeed_llm.checkpoint import cli
 from tests.conftest import REPO, run_cli, run_torchrun
-from tests.recipes import edit, recipe_argv
+from tests.recipes import edit, recipe_argv, split_flags
 from tests.test_evaluation import _check_choice_task, build_tasks, expected_prompts
 from tests.test_inference import MAX_NEW, TEXTS, _prompts, hf_greedy
 
@@ -63,12 +63,7 @@ BAD_MESSAGES = {"ep_world": "--expert-model-parallel-size 2 x --tensor-model-par
 
 def recipe_flags(recipe: str, tmp_path: Path, entry: str, values: dict[str, str]) -> list[str]:
     """One of our MoE recipes' arguments to `entry` with the tiny shape, one process and `values` (paths)."""
-    groups: list[list[str]] = []
-    for token in recipe_argv(MOE_RECIPES / f"{recipe}.sh", tmp_path, entry):
-        if token.startswith("--"):
-            groups.append([token])
-        else:
-            groups[-1].append(token)          # "your model ckpt path": replaced below
+    groups = split_flags(recipe_argv(MOE_RECIPES / f"{recipe}.sh", tmp_path, entry))
     return edit(groups, {}, {**TINY_MOE_SHAPE, **values})
 
 

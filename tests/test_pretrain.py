@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import run_cli
-from tests.recipes import edit, load_recipes, recipe_argv
+from tests.recipes import edit, load_recipes, recipe_argv, split_flags
 from tests.test_safe_load import error_line, run_cases
 from tests.train_fixtures import launch_plan, model_flags
 
@@ -245,16 +245,6 @@ def test_our_recipe_passes_mindspeeds_flags(name, tmp_path):
     assert sorted(ours) == sorted(theirs)
     differ = {f: (ours[f], theirs[f]) for f in theirs if theirs[f] != ["PATH"] and ours[f] != theirs[f]}
     assert not differ
-
-
-def split_flags(argv: list[str]) -> list[list[str]]:
-    flags: list[list[str]] = []
-    for tok in argv:
-        if tok.startswith("--"):
-            flags.append([tok])
-        else:
-            flags[-1].append(tok)
-    return flags
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

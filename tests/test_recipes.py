@@ -14,7 +14,7 @@ import torch
 
 from tests.conftest import REPO, run_cli, run_torchrun
 from mindspeed_llm.errors import UserError
-from tests.recipes import REFERENCE, load_recipes, edit, recipe_argv, tied
+from tests.recipes import REFERENCE, load_recipes, edit, recipe_argv, split_flags, tied
 from tests.test_convert import hf_tensors
 from tests.test_pretrain import write_text_corpus
 
@@ -184,12 +184,7 @@ def moe_entry(script) -> str:
 def moe_tiny_argv(script, tmp_path, paths: dict[str, str]) -> list[str]:
     """Our recipe's training arguments with paths, the tiny shape and one-process sizes edited in."""
     argv = recipe_argv(script, tmp_path, entry=moe_entry(script))
-    flags: list[list[str]] = []
-    for tok in argv:
-        if tok.startswith("--"):
-            flags.append([tok])
-        else:
-            flags[-1].append(tok)
+    flags = split_flags(argv)
     out: list[str] = []
     for flag, *values in flags:
         if flag == "--num-layers" and any(f[0] == "--noop-layers" for f in flags):

@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import argparse
-from functools import partial
-from typing import Any, Iterator
+from typing import Iterator
 
-from mindspeed_llm.models.context_parallel import context_parallel_group
 from mindspeed_llm.training.data import MicroBatches, RunData
-from mindspeed_llm.training.loss import sft_loss_func
-from mindspeed_llm.training.objectives.sft import model_forward
+from mindspeed_llm.training.objectives.sft import SFTObjective
 from mindspeed_llm.training.pretrain_data import build_pretrain_datasets, collate, next_pretrain_micro_batches
 from mindspeed_llm.training.sft_dataset import train_valid_test_num_samples
 
 
-class PretrainObjective:
+class PretrainObjective(SFTObjective):
+    """SFT's forward step, loss and (no) extra metrics over other data: GPTDataset samples, every token trained."""
+
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
+        super().__init__(args)
         self.eod = None
 
     def check_data(self, tokenizer) -> None:
         # The prefixes and weights were checked with the flags (`validate`); EOD is the tokenizer's eos.
         self.eod = tokenizer.eos_token_id
-
-    def setup(self, cfg, loaded) -> None:
-        pass
 
     def build_data(self, tokenizer, consumed_samples: int) -> RunData:
         from megatron.core import parallel_state as ps
@@ -50,14 +46,3 @@ class PretrainObjective:
         return next_pretrain_micro_batches(iterator, self.args.num_microbatches, self.eod,
                                            self.args.reset_attention_mask, device)
 
-    def before_schedule(self, mb: MicroBatches) -> None:
-        pass
-
-    def forward_step(self, data_iterator: Iterator, model):
-        batch = next(data_iterator)
-        return model_forward(model, batch), partial(sft_loss_func, batch["loss_mask"],
-                                                    per_token=self.args.calculate_per_token_loss,
-                                                    cp_group=context_parallel_group())
-
-    def metrics(self, reports: list[dict[str, Any]], group) -> dict[str, float]:
-        return {}
