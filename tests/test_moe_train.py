@@ -163,3 +163,6 @@ def test_bad_expert_parallel_sizes_are_one_line(moe):
     assert "--expert-model-parallel-size 3" in line and "8 experts" in line
     line = _error_line(run_cli("posttrain_gpt.py", *base, "--expert-model-parallel-size", "2", check=False))
     assert "--expert-model-parallel-size 2" in line and "1 processes" in line
+    # megatron-core's MoE layer raises a traceback mid-step for TP without SP: said at start-up instead
+    line = _error_line(run_cli("posttrain_gpt.py", *base, "--tensor-model-parallel-size", "2", check=False))
+    assert "--tensor-model-parallel-size 2" in line and "--sequence-parallel" in line

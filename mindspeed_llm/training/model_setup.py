@@ -11,7 +11,7 @@ import torch
 from mindspeed_llm.arguments import params_dtype
 from mindspeed_llm.errors import UserError
 from mindspeed_llm.models.placement import parse_noop_layers, saved_without_noop, with_noop_layers
-from mindspeed_llm.training.validate import check_expert_split
+from mindspeed_llm.training.validate import check_expert_split, check_moe_sequence_parallel
 from mindspeed_llm.platform import (adapt_megatron_grad_accum_fusion, adapt_megatron_optimizer,
                                     compiled_fusions_supported, notice)
 
@@ -63,6 +63,7 @@ def _check_moe(args: argparse.Namespace, cfg, source: str):
         if ep != 1:
             raise UserError(f"--expert-model-parallel-size {ep}: {source} holds a dense model (no experts); use 1")
         return cfg
+    check_moe_sequence_parallel(args, source)
     return check_moe_layout(args, cfg, source)
 
 

@@ -74,6 +74,7 @@ def validate_train_args(args: argparse.Namespace) -> None:
         raise UserError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be at least 1")
     if args.num_experts is not None:
         check_expert_split(args.num_experts, args.expert_model_parallel_size, "--num-experts")
+        check_moe_sequence_parallel(args, "--num-experts")
     if args.tensor_model_parallel_size == 1:
         args.sequence_parallel = False       # Megatron switches SP off at TP=1
     validate_context_parallel(args)
@@ -260,6 +261,14 @@ def validate_world(args: argparse.Namespace, world_size: int) -> None:
     if args.num_layers_per_virtual_pipeline_stage and pp > 1 and args.num_microbatches % pp:
         raise UserError(f"interleaved pipeline: the number of micro-batches {args.num_microbatches} "
                         f"(--global-batch-size / (--micro-batch-size x DP)) must be a multiple of PP {pp}")
+
+
+def check_moe_sequence_parallel(args: argparse.Namespace, source: str) -> None:
+    """megatron-core's MoE layer refuses to train under tensor parallelism without sequence parallelism."""
+    tp = args.tensor_model_parallel_size
+    if tp > 1 and not args.sequence_parallel:
+        raise UserError(f"--tensor-model-parallel-size {tp}: {source} makes this a mixture-of-experts model, whose "
+                        f"layers train under tensor parallelism only with --sequence-parallel (megatron-core); add it")
 
 
 def check_expert_split(num_experts: int, ep: int, source: str) -> None:
