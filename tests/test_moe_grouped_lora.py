@@ -4,7 +4,8 @@ posttrain_gpt.py and convert_ckpt.py, in MindSpeed-LLM's grouped adapter layout 
 
 * 3 iterations equal LoRA on sequential experts (losses, grad norms, load-balancing losses): both layouts start
   from the same adapters (expert j's grouped factors are its sequential ones transposed), so any error in the
-  grouped forward, its gradients or the mapping shows from the first grad norm on; EP2 trains as EP1.
+  grouped forward, its gradients or the mapping shows from the first grad norm on; EP2 and TP2 (+SP,
+  expert TP 2) train as EP1.
 * --lora-ckpt-filter saves the four grouped factors of every local expert and nothing else but the attention
   adapters; the mg -> hf merge of the EP2 run loaded in transformers' Qwen3MoeForCausalLM gives our unmerged
   logits (1e-5); a PEFT export of grouped adapters is one error line.
@@ -40,9 +41,10 @@ def env(tiny_model_factory, tmp_path_factory) -> dict:
             str(files["alpaca_train"]), "--handler-name", "AlpacaStyleInstructionHandler", "--output-prefix",
             str(root / "data" / "alpaca"), "--seq-length", "128")
     ckpt = {}
-    for name, ep, grouped in (("seq_ep1", 1, False), ("grouped_ep1", 1, True), ("grouped_ep2", 2, True)):
+    for name, tp, ep, grouped in (("seq_ep1", 1, 1, False), ("grouped_ep1", 1, 1, True), ("grouped_ep2", 1, 2, True),
+                                  ("grouped_tp2", 2, 1, True)):
         ckpt[name] = root / f"mg_{name}"
-        convert_hf_to_mg(Hf2MgOptions(load_dir=hf, save_dir=ckpt[name], ep=ep, grouped_gemm=grouped),
+        convert_hf_to_mg(Hf2MgOptions(load_dir=hf, save_dir=ckpt[name], tp=tp, ep=ep, grouped_gemm=grouped),
                          log=lambda m: None)
     return {"root": root, "hf": hf, "data": str(root / "data" / "alpaca"), "ckpt": ckpt}
 
@@ -61,12 +63,15 @@ def runs(env) -> dict:
     ], nproc=1)
     double = launch_plan(env["root"], "grouped_lora_double", [
         {"name": "grouped_ep2", "argv": _lora(env, "grouped_ep2", "lora_grouped_ep2", True, *EP2)},
+        # expert TP: B1 and A2 are split like weight1's columns and weight2's rows, A1 and B2 whole
+        {"name": "grouped_tp2", "argv": _lora(env, "grouped_tp2", "lora_grouped_tp2", True,
+                                              "--tensor-model-parallel-size", "2", "--sequence-parallel")},
     ], nproc=2)
     return {**single, **double}
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["grouped", "grouped_ep2"])
+@pytest.mark.parametrize("name", ["grouped", "grouped_ep2", "grouped_tp2"])
 def test_grouped_lora_trains_as_sequential_lora(runs, name):
     ref = runs["sequential"]
     assert_close(runs[name]["losses"], ref["losses"])

@@ -158,8 +158,7 @@ MOE_TINY = {"--num-layers": "4", "--hidden-size": "64", "--ffn-hidden-size": "12
             "--num-layers-per-virtual-pipeline-stage": None, "--micro-batch-size": "2", "--global-batch-size": "4",
             "--train-iters": "2", "--save-interval": "2"}
 # Recipes that stop with one line naming a flag not implemented here (the first one the run meets).
-MOE_REFUSED = {"tune_qwen3_30b_a3b_4K_lora_ptd": "--moe-grouped-gemm",
-               "tune_qwen3_235b_a22b_4K_full_pack_A3_ptd": "--noop-layers",
+MOE_REFUSED = {"tune_qwen3_235b_a22b_4K_full_pack_A3_ptd": "--noop-layers",
                "tune_qwen3_235b_a22b_32K_lora_pack_A2_ptd": "--noop-layers"}
 # MindSpeed's long-context recipes: their memory switches are unknown flags here (one line names them all).
 MOE_LONG = {"tune_qwen3_30b_a3b_32K_full_pack_A3_ptd": "--swap-optimizer",
@@ -262,11 +261,12 @@ def test_moe_recipes_are_ours(tmp_path):
 
 @pytest.mark.distributed
 def test_moe_recipes_run_on_the_tiny_model(moe_env, tmp_path):
-    """30B full SFT (HF weights converted at start-up) and 30B DPO run 2 iterations in one process; the other
-    recipes stop with one error line naming the flag not implemented here, nothing saved."""
+    """30B full SFT and LoRA on grouped experts (HF weights converted at start-up) and 30B DPO run 2 iterations in
+    one process; the other recipes stop with one error line naming the flag not implemented here, nothing saved."""
+    from mindspeed_llm.checkpoint import layout
     from tests.train_fixtures import launch_plan
 
-    runs = {"tune_qwen3_30b_a3b_4K_full_ptd", "dpo_qwen3_30b_a3b_16K_A3_ptd"}
+    runs = {"tune_qwen3_30b_a3b_4K_full_ptd", "tune_qwen3_30b_a3b_4K_lora_ptd", "dpo_qwen3_30b_a3b_16K_A3_ptd"}
     plan = [{"name": name, "argv": moe_tiny_argv(MOE_DIR / f"{name}.sh", tmp_path, _moe_paths(
         MOE_DIR / f"{name}.sh", moe_env, tmp_path / name, tmp_path))} for name in sorted(runs)]
     out = launch_plan(tmp_path, "moe_recipes", plan, nproc=1)
@@ -275,6 +275,9 @@ def test_moe_recipes_run_on_the_tiny_model(moe_env, tmp_path):
         assert all(m["load_balancing_loss"] > 0 for m in out[name]["metrics"]), name
         assert (tmp_path / name / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     assert "rewards/chosen" in out["dpo_qwen3_30b_a3b_16K_A3_ptd"]["metrics"][0]
+    lora_save = layout.load_pt(tmp_path / "tune_qwen3_30b_a3b_4K_lora_ptd" / layout.iter_dir_name(2) / "mp_rank_00" /
+                               layout.FILE_NAME)["model"]
+    assert "decoder.layers.0.mlp.experts.weight1_lora_a" in lora_save       # MindSpeed's grouped adapters
     for name, flag in MOE_REFUSED.items():
         script = MOE_DIR / f"{name}.sh"
         argv = moe_tiny_argv(script, tmp_path, _moe_paths(script, moe_env, tmp_path / name, tmp_path))
