@@ -10,7 +10,7 @@ In a MoE layer (megatron-core SequentialMLP) linear_fc1/linear_fc2 of every loca
 the expert-TP group, and the router never is (MindSpeed-LLM's LoRA of sequential experts); each expert's adapter
 starts from the seed of its global index, so every EP layout starts alike. With --moe-grouped-gemm (megatron-core
 GroupedMLP) every local expert gets adapters on fc1 and fc2 whatever the targets, in MindSpeed-LLM's grouped layout
-(`LoraGroupedMLP`): `weight1_lora_a` [H, r*E_loc], `weight1_lora_b` [r, E_loc*2F/T], `weight2_lora_a`
+(`LoraGroupedExperts`): `weight1_lora_a` [H, r*E_loc], `weight1_lora_b` [r, E_loc*2F/T], `weight2_lora_a`
 [E_loc*F/T, r], `weight2_lora_b` [r*E_loc, H], seen per expert as raw views [E_loc, ., .]; expert j's factors are
 the transposes of its sequential adapters (A1[j] = A_fc1^T, B1[j] = B_fc1^T, ...), drawn from the same seeds.
 
@@ -43,8 +43,9 @@ STAGE_MODULES = {"embedding", "word_embeddings", "output_layer", "final_layernor
 A_SUFFIX, B_SUFFIX, BASE = ".lora_A.default.weight", ".lora_B.default.weight", ".base_layer."
 # GroupedMLP adapters (MindSpeed-LLM's names): the A and B factor of each grouped expert weight.
 GROUPED_ADAPTERS = {"weight1": ("weight1_lora_a", "weight1_lora_b"), "weight2": ("weight2_lora_a", "weight2_lora_b")}
+GROUPED_NAMES = tuple(name for pair in GROUPED_ADAPTERS.values() for name in pair)
 GROUPED_A_SUFFIXES = tuple("." + a for a, _ in GROUPED_ADAPTERS.values())
-ADAPTER_SUFFIXES = (A_SUFFIX, B_SUFFIX) + tuple("." + name for pair in GROUPED_ADAPTERS.values() for name in pair)
+ADAPTER_SUFFIXES = (A_SUFFIX, B_SUFFIX) + tuple("." + name for name in GROUPED_NAMES)
 
 
 @dataclass(frozen=True)
@@ -233,9 +234,6 @@ class LoraGroupedExperts(nn.Module):
         low_rank = gg.ops.gmm(self.lora_dropout(x), a, tokens_per_expert, trans_b=False)
         return (gg.ops.gmm(x, weight, tokens_per_expert, trans_b=False)
                 + self.lora_scale * gg.ops.gmm(low_rank, b, tokens_per_expert, trans_b=False))
-
-
-GROUPED_NAMES = tuple(name for pair in GROUPED_ADAPTERS.values() for name in pair)
 
 
 @functools.lru_cache(maxsize=None)
