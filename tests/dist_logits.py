@@ -1,7 +1,7 @@
 """torchrun script: load converted checkpoints into our GPTModel at TP/PP/VPP and compare logits with transformers.
 
 Usage: torchrun --nproc_per_node 2 tests/dist_logits.py CASES.json
-CASES.json: [{"name", "hf_dir", "mg_dir", "tp", "pp", "ep"?, "num_layer_list"?, "vpp_layers"?, "tol"?,
+CASES.json: [{"name", "hf_dir", "mg_dir", "tp", "pp", "ep"?, "grouped"?, "num_layer_list"?, "vpp_layers"?, "tol"?,
                "lora"?: {"dir", "r", "alpha", "targets", "peft_dir" | "merged_dir"}}, ...]
 Each rank that holds final logits compares them with `AutoModelForCausalLM` (fp32) and prints one line per case;
 any mismatch raises (non-zero exit). A "lora" case adds our adapter modules, loads the LoRA checkpoint into them
@@ -75,7 +75,8 @@ def main(cases_file: str) -> None:
         init_distributed(case["tp"], case["pp"], placement.vpp if placement.vpp > 1 else None,
                          expert_model_parallel_size=case.get("ep", 1))
         chunks = build_model(cfg, params_dtype=torch.float32, num_layer_list=case.get("num_layer_list"),
-                             num_layers_per_virtual_pipeline_stage=vpp_layers, parallel_output=False)
+                             num_layers_per_virtual_pipeline_stage=vpp_layers, parallel_output=False,
+                             moe_grouped_gemm=case.get("grouped", False))
         lora = case.get("lora")
         if lora:
             from mindspeed_llm.checkpoint.load import load_adapters

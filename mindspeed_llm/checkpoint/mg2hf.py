@@ -129,6 +129,9 @@ def iter_hf_tensors(load_dir: Path, model_type_hf: Optional[str] = None, hf_cfg_
     if adapters is not None and etp != tp:
         raise ConversionError(f"{iter_dir}: merging or exporting LoRA adapters of a checkpoint saved with "
                               f"--expert-tensor-parallel-size {etp} under TP {tp} is not implemented")
+    if adapters is not None and opts.save_lora_to_hf and grouped:
+        raise ConversionError(f"--save-lora-to-hf: {iter_dir} holds grouped experts (--moe-grouped-gemm), whose "
+                              f"adapters have no PEFT form; merge them instead (drop --save-lora-to-hf)")
     if adapters is not None:      # what was resolved (flags, else the LoRA checkpoint's args) is what is written
         opts.lora_r, opts.lora_alpha = adapters.spec.r, adapters.spec.alpha
         if opts.save_lora_to_hf and cfg.num_experts is not None and {"linear_fc1", "linear_fc2"} & set(
@@ -238,7 +241,7 @@ def _adapter_source(opts: Mg2HfOptions, args: argparse.Namespace, iter_dir: Path
                                lora_alpha=opts.lora_alpha)
     first = layout.load_rank_file(iter_dir / layout.rank_dir_name(0, 0, pp, 0, ep) / layout.FILE_NAME)
     first = next((v for k, v in first.items() if k.startswith("model") and isinstance(v, dict)), {})
-    if lora.has_adapters(first) and not any(lora.BASE in k for k in first):
+    if lora.has_adapters(first) and not lora.holds_base(first):
         raise ConversionError(f"--load-dir {opts.load_dir} holds LoRA adapters only (saved with --lora-ckpt-filter): "
                               f"pass the base model's checkpoint as --load-dir and this one as --lora-load")
     if opts.lora_load is None:

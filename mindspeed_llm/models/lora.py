@@ -8,7 +8,11 @@ So the merge W_rank + scale * B_rank @ A_rank is exact per shard, and an adapter
 layouts (interleaved QKV groups, [gate; up]) as W, which the family tables already know how to cut and join.
 In a MoE layer (megatron-core SequentialMLP) linear_fc1/linear_fc2 of every local expert are targets, split over
 the expert-TP group, and the router never is (MindSpeed-LLM's LoRA of sequential experts); each expert's adapter
-starts from the seed of its global index, so every EP layout starts alike.
+starts from the seed of its global index, so every EP layout starts alike. With --moe-grouped-gemm (megatron-core
+GroupedMLP) every local expert gets adapters on fc1 and fc2 whatever the targets, in MindSpeed-LLM's grouped layout
+(`LoraGroupedExperts`): `weight1_lora_a` [H, r*E_loc], `weight1_lora_b` [r, E_loc*2F/T], `weight2_lora_a`
+[E_loc*F/T, r], `weight2_lora_b` [r*E_loc, H], seen per expert as raw views [E_loc, ., .]; expert j's factors are
+the transposes of its sequential adapters (A1[j] = A_fc1^T, B1[j] = B_fc1^T, ...), drawn from the same seeds.
 
 State-dict names are PEFT's (as MindSpeed-LLM writes them): `X.base_layer.weight`, `X.lora_A.default.weight`,
 `X.lora_B.default.weight`. A base checkpoint (`X.weight`) loads into a wrapped model unchanged.
@@ -19,6 +23,7 @@ A LoRA save records the base it trained on (`lora_base_load`) and a fingerprint 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import re
 import zlib
@@ -36,6 +41,11 @@ ROW_PARALLEL = ("linear_proj", "linear_fc2")
 TARGETS = COLUMN_PARALLEL + ROW_PARALLEL
 STAGE_MODULES = {"embedding", "word_embeddings", "output_layer", "final_layernorm", "decoder"}
 A_SUFFIX, B_SUFFIX, BASE = ".lora_A.default.weight", ".lora_B.default.weight", ".base_layer."
+# GroupedMLP adapters (MindSpeed-LLM's names): the A and B factor of each grouped expert weight.
+GROUPED_ADAPTERS = {"weight1": ("weight1_lora_a", "weight1_lora_b"), "weight2": ("weight2_lora_a", "weight2_lora_b")}
+GROUPED_NAMES = tuple(name for pair in GROUPED_ADAPTERS.values() for name in pair)
+GROUPED_A_SUFFIXES = tuple("." + a for a, _ in GROUPED_ADAPTERS.values())
+ADAPTER_SUFFIXES = (A_SUFFIX, B_SUFFIX) + tuple("." + name for name in GROUPED_NAMES)
 
 
 @dataclass(frozen=True)
@@ -130,14 +140,8 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.ModuleDict({"default": nn.Linear(spec.r, out_local, bias=False, dtype=dtype, device=device)})
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         with torch.no_grad():
-            # A is drawn whole (PEFT's kaiming-uniform bound 1/sqrt(fan_in)) from a seed of the layer, then cut:
-            # every TP/PP/EP layout starts from the same adapters. B starts at zero, so the model starts as the base.
-            g = torch.Generator().manual_seed(seed)
-            bound = 1.0 / math.sqrt(in_full)
-            full = torch.empty(spec.r, in_full).uniform_(-bound, bound, generator=g)
-            if kind == "row":
-                full = full[:, rank * in_local:(rank + 1) * in_local]
-            self.lora_A["default"].weight.copy_(full)
+            self.lora_A["default"].weight.copy_(initial_a(seed, spec.r, in_full, rank * in_local if kind == "row"
+                                                          else 0, in_local))
             self.lora_B["default"].weight.zero_()
         # Expert adapters reduce their grads over the expert-data-parallel group, as the expert weights do.
         expert_reduced = getattr(base.weight, "allreduce", True)
@@ -169,6 +173,104 @@ class LoraLinear(nn.Module):
         return out + self.scale * F.linear(h, b), bias
 
 
+class LoraGroupedExperts(nn.Module):
+    """Adapters of a megatron-core GroupedMLP (--moe-grouped-gemm), mixed into the instance's class by
+    `add_grouped_lora` so that `weight1`/`weight2` keep their names and the adapters sit beside them under
+    MindSpeed-LLM's keys. Per local expert j, with the grouped GEMM megatron-core runs (`gg.ops.gmm`):
+        fc1(x) = x W1[j] + scale * (dropout(x) A1[j]) B1[j],   fc2(h) = h W2[j] + scale * (dropout(h) A2[j]) B2[j].
+    Under expert TP, B1 and A2 are this rank's shards (as W1's columns and W2's rows) and A1, B2 are whole; the
+    token dispatcher gathers and sums tokens over expert TP, so only the whole factors' partial grads are summed."""
+
+    def _init_adapters(self, spec: LoraSpec, seeds: Sequence[tuple[int, int]]) -> None:
+        """`seeds`: (fc1 seed, fc2 seed) of each local expert, those of its sequential adapters."""
+        experts, hidden = self.num_local_experts, self.config.hidden_size
+        tp, rank = self.tp_group.size(), self.tp_group.rank()
+        fc1_local = self.weight1.shape[1] // experts            # 2F/T
+        fc2_local = self.weight2.shape[0] // experts            # F/T
+        dtype, device = self.weight1.dtype, self.weight1.device
+        a1 = torch.stack([initial_a(s1, spec.r, hidden, 0, hidden).T for s1, _ in seeds])        # [E, H, r]
+        a2 = torch.stack([initial_a(s2, spec.r, fc2_local * tp, rank * fc2_local, fc2_local).T
+                          for _, s2 in seeds])                                                  # [E, F/T, r]
+        factors = {"weight1_lora_a": (a1.reshape(hidden, -1), None),
+                   "weight1_lora_b": (torch.zeros(spec.r, experts * fc1_local), 1),
+                   "weight2_lora_a": (a2.reshape(-1, spec.r), 0),
+                   "weight2_lora_b": (torch.zeros(spec.r * experts, hidden), None)}
+        for name, (value, split_dim) in factors.items():
+            param = nn.Parameter(value.to(device=device, dtype=dtype).contiguous())
+            _mark(param, split_dim, False, getattr(self.weight1, "allreduce", True))
+            self.register_parameter(name, param)
+        self.lora_scale = spec.scale
+        self.lora_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.register_load_state_dict_pre_hook(_accept_grouped_base)
+
+    def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
+                permuted_probs: torch.Tensor):
+        from megatron.core import tensor_parallel as tpl
+
+        if permuted_local_hidden_states.nelement() == 0:
+            # No token for these experts: megatron-core's path keeps its weights in the graph; so do the adapters.
+            out, bias = super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+            return out + 0.0 * sum(getattr(self, name).sum() for name in GROUPED_NAMES), bias
+        experts, hidden, r = self.num_local_experts, self.config.hidden_size, self.weight1_lora_b.shape[0]
+        a1, b2 = self.weight1_lora_a, self.weight2_lora_b
+        if self.tp_group.size() > 1:
+            # the whole factors: sum their partial grads over expert TP (the dispatcher sums the tokens')
+            a1 = tpl.copy_to_tensor_model_parallel_region(a1, group=self.tp_group)
+            b2 = tpl.copy_to_tensor_model_parallel_region(b2, group=self.tp_group)
+        fc1 = self._adapted_gmm(permuted_local_hidden_states, self.weight1.view(experts, hidden, -1),
+                                a1.view(experts, hidden, r), self.weight1_lora_b.view(experts, r, -1),
+                                tokens_per_expert)
+        intermediate = self.activation_func_with_probs(fc1, permuted_probs.unsqueeze(-1))
+        fc2 = self._adapted_gmm(intermediate, self.weight2.view(experts, -1, hidden),
+                                self.weight2_lora_a.view(experts, -1, r), b2.view(experts, r, hidden),
+                                tokens_per_expert)
+        return fc2, None
+
+    def _adapted_gmm(self, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                     tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """x W[j] + scale * (dropout(x) A[j]) B[j] for the rows of each expert j, as grouped GEMMs."""
+        from megatron.core.transformer.moe import grouped_gemm_util as gg
+
+        low_rank = gg.ops.gmm(self.lora_dropout(x), a, tokens_per_expert, trans_b=False)
+        return (gg.ops.gmm(x, weight, tokens_per_expert, trans_b=False)
+                + self.lora_scale * gg.ops.gmm(low_rank, b, tokens_per_expert, trans_b=False))
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_lora_class(base: type) -> type:
+    return type(f"Lora{base.__name__}", (LoraGroupedExperts, base), {})
+
+
+def add_grouped_lora(experts: nn.Module, spec: LoraSpec, seed: int, layer_number: int, path: str) -> None:
+    """Give a GroupedMLP (at `path` in its layer) the grouped adapters, each expert's drawn from the seeds of
+    its sequential adapters (`path`.local_experts.<global index>.linear_fc1/linear_fc2)."""
+    config = experts.config
+    if getattr(config, "moe_apply_probs_on_input", False) or getattr(experts, "activation_recompute", False):
+        raise UserError("--moe-grouped-gemm: LoRA on grouped experts with --moe-apply-probs-on-input or "
+                        "--recompute-modules moe_act is not implemented; drop that flag")
+    offset = experts.ep_group.rank() * experts.num_local_experts
+    seeds = [tuple(zlib.crc32(f"{seed}:{layer_number}:{path}.local_experts.{offset + j}.{fc}".encode())
+                   for fc in ("linear_fc1", "linear_fc2")) for j in range(experts.num_local_experts)]
+    experts.__class__ = _grouped_lora_class(type(experts))
+    experts._init_adapters(spec, seeds)
+
+
+def _accept_grouped_base(module, state_dict, prefix, *unused) -> None:
+    """Load hook: a base checkpoint has `weight1`/`weight2` only; the adapters keep their initial values."""
+    if prefix + "weight1" in state_dict:
+        for name in GROUPED_NAMES:
+            state_dict.setdefault(prefix + name, getattr(module, name).detach())
+
+
+def initial_a(seed: int, r: int, in_full: int, start: int, width: int) -> torch.Tensor:
+    """An adapter's initial A [r, width]: columns start..start+width of the whole A [r, in_full], drawn (PEFT's
+    kaiming-uniform bound 1/sqrt(fan_in)) from a seed of the layer, so every TP/PP/EP layout and both expert
+    layouts start from the same adapters. B starts at zero, so the model starts as the base."""
+    g = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(in_full)
+    return torch.empty(r, in_full).uniform_(-bound, bound, generator=g)[:, start:start + width]
+
+
 def _accept_base_names(module, state_dict, prefix, *unused) -> None:
     """Load hook: a base checkpoint names the wrapped layer's entries `X.weight` (`X.bias`, `X._extra_state`);
     adapters it lacks keep their initial values (a fresh LoRA run on a base model)."""
@@ -186,9 +288,14 @@ def add_lora(chunk: nn.Module, spec: LoraSpec, seed: int) -> nn.Module:
     """Wrap the target linears of one GPTModel chunk, freeze everything but the adapters (and the
     --lora-modules-to-save modules), and make the embedding output require grad so recomputed layers still
     give adapter gradients. Returns the chunk."""
+    from megatron.core.transformer.moe.experts import GroupedMLP
+
     layers = getattr(getattr(chunk, "decoder", None), "layers", [])
     for layer in layers:
         for path, module in list(layer.named_modules()):
+            if isinstance(module, GroupedMLP) and not isinstance(module, LoraGroupedExperts):
+                add_grouped_lora(module, spec, seed, layer.layer_number, path)
+                continue
             name = path.rsplit(".", 1)[-1]
             if name not in spec.targets or isinstance(module, LoraLinear):
                 continue
@@ -205,7 +312,7 @@ def add_lora(chunk: nn.Module, spec: LoraSpec, seed: int) -> nn.Module:
     to_save = saved_modules(spec.modules_to_save, getattr(chunk, "share_embeddings_and_output_weights", False))
     for name, param in chunk.named_parameters():
         parts = name.split(".")
-        param.requires_grad = ".lora_A." in name or ".lora_B." in name or any(m in parts for m in to_save)
+        param.requires_grad = is_adapter(name) or any(m in parts for m in to_save)
     if getattr(chunk, "pre_process", False) and hasattr(chunk, "embedding"):
         chunk.embedding.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True)
                                               if torch.is_grad_enabled() and not out.requires_grad else out)
@@ -235,9 +342,14 @@ def saved_modules(modules_to_save: Iterable[str], tied: bool) -> set[str]:
     return to_save
 
 
+def is_adapter(key: str) -> bool:
+    """Whether state-dict entry `key` is an adapter factor (of a linear, or of grouped experts)."""
+    return key.endswith(ADAPTER_SUFFIXES)
+
+
 def is_trained(key: str, to_save: set[str]) -> bool:
     """Whether state-dict entry `key` is trained by LoRA: an adapter, or part of a module of `to_save`."""
-    return key.endswith((A_SUFFIX, B_SUFFIX)) or bool(to_save.intersection(key.split(".")))
+    return is_adapter(key) or bool(to_save.intersection(key.split(".")))
 
 
 def trainable_state(chunk: nn.Module) -> dict[str, torch.Tensor]:
@@ -247,11 +359,16 @@ def trainable_state(chunk: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def adapter_keys(chunk: nn.Module) -> set[str]:
-    return {name for name, _ in chunk.named_parameters() if name.endswith((A_SUFFIX, B_SUFFIX))}
+    return {name for name, _ in chunk.named_parameters() if is_adapter(name)}
 
 
 def has_adapters(state: dict) -> bool:
-    return any(k.endswith(A_SUFFIX) for k in state)
+    return any(k.endswith((A_SUFFIX,) + GROUPED_A_SUFFIXES) for k in state)
+
+
+def holds_base(state: dict) -> bool:
+    """Whether a state dict with adapters also holds the weights they adapt (an unfiltered LoRA save)."""
+    return any(BASE in k or k.endswith(tuple("." + w for w in GROUPED_ADAPTERS)) for k in state)
 
 
 def merge_adapters(state: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], scale: float,
@@ -262,9 +379,9 @@ def merge_adapters(state: dict[str, torch.Tensor], adapters: dict[str, torch.Ten
     unfiltered LoRA save also holds are the training-dtype copy of the base, so `state` keeps its own. `state`
     may itself hold adapters (an unfiltered save merged alone): pass it as both. Raises KeyError naming a
     missing tensor and ValueError when an adapter's shape does not fit its weight."""
-    out = {k.replace(BASE, "."): v for k, v in state.items() if not k.endswith((A_SUFFIX, B_SUFFIX))}
+    out = {k.replace(BASE, "."): v for k, v in state.items() if not is_adapter(k)}
     for key, value in adapters.items():
-        if is_trained(key, to_save) and not key.endswith((A_SUFFIX, B_SUFFIX)):
+        if is_trained(key, to_save) and not is_adapter(key):
             name = key.replace(BASE, ".")
             out[name] = value.to(out[name].dtype) if name in out else value
     for a_key in (k for k in adapters if k.endswith(A_SUFFIX)):
@@ -277,7 +394,41 @@ def merge_adapters(state: dict[str, torch.Tensor], adapters: dict[str, torch.Ten
             raise ValueError(f"{module}: adapters B {tuple(b.shape)} @ A {tuple(a.shape)} do not fit the weight "
                              f"{tuple(w.shape)}")
         out[w_key] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+    for a_key in (k for k in adapters if k.endswith(GROUPED_A_SUFFIXES)):
+        experts, weight = a_key.rsplit(".", 1)[0], a_key.rsplit(".", 1)[1][:-len("_lora_a")]
+        b_key, w_key = f"{experts}.{GROUPED_ADAPTERS[weight][1]}", f"{experts}.{weight}"
+        if b_key not in adapters or w_key not in out:
+            raise KeyError(b_key if b_key not in adapters else w_key)
+        out[w_key] = _merge_grouped(weight, out[w_key], adapters[a_key], adapters[b_key], scale, experts)
     return out
+
+
+def _merge_grouped(weight: str, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+                   module: str) -> torch.Tensor:
+    """W[j] += scale * A[j] @ B[j] for each local expert j of a grouped weight (MindSpeed-LLM's merge), the
+    factors seen per expert as raw views: weight1 [E, H, .] = A [E, H, r] @ B [E, r, .], weight2 [E, ., H] =
+    A [E, ., r] @ B [E, r, H]."""
+    if a.dim() != 2 or b.dim() != 2 or w.dim() != 2:
+        raise ValueError(f"{module}: adapters {tuple(a.shape)}, {tuple(b.shape)} and {weight} {tuple(w.shape)} "
+                         f"are not matrices")
+    if weight == "weight1":        # w [H, E*c], a [H, r*E], b [r, E*c]
+        hidden, r = w.shape[0], b.shape[0]
+        experts = a.shape[1] // r if r else 0
+        fits = a.shape[0] == hidden and experts * r == a.shape[1] and b.shape[1] == w.shape[1] > 0
+        fits = fits and w.shape[1] % experts == 0 if experts else False
+    else:                          # w [E*c, H], a [E*c, r], b [r*E, H]
+        hidden, r = w.shape[1], a.shape[1]
+        experts = b.shape[0] // r if r else 0
+        fits = b.shape[1] == hidden and experts * r == b.shape[0] and a.shape[0] == w.shape[0] > 0
+        fits = fits and w.shape[0] % experts == 0 if experts else False
+    if not fits:
+        raise ValueError(f"{module}: adapters {tuple(a.shape)} and {tuple(b.shape)} do not fit {weight} "
+                         f"{tuple(w.shape)}")
+    if weight == "weight1":
+        delta = torch.bmm(a.float().view(experts, hidden, r), b.float().view(experts, r, -1))
+    else:
+        delta = torch.bmm(a.float().view(experts, -1, r), b.float().view(experts, r, hidden))
+    return (w.float() + scale * delta.reshape(w.shape)).to(w.dtype)
 
 
 # --- the base fingerprint ----------------------------------------------------------------------------------------

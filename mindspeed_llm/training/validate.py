@@ -55,9 +55,6 @@ def validate_train_args(args: argparse.Namespace) -> None:
                         f"to start new adapters")
     if lora.spec_from_args(args) is not None and not args.load:
         raise UserError("--lora-target-modules: LoRA trains adapters on a base model; pass its checkpoint in --load")
-    if args.lora_target_modules and args.moe_grouped_gemm:
-        raise UserError("--moe-grouped-gemm: LoRA on grouped experts (adapters of weight1/weight2) is not "
-                        "implemented; drop the flag to train adapters on every expert's linear_fc1/linear_fc2")
     if args.lora_ckpt_filter and not args.lora_target_modules:
         raise UserError("--lora-ckpt-filter needs --lora-target-modules (it keeps only the adapters in checkpoints)")
     if args.enable_hf2mg_convert and not args.load:
