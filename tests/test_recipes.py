@@ -5,6 +5,7 @@ CLIs, and one current and one v2.1.0 fine-tuning recipe plus a generation recipe
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -161,15 +162,16 @@ MOE_TINY = {"--num-layers": "4", "--hidden-size": "64", "--ffn-hidden-size": "12
             "--num-layers-per-virtual-pipeline-stage": None, "--micro-batch-size": "2", "--global-batch-size": "4",
             "--train-iters": "2", "--save-interval": "2"}
 # Recipes that stop with one line naming a flag not implemented here (the first one the run meets).
-# Every training recipe (and the pretraining one) runs 2 iterations in one process (context parallelism at 1): LoRA
-# on grouped experts, the 235B ones with their --noop-layers, the long-context ones with MindSpeed's memory switches
-# (one notice line each).
+# The training recipes without context parallelism (and the pretraining one) run 2 iterations in one process: LoRA
+# on grouped experts, the 235B ones with their --noop-layers, the 32K ones with MindSpeed's memory switches (one
+# notice line each).
 MOE_RUNS = ("tune_qwen3_30b_a3b_4K_full_ptd", "tune_qwen3_30b_a3b_4K_lora_ptd", "dpo_qwen3_30b_a3b_16K_A3_ptd",
             "tune_qwen3_235b_a22b_4K_full_pack_A3_ptd", "tune_qwen3_235b_a22b_32K_lora_pack_A2_ptd",
             "tune_qwen3_30b_a3b_32K_full_pack_A3_ptd", "tune_qwen3_30b_a3b_32K_full_pack_A+X_ptd",
-            "tune_qwen3_30b_a3b_256K_full_pack_A3_ptd", "tune_qwen3_235b_a22b_64K_full_pack_A3_ptd",
-            "tune_qwen3_235b_a22b_128K_full_pack_A3_ptd", "tune_qwen3_235b_a22b_256K_full_pack_A3_ptd",
             "pretrain_qwen3_30b_a3b_4K_ptd")
+# MindSpeed's recipes with context parallelism (Ulysses on packed rows, CP 4 to 16) run at CP 2 on 2 processes.
+MOE_CP_RUNS = ("tune_qwen3_30b_a3b_256K_full_pack_A3_ptd", "tune_qwen3_235b_a22b_64K_full_pack_A3_ptd",
+               "tune_qwen3_235b_a22b_128K_full_pack_A3_ptd", "tune_qwen3_235b_a22b_256K_full_pack_A3_ptd")
 
 
 def moe_entry(script) -> str:
@@ -181,18 +183,19 @@ def moe_entry(script) -> str:
     return "posttrain_gpt.py"
 
 
-def moe_tiny_argv(script, tmp_path, paths: dict[str, str]) -> list[str]:
-    """Our recipe's training arguments with paths, the tiny shape and one-process sizes edited in."""
+def moe_tiny_argv(script, tmp_path, paths: dict[str, str], sizes: dict[str, str] | None = None) -> list[str]:
+    """Our recipe's training arguments with paths, the tiny shape and one-process sizes (or `sizes`) edited in."""
     argv = recipe_argv(script, tmp_path, entry=moe_entry(script))
     flags = split_flags(argv)
+    table = {**MOE_TINY, **(sizes or {})}
     out: list[str] = []
     for flag, *values in flags:
         if flag == "--num-layers" and any(f[0] == "--noop-layers" for f in flags):
             values = ["6"]
-        elif flag in MOE_TINY:
-            if MOE_TINY[flag] is None:
+        elif flag in table:
+            if table[flag] is None:
                 continue
-            values = [MOE_TINY[flag]]
+            values = [table[flag]]
         elif flag in paths:
             values = [paths[flag]]
         out += [flag, *values]
@@ -284,8 +287,8 @@ def test_moe_recipes_are_ours(tmp_path):
 
 @pytest.mark.distributed
 def test_moe_recipes_run_on_the_tiny_model(moe_env, tmp_path):
-    """Every training recipe (HF weights converted at start-up where the recipe does, noop layers, LoRA on grouped
-    experts, DPO, pretraining) runs 2 iterations in one process."""
+    """The recipes of MOE_RUNS (HF weights converted at start-up where the recipe does, noop layers, LoRA on grouped
+    experts, DPO, pretraining) run 2 iterations in one process."""
     from mindspeed_llm.checkpoint import layout
     from tests.train_fixtures import launch_plan
 
@@ -302,3 +305,18 @@ def test_moe_recipes_run_on_the_tiny_model(moe_env, tmp_path):
     lora_save = layout.load_pt(tmp_path / "tune_qwen3_30b_a3b_4K_lora_ptd" / layout.iter_dir_name(2) / "mp_rank_00" /
                                layout.FILE_NAME)["model"]
     assert "decoder.layers.0.mlp.experts.weight1_lora_a" in lora_save       # MindSpeed's grouped adapters
+
+
+@pytest.mark.distributed
+def test_moe_context_parallel_recipes_run_at_cp2(moe_env, tmp_path):
+    """The long-context MoE recipes, MindSpeed's flags with CP 2 (Ulysses, packed rows, --noop-layers for 235B),
+    2 iterations on 2 processes, saved."""
+    from tests.train_fixtures import launch_plan
+
+    plan = [{"name": name, "argv": moe_tiny_argv(MOE_DIR / f"{name}.sh", tmp_path, _moe_paths(
+        MOE_DIR / f"{name}.sh", moe_env, tmp_path / name, tmp_path), {"--context-parallel-size": "2"})}
+        for name in MOE_CP_RUNS]
+    out = launch_plan(tmp_path, "moe_cp_recipes", plan, nproc=2)
+    for name in MOE_CP_RUNS:
+        assert out[name]["iteration"] == 2 and all(math.isfinite(v) for v in out[name]["losses"]), name
+        assert (tmp_path / name / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
