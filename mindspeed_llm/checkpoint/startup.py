@@ -32,7 +32,8 @@ def convert_at_startup(args: argparse.Namespace) -> str:
             convert_hf_to_mg(Hf2MgOptions(
                 load_dir=Path(hf_dir), save_dir=Path(cache), model_type_hf=args.model_type_hf, tp=tp, pp=pp, ep=ep,
                 num_layer_list=parse_layer_list(args.num_layer_list),
-                layers_per_vpp_stage=args.num_layers_per_virtual_pipeline_stage, noop_layers=args.noop_layers,
+                layers_per_vpp_stage=args.num_layers_per_virtual_pipeline_stage,
+                noop_layers=getattr(args, "noop_layers", None),     # training only; generation builds real layers
                 params_dtype="bf16" if args.bf16 else "fp16" if args.fp16 else None,
                 grouped_gemm=bool(getattr(args, "moe_grouped_gemm", False)),
                 etp=getattr(args, "expert_tensor_parallel_size", None)),
