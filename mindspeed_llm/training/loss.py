@@ -131,8 +131,6 @@ def reported_loss(reports: Sequence[torch.Tensor], per_token: bool,
                                          torch.ones((), dtype=torch.float64, device=r.device)])
                             for r in reports]).sum(0)
     if group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
-        from mindspeed_llm.platform import to_comm_device
-
         pair = to_comm_device(pair, group)
         torch.distributed.all_reduce(pair, group=group)
     return float(pair[0] / pair[1].clamp(min=1))
