@@ -6,8 +6,9 @@ from mindspeed_llm.logs import run_main
 def main() -> None:
     from mindspeed_llm.arguments import parse_pretrain_args
     from mindspeed_llm.training.loop import train
+    from mindspeed_llm.training.resolve_run import resolve_run
 
-    train(parse_pretrain_args())
+    train(resolve_run(parse_pretrain_args()))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -178,27 +179,27 @@ def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0, fused:
     from mindspeed_llm.training.log import flops_per_iteration
     from mindspeed_llm.training.loop import train_step
     from mindspeed_llm.training.objectives import DPOObjective, SFTObjective
-    from mindspeed_llm.training.validate import validate_world
+    from mindspeed_llm.training.resolve_run import resolve_run
 
-    args = parse_train_args(our_argv(p, bf16, lora, fused, dpo, cp))
-    validate_world(args, cp)
+    packed = "cu_seqlens" in data[0][0]
+    run = resolve_run(parse_train_args(our_argv(p, bf16, lora, fused, dpo, cp)), world_size=cp,
+                      tokenizer_len=p["vocab"])
+    if packed:        # the batches here are packed rows already (THD)
+        run = dataclasses.replace(run, data=dataclasses.replace(run.data, reset_attention_mask=True))
+    cfg = run.model
     init_distributed(1, 1, seed=1234, context_parallel_size=cp)
-    cfg = model_setup.model_config(args, p["vocab"])
-    chunks = model_setup.build_chunks(args, cfg)
-    objective = SFTObjective(args)
+    chunks = model_setup.build_chunks(run)
+    objective = SFTObjective(run)
     if dpo:
         from mindspeed_llm.training.objectives.dpo import freeze
 
-        reference = model_setup.build_chunks(args, cfg, lora=False)
+        reference = model_setup.build_chunks(run, lora=False)
         for ref, policy in zip(reference, chunks):
             ref.load_state_dict(policy.state_dict())
-        objective = DPOObjective(args, freeze(args, reference))
-    model = model_setup.wrap_ddp(args, chunks)
-    optimizer, _ = model_setup.build_optimizer(args, model)
+        objective = DPOObjective(run, freeze(run.layers, reference))
+    model = model_setup.wrap_ddp(run, chunks)
+    optimizer, _ = model_setup.build_optimizer(run, model)
     device = current_device()
-    packed = "cu_seqlens" in data[0][0]
-    if packed:
-        args.reset_attention_mask = True
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = 0.0
     for i, it in enumerate(data):
@@ -214,7 +215,7 @@ def run_ours(p: dict, data: list, warmup: int, bf16: bool, lora: int = 0, fused:
             mb = MicroBatches(inputs, p["seq"] * p["mbs"], 1, 0, flop_terms(p, it))
         else:
             mb = MicroBatches(inputs, p["seq"], it[0]["input_ids"].shape[0], 0, flop_terms(p, it))
-        train_step(args, model, optimizer, mb, objective)
+        train_step(run, model, optimizer, mb, objective)
     sync()
     seconds = time.perf_counter() - start
     if memory is not None:

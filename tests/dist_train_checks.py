@@ -21,9 +21,10 @@ def run_train(argv: list[str], pretrain: bool = False) -> dict:
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     from mindspeed_llm.training.loop import train
+    from mindspeed_llm.training.resolve_run import resolve_run
 
     get_moe_layer_wise_logging_tracker().clear()     # megatron's per-layer MoE tracker is sized by the first model
-    result = train(parse_train_args(argv, pretrain=pretrain), keep_process_group=True)
+    result = train(resolve_run(parse_train_args(argv, pretrain=pretrain)), keep_process_group=True)
     return {"losses": result.losses, "grad_norms": result.grad_norms, "iteration": result.iteration,
             "metrics": result.metrics, "flops": result.flops}
 

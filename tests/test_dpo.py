@@ -384,19 +384,17 @@ def test_resume_is_exact(dpo_env, single):
 def test_reference_source(dpo_env, single):
     """Where the reference comes from: the recorded start of a DPO save, --load for anything else, and
     --ref-model / --refer-model-iter when given."""
-    from argparse import Namespace
-
     from mindspeed_llm.training.objectives.dpo import reference_source
+    from mindspeed_llm.training.run_config import DPOSettings
 
     base = str(dpo_env["ckpt"][("base", 1, 1)])
     dpo_save = str(dpo_env["root"] / "resume_b")
-    args = Namespace(ref_model=None, refer_model_iter=None, load=dpo_save)
-    assert reference_source(args, resume=True)[:2] == (base, 1)
-    assert reference_source(args, resume=False)[:2] == (dpo_save, None)
-    args.load = base                                  # a converted checkpoint records no DPO reference
-    assert reference_source(args, resume=True)[:2] == (base, None)
-    args.ref_model, args.refer_model_iter = "/elsewhere", 3
-    assert reference_source(args, resume=True) == ("/elsewhere", 3, "--ref-model")
+    assert reference_source(DPOSettings(), dpo_save, resume=True)[:2] == (base, 1)
+    assert reference_source(DPOSettings(), dpo_save, resume=False)[:2] == (dpo_save, None)
+    # a converted checkpoint records no DPO reference
+    assert reference_source(DPOSettings(), base, resume=True)[:2] == (base, None)
+    given = DPOSettings(ref_model="/elsewhere", refer_model_iter=3)
+    assert reference_source(given, base, resume=True) == ("/elsewhere", 3, "--ref-model")
 
 
 @pytest.mark.distributed

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from mindspeed_llm.errors import UserError
 from mindspeed_llm.evaluation.args import build_parser as build_evaluation_parser
 from mindspeed_llm.inference.args import build_parser as build_inference_parser
 from mindspeed_llm.models import resolve
+from mindspeed_llm.training import run_config
 
 PKG = Path(flag_policy.__file__).resolve().parent
 PARSERS = {"train": build_train_parser, "pretrain": lambda: build_train_parser(pretrain=True),
@@ -23,35 +25,73 @@ PARSERS = {"train": build_train_parser, "pretrain": lambda: build_train_parser(p
 SCOPES = {"train": ("arguments.py", "training/", "models/", "checkpoint/", "data/", "tokenizer.py", "platform.py"),
           "pretrain": ("arguments.py", "training/", "models/", "checkpoint/", "data/", "tokenizer.py", "platform.py"),
           "inference": ("arguments.py", "inference/", "models/", "tokenizer.py", "platform.py", "data/templates.py",
-                        "checkpoint/startup.py", "training/model_setup.py"),
+                        "checkpoint/startup.py", "training/model_setup.py", "training/resolve_run.py"),
           "preprocess": ("arguments.py", "data/", "tokenizer.py"),
           "convert": ("checkpoint/", "models/"),
           "evaluation": ("arguments.py", "evaluation/", "inference/", "models/", "tokenizer.py", "platform.py",
-                         "data/templates.py", "checkpoint/startup.py", "training/model_setup.py")}
+                         "data/templates.py", "checkpoint/startup.py", "training/model_setup.py",
+                         "training/resolve_run.py")}
 
 
 # Names the parsed flags go by where they are read (posttrain/inference/evaluation: args; convert: a, opts).
 ARGS_NAMES = {"args", "a", "opts"}
+# Training reads them from its typed run configuration, whose sections name each field after its flag
+# (`training.run_config`): `run.<field>`, `run.<section>.<field>`, and names bound to a section (a parameter
+# annotated with a section class, or `x = run.<section>`).
+RUN_NAMES = {"run"}
+SECTION_CLASSES = {f.type for f in dataclasses.fields(run_config.RunConfig) if f.name in run_config.SECTIONS}
 
 
-def _is_args(node: ast.AST) -> bool:
-    """`args`, `a`, `opts` or `self.args`: the parsed namespace (or the options built from it)."""
+def _is_run(node: ast.AST) -> bool:
+    """`run` or `self.run`: a training run's `RunConfig`."""
     if isinstance(node, ast.Name):
-        return node.id in ARGS_NAMES
+        return node.id in RUN_NAMES
+    return isinstance(node, ast.Attribute) and node.attr in RUN_NAMES and isinstance(node.value, ast.Name) \
+        and node.value.id == "self"
+
+
+def _is_section(node: ast.AST) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr in run_config.SECTIONS and _is_run(node.value)
+
+
+def _section_names(tree: ast.AST) -> set[str]:
+    """Names bound to a run's section: `x = run.<section>` (also in tuples) or a parameter annotated with a
+    section class."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                pairs = (zip(target.elts, node.value.elts) if isinstance(target, ast.Tuple)
+                         and isinstance(node.value, ast.Tuple) else [(target, node.value)])
+                names |= {t.id for t, v in pairs if isinstance(t, ast.Name) and _is_section(v)}
+        elif isinstance(node, ast.arg) and node.annotation is not None:
+            if SECTION_CLASSES & {n.id for n in ast.walk(node.annotation) if isinstance(n, ast.Name)}:
+                names.add(node.arg)
+    return names
+
+
+def _is_args(node: ast.AST, sections: set[str] = frozenset()) -> bool:
+    """`args`, `a`, `opts` or `self.args`: the parsed namespace (or the options built from it); a run's section
+    (`run.<section>` or a name in `sections`); the run itself."""
+    if isinstance(node, ast.Name):
+        return node.id in ARGS_NAMES or node.id in sections or node.id in RUN_NAMES
+    if _is_section(node) or _is_run(node):
+        return True
     return isinstance(node, ast.Attribute) and node.attr in ARGS_NAMES and isinstance(node.value, ast.Name) \
         and node.value.id == "self"
 
 
 def _reads(tree: ast.AST) -> set[str]:
     """Flag destinations a module reads: `args.<dest>` (not an assignment target), `f(args, "<dest>")` such as
-    getattr(args, "<dest>", ...) or a helper that reads it by name, and the shape resolver's `default("<dest>")`
-    (getattr(args, dest) with the parser default)."""
+    getattr(args, "<dest>", ...) or a helper that reads it by name, the shape resolver's `default("<dest>")`
+    (getattr(args, dest) with the parser default), and a training run's `run.<section>.<dest>`."""
     found = set()
+    sections = _section_names(tree)
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load) and _is_args(node.value):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load) and _is_args(node.value, sections):
             found.add(node.attr)
         elif isinstance(node, ast.Call) and node.args:
-            if _is_args(node.args[0]):
+            if _is_args(node.args[0], sections):
                 names = node.args[1:]
             elif isinstance(node.func, ast.Name) and node.func.id == "default":
                 names = node.args[:1]
@@ -98,6 +138,10 @@ def test_reader_check_can_fail():
     reads = _reads(ast.parse("import mindspeed_llm.models.spec\nargs.spec = 1\ntorch.save(x.seed)\n"
                              "json.load(f)\nprint(args.lr, getattr(args, 'stage', None), opts.load_dir)"))
     assert reads == {"lr", "stage", "load_dir"}
+    typed = _reads(ast.parse("def f(run, x: LoopSettings):\n    o, y = run.optim, other.optim\n"
+                             "    print(run.seed, run.optim.lr, o.adam_eps, x.train_iters, y.min_lr,\n"
+                             "          other.optim.clip_grad)\n    run.optim.weight_decay = 1"))
+    assert typed == {"seed", "optim", "lr", "adam_eps", "train_iters"}
     assert "rotary_percent" not in _read_by_tool("train")
 
 

@@ -130,19 +130,23 @@ def fused_adam_check() -> None:
 def test_kernel_flags_reach_the_layer_config():
     from mindspeed_llm.arguments import parse_train_args
     from mindspeed_llm.training.model_setup import transformer_overrides
+    from mindspeed_llm.training.resolve_run import resolve_run
 
     base = ["--data-path", "x", "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1",
-            "--lr", "1e-5", "--seq-length", "8", "--is-instruction-dataset"]
-    fused = transformer_overrides(parse_train_args(base + ["--use-fused-rmsnorm", "--use-fused-swiglu",
-                                                           "--use-fused-rotary-pos-emb"]))
-    plain = transformer_overrides(parse_train_args(base))
-    off = transformer_overrides(parse_train_args(base + ["--use-fused-swiglu", "--no-bias-swiglu-fusion",
-                                                         "--use-fused-rotary-pos-emb", "--no-rope-fusion"]))
+            "--lr", "1e-5", "--seq-length", "8", "--is-instruction-dataset", "--num-layers", "2", "--hidden-size",
+            "64", "--num-attention-heads", "4", "--swiglu", "--disable-bias-linear"]
+
+    def overrides(extra: list[str]) -> dict:
+        return transformer_overrides(resolve_run(parse_train_args(base + extra), world_size=1, tokenizer_len=100))
+
+    fused = overrides(["--use-fused-rmsnorm", "--use-fused-swiglu", "--use-fused-rotary-pos-emb"])
+    plain = overrides([])
+    off = overrides(["--use-fused-swiglu", "--no-bias-swiglu-fusion", "--use-fused-rotary-pos-emb", "--no-rope-fusion"])
     assert fused["fused_rmsnorm"] and fused["bias_activation_fusion"] and fused["fused_rope"]
     assert not plain["fused_rmsnorm"] and not plain["bias_activation_fusion"] and not plain["fused_rope"]
     assert not off["bias_activation_fusion"] and not off["fused_rope"]
     # gradient-accumulation fusion is Megatron-LM's default; the recipes turn it off
-    no_gaf = transformer_overrides(parse_train_args(base + ["--no-gradient-accumulation-fusion"]))
+    no_gaf = overrides(["--no-gradient-accumulation-fusion"])
     assert plain["gradient_accumulation_fusion"] and not no_gaf["gradient_accumulation_fusion"]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -199,7 +200,16 @@ def test_training_from_scratch_learns(runs):
 
 def test_bad_input_is_one_line(pt, tmp_path):
     argv = pretrain_flags(pt, iters=1)
+    # The tokenizer the corpus was made with, under the same name, with two token ids swapped.
+    other = tmp_path / "other" / pt["hf"].name
+    shutil.copytree(pt["hf"], other, ignore=shutil.ignore_patterns("*.safetensors*", "megatron_cache*"))
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
     cases = [
+        ("other_tokenizer", "pretrain_gpt.py", argv + ["--data-path", pt["a"], "--tokenizer-name-or-path", str(other)],
+         ("a_preprocess.json", "differs in content")),
         ("no_files", "pretrain_gpt.py", argv + ["--data-path", str(pt["root"] / "a" / "a")],
          ("missing a.bin and a.idx", "did you mean", "a_text_document")),
         ("instruction", "pretrain_gpt.py", argv + ["--data-path", pt["sft"]], ("instruction data", "posttrain_gpt.py")),

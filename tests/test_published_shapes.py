@@ -18,7 +18,7 @@ from mindspeed_llm.checkpoint.hf2mg import Hf2MgOptions, checkpoint_args
 from mindspeed_llm.errors import UserError
 from mindspeed_llm.models.placement import place_layers
 from mindspeed_llm.models.registry import get_family
-from mindspeed_llm.models.resolve import record_model, resolve_model
+from mindspeed_llm.models.resolve import model_record, resolve_model
 from tests.conftest import REPO
 from tests.recipes import recipe_argv
 
@@ -95,7 +95,7 @@ def _start_up_config(script: Path, tmp_path: Path):
     _set(argv, "--tokenizer-name-or-path", str(hf_dir))
     if kind in ("tune", "dpo"):
         from mindspeed_llm.arguments import parse_train_args
-        from mindspeed_llm.training.model_setup import model_config
+        from mindspeed_llm.training.resolve_run import model_config
 
         args = parse_train_args(argv)
         return argv, model_config(args, QWEN3_TOKENIZER_LEN, str(hf_dir) if args.enable_hf2mg_convert else None)
@@ -150,7 +150,7 @@ def test_mindspeed_recipe_values_are_ours():
 def test_typed_values_that_size_weights_still_must_agree(tmp_path):
     """The exception covers run settings only: a shape or numerics flag that disagrees is still one error."""
     from mindspeed_llm.arguments import parse_train_args
-    from mindspeed_llm.training.model_setup import model_config
+    from mindspeed_llm.training.resolve_run import model_config
 
     script = REPO / "examples/mcore/qwen3/tune_qwen3_8b_4K_full_ptd.sh"
     argv = recipe_argv(script, tmp_path)
@@ -173,10 +173,9 @@ def test_mg2hf_accepts_a_checkpoint_trained_with_another_value(tmp_path):
 
     hf_dir = write_hf_config(tmp_path / "qwen3_hf", "8b")
     cfg = resolve_model(hf=PUBLISHED["8b"])
-    trained = argparse.Namespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                                 max_position_embeddings=4096)
-    record_model(trained, cfg)
-    trained.max_position_embeddings = 4096
+    trained = argparse.Namespace(**{**model_record(cfg), "tensor_model_parallel_size": 1,
+                                    "pipeline_model_parallel_size": 1, "model_type_hf": cfg.family,
+                                    "max_position_embeddings": 4096})
     _, resolved = model_from_args(trained, hf_cfg_dir=hf_dir, source="trained")
     assert resolved.max_position_embeddings == 4096 and resolved.hidden_size == 4096
 
@@ -199,7 +198,7 @@ def test_moe_recipe_starts_on_the_published_config(script, tmp_path, capsys):
     """Full SFT (start-up conversion of the HF config) and DPO (a converted TP2 PP8 checkpoint's saved args):
     the recipe's flags resolve against Qwen3-30B-A3B: 128 experts, top-8, expert FFN 768, every layer MoE."""
     from mindspeed_llm.arguments import parse_train_args
-    from mindspeed_llm.training.model_setup import model_config
+    from mindspeed_llm.training.resolve_run import model_config
 
     argv = recipe_argv(script, tmp_path)
     hf_dir = tmp_path / "qwen3_moe_hf"

@@ -40,7 +40,7 @@ def _all_paths(ckpt: Path, hf: Path) -> dict:
     from mindspeed_llm.inference.model import read_checkpoint_args, resolve_model_config
     from mindspeed_llm.models.config import read_hf_config
     from mindspeed_llm.models.resolve import resolve_model
-    from mindspeed_llm.training.model_setup import model_config
+    from mindspeed_llm.training.resolve_run import model_config
 
     train_args = parse_train_args(["--load", str(ckpt), "--data-path", "/nonexistent/prefix",
                                    "--is-instruction-dataset", "--train-iters", "1", "--lr", "1e-4",

@@ -294,11 +294,12 @@ def test_mismatched_fields_refused(tmp_path):
 def test_options_and_sample_counts_from_args():
     from argparse import Namespace
 
-    args = Namespace(seq_length=64, seed=9, reset_attention_mask=True, neat_pack=True, global_batch_size=4,
-                     padded_samples=True, train_iters=10, eval_iters=2, eval_interval=5)
+    data = Namespace(seq_length=64, reset_attention_mask=True, neat_pack=True, padded_samples=True,
+                     is_pairwise_dataset=False, no_shuffle=False, full_shuffle_instruction_dataset=False,
+                     cut_max_seqlen=False, no_cut_token=False, data_cache_path=None)
     sidecar = {"tokenizer": {"eos_token_id": 151645, "pad_token_id": 151643}}
-    opts = sd.options_from_args(args, sidecar)
+    opts = sd.data_options(data, 9, 4, sidecar)
     assert (opts.seq_length, opts.seed, opts.packed, opts.neat_pack, opts.pad_multiple) == (64, 9, True, True, 4)
     assert (opts.eos_token_id, opts.pad_token_id, opts.shuffle, opts.pairwise) == (151645, 151643, True, False)
     # train 10 x 4; valid (10 // 5 + 1) x 2 x 4; test 2 x 4
-    assert sd.train_valid_test_num_samples(args) == (40, 24, 8)
+    assert sd.train_valid_test_num_samples(4, 10, 2, 5) == (40, 24, 8)

@@ -105,15 +105,20 @@ def test_data_is_checked_before_the_model(env, tmp_path):
 def test_hf2mg_cache_dir_choice(tmp_path, monkeypatch):
     from mindspeed_llm.checkpoint.startup import hf2mg_cache_dir
 
+    def cache_dir(argv: list[str]) -> str:
+        a = parse_train_args(argv)
+        return hf2mg_cache_dir(a.load, a.save, a.mg_save_dir, a.tensor_model_parallel_size,
+                               a.pipeline_model_parallel_size, a.expert_model_parallel_size)
+
     hf = tmp_path / "qwen3_hf"
     hf.mkdir()
     argv = ["--load", str(hf), "--enable-hf2mg-convert", "--tensor-model-parallel-size", "2", "--data-path",
             "/nonexistent/prefix", "--is-instruction-dataset", "--train-iters", "2", "--lr", "1e-4", "--seq-length",
             "64"]
-    assert hf2mg_cache_dir(parse_train_args([*argv, "--mg-save-dir", str(tmp_path / "c")])) == str(tmp_path / "c")
-    assert hf2mg_cache_dir(parse_train_args([*argv, "--save", str(tmp_path / "s")])) == \
+    assert cache_dir([*argv, "--mg-save-dir", str(tmp_path / "c")]) == str(tmp_path / "c")
+    assert cache_dir([*argv, "--save", str(tmp_path / "s")]) == \
         str(tmp_path / "s" / "megatron_cache_tp2pp1ep1")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    where = Path(hf2mg_cache_dir(parse_train_args(argv)))
+    where = Path(cache_dir(argv))
     assert where.is_relative_to(tmp_path / "xdg" / "mindspeed_llm") and where.name == "megatron_cache_tp2pp1ep1"
     assert not where.is_relative_to(hf)

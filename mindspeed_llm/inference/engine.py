@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from mindspeed_llm.checkpoint.startup import convert_at_startup
+from mindspeed_llm.checkpoint.startup import convert_at_startup, startup_options
 from mindspeed_llm.errors import UserError
 from mindspeed_llm.inference import comm
 from mindspeed_llm.inference.beam import beam_search
@@ -103,7 +103,9 @@ def setup(args: argparse.Namespace) -> Engine:
                      timeout_minutes=args.distributed_timeout_minutes,
                      expert_model_parallel_size=args.expert_model_parallel_size)
     if args.enable_hf2mg_convert:
-        convert_at_startup(args)          # --load now names the converted checkpoint
+        converted = startup_options(args)
+        convert_at_startup(converted)
+        args.load = str(converted.save_dir)       # --load now names the converted checkpoint
 
     def load():
         template = (get_template(args.prompt_type, args.prompt_type_path, enable_thinking=args.enable_thinking)

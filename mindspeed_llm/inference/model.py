@@ -20,7 +20,7 @@ def resolve_model_config(args: argparse.Namespace, saved: Optional[argparse.Name
     from mindspeed_llm.inference.args import build_parser
     from mindspeed_llm.models.placement import saved_without_noop
     from mindspeed_llm.models.resolve import resolve_model
-    from mindspeed_llm.training.model_setup import check_moe_layout
+    from mindspeed_llm.training.resolve_run import check_moe_layout
 
     if saved is not None and saved_without_noop(saved)[1]:
         raise UserError(f"{source or '--load'} was saved with --noop-layers {saved.noop_layers}; generation and "

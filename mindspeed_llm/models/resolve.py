@@ -352,12 +352,9 @@ def weight_args(cfg: ModelConfig) -> dict[str, Any]:
     return {key: value for key, value in model_args(cfg).items() if key in MODEL_ARG_KEYS}
 
 
-def record_model(args: argparse.Namespace, cfg: ModelConfig) -> None:
-    """Write the resolved model into the run's args, so what a training save records is the model that ran."""
-    for key, value in model_args(cfg).items():
-        setattr(args, key, value)
-    args.group_query_attention = cfg.num_query_groups != cfg.num_attention_heads
-    args.rope_scaling_type = "llama3" if cfg.rope_scaling_factor is not None else None
-    args.rope_scaling_factor = cfg.rope_scaling_factor
-    args.model_type_hf = getattr(args, "model_type_hf", None) or cfg.family
-    args.torch_dtype = cfg.torch_dtype
+def model_record(cfg: ModelConfig) -> dict[str, Any]:
+    """What a training save records of the model that ran (mg -> hf and later loads read it): `model_args` and
+    the derived Megatron names."""
+    return {**model_args(cfg), "group_query_attention": cfg.num_query_groups != cfg.num_attention_heads,
+            "rope_scaling_type": "llama3" if cfg.rope_scaling_factor is not None else None,
+            "rope_scaling_factor": cfg.rope_scaling_factor, "torch_dtype": cfg.torch_dtype}

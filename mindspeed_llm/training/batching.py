@@ -305,7 +305,7 @@ def _tok_name(path: Any) -> str | None:
     return os.path.basename(str(path).rstrip("/\\"))
 
 
-def _check_data_files(prefix: str, recorded: dict[str, dict], where: str) -> None:
+def check_data_files(prefix: str, recorded: dict[str, dict], where: str) -> None:
     """The data files are the ones the sidecar was written with (sizes, and the digest of each .idx)."""
     from mindspeed_llm.data.writer import file_digest
 
@@ -319,6 +319,33 @@ def _check_data_files(prefix: str, recorded: dict[str, dict], where: str) -> Non
             raise UserError(f"{path} does not match {where} (written by another preprocess_data.py run, or "
                             f"one stopped before it rewrote the sidecar); re-run preprocess_data.py into this "
                             f"--output-prefix")
+
+
+def check_sidecar_tokenizer(sidecar: dict, where: str, name_or_path: Any, tokenizer: Any = None) -> None:
+    """The tokenizer (--tokenizer-name-or-path `name_or_path`, loaded as `tokenizer` when given) is the one the
+    data of `sidecar` (read from `where`) was preprocessed with: same directory name, content fingerprint, vocab
+    size, eos and pad ids."""
+    rerun = "re-run preprocess_data.py with the training flags"
+    tok = sidecar.get("tokenizer") or {}
+    ours_name, theirs_name = _tok_name(name_or_path), _tok_name(tok.get("name_or_path"))
+    if ours_name and theirs_name and ours_name != theirs_name:
+        raise UserError(f"{where}: --tokenizer-name-or-path is {ours_name!r} for training but the data was "
+                        f"preprocessed with {theirs_name!r}; use the same tokenizer or {rerun}")
+    if tokenizer is None:
+        return
+    if tok.get("fingerprint"):
+        from mindspeed_llm.tokenizer import tokenizer_fingerprint
+
+        if tokenizer_fingerprint(tokenizer) != tok["fingerprint"]:
+            raise UserError(f"{where}: the tokenizer in --tokenizer-name-or-path {name_or_path} differs in content "
+                            f"(vocabulary, merges or special tokens) from the one the data was preprocessed with; "
+                            f"use that tokenizer or {rerun}")
+    for key, ours in (("vocab_size", len(tokenizer)), ("eos_token_id", getattr(tokenizer, "eos_token_id", None)),
+                      ("pad_token_id", getattr(tokenizer, "pad_token_id", None))):
+        if tok.get(key) is not None and ours is not None and int(ours) != int(tok[key]):
+            raise UserError(f"{where}: --tokenizer-name-or-path ({key}) is {int(ours)!r} for training but the data "
+                            f"was preprocessed with {int(tok[key])!r}; the tokenizer differs from preprocessing; "
+                            f"{rerun}")
 
 
 def check_sidecar(prefix: str, args: Any, tokenizer: Any = None) -> dict | None:
@@ -343,7 +370,7 @@ def check_sidecar(prefix: str, args: Any, tokenizer: Any = None) -> dict | None:
         raise UserError(f"{where}: format_version {sidecar.get('format_version')!r} is not 1; "
                          "re-run preprocess_data.py with this version")
     rerun = "re-run preprocess_data.py with the training flags"
-    _check_data_files(prefix, sidecar.get("data_files") or {}, where)
+    check_data_files(prefix, sidecar.get("data_files") or {}, where)
     prompt = getattr(args, "prompt_type", None)
     if prompt != sidecar.get("prompt_type"):
         refuse("--prompt-type", prompt, sidecar.get("prompt_type"), f"pass the same --prompt-type or {rerun}")
@@ -351,25 +378,7 @@ def check_sidecar(prefix: str, args: Any, tokenizer: Any = None) -> dict | None:
     if ours_t != theirs_t:
         refuse("--enable-thinking", ours_t, theirs_t, f"pass the same --enable-thinking or {rerun}")
 
-    tok = sidecar.get("tokenizer") or {}
-    ours_name = _tok_name(getattr(args, "tokenizer_name_or_path", None))
-    theirs_name = _tok_name(tok.get("name_or_path"))
-    if ours_name and theirs_name and ours_name != theirs_name:
-        refuse("--tokenizer-name-or-path", ours_name, theirs_name, f"use the same tokenizer or {rerun}")
-    if tokenizer is not None and tok.get("fingerprint"):
-        from mindspeed_llm.tokenizer import tokenizer_fingerprint
-
-        if tokenizer_fingerprint(tokenizer) != tok["fingerprint"]:
-            raise UserError(f"{where}: the tokenizer in --tokenizer-name-or-path "
-                            f"{getattr(args, 'tokenizer_name_or_path', None)} differs in content (vocabulary, merges "
-                            f"or special tokens) from the one the data was preprocessed with; use that tokenizer "
-                            f"or {rerun}")
-    if tokenizer is not None:
-        for key, ours in (("vocab_size", len(tokenizer)), ("eos_token_id", getattr(tokenizer, "eos_token_id", None)),
-                          ("pad_token_id", getattr(tokenizer, "pad_token_id", None))):
-            if tok.get(key) is not None and ours is not None and int(ours) != int(tok[key]):
-                refuse(f"--tokenizer-name-or-path ({key})", int(ours), int(tok[key]),
-                       f"the tokenizer differs from preprocessing; {rerun}")
+    check_sidecar_tokenizer(sidecar, where, getattr(args, "tokenizer_name_or_path", None), tokenizer)
 
     handler = getattr(args, "handler_name", "") or None
     if handler and sidecar.get("handler_name") and handler != sidecar["handler_name"]:

@@ -11,12 +11,10 @@ it into place and then replace the tracker, so a failed save (disk full) leaves 
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import errno
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,6 +23,7 @@ import torch
 
 from mindspeed_llm.errors import UserError
 from mindspeed_llm.models import lora
+from mindspeed_llm.training.run_config import RunConfig
 
 DISTRIB_OPTIM = "distrib_optim.pt"
 
@@ -158,15 +157,14 @@ def _weights_finite(model: list) -> bool:
     return all(bool(torch.isfinite(p).all()) for m in model for p in m.parameters() if p.is_floating_point())
 
 
-def save_checkpoint(args: argparse.Namespace, iteration: int, model: list, optimizer, scheduler,
-                    consumed_samples: int) -> None:
-    """Collective: every rank calls it. Raises UserError (on every rank) if any rank failed to write."""
-    from megatron.core import parallel_state as ps
-
+def save_checkpoint(run: RunConfig, iteration: int, model: list, optimizer, scheduler, consumed_samples: int,
+                    recorded: Optional[dict[str, Any]] = None) -> None:
+    """Collective: every rank calls it. Raises UserError (on every rank) if any rank failed to write. The saved
+    args are `run.saved_args` with `recorded` (what the run found at start-up, e.g. the LoRA base)."""
     from mindspeed_llm.checkpoint import layout
     from mindspeed_llm.training.model_setup import unwrap
 
-    save_dir = Path(args.save)
+    save_dir = Path(run.checkpoint.save)
     if not _all_ok(_weights_finite(model)):
         raise UserError(f"the weights hold NaN/inf at iteration {iteration}; the checkpoint is not saved to "
                         f"--save {save_dir} (the last one there stays the latest). Lower --lr or pass --skip-nan")
@@ -191,25 +189,25 @@ def save_checkpoint(args: argparse.Namespace, iteration: int, model: list, optim
     ok = True
     try:
         if writer:
-            saved_args = copy.copy(args)
-            saved_args.consumed_train_samples = consumed_samples
-            saved_args.iteration = iteration
-            models = {key: (lora.trainable_state(unwrap(m)) if args.lora_ckpt_filter else unwrap(m).state_dict())
+            saved_args = run.saved_args(**(recorded or {}), consumed_train_samples=consumed_samples,
+                                        iteration=iteration)
+            models = {key: (lora.trainable_state(unwrap(m)) if run.checkpoint.lora_ckpt_filter
+                            else unwrap(m).state_dict())
                       for key, m in zip(layout.model_keys(len(model)), model)}
             state = layout.checkpoint_state(saved_args, models, iteration)
             state["consumed_train_samples"] = consumed_samples
-            if not args.no_save_optim:
+            if not run.checkpoint.no_save_optim:
                 state["optimizer"] = optimizer.state_dict()
                 state["opt_param_scheduler"] = scheduler.state_dict()
-                if args.use_distributed_optimizer:
+                if run.parallel.use_distributed_optimizer:
                     state["optimizer_steps"] = adam_steps(optimizer)
-            if not args.no_save_rng:
+            if not run.checkpoint.no_save_rng:
                 state["rng_state"] = [rng_state()]
             layout.save_rank_file(tmp, rank_dir.name, state)
             del state, models
     except (OSError, RuntimeError) as exc:
         ok, error = False, _write_error(exc, rank_dir / layout.FILE_NAME)
-    if args.use_distributed_optimizer and not args.no_save_optim and _all_ok(ok):
+    if run.parallel.use_distributed_optimizer and not run.checkpoint.no_save_optim and _all_ok(ok):
         try:
             rank_dir.mkdir(parents=True, exist_ok=True)
             optimizer.save_parameter_state(str(rank_dir / DISTRIB_OPTIM))   # gathers over DP; DP rank 0 writes
@@ -259,61 +257,66 @@ class Loaded:
     consumed_samples: int = 0
     resume: bool = False          # optimizer/scheduler/RNG are restored (not finetune / release / converted)
     load_dir: Optional[str] = None
+    recorded: dict[str, Any] = field(default_factory=dict)    # what saves record of it (the LoRA base)
 
 
-def load_model(args: argparse.Namespace, chunks: list) -> Loaded:
+def load_model(run: RunConfig, chunks: list) -> Loaded:
     """Load weights into this rank's unwrapped chunks (before DDP/optimizer exist, so the optimizer's fp32
     main params start from these weights). Decides whether the run resumes or starts a fine-tune."""
     from mindspeed_llm.checkpoint import layout
     from mindspeed_llm.checkpoint.load import load_checkpoint
 
-    if not args.load and args.lora_target_modules:
+    ck = run.checkpoint
+    if not ck.load and run.lora is not None:
         raise UserError("--lora-target-modules: LoRA trains adapters on a base model; pass its checkpoint in --load")
-    if not args.load:
+    if not ck.load:
         _print0("no --load given: training starts from randomly initialised weights")
         return Loaded(None)
-    load_dir = Path(args.load)
+    load_dir = Path(ck.load)
     if not (load_dir / layout.TRACKER).is_file():
-        if args.exit_on_missing_checkpoint:
+        if ck.exit_on_missing_checkpoint:
             raise UserError(f"--load {load_dir}: no {layout.TRACKER} there (--exit-on-missing-checkpoint)")
         if any(load_dir.glob("*.safetensors")):
             raise UserError(f"--load {load_dir} is a Hugging Face model directory; add --enable-hf2mg-convert "
                             f"or convert it first with convert_ckpt.py")
-        if args.lora_target_modules:
+        if run.lora is not None:
             raise UserError(f"--load {load_dir}: no {layout.TRACKER} there; LoRA needs the base model's "
                             f"checkpoint in --load")
         _print0(f"WARNING: --load {load_dir} holds no {layout.TRACKER}; training starts from random weights")
         return Loaded(None)
-    from mindspeed_llm.models.resolve import MODEL_ARG_KEYS
+    from mindspeed_llm.models.resolve import weight_args
 
-    # The resolved model (`resolve.record_model` wrote it into args) must be the one each rank file was saved with.
-    expected = {key: getattr(args, key, None) for key in MODEL_ARG_KEYS}
-    state = load_checkpoint(chunks, load_dir, expected=expected, strict=not args.load_checkpoint_loosely)
+    # The resolved model must be the one each rank file was saved with.
+    expected = weight_args(run.model)
+    state = load_checkpoint(chunks, load_dir, expected=expected, strict=not ck.load_checkpoint_loosely)
     # A LoRA run resumes from --load only when it holds adapters (an unfiltered LoRA save); a base model
     # (converted, or a full fine-tune with its own optimizer state) only gives the frozen weights.
     first_chunk = state.get(layout.model_keys(len(chunks))[0], {})
-    weights_only = bool(args.lora_target_modules) and not lora.has_adapters(first_chunk)
-    if args.lora_target_modules:
+    weights_only = run.lora is not None and not lora.has_adapters(first_chunk)
+    recorded: dict[str, Any] = {}
+    if run.lora is not None:
         # Saves record the base the adapters train on (a resumed unfiltered LoRA save: the one it recorded), so
         # that merging them onto another base can be refused.
         from mindspeed_llm.checkpoint.load import base_fingerprint
 
         saved = state.get("args")
-        args.lora_base_load, args.lora_base_fingerprint = (
-            (str(load_dir), base_fingerprint(chunks, state)) if weights_only else
-            (getattr(saved, "lora_base_load", None), getattr(saved, "lora_base_fingerprint", None)))
-    loaded = _resume_point(args, state, load_dir, weights_only)
-    if args.lora_load:
+        recorded = ({"lora_base_load": str(load_dir), "lora_base_fingerprint": base_fingerprint(chunks, state)}
+                    if weights_only else
+                    {"lora_base_load": getattr(saved, "lora_base_load", None),
+                     "lora_base_fingerprint": getattr(saved, "lora_base_fingerprint", None)})
+    loaded = _resume_point(run, state, load_dir, weights_only)
+    if ck.lora_load:
         from mindspeed_llm.checkpoint.load import load_adapters
 
-        lora_dir = Path(args.lora_load)
-        lora_expected = {**expected, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
-                         "lora_target_modules": args.lora_target_modules}
-        loaded = _resume_point(args, load_adapters(chunks, lora_dir, expected=lora_expected), lora_dir, False)
+        lora_dir = Path(ck.lora_load)
+        lora_expected = {**expected, "lora_r": run.lora.r, "lora_alpha": run.lora.alpha,
+                         "lora_target_modules": list(run.lora.targets)}
+        loaded = _resume_point(run, load_adapters(chunks, lora_dir, expected=lora_expected), lora_dir, False)
+    loaded.recorded = recorded
     return loaded
 
 
-def _resume_point(args: argparse.Namespace, state: dict, load_dir: Path, weights_only: bool) -> Loaded:
+def _resume_point(run: RunConfig, state: dict, load_dir: Path, weights_only: bool) -> Loaded:
     """Where training goes on from checkpoint `state`: its iteration, samples, optimizer and RNG (a resume), or
     iteration 0 (--finetune, a release or converted checkpoint, or `weights_only`)."""
     from megatron.core import parallel_state as ps
@@ -328,16 +331,17 @@ def _resume_point(args: argparse.Namespace, state: dict, load_dir: Path, weights
     converted = "optimizer" not in state and "rng_state" not in state and not trained
     tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     iteration = int(state.get("iteration", 0))
-    if args.finetune or release or converted or weights_only:
-        if converted and not (args.finetune or release or weights_only):
+    finetune = run.checkpoint.finetune
+    if finetune or release or converted or weights_only:
+        if converted and not (finetune or release or weights_only):
             _print0(f"{load_dir} holds weights only (no optimizer state): starting a fine-tune at iteration 0")
         loaded = Loaded(state, 0, 0, False, str(load_dir))
     else:
         saved = state.get("args")
         consumed = int(state.get("consumed_train_samples", getattr(saved, "consumed_train_samples", 0) or 0))
-        for name in ("global_batch_size", "seed"):
-            if saved is not None and getattr(saved, name, None) not in (None, getattr(args, name)):
-                _print0(f"WARNING: --{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's "
+        for name, ours in (("global_batch_size", run.batch.global_batch_size), ("seed", run.seed)):
+            if saved is not None and getattr(saved, name, None) not in (None, ours):
+                _print0(f"WARNING: --{name.replace('_', '-')} {ours} differs from the checkpoint's "
                         f"{getattr(saved, name)}; the data order will not continue exactly")
         loaded = Loaded(state, iteration, consumed, True, str(load_dir))
     _print0(f"  successfully loaded checkpoint from {load_dir} [ t {tp + 1}/{ps.get_tensor_model_parallel_world_size()}, "
@@ -346,19 +350,19 @@ def _resume_point(args: argparse.Namespace, state: dict, load_dir: Path, weights
 
 
 @torch.no_grad()   # fp32 runs: the optimizer's main params are the model's leaf params themselves
-def load_training_state(args: argparse.Namespace, loaded: Loaded, optimizer, scheduler) -> None:
+def load_training_state(run: RunConfig, loaded: Loaded, optimizer, scheduler) -> None:
     """Optimizer, scheduler and RNG from a resumed checkpoint (collective with the distributed optimizer)."""
     from mindspeed_llm.checkpoint import layout
 
     if not loaded.resume or loaded.state is None:
         return
     state = loaded.state
-    if not args.no_load_optim:
+    if not run.checkpoint.no_load_optim:
         if "optimizer" not in state:
             raise UserError(f"--load {loaded.load_dir}: the checkpoint has no optimizer state (saved with "
                             "--no-save-optim); pass --no-load-optim or --finetune")
         optimizer.load_state_dict(state["optimizer"])
-        if args.use_distributed_optimizer:
+        if run.parallel.use_distributed_optimizer:
             path = layout.iteration_dir(Path(loaded.load_dir)) / _rank_dir() / DISTRIB_OPTIM
             saved_with = "optimizer_steps" in state or layout.get(state.get("args"), "use_distributed_optimizer")
             if not path.is_file() and saved_with:
@@ -369,9 +373,9 @@ def load_training_state(args: argparse.Namespace, loaded: Loaded, optimizer, sch
                                 "pass --no-load-optim or drop --use-distributed-optimizer")
             load_distributed_state(optimizer, str(path), state.get("optimizer_steps", []))
         if "opt_param_scheduler" in state:
-            check_scheduler(args, state["opt_param_scheduler"], scheduler, loaded.load_dir)
+            check_scheduler(run, state["opt_param_scheduler"], scheduler, loaded.load_dir)
             scheduler.load_state_dict(state["opt_param_scheduler"])
-    if not args.no_load_rng and state.get("rng_state"):
+    if not run.checkpoint.no_load_rng and state.get("rng_state"):
         set_rng_state(state["rng_state"][0])
     loaded.state = None
 
@@ -390,10 +394,10 @@ _SCHEDULE = (
 )
 
 
-def check_scheduler(args: argparse.Namespace, saved: dict, scheduler, load_dir: Optional[str]) -> None:
+def check_scheduler(run: RunConfig, saved: dict, scheduler, load_dir: Optional[str]) -> None:
     """A resumed run whose LR/WD schedule differs from the checkpoint's must say which one wins
     (megatron-core would stop on a bare assertion)."""
-    if args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler:
+    if run.optim.override_opt_param_scheduler or run.optim.use_checkpoint_opt_param_scheduler:
         return
     diffs = []
     for keys, attr, flags in _SCHEDULE:
@@ -401,7 +405,7 @@ def check_scheduler(args: argparse.Namespace, saved: dict, scheduler, load_dir: 
         ours = getattr(scheduler, attr)
         if stored is not None and stored != ours:
             if attr.endswith("_steps"):      # kept in samples; iterations are what the flags say
-                gbs = args.global_batch_size
+                gbs = run.batch.global_batch_size
                 stored, ours = f"{stored / gbs:g} iterations", f"{ours / gbs:g} iterations"
             diffs.append(f"{attr} {stored} in the checkpoint, {ours} from {flags}")
     if diffs:

@@ -2,12 +2,13 @@
 and one iteration's micro-batches as model inputs."""
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
-
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from mindspeed_llm.errors import UserError
+
+if TYPE_CHECKING:
+    from mindspeed_llm.training.run_config import RunConfig
 
 
 @dataclass
@@ -19,48 +20,58 @@ class RunData:
     valid_iter: Optional[Iterator] = None
 
 
-def check_run_data(args: argparse.Namespace, tokenizer) -> Optional[dict]:
+def check_run_data(run: RunConfig, tokenizer) -> Optional[dict]:
     """What can be checked of --data-path without a model: the dataset files are all there and the sidecar agrees
     with the flags and the tokenizer. Runs before the model is built and the checkpoint loaded, so a wrong path is
     the first thing a run reports. Returns the sidecar (None for data without one)."""
     from mindspeed_llm.training.batching import check_sidecar
-    from mindspeed_llm.training.sft_dataset import PAIRWISE_FIELDS, find_fields, options_from_args
+    from mindspeed_llm.training.sft_dataset import PAIRWISE_FIELDS, find_fields
 
-    sidecar = check_sidecar(args.data_path, args, tokenizer)
-    find_fields(args.data_path, PAIRWISE_FIELDS if options_from_args(args, sidecar).pairwise else
-                ("input_ids", "labels"))
+    data = run.data
+    sidecar = check_sidecar(data.data_path, data, tokenizer)
+    find_fields(data.data_path, PAIRWISE_FIELDS if data.is_pairwise_dataset else ("input_ids", "labels"))
     return sidecar
 
 
-def build_run_data(args: argparse.Namespace, tokenizer, consumed_samples: int, sidecar: Optional[dict]) -> RunData:
+def build_run_data(run: RunConfig, tokenizer, consumed_samples: int, sidecar: Optional[dict]) -> RunData:
     """Datasets and loaders over --data-path, whose `check_run_data` result is `sidecar`."""
     from mindspeed_llm.training.batching import make_collator
-    from mindspeed_llm.training.sft_dataset import build_sft_datasets, options_from_args, train_valid_test_num_samples
+    from mindspeed_llm.training.sft_dataset import build_sft_datasets, data_options
 
-    options = options_from_args(args, sidecar)
+    data = run.data
+    options = data_options(data, run.seed, run.batch.global_batch_size, sidecar)
     if options.eos_token_id is None:
         options.eos_token_id = tokenizer.eos_token_id
     if options.pad_token_id is None:
         options.pad_token_id = tokenizer.pad_token_id
-    train, valid, _ = build_sft_datasets(args.data_path, args.split, train_valid_test_num_samples(args), options)
+    train, valid, _ = build_sft_datasets(data.data_path, data.split, num_samples(run), options)
     if train is None:
-        raise UserError(f"--split {args.split} leaves no training samples in --data-path {args.data_path}")
+        raise UserError(f"--split {data.split} leaves no training samples in --data-path {data.data_path}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    data = RunData(train, valid, make_collator(args, pad))
-    data.train_iter = _loader(args, train, consumed_samples, data.collator)
-    if valid is not None and args.eval_iters > 0:
-        data.valid_iter = _loader(args, valid, 0, data.collator)
-    return data
+    result = RunData(train, valid, make_collator(data, pad))
+    result.train_iter = loader(run, train, consumed_samples, result.collator)
+    if valid is not None and run.loop.eval_iters > 0:
+        result.valid_iter = loader(run, valid, 0, result.collator)
+    return result
 
 
-def _loader(args: argparse.Namespace, dataset, consumed: int, collator) -> Iterator:
+def num_samples(run: RunConfig) -> tuple[int, int, int]:
+    """Samples drawn from the train, valid and test splits (Megatron's counts)."""
+    from mindspeed_llm.training.sft_dataset import train_valid_test_num_samples
+
+    return train_valid_test_num_samples(run.batch.global_batch_size, run.loop.train_iters, run.loop.eval_iters,
+                                        run.loop.eval_interval)
+
+
+def loader(run: RunConfig, dataset, consumed: int, collator) -> Iterator:
+    """This DP rank's micro-batches of `dataset`, resuming after `consumed` samples."""
     from megatron.core import parallel_state as ps
 
     from mindspeed_llm.training.batching import build_data_loader
 
-    return iter(build_data_loader(dataset, consumed, args.micro_batch_size, ps.get_data_parallel_rank(),
-                                  ps.get_data_parallel_world_size(), collator, num_workers=args.num_workers,
-                                  seed=args.seed))
+    return iter(build_data_loader(dataset, consumed, run.batch.micro_batch_size, ps.get_data_parallel_rank(),
+                                  ps.get_data_parallel_world_size(), collator, num_workers=run.data.num_workers,
+                                  seed=run.seed))
 
 
 @dataclass
@@ -73,7 +84,8 @@ class MicroBatches:
     flop_terms: list[tuple[int, int, float]]   # (rows, length, attention density) per micro-batch
 
 
-def next_micro_batches(args: argparse.Namespace, it: Iterator, count: int, device) -> MicroBatches:
+def next_micro_batches(it: Iterator, count: int, packed: bool, device) -> MicroBatches:
+    """`count` micro-batches from `it`; `packed`: THD rows (--reset-attention-mask)."""
     from mindspeed_llm.training.batching import get_batch
 
     inputs, tokens, terms = [], 0, []
@@ -92,7 +104,7 @@ def next_micro_batches(args: argparse.Namespace, it: Iterator, count: int, devic
             density = 0.5
         terms.append((rows, length, density))
         inputs.append(get_batch(raw, device))
-    if args.reset_attention_mask:       # THD: the rows of a micro-batch are flattened into one
+    if packed:       # THD: the rows of a micro-batch are flattened into one
         return MicroBatches(inputs, max(rows * length for rows, length, _ in terms), 1, tokens, terms)
     longest = max(t[1] for t in terms)
     # Pairwise batches hold 2 x --micro-batch-size rows (chosen, then rejected); the schedule sizes by rows.

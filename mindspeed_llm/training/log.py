@@ -1,12 +1,14 @@
 """Megatron's training log line (MindSpeed-LLM format), the validation line, FLOP counting and TensorBoard."""
 from __future__ import annotations
 
-import argparse
 import math
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from mindspeed_llm.training.run_config import RunConfig
 
 
 # The parallel linears of a transformer layer (megatron names) and the module names on their paths, which
@@ -61,20 +63,21 @@ def flops_per_iteration(cfg, terms: list[tuple[int, int, float]], swiglu: bool =
 class TrainLog:
     """Accumulates per-iteration values between log lines; prints on the last rank only."""
 
-    def __init__(self, args: argparse.Namespace, cfg) -> None:
-        self.args, self.cfg = args, cfg
+    def __init__(self, run: RunConfig) -> None:
+        self.run = run
         self.is_last = torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
         self.reset()
         self.mark = time.time()
         self.writer = None
         self.memory_reported = False
-        if args.tensorboard_dir and self.is_last:
+        tensorboard_dir = run.loop.tensorboard_dir
+        if tensorboard_dir and self.is_last:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=1000)
+                self.writer = SummaryWriter(log_dir=tensorboard_dir, max_queue=1000)
             except ImportError:
-                print(f"WARNING: --tensorboard-dir {args.tensorboard_dir}: tensorboard is not installed "
+                print(f"WARNING: --tensorboard-dir {tensorboard_dir}: tensorboard is not installed "
                       f"(pip install tensorboard); scalars are not written", flush=True)
 
     def reset(self) -> None:
@@ -106,7 +109,7 @@ class TrainLog:
         now = time.time()
         elapsed = (now - self.mark) / max(self.iters, 1)
         self.mark = now
-        a = self.args
+        run = self.run
         world = torch.distributed.get_world_size()
         # Each TP/PP rank of a replica counted the same batches; flops/tokens are summed over DP already.
         tflops = self.flops / max(self.iters, 1) / (elapsed * 1e12 * world) if elapsed > 0 else 0.0
@@ -114,13 +117,13 @@ class TrainLog:
         loss = sum(self.losses) / len(self.losses) if self.losses else 0.0
         if self.is_last:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            line = (f" [{stamp}] iteration {iteration:8d}/{a.train_iters:8d} | consumed samples: {consumed:12d} |"
+            line = (f" [{stamp}] iteration {iteration:8d}/{run.loop.train_iters:8d} | consumed samples: {consumed:12d} |"
                     f" elapsed time per iteration (ms): {elapsed * 1000:.1f} |")
-            if not a.no_pad_to_seq_lengths:
+            if not run.data.no_pad_to_seq_lengths:
                 rho = 100 * sum(self.rho) / max(len(self.rho), 1)
                 line += f" throughput per GPU (TFLOP/s/GPU): {tflops:.1f} | core attn ratio (%): {rho:.1f} |"
             line += f" tokens per second: {tok_s:.1f} |"
-            line += f" learning rate: {lr:.6E} | global batch size: {a.global_batch_size:5d} |"
+            line += f" learning rate: {lr:.6E} | global batch size: {run.batch.global_batch_size:5d} |"
             if loss > 0:
                 line += f" lm loss: {loss:.6E} |"
             averages = {key: sum(v) / len(v) for key, v in self.metrics.items()}
@@ -134,7 +137,7 @@ class TrainLog:
             print(line, flush=True)
             if self.writer is not None:
                 for key, value in (("learning-rate", lr), ("lm loss", loss), ("loss-scale", loss_scale),
-                                   ("grad-norm", grad_norm), ("batch-size", a.global_batch_size),
+                                   ("grad-norm", grad_norm), ("batch-size", run.batch.global_batch_size),
                                    ("throughput", tflops), ("tokens-per-second", tok_s),
                                    ("iteration-time", elapsed), *averages.items()):
                     if value is not None:
@@ -200,16 +203,17 @@ def validation_line(iteration: int, loss: float, metrics: Optional[dict[str, flo
     return f"{bar}\n{text}\n{bar}"
 
 
-def print_args(args: argparse.Namespace) -> None:
+def print_args(run: RunConfig) -> None:
     """Megatron's argument dump (rank 0), of the flags only: the parser's destinations, with the values the run
-    resolved (bookkeeping fields such as which flags were typed are left out)."""
+    resolved (the model's shape included)."""
     from mindspeed_llm.arguments import build_train_parser
 
     if torch.distributed.get_rank() != 0:
         return
-    parser = build_train_parser(pretrain=args.stage == "pretrain")
+    parser = build_train_parser(pretrain=run.stage == "pretrain")
     flags = {action.dest for action in parser._actions if action.dest != "help"}
+    values = vars(run.saved_args())
     print("------------------------ MindSpeed-LLM Arguments ------------------------", flush=True)
-    for key in sorted(k for k in vars(args) if k in flags):
-        print(f"  {key} {'.' * (48 - len(key))} {getattr(args, key)}")
+    for key in sorted(k for k in values if k in flags):
+        print(f"  {key} {'.' * (48 - len(key))} {values[key]}")
     print("-------------------- end of MindSpeed-LLM Arguments ---------------------", flush=True)

@@ -3,22 +3,24 @@ NaN handling. What is trained (SFT, DPO, pretraining) is an `objectives.Objectiv
 the data, builds each iteration's micro-batches, and supplies the forward step, the loss and extra metrics."""
 from __future__ import annotations
 
-import argparse
 import gc
 import math
-import os
 import random
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from mindspeed_llm.checkpoint.hf2mg import Hf2MgOptions
 from mindspeed_llm.checkpoint.startup import convert_at_startup
 from mindspeed_llm.errors import UserError
+from mindspeed_llm.models.placement import parse_layer_list, place_layers
 from mindspeed_llm.training.objectives import OBJECTIVES, Objective
+from mindspeed_llm.training.run_config import RunConfig, load_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -36,42 +38,38 @@ def set_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
 
 
-def init_run(args: argparse.Namespace) -> None:
-    from mindspeed_llm.models.placement import place_layers
+def init_run(run: RunConfig) -> None:
+    """Process groups for the run's parallel layout, and Megatron's seeds."""
     from mindspeed_llm.platform import init_distributed
-    from mindspeed_llm.training.validate import validate_world
 
-    validate_world(args, int(os.environ.get("WORLD_SIZE", "1")))
+    p = run.parallel
     vpp = None
-    if args.num_layers_per_virtual_pipeline_stage:
-        if args.num_layers is None:
-            raise UserError("--num-layers-per-virtual-pipeline-stage needs --num-layers")
-        vpp = place_layers(args.num_layers, args.pipeline_model_parallel_size, None,
-                           args.num_layers_per_virtual_pipeline_stage).vpp
+    if p.num_layers_per_virtual_pipeline_stage:
+        vpp = place_layers(run.model.num_layers, p.pipeline_model_parallel_size, None,
+                           p.num_layers_per_virtual_pipeline_stage).vpp
         vpp = vpp if vpp > 1 else None
-    init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, vpp,
-                     backend=args.distributed_backend, seed=args.seed,
-                     timeout_minutes=args.distributed_timeout_minutes,
-                     expert_model_parallel_size=args.expert_model_parallel_size,
-                     expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-                     context_parallel_size=args.context_parallel_size,
-                     ulysses_degree_in_cp=args.ulysses_degree_in_cp if args.context_parallel_algo == "hybrid_cp_algo"
+    init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, vpp,
+                     backend=p.distributed_backend, seed=run.seed, timeout_minutes=p.distributed_timeout_minutes,
+                     expert_model_parallel_size=p.expert_model_parallel_size,
+                     expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+                     context_parallel_size=p.context_parallel_size,
+                     ulysses_degree_in_cp=p.ulysses_degree_in_cp if p.context_parallel_algo == "hybrid_cp_algo"
                      else None)
-    set_seed(args.seed)
+    set_seed(run.seed)
 
 
-def build_tokenizer(args: argparse.Namespace):
-    from mindspeed_llm.tokenizer import build_tokenizer as build
-
-    template = None
-    if args.prompt_type:
-        from mindspeed_llm.data.prompt_type import get_template
-
-        template = get_template(args.prompt_type, args.prompt_type_path)
-    tok_path = args.tokenizer_name_or_path or (args.load if args.enable_hf2mg_convert else None)
-    return build(tok_path, use_fast=not args.tokenizer_not_use_fast, template=template,
-                 tokenizer_type=args.tokenizer_type, seq_length=args.seq_length,
-                 trust_remote_code=args.trust_remote_code)
+def hf2mg_options(run: RunConfig) -> Hf2MgOptions:
+    """--enable-hf2mg-convert: the HF model converted to this run's layout (noop layers and all)."""
+    p = run.parallel
+    return Hf2MgOptions(
+        load_dir=Path(run.checkpoint.hf_dir), save_dir=Path(run.checkpoint.load),
+        model_type_hf=run.checkpoint.model_type_hf, tp=p.tensor_model_parallel_size,
+        pp=p.pipeline_model_parallel_size, ep=p.expert_model_parallel_size,
+        num_layer_list=parse_layer_list(p.num_layer_list),
+        layers_per_vpp_stage=p.num_layers_per_virtual_pipeline_stage,
+        noop_layers=",".join(map(str, run.model.noop_layers)) or None,
+        params_dtype="bf16" if run.layers.bf16 else "fp16" if run.layers.fp16 else None,
+        grouped_gemm=run.layers.moe_grouped_gemm, etp=p.expert_tensor_parallel_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,7 +85,7 @@ class StepResult:
     metrics: dict[str, float]             # the objective's extra values (last pipeline stage; {} elsewhere)
 
 
-def run_schedule(args: argparse.Namespace, model: list, mb, forward_only: bool,
+def run_schedule(run: RunConfig, model: list, mb, forward_only: bool,
                  objective: Objective) -> tuple[float, dict[str, float]]:
     """Forward (and backward) over one iteration's micro-batches: (reported loss on every rank, the objective's
     metrics on the last pipeline stage, {} elsewhere)."""
@@ -107,7 +105,7 @@ def run_schedule(args: argparse.Namespace, model: list, mb, forward_only: bool,
     value = device_tensor([0.0], torch.float64, ps.get_pipeline_model_parallel_group())
     metrics: dict[str, float] = {}
     if ps.is_pipeline_last_stage(ignore_virtual=True):
-        value[0] = reported_loss([r["lm loss"] for r in reports], args.calculate_per_token_loss,
+        value[0] = reported_loss([r["lm loss"] for r in reports], run.loop.calculate_per_token_loss,
                                  ps.get_data_parallel_group())
         metrics = objective.metrics(reports, ps.get_data_parallel_group())
     if ps.get_pipeline_model_parallel_world_size() > 1:
@@ -115,17 +113,17 @@ def run_schedule(args: argparse.Namespace, model: list, mb, forward_only: bool,
     return float(value[0]), metrics
 
 
-def train_step(args: argparse.Namespace, model: list, optimizer, mb, objective: Objective) -> StepResult:
+def train_step(run: RunConfig, model: list, optimizer, mb, objective: Objective) -> StepResult:
     """One optimizer step. A non-finite loss or gradient norm never reaches the weights: the update is not
     applied and `nan` is set (the caller stops, or skips with --skip-nan)."""
     for m in model:
         m.zero_grad_buffer()
     optimizer.zero_grad()
-    loss, metrics = run_schedule(args, model, mb, forward_only=False, objective=objective)
-    check = args.check_for_nan_in_loss_and_grad
+    loss, metrics = run_schedule(run, model, mb, forward_only=False, objective=objective)
+    check = run.loop.check_for_nan_in_loss_and_grad
     if check and not math.isfinite(loss):
         return StepResult(loss, True, True, None, metrics)
-    return StepResult(loss, *_guarded_step(optimizer, args.clip_grad, check), metrics)
+    return StepResult(loss, *_guarded_step(optimizer, run.optim.clip_grad, check), metrics)
 
 
 def _guarded_step(optimizer, clip_grad: float, check: bool) -> tuple[bool, bool, Optional[float]]:
@@ -149,7 +147,7 @@ def _guarded_step(optimizer, clip_grad: float, check: bool) -> tuple[bool, bool,
     return not ok, False, grad_norm
 
 
-def evaluate(args: argparse.Namespace, model: list, data, iteration: int, device, objective: Objective) -> None:
+def evaluate(run: RunConfig, model: list, data, iteration: int, device, objective: Objective) -> None:
     from mindspeed_llm.training.log import validation_line
 
     for m in model:
@@ -157,17 +155,17 @@ def evaluate(args: argparse.Namespace, model: list, data, iteration: int, device
     total = 0.0
     sums: dict[str, float] = {}        # the objective's metrics (already DP means), summed over eval iterations
     with torch.no_grad():
-        for _ in range(args.eval_iters):
+        for _ in range(run.loop.eval_iters):
             mb = objective.micro_batches(data.valid_iter, device)
-            loss, metrics = run_schedule(args, model, mb, forward_only=True, objective=objective)
+            loss, metrics = run_schedule(run, model, mb, forward_only=True, objective=objective)
             total += loss
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
     for m in model:
         m.train()
     if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
-        metrics = {key: value / args.eval_iters for key, value in sums.items()}
-        print(validation_line(iteration, total / args.eval_iters, metrics), flush=True)
+        metrics = {key: value / run.loop.eval_iters for key, value in sums.items()}
+        print(validation_line(iteration, total / run.loop.eval_iters, metrics), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,12 +194,12 @@ class SignalFlag:
         return bool(flag.item())
 
 
-def _minutes_exceeded(args: argparse.Namespace, start: float) -> bool:
-    if not args.exit_duration_in_mins:
+def _minutes_exceeded(minutes: Optional[float], start: float) -> bool:
+    if not minutes:
         return False
     from mindspeed_llm.platform import device_tensor
 
-    flag = device_tensor([int((time.time() - start) / 60 > args.exit_duration_in_mins)], torch.int64)
+    flag = device_tensor([int((time.time() - start) / 60 > minutes)], torch.int64)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item())
 
@@ -221,50 +219,47 @@ class TrainResult:
     flops: float = 0.0                                         # FLOPs the log's TFLOP/s counts, all DP ranks
 
 
-def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainResult:
-    """Run the training described by `args` (`parse_train_args` or `parse_pretrain_args`), with the objective
-    `OBJECTIVES[args.stage]`. `keep_process_group` leaves torch.distributed up so one launch can run several
-    configurations (tests, benchmarks)."""
+def train(run: RunConfig, keep_process_group: bool = False) -> TrainResult:
+    """Run the training `run` describes (`run_config.resolve_run`), with the objective `OBJECTIVES[run.stage]`.
+    `keep_process_group` leaves torch.distributed up so one launch can run several configurations (tests,
+    benchmarks)."""
     from megatron.core import parallel_state as ps
 
     from mindspeed_llm.platform import current_device, destroy_distributed, device_tensor
     from mindspeed_llm.training import checkpointing as ckpt
-    from mindspeed_llm.models.lora import spec_from_args
-    from mindspeed_llm.models.resolve import record_model
     from mindspeed_llm.training import model_setup
     from mindspeed_llm.training.log import (TrainLog, flops_per_iteration, load_balancing_loss, print_args,
                                             tracks_load_balancing_loss)
 
     start = time.time()
-    init_run(args)
-    tokenizer = build_tokenizer(args)
-    objective = OBJECTIVES[args.stage](args)
-    objective.check_data(tokenizer)                  # data before the model: the quick checks first
-    hf_dir = convert_at_startup(args) if args.enable_hf2mg_convert else None
-    model_setup.check_model_flags(args)
-    cfg = model_setup.model_config(args, len(tokenizer), hf_dir)
-    record_model(args, cfg)          # saves record the model that ran (mg -> hf and later loads read it)
-    print_args(args)
-    chunks = model_setup.build_chunks(args, cfg)
-    lora = spec_from_args(args)      # after build_chunks: r and alpha are the ones the adapters got
-    loaded = ckpt.load_model(args, chunks)
-    objective.setup(cfg, loaded)
-    model = model_setup.wrap_ddp(args, chunks)
-    optimizer, scheduler = model_setup.build_optimizer(args, model)
-    ckpt.load_training_state(args, loaded, optimizer, scheduler)
+    init_run(run)
+    tokenizer = load_tokenizer(run.data, run.checkpoint.hf_dir)
+    objective = OBJECTIVES[run.stage](run)
+    objective.check_data(tokenizer)                  # data before the conversion: the quick checks first
+    if run.checkpoint.enable_hf2mg_convert:
+        convert_at_startup(hf2mg_options(run))
+    print_args(run)
+    chunks = model_setup.build_chunks(run)
+    loaded = ckpt.load_model(run, chunks)
+    objective.setup(loaded)
+    model = model_setup.wrap_ddp(run, chunks)
+    optimizer, scheduler = model_setup.build_optimizer(run, model)
+    ckpt.load_training_state(run, loaded, optimizer, scheduler)
     iteration, consumed = loaded.iteration, loaded.consumed_samples
     data = objective.build_data(tokenizer, consumed)
     device = current_device()
-    log = TrainLog(args, cfg)
+    log = TrainLog(run)
     if torch.distributed.get_rank() == 0:
         print(f"time to initialize (seconds): {time.time() - start:.3f}", flush=True)
-    signals = SignalFlag(args.exit_signal_handler)
+    loop = run.loop
+    signals = SignalFlag(loop.exit_signal_handler)
     saved_at = -1
 
     def save() -> None:
         nonlocal saved_at
-        if args.save and saved_at != iteration:
-            ckpt.save_checkpoint(args, iteration, model, optimizer, scheduler, consumed)
+        if run.checkpoint.save and saved_at != iteration:
+            ckpt.save_checkpoint(run, iteration, model, optimizer, scheduler, consumed,
+                                 {**loaded.recorded, **objective.recorded()})
             saved_at = iteration
 
     dp_group = ps.get_data_parallel_group()
@@ -274,7 +269,7 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
 
     def finish() -> TrainResult:
         log.close()
-        if args.manual_gc:
+        if loop.manual_gc:
             gc.enable()
         result.iteration = iteration
         result.seconds = time.time() - loop_start
@@ -283,28 +278,29 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
             destroy_distributed()
         return result
 
-    if args.manual_gc:      # as Megatron: no automatic collection pauses, one collection every N iterations
+    if loop.manual_gc:      # as Megatron: no automatic collection pauses, one collection every N iterations
         gc.disable()
         gc.collect()
-    while iteration < args.train_iters and not args.skip_train:
+    gbs = run.batch.global_batch_size
+    while iteration < loop.train_iters and not loop.skip_train:
         mb = objective.micro_batches(data.train_iter, device)
-        step = train_step(args, model, optimizer, mb, objective)
+        step = train_step(run, model, optimizer, mb, objective)
         loss, skipped, nan, norm, metrics = step.loss, step.skipped, step.nan, step.grad_norm, step.metrics
         if tracks_load_balancing_loss(chunks[0].config):
-            metrics = {**metrics, "load_balancing_loss": load_balancing_loss(cfg, args.num_microbatches)}
+            metrics = {**metrics, "load_balancing_loss": load_balancing_loss(run.model, run.batch.num_microbatches)}
         iteration += 1
-        consumed += args.global_batch_size
-        if args.manual_gc and args.manual_gc_interval and iteration % args.manual_gc_interval == 0:
+        consumed += gbs
+        if loop.manual_gc and loop.manual_gc_interval and iteration % loop.manual_gc_interval == 0:
             gc.collect()
-        if nan and not args.skip_nan:
+        if nan and not loop.skip_nan:
             what = "loss" if not math.isfinite(loss) else f"gradient (grad norm {norm})"
             raise UserError(f"NaN/inf {what} at iteration {iteration}; the update was not applied and this "
                             f"state is not saved. Lower --lr, check the data, or pass --skip-nan to skip such "
                             f"iterations")
         if not (skipped or nan):
-            scheduler.step(increment=args.global_batch_size)      # a skipped update does not advance the LR
+            scheduler.step(increment=gbs)      # a skipped update does not advance the LR
         grad_norm = norm
-        stats = device_tensor([flops_per_iteration(cfg, mb.flop_terms, True, lora), float(mb.tokens)],
+        stats = device_tensor([flops_per_iteration(run.model, mb.flop_terms, True, run.lora), float(mb.tokens)],
                               torch.float64, dp_group)
         torch.distributed.all_reduce(stats, group=dp_group)
         log.add(loss, skipped, nan, float(stats[0]), float(stats[1]), [t[2] for t in mb.flop_terms], metrics)
@@ -314,27 +310,27 @@ def train(args: argparse.Namespace, keep_process_group: bool = False) -> TrainRe
         result.grad_norms.append(norm)
         result.tokens += float(stats[1])
         result.flops += float(stats[0])
-        if iteration % args.log_interval == 0:
+        if iteration % loop.log_interval == 0:
             scale = optimizer.get_loss_scale()
             log.emit(iteration, consumed, optimizer.param_groups[0]["lr"],
                      float(scale) if scale is not None else 1.0, grad_norm)
-        if data.valid_iter is not None and args.eval_interval and iteration % args.eval_interval == 0:
-            evaluate(args, model, data, iteration, device, objective)
-        if args.save_interval and iteration % args.save_interval == 0:
+        if data.valid_iter is not None and loop.eval_interval and iteration % loop.eval_interval == 0:
+            evaluate(run, model, data, iteration, device, objective)
+        if run.checkpoint.save_interval and iteration % run.checkpoint.save_interval == 0:
             save()
-        if signals.any_rank() or _minutes_exceeded(args, start):
+        if signals.any_rank() or _minutes_exceeded(loop.exit_duration_in_mins, start):
             save()
             _exit_message(iteration)
             return finish()
-        if args.exit_interval and iteration % args.exit_interval == 0:
+        if loop.exit_interval and iteration % loop.exit_interval == 0:
             save()
             _exit_message(iteration)
             return finish()
     save()
     # As Megatron: a final evaluation unless the loop just ran one; --skip-train evaluates the loaded weights.
-    if data.valid_iter is not None and (args.skip_train or (
-            iteration > 0 and not (args.eval_interval and iteration % args.eval_interval == 0))):
-        evaluate(args, model, data, iteration, device, objective)
+    if data.valid_iter is not None and (loop.skip_train or (
+            iteration > 0 and not (loop.eval_interval and iteration % loop.eval_interval == 0))):
+        evaluate(run, model, data, iteration, device, objective)
     return finish()
 
 

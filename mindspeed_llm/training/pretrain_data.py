@@ -13,7 +13,7 @@ import argparse
 import glob
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -22,8 +22,14 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from mindspeed_llm.errors import UserError
 from mindspeed_llm.models.context_parallel import context_parallel_group, split_batch_for_cp
-from mindspeed_llm.training.batching import batch_cu_seqlens, build_packed_seq_params
+from mindspeed_llm.data.preprocess import SIDECAR_SUFFIX
+from mindspeed_llm.training.batching import (batch_cu_seqlens, build_packed_seq_params, check_data_files,
+                                             check_sidecar_tokenizer)
 from mindspeed_llm.training.data import MicroBatches
+from mindspeed_llm.training.sft_dataset import read_sidecar
+
+if TYPE_CHECKING:
+    from mindspeed_llm.training.run_config import DataSettings
 
 Blend = tuple[list[str], Optional[list[float]]]
 PRETRAIN_SUFFIX = "_text_document"      # GeneralPretrainHandler's output for --json-keys text
@@ -74,7 +80,8 @@ def check_prefix(prefix: str, flag: str) -> None:
     raise UserError(f"{flag} {prefix}: missing {' and '.join(os.path.basename(prefix) + e for e in missing)}{hint}")
 
 
-def blends_from_args(args: argparse.Namespace) -> tuple[Optional[Blend], Optional[list[Optional[Blend]]]]:
+def blends_from_args(args: Union[argparse.Namespace, DataSettings]) -> tuple[Optional[Blend],
+                                                                          Optional[list[Optional[Blend]]]]:
     """(blend split by --split, or None; per-split blends [train, valid, test], or None), every prefix checked."""
     if args.data_path:
         blend = parse_blend(args.data_path, "--data-path")
@@ -91,6 +98,33 @@ def blends_from_args(args: argparse.Namespace) -> tuple[Optional[Blend], Optiona
     return None, per_split
 
 
+def check_sidecars(data: DataSettings, tokenizer) -> None:
+    """Every prefix of the blends whose preprocessing left a sidecar (`PREFIX_preprocess.json` beside
+    `PREFIX_{key}_document`): its files are the ones the sidecar records, and the tokenizer is the one the text was
+    tokenized with (token ids of another vocabulary would train silently)."""
+    blend, per_split = blends_from_args(data)
+    prefixes = [p for b in ([blend] if blend else per_split or []) if b for p in b[0]]
+    for prefix in dict.fromkeys(prefixes):
+        found = _sidecar_of(prefix)
+        if found is not None:
+            output_prefix, sidecar = found
+            where = output_prefix + SIDECAR_SUFFIX
+            check_data_files(output_prefix, sidecar.get("data_files") or {}, where)
+            check_sidecar_tokenizer(sidecar, where, data.tokenizer_name_or_path, tokenizer)
+
+
+def _sidecar_of(prefix: str) -> Optional[tuple[str, dict]]:
+    """(output prefix, sidecar) of `prefix` = OUTPUT_{key}_document when OUTPUT's sidecar lists that key."""
+    if not prefix.endswith("_document"):
+        return None
+    stem = prefix[:-len("_document")]
+    for cut in (i for i, ch in enumerate(stem) if ch == "_"):
+        sidecar = read_sidecar(stem[:cut])
+        if sidecar is not None and stem[cut + 1:] in (sidecar.get("fields") or ()):
+            return stem[:cut], sidecar
+    return None
+
+
 @dataclass
 class DatasetTokenizer:
     """What megatron-core's datasets read of a tokenizer: the EOD id, the vocabulary size (token dtype) and an
@@ -104,29 +138,29 @@ class DatasetTokenizer:
         return {"class": "DatasetTokenizer", "eod": self.eod, "vocab_size": self.vocab_size, "name": self.name}
 
 
-def gpt_dataset_config(args: argparse.Namespace, tokenizer, blend: Optional[Blend],
+def gpt_dataset_config(data: DataSettings, seed: int, tokenizer, blend: Optional[Blend],
                        blend_per_split: Optional[list[Optional[Blend]]]) -> GPTDatasetConfig:
     if tokenizer.eos_token_id is None:
-        raise UserError(f"--tokenizer-name-or-path {args.tokenizer_name_or_path}: the tokenizer has no eos token, "
+        raise UserError(f"--tokenizer-name-or-path {data.tokenizer_name_or_path}: the tokenizer has no eos token, "
                         f"which pretraining uses as the end-of-document (EOD) token")
     return GPTDatasetConfig(
-        random_seed=args.seed, sequence_length=args.seq_length, blend=blend, blend_per_split=blend_per_split,
-        split=args.split if blend is not None else None, path_to_cache=args.data_cache_path,
+        random_seed=seed, sequence_length=data.seq_length, blend=blend, blend_per_split=blend_per_split,
+        split=data.split if blend is not None else None, path_to_cache=data.data_cache_path,
         tokenizer=DatasetTokenizer(int(tokenizer.eos_token_id), len(tokenizer),
                                    os.path.basename(str(tokenizer.name_or_path).rstrip("/"))),
-        reset_position_ids=args.reset_position_ids, reset_attention_mask=args.reset_attention_mask,
-        eod_mask_loss=args.eod_mask_loss, create_attention_mask=False)
+        reset_position_ids=data.reset_position_ids, reset_attention_mask=data.reset_attention_mask,
+        eod_mask_loss=data.eod_mask_loss, create_attention_mask=False)
 
 
-def build_pretrain_datasets(args: argparse.Namespace, tokenizer, num_samples: Sequence[int]) -> list:
+def build_pretrain_datasets(data: DataSettings, seed: int, tokenizer, num_samples: Sequence[int]) -> list:
     """[train, valid, test] (None where a split is empty) drawing `num_samples` each, as Megatron-LM builds them
     (every rank builds; rank 0 first writes the index cache)."""
-    blend, per_split = blends_from_args(args)
-    config = gpt_dataset_config(args, tokenizer, blend, per_split)
+    blend, per_split = blends_from_args(data)
+    config = gpt_dataset_config(data, seed, tokenizer, blend, per_split)
     try:
         return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
     except (AssertionError, ValueError) as exc:
-        raise UserError(f"--data-path / --split {args.split}: megatron-core could not build the datasets "
+        raise UserError(f"--data-path / --split {data.split}: megatron-core could not build the datasets "
                         f"({exc or type(exc).__name__})") from None
 
 

@@ -21,7 +21,7 @@ import random
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from mindspeed_llm.errors import UserError
 
 from mindspeed_llm.data.preprocess import SIDECAR_SUFFIX
 from mindspeed_llm.data.templates import IGNORE_INDEX, infer_seqlen
+
+if TYPE_CHECKING:
+    from mindspeed_llm.training.run_config import DataSettings
 
 SFT_FIELDS = ("input_ids", "attention_mask", "labels")
 PAIRWISE_FIELDS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
@@ -310,36 +313,34 @@ class SFTDataOptions:
     cache_dir: str | None = None    # where index maps go (default: beside the data)
 
 
-def options_from_args(args: Any, sidecar: dict | None = None) -> SFTDataOptions:
-    """Build options from a Megatron-style args namespace; token ids come from the sidecar when present."""
+def data_options(data: DataSettings, seed: int, global_batch_size: int,
+                 sidecar: dict | None = None) -> SFTDataOptions:
+    """A run's `SFTDataOptions`; the template's token ids come from the data's sidecar when it records them."""
     tok = (sidecar or {}).get("tokenizer", {})
-    eos = getattr(args, "eos_token_id", None)
-    pad = getattr(args, "pad_token_id", None)
     return SFTDataOptions(
-        seq_length=int(args.seq_length),
-        seed=int(getattr(args, "seed", 1234)),
+        seq_length=int(data.seq_length),
+        seed=int(seed),
         # Pairwise samples stay unpacked here: the collator packs each micro-batch's pairs.
-        packed=bool(getattr(args, "reset_attention_mask", False)) and not getattr(args, "is_pairwise_dataset", False),
-        neat_pack=bool(getattr(args, "neat_pack", False)),
-        pairwise=bool(getattr(args, "is_pairwise_dataset", False)),
-        shuffle=not getattr(args, "no_shuffle", False),
-        full_shuffle=bool(getattr(args, "full_shuffle_instruction_dataset", False)),
-        pad_multiple=int(args.global_batch_size) if getattr(args, "padded_samples", False) else None,
-        cut_max_seqlen=bool(getattr(args, "cut_max_seqlen", False)),
-        no_cut_token=bool(getattr(args, "no_cut_token", False)),
-        eos_token_id=eos if eos is not None else tok.get("eos_token_id"),
-        pad_token_id=pad if pad is not None else tok.get("pad_token_id"),
-        cache_dir=getattr(args, "data_cache_path", None),
+        packed=bool(data.reset_attention_mask) and not data.is_pairwise_dataset,
+        neat_pack=bool(data.neat_pack),
+        pairwise=bool(data.is_pairwise_dataset),
+        shuffle=not data.no_shuffle,
+        full_shuffle=bool(data.full_shuffle_instruction_dataset),
+        pad_multiple=int(global_batch_size) if data.padded_samples else None,
+        cut_max_seqlen=bool(data.cut_max_seqlen),
+        no_cut_token=bool(data.no_cut_token),
+        eos_token_id=tok.get("eos_token_id"),
+        pad_token_id=tok.get("pad_token_id"),
+        cache_dir=data.data_cache_path,
     )
 
 
-def train_valid_test_num_samples(args: Any) -> tuple[int, int, int]:
+def train_valid_test_num_samples(global_batch_size: int, train_iters: int, eval_iters: int,
+                                 eval_interval: Optional[int]) -> tuple[int, int, int]:
     """Megatron's sample counts: train = iters x GBS; valid = (iters // eval_interval + 1) x eval_iters x GBS."""
-    gbs = int(args.global_batch_size)
-    iters = int(args.train_iters)
-    eval_iters = int(getattr(args, "eval_iters", 0) or 0)
-    eval_interval = int(getattr(args, "eval_interval", 0) or 0) or iters or 1
-    return iters * gbs, (iters // eval_interval + 1) * eval_iters * gbs, eval_iters * gbs
+    eval_interval = eval_interval or train_iters or 1
+    return (train_iters * global_batch_size, (train_iters // eval_interval + 1) * eval_iters * global_batch_size,
+            eval_iters * global_batch_size)
 
 
 class SFTDataset(torch.utils.data.Dataset):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 
 from mindspeed_llm.checkpoint.layout import TRACKER
 from mindspeed_llm.errors import UserError
@@ -217,7 +218,15 @@ def adopt_data_flags(args: argparse.Namespace) -> list[str]:
     return adopted
 
 
-def validate_world(args: argparse.Namespace, world_size: int) -> None:
+@dataclass(frozen=True)
+class World:
+    """What the world size decides: the data-parallel size, the global batch and micro-batches per step."""
+    data_parallel_size: int
+    global_batch_size: int
+    num_microbatches: int
+
+
+def resolve_world(args: argparse.Namespace, world_size: int) -> World:
     """DP size, micro-batch count and sequence-parallel divisibility, once the world size is known."""
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     if world_size % (tp * pp * cp):
@@ -240,24 +249,22 @@ def validate_world(args: argparse.Namespace, world_size: int) -> None:
                         f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp} does not fit "
                         f"{world_size} processes: expert parallelism splits the {dp * cp} data- and context-parallel "
                         f"ranks of each TP/PP slot, so EP must divide {dp * cp}")
-    args.data_parallel_size = dp
-    args.world_size = world_size
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * dp
-    if args.global_batch_size % (args.micro_batch_size * dp):
-        raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+    gbs = args.micro_batch_size * dp if args.global_batch_size is None else args.global_batch_size
+    if gbs % (args.micro_batch_size * dp):
+        raise UserError(f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
                         f"{args.micro_batch_size} x data-parallel size {dp} (= {world_size} processes / "
                         f"(TP {tp} x PP {pp} x CP {cp}))")
-    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    world = World(dp, gbs, gbs // (args.micro_batch_size * dp))
     if args.sequence_parallel:
         if args.seq_length % tp:
             raise UserError(f"--sequence-parallel: --seq-length {args.seq_length} must be divisible by TP {tp}")
         if args.variable_seq_lengths and args.pad_to_multiple_of % tp:
             raise UserError(f"--sequence-parallel: --pad-to-multiple-of {args.pad_to_multiple_of} must be "
                             f"divisible by TP {tp}")
-    if args.num_layers_per_virtual_pipeline_stage and pp > 1 and args.num_microbatches % pp:
-        raise UserError(f"interleaved pipeline: the number of micro-batches {args.num_microbatches} "
+    if args.num_layers_per_virtual_pipeline_stage and pp > 1 and world.num_microbatches % pp:
+        raise UserError(f"interleaved pipeline: the number of micro-batches {world.num_microbatches} "
                         f"(--global-batch-size / (--micro-batch-size x DP)) must be a multiple of PP {pp}")
+    return world
 
 
 def check_moe_sequence_parallel(args: argparse.Namespace, source: str) -> None:

@@ -28,11 +28,9 @@ the step minimises the mean over the global batch's pairs (equal micro-batch siz
 """
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,23 +39,12 @@ from mindspeed_llm.errors import UserError
 from mindspeed_llm.models.context_parallel import context_parallel_group
 from mindspeed_llm.training.loss import whole_sequence_sums
 from mindspeed_llm.training.objectives.sft import SFTObjective, model_forward
+from mindspeed_llm.training.run_config import DPOSettings, LayerSettings, RunConfig
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 # Logged after `lm loss`, in this order (MindSpeed-LLM's names).
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
-
-
-@dataclass
-class DPOSettings:
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    ftx: float = 0.0
-
-
-def settings_from_args(args: argparse.Namespace) -> DPOSettings:
-    return DPOSettings(args.dpo_beta, args.dpo_loss_type, args.dpo_label_smoothing, args.pref_ftx)
 
 
 def sequence_logps(per_token_nll: torch.Tensor, loss_mask: torch.Tensor,
@@ -148,13 +135,19 @@ class DPOObjective(SFTObjective):
     """DPO for `training.loop`: data and batches as SFT's (pairwise), reference log-probs before each pass, the
     pair loss, and the reward metrics. `reference` (frozen chunks) is built by `setup` unless given."""
 
-    def __init__(self, args: argparse.Namespace, reference: Optional[list] = None) -> None:
-        super().__init__(args)
-        self.settings = settings_from_args(args)
+    def __init__(self, run: RunConfig, reference: Optional[list] = None) -> None:
+        super().__init__(run)
+        self.settings = run.dpo
         self.reference = reference
+        self.reference_from: tuple[Optional[str], Optional[int | str]] = (None, None)
 
-    def setup(self, cfg, loaded) -> None:
-        self.reference = build_reference(self.args, cfg, loaded.resume)
+    def setup(self, loaded) -> None:
+        self.reference, self.reference_from = build_reference(self.run, loaded.resume)
+
+    def recorded(self) -> dict[str, Any]:
+        """The reference a resumed run reloads (`reference_source`)."""
+        directory, iteration = self.reference_from
+        return {"ref_model": directory, "refer_model_iter": iteration} if directory else {}
 
     def before_schedule(self, mb) -> None:
         """Forward-only pass of the reference over the micro-batches; the last stage keeps `ref_logps`."""
@@ -197,41 +190,42 @@ class DPOObjective(SFTObjective):
 # Reference model
 # ---------------------------------------------------------------------------------------------------------------
 
-def reference_source(args: argparse.Namespace, resume: bool) -> tuple[str, Optional[int | str], str]:
+def reference_source(settings: DPOSettings, load: Optional[str],
+                     resume: bool) -> tuple[str, Optional[int | str], str]:
     """(directory, iteration or None for the tracker's, where it came from) of the reference weights.
 
     --ref-model wins. A resumed DPO run reuses the reference recorded in its checkpoint (its own --load holds
     trained weights); any other run starts from --load, which is then the reference."""
-    if args.ref_model:
-        return args.ref_model, args.refer_model_iter, "--ref-model"
+    if settings.ref_model:
+        return settings.ref_model, settings.refer_model_iter, "--ref-model"
     if resume:
         from mindspeed_llm.checkpoint import layout
-        from mindspeed_llm.training.model_setup import checkpoint_args
+        from mindspeed_llm.training.resolve_run import checkpoint_args
 
-        saved, source = checkpoint_args(args.load)
+        saved, source = checkpoint_args(load)
         if layout.get(saved, "stage") == "dpo":
             recorded = layout.get(saved, "ref_model")
             if not recorded:
-                raise UserError(f"--load {args.load}: resuming --stage dpo needs the reference model, which {source} "
+                raise UserError(f"--load {load}: resuming --stage dpo needs the reference model, which {source} "
                                 f"does not record; pass --ref-model (the checkpoint the run started from)")
-            iteration = args.refer_model_iter
+            iteration = settings.refer_model_iter
             if iteration is None:
                 iteration = layout.get(saved, "refer_model_iter")
-            return recorded, iteration, f"the reference recorded in --load {args.load}"
-    return args.load, args.refer_model_iter, "--load"
+            return recorded, iteration, f"the reference recorded in --load {load}"
+    return load, settings.refer_model_iter, "--load"
 
 
-def build_reference(args: argparse.Namespace, cfg, resume: bool) -> list:
-    """Frozen reference chunks (eval mode, no gradients), loaded as `reference_source` says. The source is
-    written back into args (`ref_model`, `refer_model_iter`), so checkpoints record it for resuming."""
+def build_reference(run: RunConfig, resume: bool) -> tuple[list, tuple[str, Optional[int | str]]]:
+    """Frozen reference chunks (eval mode, no gradients), loaded as `reference_source` says, and that source
+    (directory, iteration), which checkpoints record for resuming."""
     from mindspeed_llm.checkpoint import layout
     from mindspeed_llm.checkpoint.errors import ConversionError
     from mindspeed_llm.checkpoint.load import load_checkpoint
-    from mindspeed_llm.models.resolve import MODEL_ARG_KEYS
+    from mindspeed_llm.models.resolve import weight_args
     from mindspeed_llm.training.checkpointing import rng_state, set_rng_state
     from mindspeed_llm.training.model_setup import build_chunks
 
-    directory, iteration, origin = reference_source(args, resume)
+    directory, iteration, origin = reference_source(run.dpo, run.checkpoint.load, resume)
     if not directory:
         raise UserError("--stage dpo needs a reference model: pass --load (the starting checkpoint) or --ref-model")
     if not (Path(directory) / layout.TRACKER).is_file():
@@ -245,29 +239,27 @@ def build_reference(args: argparse.Namespace, cfg, resume: bool) -> list:
     # Building draws initial weights from the RNGs; restore them so the policy's random stream (dropout) is
     # the same as without a reference.
     saved_rng = rng_state()
-    chunks = build_chunks(args, cfg, lora=False)
+    chunks = build_chunks(run, lora=False)
     set_rng_state(saved_rng)
-    expected = {key: getattr(args, key, None) for key in MODEL_ARG_KEYS}
     try:
-        load_checkpoint(chunks, directory, expected=expected, strict=not args.load_checkpoint_loosely,
-                        iteration=iteration)
+        load_checkpoint(chunks, directory, expected=weight_args(run.model),
+                        strict=not run.checkpoint.load_checkpoint_loosely, iteration=iteration)
     except ConversionError as exc:
         raise UserError(f"reference model ({origin}) {directory}: {exc}") from None
-    args.ref_model, args.refer_model_iter = str(directory), iteration
-    wrapped = freeze(args, chunks)
+    wrapped = freeze(run.layers, chunks)
     if torch.distributed.get_rank() == 0:
         print(f"reference model for --stage dpo: {directory} ({layout.iter_dir_name(iteration)}), frozen", flush=True)
-    return wrapped
+    return wrapped, (str(directory), iteration)
 
 
-def freeze(args: argparse.Namespace, chunks: list) -> list:
+def freeze(layers: LayerSettings, chunks: list) -> list:
     """The model chunks as a reference: eval mode, no gradients, wrapped for --bf16/--fp16 as the policy is."""
     wrapped = []
     for chunk in chunks:
         chunk.eval()
         for p in chunk.parameters():
             p.requires_grad_(False)
-        if args.bf16 or args.fp16:
+        if layers.bf16 or layers.fp16:
             from megatron.core.transformer.module import Float16Module
 
             chunk = Float16Module(chunk.config, chunk)

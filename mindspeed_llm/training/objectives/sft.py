@@ -2,13 +2,13 @@
 (`training.sft_dataset`, batched by `training.batching`); the loss and its averaging are `training.loss`."""
 from __future__ import annotations
 
-import argparse
 from functools import partial
 from typing import Any, Iterator, Optional
 
 from mindspeed_llm.models.context_parallel import context_parallel_group
 from mindspeed_llm.training.data import MicroBatches, RunData, build_run_data, check_run_data, next_micro_batches
 from mindspeed_llm.training.loss import sft_loss_func
+from mindspeed_llm.training.run_config import RunConfig
 
 
 def model_forward(model, batch: dict):
@@ -18,21 +18,25 @@ def model_forward(model, batch: dict):
 
 
 class SFTObjective:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
+    def __init__(self, run: RunConfig) -> None:
+        self.run = run
         self.sidecar: Optional[dict] = None
 
     def check_data(self, tokenizer) -> None:
-        self.sidecar = check_run_data(self.args, tokenizer)
+        self.sidecar = check_run_data(self.run, tokenizer)
 
-    def setup(self, cfg, loaded) -> None:
+    def setup(self, loaded) -> None:
         pass
 
+    def recorded(self) -> dict[str, Any]:
+        return {}
+
     def build_data(self, tokenizer, consumed_samples: int) -> RunData:
-        return build_run_data(self.args, tokenizer, consumed_samples, self.sidecar)
+        return build_run_data(self.run, tokenizer, consumed_samples, self.sidecar)
 
     def micro_batches(self, iterator: Iterator, device) -> MicroBatches:
-        return next_micro_batches(self.args, iterator, self.args.num_microbatches, device)
+        return next_micro_batches(iterator, self.run.batch.num_microbatches, self.run.data.reset_attention_mask,
+                                  device)
 
     def before_schedule(self, mb: MicroBatches) -> None:
         pass
@@ -40,7 +44,7 @@ class SFTObjective:
     def forward_step(self, data_iterator: Iterator, model):
         batch = next(data_iterator)
         return model_forward(model, batch), partial(sft_loss_func, batch["loss_mask"],
-                                                    per_token=self.args.calculate_per_token_loss,
+                                                    per_token=self.run.loop.calculate_per_token_loss,
                                                     cp_group=context_parallel_group())
 
     def metrics(self, reports: list[dict[str, Any]], group) -> dict[str, float]:
