@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import json
 import os
 import re
@@ -247,6 +248,7 @@ class _TextEncoder:
         self.ascii_backend = _without_normalizer(self.backend) if self.backend is not None else None
         self.batch_fast = (self.backend is not None and hasattr(self.backend, "encode_batch_fast")
                            and not _tokenizers_parallel())
+        self.ascii_words = _AsciiWordEncoder.build(self.backend) if self.batch_fast else None
 
     def encode(self, tokenizer, text: str) -> list[int]:
         ids = self.cache.get(text)
@@ -261,10 +263,144 @@ class _TextEncoder:
     def _encode_uncached(self, tokenizer, text: str) -> list[int]:
         if self.backend is None:
             return tokenizer.encode(text, add_special_tokens=False)
-        backend = self.ascii_backend if self.ascii_backend is not None and text.isascii() else self.backend
+        ascii_text = text.isascii()
+        if ascii_text and self.ascii_words is not None:
+            ids = self.ascii_words.encode(text)
+            if ids is not None:
+                return ids
+        backend = self.ascii_backend if self.ascii_backend is not None and ascii_text else self.backend
         if self.batch_fast:
             return backend.encode_batch_fast([text], add_special_tokens=False)[0].ids
         return backend.encode(text, add_special_tokens=False).ids
+
+
+# The pre-tokenizer splits of byte-level BPE tokenizers, as `tokenizers` runs them (Oniguruma), next to a Python
+# `re` pattern that splits ASCII text the same way: on ASCII, \p{L} is [A-Za-z], \p{N} is [0-9], Oniguruma's \s is
+# [\t\n\v\f\r ] (as `re.ASCII`'s), and the case-insensitive contractions have no case variants outside ASCII.
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_CONTRACTIONS = r"'(?:[sS]|[tT]|[rR][eE]|[vV][eE]|[mM]|[lL][lL]|[dD])"
+_ASCII_SPLITS = {
+    _QWEN2_SPLIT: _CONTRACTIONS + r"|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]| ?[^\sA-Za-z0-9]+[\r\n]*|\s*[\r\n]+"
+                                  r"|\s+(?!\S)|\s+",
+    _LLAMA3_SPLIT: _CONTRACTIONS + r"|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]{1,3}| ?[^\sA-Za-z0-9]+[\r\n]*|\s*[\r\n]+"
+                                   r"|\s+(?!\S)|\s+",
+}
+# GPT-2's split, which a ByteLevel pre-tokenizer with use_regex runs: the contractions are case-sensitive there.
+_GPT2_ASCII_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"
+_WORD_CACHE_MAX = 200_000
+
+
+class _AsciiWordEncoder:
+    """ASCII text -> ids for a byte-level BPE tokenizer, mostly in Python, with the ids `backend.encode` gives.
+
+    The Rust call costs far more per word than the BPE itself (most words are in the model's cache): one word
+    cache in Python, filled through the model, makes tokenizing ASCII text several times cheaper. Text is cut
+    as `tokenizers` cuts it: at the added tokens (leftmost, longest first; those matched without normalization
+    before those matched after it), then by the pre-tokenizer's split, whose ASCII twin runs in `re`. Only
+    built for the splits in `_ASCII_SPLITS` (and GPT-2's) and a normalizer that leaves ASCII alone.
+    """
+
+    def __init__(self, backend, split: str, added: dict[str, tuple[int, bool]]) -> None:
+        self.split = re.compile(split, re.ASCII)
+        self.added = {content: token_id for content, (token_id, _) in added.items()}
+        # `tokenizers` matches the tokens it does not normalize first, then the others in the pieces between
+        self.added_splits = [re.compile("(" + "|".join(re.escape(c) for c in sorted(group, key=len, reverse=True))
+                                        + ")")
+                             for group in ([c for c, (_, n) in added.items() if not n],
+                                           [c for c, (_, n) in added.items() if n]) if group]
+        from tokenizers import Tokenizer, pre_tokenizers
+
+        # one word, already split: the byte-level mapping and the shared model (and its cache) only
+        self.words_backend = Tokenizer(backend.model)
+        self.words_backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        self.cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def build(cls, backend) -> "_AsciiWordEncoder | None":
+        """The encoder for `backend`, or None when its pipeline is not one this class reproduces."""
+        from tokenizers import models, normalizers
+
+        if backend is None or not isinstance(backend.model, models.BPE) or backend.model.dropout:
+            return None
+        if backend.normalizer is not None and not isinstance(
+                backend.normalizer, (normalizers.NFC, normalizers.NFD, normalizers.NFKC, normalizers.NFKD)):
+            return None
+        if backend.truncation is not None or backend.padding is not None or backend.encode_special_tokens:
+            return None
+        split = _ascii_split(backend.pre_tokenizer)
+        if split is None:
+            return None
+        added: dict[str, tuple[int, bool]] = {}
+        for token_id, token in backend.get_added_tokens_decoder().items():
+            if token.lstrip or token.rstrip or token.single_word or not token.content or token.content in added:
+                return None
+            added[token.content] = (token_id, token.normalized)
+        return cls(backend, split, added)
+
+    def encode(self, text: str) -> list[int] | None:
+        """The ids of ASCII `text`; None if the split does not cover the text (it always should)."""
+        parts: list[str | int] = [text]  # text, and the ids of the added tokens found in it
+        for added_split in self.added_splits:
+            cut: list[str | int] = []
+            for part in parts:
+                if isinstance(part, int):
+                    cut.append(part)
+                else:  # with a group, re.split puts the tokens it cuts at in the odd places
+                    cut += [self.added[piece] if i % 2 else piece for i, piece in enumerate(added_split.split(part))]
+            parts = cut
+        ids: list[int] = []
+        cache = self.cache
+        for part in parts:
+            if isinstance(part, int):
+                ids.append(part)
+                continue
+            if not part:
+                continue
+            words = self.split.findall(part)
+            if sum(map(len, words)) != len(part):
+                return None
+            done = len(ids)
+            try:
+                ids.extend(itertools.chain.from_iterable(map(cache.__getitem__, words)))
+            except KeyError:  # extend kept the ids before the unknown word
+                del ids[done:]
+                self._learn(words)
+                ids.extend(itertools.chain.from_iterable(map(cache.__getitem__, words)))
+        return ids
+
+    def _learn(self, words: list[str]) -> None:
+        """Puts every word of `words` in the cache (one Rust call for those it lacks)."""
+        missing = [w for w in dict.fromkeys(words) if w not in self.cache]
+        if len(self.cache) + len(missing) > _WORD_CACHE_MAX:
+            self.cache.clear()
+            missing = list(dict.fromkeys(words))
+        encodings = self.words_backend.encode_batch_fast([[w] for w in missing], is_pretokenized=True,
+                                                         add_special_tokens=False)
+        self.cache.update(zip(missing, (e.ids for e in encodings)))
+
+
+def _ascii_split(pre_tokenizer) -> str | None:
+    """The `re` pattern that splits ASCII text as `pre_tokenizer` does, None for other pre-tokenizers."""
+    if pre_tokenizer is None:
+        return None
+    spec = json.loads(pre_tokenizer.__getstate__())
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
+    if spec.get("type") == "ByteLevel":
+        if spec.get("add_prefix_space") is False and spec.get("use_regex") is True:
+            return _GPT2_ASCII_SPLIT
+        return None
+    if spec.get("type") != "Sequence" or len(spec.get("pretokenizers", [])) != 2:
+        return None
+    split, last = spec["pretokenizers"]
+    if {k: last.get(k) for k in byte_level} != byte_level:
+        return None
+    if (split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert")
+            or set(split.get("pattern", {})) != {"Regex"}):
+        return None
+    return _ASCII_SPLITS.get(split["pattern"]["Regex"])
 
 
 def _tokenizers_parallel() -> bool:
