@@ -2,6 +2,7 @@
 and the CLI's files byte for byte against samples encoded with the tokenizer's standard `encode` and written one by
 one with megatron-core's IndexedDatasetBuilder."""
 import json
+import random
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from mindspeed_llm.data.encode import EncodeOptions, encode_record
 from mindspeed_llm.data.handlers import Skip, build_handler
 from mindspeed_llm.data.loaders import chunk_records, iter_record_chunks, iter_records
 from mindspeed_llm.data.prompt_type import get_template
-from mindspeed_llm.data.templates import _TextEncoder, encode_text
+from mindspeed_llm.data.templates import _LLAMA3_SPLIT, _AsciiWordEncoder, _TextEncoder, encode_text
 from mindspeed_llm.data.writer import IndexedWriter
 from mindspeed_llm.errors import UserError
 from mindspeed_llm.tokenizer import build_tokenizer
@@ -70,6 +71,68 @@ def test_encode_text_keeps_a_normalizer_that_changes_ascii():
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
     assert _TextEncoder(tok).ascii_backend is None
     assert encode_text(tok, "HELLO Hello") == tok.encode("HELLO Hello", add_special_tokens=False) == [0, 0]
+
+
+def ascii_texts(n: int, seed: int = 0) -> list[str]:
+    """Random ASCII text heavy in what the split decides on: every character, whitespace runs, contractions in
+    any case, digits, and added tokens whole, cut or back to back."""
+    atoms = ([chr(i) for i in range(128)] + list(" \t\n\r\x0b\x0c") * 6
+             + ["'s", "'S", "'re", "'RE", "'Ll", "'d", "'x", "''"] * 3
+             + ["hello", "World", "x", "12345", "  ", "\n\n", "\r\n", " \n ", "<|im_end|>", "<think>", "</think>",
+                "<|im_start|>", "<|endoftext|>", "<|im", "_end|>", "...", " -"] * 4)
+    rng = random.Random(seed)
+    return ["".join(rng.choice(atoms) for _ in range(rng.randint(0, 30))) for _ in range(n)]
+
+
+def variant(tok, **changes) -> Tokenizer:
+    """The tokenizer's Rust backend with parts of its JSON replaced."""
+    spec = json.loads(tok._tokenizer.to_str())
+    spec.update(changes)
+    if "normalized_tags" in spec:  # the added tokens that are not special are matched after normalization
+        del spec["normalized_tags"]
+        for token in spec["added_tokens"]:
+            token["normalized"] = not token["special"]
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def test_ascii_words_give_the_standard_ids(tiny_qwen3, tiny_model_factory):
+    """Qwen's split (the tiny Qwen3 tokenizer's), Llama 3's, GPT-2's (ByteLevel with its own regex) and added
+    tokens matched after normalization: the word encoder's ids are the backend's, also when its cache overflows."""
+    qwen = AutoTokenizer.from_pretrained(tiny_qwen3)
+    llama = AutoTokenizer.from_pretrained(tiny_model_factory("llama3"))
+    assert json.loads(llama._tokenizer.pre_tokenizer.__getstate__())["use_regex"] is True
+    split = json.loads(qwen._tokenizer.to_str())["pre_tokenizer"]
+    split["pretokenizers"][0]["pattern"]["Regex"] = _LLAMA3_SPLIT
+    backends = [qwen._tokenizer, llama._tokenizer, variant(qwen, pre_tokenizer=split),
+                variant(qwen, normalized_tags=True)]
+    texts = ascii_texts(3000) + ["", " ", "don't", "I'LL", "a  b\n\n  c   ", "x" * 600]
+    for backend in backends:
+        for max_words in (1_000_000, 5):
+            words = _AsciiWordEncoder.build(backend)
+            words.max_words = max_words
+            for text in texts:
+                assert words.encode(text) == backend.encode(text, add_special_tokens=False).ids, repr(text)
+            assert len(words.cache) <= max(max_words, *(len(words.split.findall(t)) for t in texts))
+
+
+def test_encode_text_uses_the_ascii_words(tiny_qwen3):
+    tok = AutoTokenizer.from_pretrained(tiny_qwen3)
+    encoder = _TextEncoder(tok)
+    assert encoder.ascii_words is not None
+    text = "Plain ASCII, " * 50 + "<|im_end|>\n"  # over the length whose ids the text cache keeps
+    assert encoder.encode(tok, text) == encode_text(tok, text) == tok.encode(text, add_special_tokens=False)
+    assert encoder.ascii_words.cache  # the words went through it
+
+
+@pytest.mark.parametrize("pre_tokenizer", [pre_tokenizers.Whitespace(),
+                                           pre_tokenizers.ByteLevel(add_prefix_space=True),
+                                           pre_tokenizers.Sequence([pre_tokenizers.Split("x", "isolated"),
+                                                                    pre_tokenizers.ByteLevel(use_regex=False)])])
+def test_no_ascii_words_for_another_split(tiny_qwen3, pre_tokenizer):
+    backend = AutoTokenizer.from_pretrained(tiny_qwen3)._tokenizer
+    assert _AsciiWordEncoder.build(backend) is not None
+    backend.pre_tokenizer = pre_tokenizer
+    assert _AsciiWordEncoder.build(backend) is None
 
 
 def test_add_many_writes_what_add_writes(tmp_path):

@@ -237,7 +237,8 @@ class _TextEncoder:
     A fast tokenizer is called through its Rust backend, which gives the same ids as `tokenizer.encode` at a
     fraction of the per-call cost: with `encode_batch_fast` (no offsets) where the backend has it and runs
     serially, and ASCII text skips the normalizer when that is a Unicode normalization form (a no-op on ASCII)
-    by going through a second backend that shares the model and added tokens but has no normalizer.
+    by going through a second backend that shares the model and added tokens but has no normalizer. ASCII text
+    of byte-level BPE tokenizers with a known split skips the Rust pipeline altogether (`_AsciiWordEncoder`).
     """
 
     def __init__(self, tokenizer) -> None:
@@ -248,7 +249,7 @@ class _TextEncoder:
         self.ascii_backend = _without_normalizer(self.backend) if self.backend is not None else None
         self.batch_fast = (self.backend is not None and hasattr(self.backend, "encode_batch_fast")
                            and not _tokenizers_parallel())
-        self.ascii_words = _AsciiWordEncoder.build(self.backend) if self.batch_fast else None
+        self.ascii_words = _AsciiWordEncoder.build(self.backend)
 
     def encode(self, tokenizer, text: str) -> list[int]:
         ids = self.cache.get(text)
@@ -317,13 +318,15 @@ class _AsciiWordEncoder:
         self.words_backend = Tokenizer(backend.model)
         self.words_backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         self.cache: dict[str, list[int]] = {}
+        self.max_words = _WORD_CACHE_MAX  # bounds the memory: a few hundred bytes a word
 
     @classmethod
     def build(cls, backend) -> "_AsciiWordEncoder | None":
         """The encoder for `backend`, or None when its pipeline is not one this class reproduces."""
         from tokenizers import models, normalizers
 
-        if backend is None or not isinstance(backend.model, models.BPE) or backend.model.dropout:
+        if backend is None or not hasattr(backend, "encode_batch") or not isinstance(backend.model, models.BPE) \
+                or backend.model.dropout:
             return None
         if backend.normalizer is not None and not isinstance(
                 backend.normalizer, (normalizers.NFC, normalizers.NFD, normalizers.NFKC, normalizers.NFKD)):
@@ -374,11 +377,11 @@ class _AsciiWordEncoder:
     def _learn(self, words: list[str]) -> None:
         """Puts every word of `words` in the cache (one Rust call for those it lacks)."""
         missing = [w for w in dict.fromkeys(words) if w not in self.cache]
-        if len(self.cache) + len(missing) > _WORD_CACHE_MAX:
+        if len(self.cache) + len(missing) > self.max_words:
             self.cache.clear()
             missing = list(dict.fromkeys(words))
-        encodings = self.words_backend.encode_batch_fast([[w] for w in missing], is_pretokenized=True,
-                                                         add_special_tokens=False)
+        batch = getattr(self.words_backend, "encode_batch_fast", self.words_backend.encode_batch)
+        encodings = batch([[w] for w in missing], is_pretokenized=True, add_special_tokens=False)
         self.cache.update(zip(missing, (e.ids for e in encodings)))
 
 
