@@ -168,6 +168,19 @@ def test_record_chunks_hold_the_records_in_order(tmp_path):
     assert max(len(chunk_records(c)) for c in chunks) == 4
 
 
+def test_json_lines_decode_as_json_does(tmp_path):
+    """Integers beyond 64 bits (which orjson would turn into floats, also with fewer than 20 digits), floats,
+    nesting: the records are what `json` makes of the lines."""
+    lines = ['{"a": 123456789012345678901234, "b": "x"}', '{"a": -9223372036854775809}',
+             '{"a": 18446744073709551615, "f": 0.1}', '{"m": [{"v": 2.5e-3}, {"v": [1, 99999999999999999999]}]}',
+             '{"s": "12345678901234567890123"}']
+    path = tmp_path / "a.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    records = list(iter_records([path]))
+    assert records == [json.loads(line) for line in lines]
+    assert [type(r.get("a")) for r in records] == [int, int, int, type(None), type(None)]
+
+
 def test_a_malformed_line_in_a_later_chunk_is_named(tmp_path):
     path = tmp_path / "a.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in alpaca_records(9)) + '{"instruction": "x",\n')
