@@ -238,7 +238,7 @@ class _TextEncoder:
     fraction of the per-call cost: with `encode_batch_fast` (no offsets) where the backend has it and runs
     serially, and ASCII text skips the normalizer when that is a Unicode normalization form (a no-op on ASCII)
     by going through a second backend that shares the model and added tokens but has no normalizer. ASCII text
-    of byte-level BPE tokenizers with a known split skips the Rust pipeline altogether (`_AsciiWordEncoder`).
+    of byte-level BPE tokenizers with a known split skips the Rust pipeline altogether (`_WordEncoder`).
     """
 
     def __init__(self, tokenizer) -> None:
@@ -249,7 +249,7 @@ class _TextEncoder:
         self.ascii_backend = _without_normalizer(self.backend) if self.backend is not None else None
         self.batch_fast = (self.backend is not None and hasattr(self.backend, "encode_batch_fast")
                            and not _tokenizers_parallel())
-        self.ascii_words = _AsciiWordEncoder.build(self.backend)
+        self.words = _WordEncoder.build(self.backend)
 
     def encode(self, tokenizer, text: str) -> list[int]:
         ids = self.cache.get(text)
@@ -264,12 +264,11 @@ class _TextEncoder:
     def _encode_uncached(self, tokenizer, text: str) -> list[int]:
         if self.backend is None:
             return tokenizer.encode(text, add_special_tokens=False)
-        ascii_text = text.isascii()
-        if ascii_text and self.ascii_words is not None:
-            ids = self.ascii_words.encode(text)
+        if self.words is not None:
+            ids = self.words.encode(text)
             if ids is not None:
                 return ids
-        backend = self.ascii_backend if self.ascii_backend is not None and ascii_text else self.backend
+        backend = self.ascii_backend if self.ascii_backend is not None and text.isascii() else self.backend
         if self.batch_fast:
             return backend.encode_batch_fast([text], add_special_tokens=False)[0].ids
         return backend.encode(text, add_special_tokens=False).ids
@@ -294,26 +293,32 @@ _GPT2_ASCII_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0
 _WORD_CACHE_MAX = 200_000
 
 
-class _AsciiWordEncoder:
-    """ASCII text -> ids for a byte-level BPE tokenizer, mostly in Python, with the ids `backend.encode` gives.
+class _WordEncoder:
+    """Text -> ids for a byte-level BPE tokenizer, mostly in Python, with the ids `backend.encode` gives.
 
     The Rust call costs far more per word than the BPE itself (most words are in the model's cache): one word
-    cache in Python, filled through the model, makes tokenizing ASCII text several times cheaper. Text is cut
-    as `tokenizers` cuts it: at the added tokens (leftmost, longest first; those matched without normalization
-    before those matched after it), then by the pre-tokenizer's split, whose ASCII twin runs in `re`. Only
-    built for the splits in `_ASCII_SPLITS` (and GPT-2's) and a normalizer that leaves ASCII alone.
+    cache in Python, filled through the model, makes tokenizing text several times cheaper. Text is cut as
+    `tokenizers` cuts it: at the added tokens (leftmost, longest first; those matched without normalization, then
+    the backend's normalizer, then those matched after it), then by the pre-tokenizer's split, whose ASCII twin
+    runs in `re`. A non-ASCII character is split as an ASCII stand-in of its class (letter, digit, space, other),
+    found by running the backend's own pre-tokenizer on it; characters no stand-in fits (e.g. one that case-folds
+    into a contraction) send their text to the Rust pipeline, as does mostly non-ASCII text, where the words
+    repeat too seldom for the cache to pay. Only built for the splits in `_ASCII_SPLITS` (and GPT-2's).
     """
 
     def __init__(self, backend, split: str, added: dict[str, tuple[int, bool]]) -> None:
-        self.split = re.compile(split, re.ASCII)
-        self.added = {content: token_id for content, (token_id, _) in added.items()}
-        # `tokenizers` matches the tokens it does not normalize first, then the others in the pieces between
-        self.added_splits = [re.compile("(" + "|".join(re.escape(c) for c in sorted(group, key=len, reverse=True))
-                                        + ")")
-                             for group in ([c for c, (_, n) in added.items() if not n],
-                                           [c for c, (_, n) in added.items() if n]) if group]
         from tokenizers import Tokenizer, pre_tokenizers
 
+        self.split = re.compile(split, re.ASCII)
+        self.added = {content: token_id for content, (token_id, _) in added.items()}
+        # `tokenizers` matches the tokens it does not normalize first, then the others in the normalized pieces
+        self.raw_tokens, self.normalized_tokens = (
+            re.compile("(" + "|".join(re.escape(c) for c in sorted(group, key=len, reverse=True)) + ")")
+            if group else None
+            for group in ([c for c, (_, n) in added.items() if not n], [c for c, (_, n) in added.items() if n]))
+        self.normalizer = backend.normalizer
+        self.pre_tokenizer = backend.pre_tokenizer
+        self.stand_ins: dict[str, str | None] = {}
         # one word, already split: the byte-level mapping and the shared model (and its cache) only
         self.words_backend = Tokenizer(backend.model)
         self.words_backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -321,7 +326,7 @@ class _AsciiWordEncoder:
         self.max_words = _WORD_CACHE_MAX  # bounds the memory: a few hundred bytes a word
 
     @classmethod
-    def build(cls, backend) -> "_AsciiWordEncoder | None":
+    def build(cls, backend) -> "_WordEncoder | None":
         """The encoder for `backend`, or None when its pipeline is not one this class reproduces."""
         from tokenizers import models, normalizers
 
@@ -330,7 +335,7 @@ class _AsciiWordEncoder:
             return None
         if backend.normalizer is not None and not isinstance(
                 backend.normalizer, (normalizers.NFC, normalizers.NFD, normalizers.NFKC, normalizers.NFKD)):
-            return None
+            return None  # the Unicode forms leave ASCII as it is, so ASCII text need not be normalized
         if backend.truncation is not None or backend.padding is not None or backend.encode_special_tokens:
             return None
         split = _ascii_split(backend.pre_tokenizer)
@@ -344,25 +349,37 @@ class _AsciiWordEncoder:
         return cls(backend, split, added)
 
     def encode(self, text: str) -> list[int] | None:
-        """The ids of ASCII `text`; None if the split does not cover the text (it always should)."""
-        parts: list[str | int] = [text]  # text, and the ids of the added tokens found in it
-        for added_split in self.added_splits:
-            cut: list[str | int] = []
-            for part in parts:
-                if isinstance(part, int):
-                    cut.append(part)
-                else:  # with a group, re.split puts the tokens it cuts at in the odd places
-                    cut += [self.added[piece] if i % 2 else piece for i, piece in enumerate(added_split.split(part))]
-            parts = cut
+        """The ids of `text`; None where the Rust pipeline has to do it."""
+        ascii_text = text.isascii()
+        if not ascii_text and 4 * (len(text.encode("utf-8", "surrogatepass")) - len(text)) > len(text):
+            return None
+        parts = _cut(text, self.raw_tokens, self.added)  # text, and the ids of the added tokens found in it
+        if not ascii_text and self.normalizer is not None:
+            try:
+                parts = [p if type(p) is int or p.isascii() else self.normalizer.normalize_str(p) for p in parts]
+            except Exception:  # e.g. a lone surrogate: the Rust pipeline decides what happens
+                return None
+        if self.normalized_tokens is not None:
+            parts = [q for p in parts for q in ([p] if type(p) is int else _cut(p, self.normalized_tokens, self.added))]
         ids: list[int] = []
         cache = self.cache
         for part in parts:
-            if isinstance(part, int):
+            if type(part) is int:
                 ids.append(part)
                 continue
             if not part:
                 continue
-            words = self.split.findall(part)
+            if part.isascii():
+                words = self.split.findall(part)
+            else:
+                try:
+                    stand_in = _NON_ASCII.sub(self._stand_in, part)
+                except _NoStandIn:
+                    return None
+                ends = list(itertools.accumulate(map(len, self.split.findall(stand_in))))
+                words = [part[i:j] for i, j in zip([0] + ends, ends)]
+                if ends and ends[-1] != len(part):
+                    return None
             if sum(map(len, words)) != len(part):
                 return None
             done = len(ids)
@@ -383,6 +400,51 @@ class _AsciiWordEncoder:
         batch = getattr(self.words_backend, "encode_batch_fast", self.words_backend.encode_batch)
         encodings = batch([[w] for w in missing], is_pretokenized=True, add_special_tokens=False)
         self.cache.update(zip(missing, (e.ids for e in encodings)))
+
+    def _stand_in(self, match: re.Match) -> str:
+        char = match.group()
+        stand_in = self.stand_ins.get(char, "")
+        if stand_in == "":
+            stand_in = self.stand_ins[char] = self._find_stand_in(char)
+        if stand_in is None:
+            raise _NoStandIn
+        return stand_in
+
+    def _find_stand_in(self, char: str) -> str | None:
+        """The ASCII character the pre-tokenizer splits as it splits `char`, in every context that tells the
+        split's character classes apart (letter, digit, space, newline, the literal space, and the letters of
+        the case-insensitive contractions); None when none does."""
+        def cuts(text: str) -> list[int]:
+            return [end for _, (_, end) in self.pre_tokenizer.pre_tokenize_str(text)]
+
+        try:
+            seen = [cuts(probe.replace("C", char)) for probe in _PROBES]
+        except Exception:
+            return None
+        for stand_in in _STAND_INS:
+            if all(cuts(probe.replace("C", stand_in)) == cut for probe, cut in zip(_PROBES, seen)):
+                return stand_in
+        return None
+
+
+class _NoStandIn(Exception):
+    pass
+
+
+def _cut(text: str, tokens: "re.Pattern | None", ids: dict[str, int]) -> list:
+    """`text` cut at the added tokens `tokens` matches, the tokens replaced by their ids."""
+    if tokens is None:
+        return [text]
+    # with a group, re.split puts the tokens it cuts at in the odd places
+    return [ids[piece] if i % 2 else piece for i, piece in enumerate(tokens.split(text))]
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+# A letter outside the contractions, a digit, a space that is neither " " nor a newline, and punctuation; the
+# probes put the character ("C") next to each class and into each contraction.
+_STAND_INS = ("a", "0", "\t", "!")
+_PROBES = ("C", "xCx", "CCx", "1C1", " C", "C x", " Cx", "\nC", "C\n", "C\n\n", "!C!", "'Cx", "'Cex", "'Clx",
+           "'rCx", "'vCx", "'lCx", "x'C")
 
 
 def _ascii_split(pre_tokenizer) -> str | None:
