@@ -237,8 +237,8 @@ class _TextEncoder:
     A fast tokenizer is called through its Rust backend, which gives the same ids as `tokenizer.encode` at a
     fraction of the per-call cost: with `encode_batch_fast` (no offsets) where the backend has it and runs
     serially, and ASCII text skips the normalizer when that is a Unicode normalization form (a no-op on ASCII)
-    by going through a second backend that shares the model and added tokens but has no normalizer. ASCII text
-    of byte-level BPE tokenizers with a known split skips the Rust pipeline altogether (`_WordEncoder`).
+    by going through a second backend that shares the model and added tokens but has no normalizer. Mostly-ASCII
+    text of byte-level BPE tokenizers with a known split skips the Rust pipeline altogether (`_WordEncoder`).
     """
 
     def __init__(self, tokenizer) -> None:
@@ -378,8 +378,6 @@ class _WordEncoder:
                     return None
                 ends = list(itertools.accumulate(map(len, self.split.findall(stand_in))))
                 words = [part[i:j] for i, j in zip([0] + ends, ends)]
-                if ends and ends[-1] != len(part):
-                    return None
             if sum(map(len, words)) != len(part):
                 return None
             done = len(ids)
