@@ -8,8 +8,10 @@ batched=True, num_proc=workers)`. Timed from the file to the written dataset on 
 its Arrow cache files), in wall seconds and in CPU seconds of all the side's processes; the check lines compare
 sample and token counts and the first samples' ids and labels. The ceiling line times the tokenizer alone on
 exactly the texts our encoder tokenizes, twice: with the tokenizer's standard `encode` (what LF calls, through
-transformers), and with the cheaper calls our encoder makes (no offsets; ASCII text skips the NFC normalizer,
-which does nothing to it); no implementation that makes those calls can beat LF by more than that ratio.
+transformers), and with our encoder's own text encoding (for byte-level BPE tokenizers with a known split: the
+split in Python and a word cache, see mindspeed_llm/data/templates.py `_WordEncoder`; otherwise Rust calls without
+offsets, ASCII text without the NFC normalizer, which does nothing to it): the first ratio is what LF's way of
+calling the tokenizer allows, the second what ours does.
 --repeat N alternates the two sides N times and keeps each side's best, which steadies the ratios on shared cores.
 Two more lines break our CPU down: the main process (tokenizer load, fingerprint, reading, writing) against the
 workers, and what one encoding process costs per sample while another runs at the same time against one after the
@@ -92,9 +94,9 @@ def ours(data: Path, tokenizer_dir: str, workers: int, seq_length: int, prefix: 
 
 
 def tokenizer_ceiling(data: Path, tokenizer_dir: str, seq_length: int) -> tuple[float, float, int]:
-    """(samples per CPU second with the tokenizer's standard `encode`, the same with the calls our encoder makes,
-    calls): the Rust calls for every text our encoder tokenizes (texts it remembers count once), timed with
-    nothing else around them."""
+    """(samples per CPU second with the tokenizer's standard `encode`, the same with our encoder's text encoding
+    (a fresh one: its word cache starts empty), texts): every text our encoder tokenizes (texts it remembers count
+    once), timed with nothing else around them."""
     from mindspeed_llm.data import templates
     from mindspeed_llm.data.encode import EncodeOptions, encode_record
     from mindspeed_llm.data.handlers import build_handler
@@ -250,8 +252,8 @@ def compare(data: Path, tokenizer_dir: str, seq_length: int, lf_worker: lfr.LFWo
     print(f"two encoding processes at once: {together:.3f} CPU s per 1000 samples each, one after the other "
           f"{apart:.3f} ({together / apart - 1:+.0%}; the same work)")
     print(f"ceiling: the tokenizer alone on our encoder's {calls} texts, per CPU second (ratio to LF's best rate "
-          f"above): standard `encode` {standard:.0f} samples ({standard / max(lf_rates):.2f}x); the calls our "
-          f"encoder makes {cheaper:.0f} samples ({cheaper / max(lf_rates):.2f}x)")
+          f"above): standard `encode` {standard:.0f} samples ({standard / max(lf_rates):.2f}x); our encoder's text "
+          f"encoding {cheaper:.0f} samples ({cheaper / max(lf_rates):.2f}x)")
 
 
 def main() -> None:

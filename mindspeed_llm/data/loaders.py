@@ -9,7 +9,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -25,7 +24,6 @@ except ImportError:
 FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json",
            ".txt": "text"}
 _CHUNK = 1 << 20
-_LONG_DIGITS = re.compile(rb"\d{20}")  # an integer that may not fit in 64 bits
 
 
 def resolve_inputs(spec: str) -> list[Path]:
@@ -130,15 +128,16 @@ def _iter_json(path: Path) -> Iterator[tuple[dict, float]]:
 def _json_line(raw: bytes, path: Path, lineno: int) -> dict | None:
     """One line of a JSON-lines file as a record; None for a blank line."""
     # orjson decodes a few times faster and agrees with `json` on what both accept, except that it turns
-    # integers beyond 64 bits into floats: lines with such long digit runs, and whatever orjson refuses (blank
-    # lines, NaN, lone surrogates, errors), go to `json`, which decides and words the errors.
-    if orjson is not None and not _LONG_DIGITS.search(raw):
+    # integers beyond 64 bits into floats: records with a float (checked after decoding, cheaper than searching
+    # the line for long digit runs), and whatever orjson refuses (blank lines, NaN, lone surrogates, errors),
+    # go to `json`, which decides and words the errors.
+    if orjson is not None:
         try:
             record = orjson.loads(raw)
         except orjson.JSONDecodeError:
             pass
         else:
-            if isinstance(record, dict):
+            if isinstance(record, dict) and not _holds_float(record):
                 return record
     line = _decode(raw, path, lineno)
     if not line.strip():
@@ -150,6 +149,16 @@ def _json_line(raw: bytes, path: Path, lineno: int) -> dict | None:
     if not isinstance(record, dict):
         raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(record).__name__}")
     return record
+
+
+def _holds_float(value) -> bool:
+    if type(value) is float:
+        return True
+    if type(value) is dict:
+        return any(map(_holds_float, value.values()))
+    if type(value) is list:
+        return any(map(_holds_float, value))
+    return False
 
 
 def _holds_json_array(f) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import json
 import os
 import re
@@ -236,7 +237,8 @@ class _TextEncoder:
     A fast tokenizer is called through its Rust backend, which gives the same ids as `tokenizer.encode` at a
     fraction of the per-call cost: with `encode_batch_fast` (no offsets) where the backend has it and runs
     serially, and ASCII text skips the normalizer when that is a Unicode normalization form (a no-op on ASCII)
-    by going through a second backend that shares the model and added tokens but has no normalizer.
+    by going through a second backend that shares the model and added tokens but has no normalizer. Mostly-ASCII
+    text of byte-level BPE tokenizers with a known split skips the Rust pipeline altogether (`_WordEncoder`).
     """
 
     def __init__(self, tokenizer) -> None:
@@ -247,6 +249,7 @@ class _TextEncoder:
         self.ascii_backend = _without_normalizer(self.backend) if self.backend is not None else None
         self.batch_fast = (self.backend is not None and hasattr(self.backend, "encode_batch_fast")
                            and not _tokenizers_parallel())
+        self.words = _WordEncoder.build(self.backend)
 
     def encode(self, tokenizer, text: str) -> list[int]:
         ids = self.cache.get(text)
@@ -261,10 +264,206 @@ class _TextEncoder:
     def _encode_uncached(self, tokenizer, text: str) -> list[int]:
         if self.backend is None:
             return tokenizer.encode(text, add_special_tokens=False)
+        if self.words is not None:
+            ids = self.words.encode(text)
+            if ids is not None:
+                return ids
         backend = self.ascii_backend if self.ascii_backend is not None and text.isascii() else self.backend
         if self.batch_fast:
             return backend.encode_batch_fast([text], add_special_tokens=False)[0].ids
         return backend.encode(text, add_special_tokens=False).ids
+
+
+# The pre-tokenizer splits of byte-level BPE tokenizers, as `tokenizers` runs them (Oniguruma), next to a Python
+# `re` pattern that splits ASCII text the same way: on ASCII, \p{L} is [A-Za-z], \p{N} is [0-9], Oniguruma's \s is
+# [\t\n\v\f\r ] (as `re.ASCII`'s), and the case-insensitive contractions have no case variants outside ASCII.
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_CONTRACTIONS = r"'(?:[sS]|[tT]|[rR][eE]|[vV][eE]|[mM]|[lL][lL]|[dD])"
+_ASCII_SPLITS = {
+    _QWEN2_SPLIT: _CONTRACTIONS + r"|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]| ?[^\sA-Za-z0-9]+[\r\n]*|\s*[\r\n]+"
+                                  r"|\s+(?!\S)|\s+",
+    _LLAMA3_SPLIT: _CONTRACTIONS + r"|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]{1,3}| ?[^\sA-Za-z0-9]+[\r\n]*|\s*[\r\n]+"
+                                   r"|\s+(?!\S)|\s+",
+}
+# GPT-2's split, which a ByteLevel pre-tokenizer with use_regex runs: the contractions are case-sensitive there.
+_GPT2_ASCII_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+"
+_WORD_CACHE_MAX = 200_000
+
+
+class _WordEncoder:
+    """Text -> ids for a byte-level BPE tokenizer, mostly in Python, with the ids `backend.encode` gives.
+
+    The Rust call costs far more per word than the BPE itself (most words are in the model's cache): one word
+    cache in Python, filled through the model, makes tokenizing text several times cheaper. Text is cut as
+    `tokenizers` cuts it: at the added tokens (leftmost, longest first; those matched without normalization, then
+    the backend's normalizer, then those matched after it), then by the pre-tokenizer's split, whose ASCII twin
+    runs in `re`. A non-ASCII character is split as an ASCII stand-in of its class (letter, digit, space, other),
+    found by running the backend's own pre-tokenizer on it; characters no stand-in fits (e.g. one that case-folds
+    into a contraction) send their text to the Rust pipeline, as does mostly non-ASCII text, where the words
+    repeat too seldom for the cache to pay. Only built for the splits in `_ASCII_SPLITS` (and GPT-2's).
+    """
+
+    def __init__(self, backend, split: str, added: dict[str, tuple[int, bool]]) -> None:
+        from tokenizers import Tokenizer, pre_tokenizers
+
+        self.split = re.compile(split, re.ASCII)
+        self.added = {content: token_id for content, (token_id, _) in added.items()}
+        # `tokenizers` matches the tokens it does not normalize first, then the others in the normalized pieces
+        self.raw_tokens, self.normalized_tokens = (
+            re.compile("(" + "|".join(re.escape(c) for c in sorted(group, key=len, reverse=True)) + ")")
+            if group else None
+            for group in ([c for c, (_, n) in added.items() if not n], [c for c, (_, n) in added.items() if n]))
+        self.normalizer = backend.normalizer
+        self.pre_tokenizer = backend.pre_tokenizer
+        self.stand_ins: dict[str, str | None] = {}
+        # one word, already split: the byte-level mapping and the shared model (and its cache) only
+        self.words_backend = Tokenizer(backend.model)
+        self.words_backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        self.cache: dict[str, list[int]] = {}
+        self.max_words = _WORD_CACHE_MAX  # bounds the memory: a few hundred bytes a word
+
+    @classmethod
+    def build(cls, backend) -> "_WordEncoder | None":
+        """The encoder for `backend`, or None when its pipeline is not one this class reproduces."""
+        from tokenizers import models, normalizers
+
+        if backend is None or not hasattr(backend, "encode_batch") or not isinstance(backend.model, models.BPE) \
+                or backend.model.dropout:
+            return None
+        if backend.normalizer is not None and not isinstance(
+                backend.normalizer, (normalizers.NFC, normalizers.NFD, normalizers.NFKC, normalizers.NFKD)):
+            return None  # the Unicode forms leave ASCII as it is, so ASCII text need not be normalized
+        if backend.truncation is not None or backend.padding is not None or backend.encode_special_tokens:
+            return None
+        split = _ascii_split(backend.pre_tokenizer)
+        if split is None:
+            return None
+        added: dict[str, tuple[int, bool]] = {}
+        for token_id, token in backend.get_added_tokens_decoder().items():
+            if token.lstrip or token.rstrip or token.single_word or not token.content or token.content in added:
+                return None
+            added[token.content] = (token_id, token.normalized)
+        return cls(backend, split, added)
+
+    def encode(self, text: str) -> list[int] | None:
+        """The ids of `text`; None where the Rust pipeline has to do it."""
+        ascii_text = text.isascii()
+        if not ascii_text and 4 * (len(text.encode("utf-8", "surrogatepass")) - len(text)) > len(text):
+            return None
+        parts = _cut(text, self.raw_tokens, self.added)  # text, and the ids of the added tokens found in it
+        if not ascii_text and self.normalizer is not None:
+            try:
+                parts = [p if type(p) is int or p.isascii() else self.normalizer.normalize_str(p) for p in parts]
+            except Exception:  # e.g. a lone surrogate: the Rust pipeline decides what happens
+                return None
+        if self.normalized_tokens is not None:
+            parts = [q for p in parts for q in ([p] if type(p) is int else _cut(p, self.normalized_tokens, self.added))]
+        ids: list[int] = []
+        cache = self.cache
+        for part in parts:
+            if type(part) is int:
+                ids.append(part)
+                continue
+            if not part:
+                continue
+            if part.isascii():
+                words = self.split.findall(part)
+            else:
+                try:
+                    stand_in = _NON_ASCII.sub(self._stand_in, part)
+                except _NoStandIn:
+                    return None
+                ends = list(itertools.accumulate(map(len, self.split.findall(stand_in))))
+                words = [part[i:j] for i, j in zip([0] + ends, ends)]
+            if sum(map(len, words)) != len(part):
+                return None
+            done = len(ids)
+            try:
+                ids.extend(itertools.chain.from_iterable(map(cache.__getitem__, words)))
+            except KeyError:  # extend kept the ids before the unknown word
+                del ids[done:]
+                self._learn(words)
+                ids.extend(itertools.chain.from_iterable(map(cache.__getitem__, words)))
+        return ids
+
+    def _learn(self, words: list[str]) -> None:
+        """Puts every word of `words` in the cache (one Rust call for those it lacks)."""
+        missing = [w for w in dict.fromkeys(words) if w not in self.cache]
+        if len(self.cache) + len(missing) > self.max_words:
+            self.cache.clear()
+            missing = list(dict.fromkeys(words))
+        batch = getattr(self.words_backend, "encode_batch_fast", self.words_backend.encode_batch)
+        encodings = batch([[w] for w in missing], is_pretokenized=True, add_special_tokens=False)
+        self.cache.update(zip(missing, (e.ids for e in encodings)))
+
+    def _stand_in(self, match: re.Match) -> str:
+        char = match.group()
+        stand_in = self.stand_ins.get(char, "")
+        if stand_in == "":
+            stand_in = self.stand_ins[char] = self._find_stand_in(char)
+        if stand_in is None:
+            raise _NoStandIn
+        return stand_in
+
+    def _find_stand_in(self, char: str) -> str | None:
+        """The ASCII character the pre-tokenizer splits as it splits `char`, in every context that tells the
+        split's character classes apart (letter, digit, space, newline, the literal space, and the letters of
+        the case-insensitive contractions); None when none does."""
+        def cuts(text: str) -> list[int]:
+            return [end for _, (_, end) in self.pre_tokenizer.pre_tokenize_str(text)]
+
+        try:
+            seen = [cuts(probe.replace("C", char)) for probe in _PROBES]
+        except Exception:
+            return None
+        for stand_in in _STAND_INS:
+            if all(cuts(probe.replace("C", stand_in)) == cut for probe, cut in zip(_PROBES, seen)):
+                return stand_in
+        return None
+
+
+class _NoStandIn(Exception):
+    pass
+
+
+def _cut(text: str, tokens: "re.Pattern | None", ids: dict[str, int]) -> list:
+    """`text` cut at the added tokens `tokens` matches, the tokens replaced by their ids."""
+    if tokens is None:
+        return [text]
+    # with a group, re.split puts the tokens it cuts at in the odd places
+    return [ids[piece] if i % 2 else piece for i, piece in enumerate(tokens.split(text))]
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+# A letter outside the contractions, a digit, a space that is neither " " nor a newline, and punctuation; the
+# probes put the character ("C") next to each class and into each contraction.
+_STAND_INS = ("a", "0", "\t", "!")
+_PROBES = ("C", "xCx", "CCx", "1C1", " C", "C x", " Cx", "\nC", "C\n", "C\n\n", "!C!", "'Cx", "'Cex", "'Clx",
+           "'rCx", "'vCx", "'lCx", "x'C")
+
+
+def _ascii_split(pre_tokenizer) -> str | None:
+    """The `re` pattern that splits ASCII text as `pre_tokenizer` does, None for other pre-tokenizers."""
+    if pre_tokenizer is None:
+        return None
+    spec = json.loads(pre_tokenizer.__getstate__())
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
+    if spec.get("type") == "ByteLevel":
+        if spec.get("add_prefix_space") is False and spec.get("use_regex") is True:
+            return _GPT2_ASCII_SPLIT
+        return None
+    if spec.get("type") != "Sequence" or len(spec.get("pretokenizers", [])) != 2:
+        return None
+    split, last = spec["pretokenizers"]
+    if {k: last.get(k) for k in byte_level} != byte_level:
+        return None
+    if (split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert")
+            or set(split.get("pattern", {})) != {"Regex"}):
+        return None
+    return _ASCII_SPLITS.get(split["pattern"]["Regex"])
 
 
 def _tokenizers_parallel() -> bool:
