@@ -13,6 +13,7 @@ import torch
 
 from tests.conftest import run_cli, run_torchrun
 from tests.dist_logits import assert_cases_ok
+from tests.test_safe_load import error_line, run_cases
 from tests.train_fixtures import env, model_flags, train_flags  # noqa: F401  (env is a fixture)
 
 pytest.importorskip("peft", reason="peft is the LoRA reference (pip install -e '.[test]')")
@@ -158,28 +159,26 @@ def test_generation_with_lora_load_matches_peft(runs, tmp_path):
 @pytest.mark.distributed
 def test_lora_mistakes_are_one_line_errors(runs, env, tmp_path):
     tmp = runs["tmp"]
-
-    def error(script: str, *args) -> str:
-        proc = run_cli(script, *map(str, args), check=False)
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        return proc.stderr.strip().splitlines()[-1]
-
     mg2hf = ["--load-model-type", "mg", "--save-model-type", "hf", "--save-dir", tmp_path / "out"]
-    assert "holds LoRA adapters only" in error("convert_ckpt.py", *mg2hf, "--load-dir", tmp / "pp2")
-    assert "no adapters to export" in error("convert_ckpt.py", *mg2hf, "--load-dir", env["ckpt"][(1, 1)],
-                                            "--save-lora-to-hf")
-    assert "saved with TP 2" in error("convert_ckpt.py", *mg2hf, "--load-dir", env["ckpt"][(1, 1)],
-                                      "--lora-load", tmp / "tp2")
-    assert not (tmp_path / "out").exists()
     train = [*model_flags(env["hf"]), *train_flags(1), "--data-path", env["plain"], "--load",
              str(env["ckpt"][(1, 1)])]
-    assert "--lora-target-modules q_proj: unknown module" in error("posttrain_gpt.py", *train,
-                                                                    "--lora-target-modules", "q_proj")
-    assert "--lora-load" in error("posttrain_gpt.py", *train, *LORA, "--lora-load", tmp_path / "none")
-    assert "--lora-r 8 --lora-alpha 8 (scale 1) disagrees" in error(
-        "posttrain_gpt.py", *train, "--lora-target-modules", *TARGETS, "--lora-r", "8", "--lora-load", tmp / "tp1")
     generate = ["--tokenizer-name-or-path", str(env["hf"]), "--max-new-tokens", "2", "--prompt", "hi"]
-    assert "is a LoRA save" in error("inference.py", "--load", tmp / "tp1", *generate)
+    cases = [  # one process runs them all (tests/cli_cases.py)
+        ("convert_ckpt.py", [*mg2hf, "--load-dir", tmp / "pp2"], "holds LoRA adapters only"),
+        ("convert_ckpt.py", [*mg2hf, "--load-dir", env["ckpt"][(1, 1)], "--save-lora-to-hf"], "no adapters to export"),
+        ("convert_ckpt.py", [*mg2hf, "--load-dir", env["ckpt"][(1, 1)], "--lora-load", tmp / "tp2"], "saved with TP 2"),
+        ("posttrain_gpt.py", [*train, "--lora-target-modules", "q_proj"], "--lora-target-modules q_proj: unknown module"),
+        ("posttrain_gpt.py", [*train, *LORA, "--lora-load", tmp_path / "none"], "--lora-load"),
+        ("posttrain_gpt.py", [*train, "--lora-target-modules", *TARGETS, "--lora-r", "8", "--lora-load", tmp / "tp1"],
+         "--lora-r 8 --lora-alpha 8 (scale 1) disagrees"),
+        ("inference.py", ["--load", tmp / "tp1", *generate], "is a LoRA save"),
+    ]
+    results = run_cases([{"name": str(i), "script": script, "argv": list(map(str, argv))}
+                         for i, (script, argv, _) in enumerate(cases)], tmp_path)
+    for i, (script, _, needle) in enumerate(cases):
+        assert results[str(i)]["rc"] == 2, (script, results[str(i)]["stderr"][-2000:])
+        assert needle in error_line(results[str(i)]), (script, results[str(i)]["stderr"][-2000:])
+    assert not (tmp_path / "out").exists()
 
 
 # --- the base a LoRA run is merged onto -----------------------------------------------------------------------

@@ -21,6 +21,8 @@ def test_two_rank_run_logs_once(env, tmp_path):
     assert sum("--use-flash-attn: accepted" in ln for ln in notices) == 1
     assert not any("--distributed-backend" in ln for ln in notices), notices
     assert "--use-mcore-models: accepted, no effect: models are always megatron-core" in proc.stderr
+    # Megatron's log line: TFLOP/s only with --log-throughput (not given here)
+    assert " iteration        2/       2 |" in proc.stdout and "TFLOP/s" not in proc.stdout
 
     dump = proc.stdout.split("MindSpeed-LLM Arguments ---", 1)[1].split("end of MindSpeed-LLM Arguments", 1)[0]
     keys = re.findall(r"^  (\w+) \.+ ", dump, re.M)

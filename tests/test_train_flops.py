@@ -51,7 +51,7 @@ def test_lora_run_logs_lora_flops(env):
     iters, seq, global_batch = 2, 128, 4
     argv = [*model_flags(env["hf"]), *train_flags(iters, seq), "--data-path", env["plain"], "--load",
             str(env["ckpt"][(1, 1)]), "--finetune", "--lora-r", "4", "--lora-alpha", "8", "--lora-target-modules",
-            "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+            "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "--log-throughput"]
     plan, out = env["root"] / "lora_flops_plan.json", env["root"] / "lora_flops_out.json"
     plan.write_text(json.dumps([{"name": "lora", "argv": argv}]))
     proc = run_torchrun("tests/dist_train_checks.py", str(plan), str(out), nproc=1)

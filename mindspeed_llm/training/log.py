@@ -117,9 +117,9 @@ class TrainLog:
         loss = sum(self.losses) / len(self.losses) if self.losses else 0.0
         if self.is_last:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            line = (f" [{stamp}] iteration {iteration:8d}/{run.loop.train_iters:8d} | consumed samples: {consumed:12d} |"
-                    f" elapsed time per iteration (ms): {elapsed * 1000:.1f} |")
-            if not run.data.no_pad_to_seq_lengths:
+            line = (f" [{stamp}] iteration {iteration:8d}/{run.loop.train_iters:8d} |"
+                    f" consumed samples: {consumed:12d} | elapsed time per iteration (ms): {elapsed * 1000:.1f} |")
+            if run.loop.log_throughput:      # counted from each micro-batch's real shape, padded or not
                 rho = 100 * sum(self.rho) / max(len(self.rho), 1)
                 line += f" throughput per GPU (TFLOP/s/GPU): {tflops:.1f} | core attn ratio (%): {rho:.1f} |"
             line += f" tokens per second: {tok_s:.1f} |"
@@ -138,7 +138,8 @@ class TrainLog:
             if self.writer is not None:
                 for key, value in (("learning-rate", lr), ("lm loss", loss), ("loss-scale", loss_scale),
                                    ("grad-norm", grad_norm), ("batch-size", run.batch.global_batch_size),
-                                   ("throughput", tflops), ("tokens-per-second", tok_s),
+                                   ("throughput", tflops if run.loop.log_throughput else None),
+                                   ("tokens-per-second", tok_s),
                                    ("iteration-time", elapsed), *averages.items()):
                     if value is not None:
                         self.writer.add_scalar(key, value, iteration)

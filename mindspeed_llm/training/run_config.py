@@ -7,9 +7,9 @@
 `RunConfig` is the model the resolver settled on (`models.resolve`: flags, the --load checkpoint's saved args,
 config.json with --enable-hf2mg-convert) plus the training settings, in sections; a field is named as the flag
 it comes from (`run.optim.lr` is --lr, `run.parallel.tensor_model_parallel_size` is
---tensor-model-parallel-size), so a Megatron user finds each one by its flag. Values derived from the world size
-(data-parallel size, micro-batches per step) are resolved here too. Everything is frozen: what a checkpoint
-records is built from the config (`saved_args`), nothing writes back into it.
+--tensor-model-parallel-size), so a Megatron user finds each one by its flag; a few fields are resolved values
+(the data-parallel size and micro-batches per step from the world size, the start-up conversion's directory).
+Everything is frozen: what a checkpoint records is built from the config (`saved_args`), nothing writes back.
 """
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
+from mindspeed_llm.data.prompt_type import get_template
 from mindspeed_llm.models.config import ModelConfig
 from mindspeed_llm.models.lora import LoraSpec
 from mindspeed_llm.models.resolve import model_record
+from mindspeed_llm.tokenizer import build_tokenizer
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ class LoopSettings:
     skip_nan: bool
     calculate_per_token_loss: bool
     tensorboard_dir: Optional[str]
+    log_throughput: bool                     # TFLOP/s in the log line, as Megatron
 
 
 @dataclass(frozen=True)
@@ -241,12 +244,8 @@ def load_tokenizer(data: DataSettings, hf_dir: Optional[str] = None):
 @functools.lru_cache(maxsize=4)
 def _tokenizer(path: Optional[str], use_fast: bool, prompt_type: Optional[str], prompt_type_path: Optional[str],
                tokenizer_type: str, seq_length: int, trust_remote_code: bool):
-    from mindspeed_llm.tokenizer import build_tokenizer
-
     template = None
     if prompt_type:
-        from mindspeed_llm.data.prompt_type import get_template
-
         template = get_template(prompt_type, prompt_type_path)
     return build_tokenizer(path, use_fast=use_fast, template=template, tokenizer_type=tokenizer_type,
                            seq_length=seq_length, trust_remote_code=trust_remote_code)

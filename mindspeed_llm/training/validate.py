@@ -85,8 +85,6 @@ def validate_train_args(args: argparse.Namespace) -> None:
     args.variable_seq_lengths = bool(args.no_pad_to_seq_lengths
                                      or (args.reset_attention_mask and (args.stage == "dpo"
                                                                         or args.context_parallel_size > 1)))
-    if args.variable_seq_lengths and args.log_throughput:
-        args.log_throughput = False          # MindSpeed: throughput from --seq-length would be wrong here
 
 
 def validate_pretrain_data_args(args: argparse.Namespace) -> None:
