@@ -165,9 +165,11 @@ def test_lora_mistakes_are_one_line_errors(runs, env, tmp_path):
     generate = ["--tokenizer-name-or-path", str(env["hf"]), "--max-new-tokens", "2", "--prompt", "hi"]
     cases = [  # one process runs them all (tests/cli_cases.py)
         ("convert_ckpt.py", [*mg2hf, "--load-dir", tmp / "pp2"], "holds LoRA adapters only"),
-        ("convert_ckpt.py", [*mg2hf, "--load-dir", env["ckpt"][(1, 1)], "--save-lora-to-hf"], "no adapters to export"),
+        ("convert_ckpt.py", [*mg2hf, "--load-dir", env["ckpt"][(1, 1)], "--save-lora-to-hf"],
+         "no adapters to export"),
         ("convert_ckpt.py", [*mg2hf, "--load-dir", env["ckpt"][(1, 1)], "--lora-load", tmp / "tp2"], "saved with TP 2"),
-        ("posttrain_gpt.py", [*train, "--lora-target-modules", "q_proj"], "--lora-target-modules q_proj: unknown module"),
+        ("posttrain_gpt.py", [*train, "--lora-target-modules", "q_proj"],
+         "--lora-target-modules q_proj: unknown module"),
         ("posttrain_gpt.py", [*train, *LORA, "--lora-load", tmp_path / "none"], "--lora-load"),
         ("posttrain_gpt.py", [*train, "--lora-target-modules", *TARGETS, "--lora-r", "8", "--lora-load", tmp / "tp1"],
          "--lora-r 8 --lora-alpha 8 (scale 1) disagrees"),
@@ -293,23 +295,31 @@ def test_fingerprint_is_the_same_for_every_layout(bf16_runs, env):
 
 @pytest.mark.distributed
 def test_another_base_is_refused_unless_overridden(bf16_runs, tmp_path):
-    tmp, hf, other = bf16_runs["tmp"], bf16_runs["hf"], bf16_runs["other_seed"]
-    merge = ["--load-dir", other, "--lora-load", tmp / "run", "--save-dir", tmp_path / "out", "--hf-cfg-dir", hf]
-    line = _one_error(_merge(*merge, check=False))
-    assert str(other) in line and str(bf16_runs["base"]) in line and "--lora-ignore-base-mismatch" in line
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
-    proc = _merge(*merge, "--lora-ignore-base-mismatch")
-    assert (tmp_path / "out" / "config.json").is_file()
-    assert len([ln for ln in proc.stderr.splitlines() if "warning:" in ln and str(other) in ln]) == 1
-
-    generate = ["inference.py", "--lora-load", str(tmp / "run"), "--tokenizer-name-or-path", str(hf),
-                "--max-new-tokens", "2", "--task", "greedy", "--prompt", "hi"]
-    line = _one_error(run_cli(*generate, "--load", str(other), check=False))
-    assert str(other) in line and str(bf16_runs["base"]) in line
-    proc = run_cli(*generate, "--load", str(other), "--lora-ignore-base-mismatch")
-    assert len([ln for ln in proc.stderr.splitlines() if "warning:" in ln and str(other) in ln]) == 1
-    proc = run_cli(*generate, "--load", str(bf16_runs["base"]))
-    assert "fingerprint" not in proc.stderr
+    tmp, hf, other, base = bf16_runs["tmp"], bf16_runs["hf"], bf16_runs["other_seed"], bf16_runs["base"]
+    merge = ["--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", other, "--lora-load", tmp / "run",
+             "--hf-cfg-dir", hf]
+    generate = ["--lora-load", tmp / "run", "--tokenizer-name-or-path", hf, "--max-new-tokens", "2", "--task",
+                "greedy", "--prompt", "hi"]
+    cases = {  # in this order, in one process (tests/cli_cases.py)
+        "merge": ("convert_ckpt.py", [*merge, "--save-dir", tmp_path / "refused"]),
+        "merge_anyway": ("convert_ckpt.py", [*merge, "--save-dir", tmp_path / "out", "--lora-ignore-base-mismatch"]),
+        "generate": ("inference.py", [*generate, "--load", other]),
+        "generate_anyway": ("inference.py", [*generate, "--load", other, "--lora-ignore-base-mismatch"]),
+        "generate_on_base": ("inference.py", [*generate, "--load", base])}
+    (tmp_path / "out_probe").mkdir()
+    results = run_cases([{"name": name, "script": script, "argv": list(map(str, argv))}
+                         for name, (script, argv) in cases.items()], tmp_path / "out_probe")
+    line = error_line(results["merge"])
+    assert str(other) in line and str(base) in line and "--lora-ignore-base-mismatch" in line
+    warnings = [ln for ln in results["merge_anyway"]["stderr"].splitlines() if "warning:" in ln and str(other) in ln]
+    assert results["merge_anyway"]["rc"] == 0 and (tmp_path / "out" / "config.json").is_file() and len(warnings) == 1
+    assert not (tmp_path / "refused").exists() and not list(tmp_path.glob(".refused*"))
+    line = error_line(results["generate"])
+    assert str(other) in line and str(base) in line
+    stderr = results["generate_anyway"]["stderr"]
+    assert results["generate_anyway"]["rc"] == 0
+    assert len([ln for ln in stderr.splitlines() if "warning:" in ln and str(other) in ln]) == 1
+    assert results["generate_on_base"]["rc"] == 0 and "fingerprint" not in results["generate_on_base"]["stderr"]
 
 
 @pytest.mark.distributed

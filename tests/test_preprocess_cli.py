@@ -25,12 +25,24 @@ def tok(tiny_qwen3):
     return AutoTokenizer.from_pretrained(tiny_qwen3)
 
 
-def preprocess(tokenizer_dir, input_, prefix, handler="AlpacaStyleInstructionHandler", *extra, check=True):
-    args = ["preprocess_data.py", "--input", str(input_), "--tokenizer-name-or-path", str(tokenizer_dir),
-            "--output-prefix", str(prefix), "--handler-name", handler, *extra]
+def _argv(tokenizer_dir, input_, prefix, handler: str, extra) -> list[str]:
+    argv = ["--input", str(input_), "--tokenizer-name-or-path", str(tokenizer_dir), "--output-prefix", str(prefix),
+            "--handler-name", handler, *extra]
     if handler != "GeneralPretrainHandler" and "--prompt-type" not in extra:
-        args += ["--prompt-type", "qwen3"]
-    return run_cli(*args, check=check)
+        argv += ["--prompt-type", "qwen3"]
+    return argv
+
+
+def preprocess(tokenizer_dir, input_, prefix, handler="AlpacaStyleInstructionHandler", *extra, check=True):
+    return run_cli("preprocess_data.py", *_argv(tokenizer_dir, input_, prefix, handler, extra), check=check)
+
+
+def preprocess_here(tokenizer_dir, input_, prefix, handler="AlpacaStyleInstructionHandler", *extra) -> None:
+    """What preprocess_data.py runs, in this process (no interpreter start per call)."""
+    from mindspeed_llm.arguments import parse_preprocess_args
+    from mindspeed_llm.data.preprocess import run
+
+    run(parse_preprocess_args(_argv(tokenizer_dir, input_, prefix, handler, extra)))
 
 
 def read(prefix, fields=FIELDS):
@@ -154,14 +166,14 @@ def test_input_formats_dir_glob_and_list(tiny_qwen3, demo, tmp_path):
     ref = None
     for name in ("a.json", "a.csv", "a.parquet", "a.arrow"):
         prefix = tmp_path / name.replace(".", "_")
-        preprocess(tiny_qwen3, src / name, prefix)
+        preprocess_here(tiny_qwen3, src / name, prefix)
         got = [(tmp_path / f"{prefix.name}_packed_{f}_document.bin").read_bytes() for f in FIELDS]
         ref = ref or got
         assert got == ref, name
     # a comma list and a glob read the files in order
-    preprocess(tiny_qwen3, f"{src / 'a.json'},{src / 'a.parquet'}", tmp_path / "two")
+    preprocess_here(tiny_qwen3, f"{src / 'a.json'},{src / 'a.parquet'}", tmp_path / "two")
     assert len(read(tmp_path / "two")["input_ids"]) == 2 * len(rows)
-    preprocess(tiny_qwen3, str(src / "a.*"), tmp_path / "glob")
+    preprocess(tiny_qwen3, str(src / "a.*"), tmp_path / "glob")        # the command line, once
     assert len(read(tmp_path / "glob")["input_ids"]) == 4 * len(rows)
 
 

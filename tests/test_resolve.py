@@ -10,6 +10,7 @@ import pytest
 
 from mindspeed_llm.errors import UserError
 from tests.conftest import run_cli
+from tests.test_safe_load import error_line, run_cases
 from tests.train_fixtures import train_flags
 
 
@@ -116,33 +117,32 @@ def test_tied_checkpoint_refuses_untie_flag(tiny_qwen3_tied):
                       hf_source=str(tiny_qwen3_tied / "config.json"))
 
 
-def _one_error(proc) -> str:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    return lines[0]
-
-
 def test_mismatch_through_the_clis(ckpts, tmp_path):
     rank_file = ckpts["converted"] / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
-    # posttrain_gpt.py: the recipe's --norm-epsilon 1e-5 against a checkpoint converted from an eps-1e-6 model
-    train = [a if a != str(ckpts["root"] / "trained") else str(tmp_path / "never") for a in ckpts["train"]]
-    line = _one_error(run_cli("posttrain_gpt.py", *train, "--norm-epsilon", "1e-5", check=False))
-    assert f"--norm-epsilon 1e-05 disagrees with {rank_file}, which records norm_epsilon = 1e-06" in line
-    assert not (tmp_path / "never").exists()
-    # inference.py: KV groups
-    line = _one_error(run_cli("inference.py", "--load", str(ckpts["converted"]), "--tokenizer-name-or-path",
-                              str(ckpts["hf"]), "--group-query-attention", "--num-query-groups", "4", check=False))
-    assert f"--num-query-groups 4 disagrees with {rank_file}, which records num_query_groups = 2" in line
-    # convert_ckpt.py mg -> hf: --hf-cfg-dir whose config.json is another model's
-    other = tmp_path / "other_cfg"
+    other = tmp_path / "other_cfg"           # --hf-cfg-dir whose config.json is another model's
     shutil.copytree(ckpts["hf"], other)
     cfg = json.loads((other / "config.json").read_text())
     cfg["rope_theta"] = 10000.0
     (other / "config.json").write_text(json.dumps(cfg))
-    line = _one_error(run_cli("convert_ckpt.py", "--load-model-type", "mg", "--save-model-type", "hf", "--load-dir",
-                              str(ckpts["converted"]), "--save-dir", str(tmp_path / "out"), "--hf-cfg-dir",
-                              str(other), check=False))
-    assert f"{rank_file} records rotary_base = 1000000.0 but {other / 'config.json'} has rope_theta = 10000.0" in line
+    train = [a if a != str(ckpts["root"] / "trained") else str(tmp_path / "never") for a in ckpts["train"]]
+    cases = [  # one process runs them all (tests/cli_cases.py)
+        # the recipe's --norm-epsilon 1e-5 against a checkpoint converted from an eps-1e-6 model
+        {"name": "train", "script": "posttrain_gpt.py", "argv": [*train, "--norm-epsilon", "1e-5"]},
+        {"name": "generate", "script": "inference.py",      # KV groups
+         "argv": ["--load", str(ckpts["converted"]), "--tokenizer-name-or-path", str(ckpts["hf"]),
+                  "--group-query-attention", "--num-query-groups", "4"]},
+        {"name": "mg2hf", "script": "convert_ckpt.py",
+         "argv": ["--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", str(ckpts["converted"]),
+                  "--save-dir", str(tmp_path / "out"), "--hf-cfg-dir", str(other)]}]
+    (tmp_path / "cases").mkdir()
+    results = run_cases(cases, tmp_path / "cases")
+    assert f"--norm-epsilon 1e-05 disagrees with {rank_file}, which records norm_epsilon = 1e-06" in \
+        error_line(results["train"])
+    assert not (tmp_path / "never").exists()
+    assert f"--num-query-groups 4 disagrees with {rank_file}, which records num_query_groups = 2" in \
+        error_line(results["generate"])
+    assert f"{rank_file} records rotary_base = 1000000.0 but {other / 'config.json'} has rope_theta = 10000.0" in \
+        error_line(results["mg2hf"])
     assert not (tmp_path / "out").exists()
 
 

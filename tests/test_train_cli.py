@@ -10,6 +10,7 @@ from mindspeed_llm.arguments import parse_train_args
 from mindspeed_llm.errors import UserError
 from tests.conftest import REPO, run_cli
 from tests.recipes import recipe_argv
+from tests.test_safe_load import error_line, run_cases
 from tests.train_fixtures import env, model_flags, train_flags  # noqa: F401  (env is a fixture)
 
 RECIPES = sorted((REPO / "examples" / "mcore" / "qwen3").glob("tune_qwen3_*_ptd.sh"))
@@ -66,14 +67,22 @@ def _error_line(proc) -> str:
 
 @pytest.mark.distributed
 def test_runtime_errors_are_one_line(env, tmp_path):
-    line = _error_line(_run(env, "--data-path", str(tmp_path / "missing")))
+    base = model_flags(env["hf"]) + train_flags(2) + ["--finetune", "--data-path", env["plain"], "--load",
+                                                      str(env["ckpt"][(1, 1)])]
+    cases = {  # one process runs them all (tests/cli_cases.py)
+        "data": ["--data-path", str(tmp_path / "missing")],
+        "layout": ["--load", str(env["ckpt"][(2, 1)])],
+        "world": ["--tensor-model-parallel-size", "2"],
+        # lr 1e30 blows the weights up: the gradient (or the loss) is inf/NaN within three iterations.
+        "nan": ["--lr", "1e30", "--clip-grad", "0", "--lr-warmup-iters", "0", "--train-iters", "3"]}
+    results = run_cases([{"name": name, "script": "posttrain_gpt.py", "argv": base + extra}
+                         for name, extra in cases.items()], tmp_path)
+    line = error_line(results["data"])
     assert "missing" in line and "_packed_" in line and "preprocess_data.py" in line
-    line = _error_line(_run(env, "--load", str(env["ckpt"][(2, 1)])))
+    line = error_line(results["layout"])
     assert "--tensor-model-parallel-size 1" in line and "convert" in line
-    line = _error_line(_run(env, "--tensor-model-parallel-size", "2"))
-    assert "not a multiple of --tensor-model-parallel-size 2" in line
-    # lr 1e30 blows the weights up: the gradient (or the loss) is inf/NaN within three iterations.
-    line = _error_line(_run(env, "--lr", "1e30", "--clip-grad", "0", "--lr-warmup-iters", "0", "--train-iters", "3"))
+    assert "not a multiple of --tensor-model-parallel-size 2" in error_line(results["world"])
+    line = error_line(results["nan"])
     assert re.search(r"NaN/inf (loss|gradient .*) at iteration [23];", line) and "--skip-nan" in line
 
 
